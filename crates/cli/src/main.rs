@@ -1,0 +1,112 @@
+//! `tube`: the one binary. Parses the command line, sets up logging and signals, resolves the
+//! data dir, and runs one service. Every service lives in its own library crate; this crate
+//! only wires them to the outside world (stdout contract lines, stderr logs, exit codes).
+
+mod expose;
+mod logging;
+mod relay;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+/// tube carries traffic between parties that cannot reach each other directly.
+#[derive(Debug, Parser)]
+#[command(name = "tube", version, about, propagate_version = true)]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "human",
+        env = "TUBE_LOG_FORMAT"
+    )]
+    log_format: logging::LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a relay: agents connect here and get public ports for their local services.
+    Relay(relay::RelayArgs),
+    /// Mint a JWT for an agent, signed with the relay's secret.
+    Token(relay::TokenArgs),
+    /// Expose local services through a relay (the agent).
+    Expose(expose::ExposeArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    logging::init(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        let shutdown = CancellationToken::new();
+        spawn_signal_handler(shutdown.clone());
+        match cli.command {
+            Command::Relay(args) => relay::run(args, shutdown).await,
+            Command::Token(args) => relay::token(args),
+            Command::Expose(args) => expose::run(args, shutdown).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Cancels `token` on Ctrl-C or SIGTERM.
+fn spawn_signal_handler(token: CancellationToken) {
+    tokio::spawn(async move {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            let Ok(mut term) = signal(SignalKind::terminate()) else {
+                return;
+            };
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+        tracing::info!("signal received, shutting down");
+        token.cancel();
+    });
+}
+
+/// The data dir: `--data-dir`, else `$TUBE_DATA_DIR` (clap's env fallback), else
+/// `$XDG_DATA_HOME/tube`, else `~/.local/share/tube`.
+pub(crate) fn data_dir(flag: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    if let Some(d) = flag {
+        return Ok(d);
+    }
+    if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
+        return Ok(PathBuf::from(x).join("tube"));
+    }
+    match std::env::var_os("HOME").filter(|v| !v.is_empty()) {
+        Some(h) => Ok(PathBuf::from(h).join(".local/share/tube")),
+        None => anyhow::bail!("error: no data dir: pass --data-dir or set TUBE_DATA_DIR"),
+    }
+}
+
+/// Parses durations such as `30d`, `12h`, `90s`.
+pub(crate) fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(s).map_err(|e| e.to_string())
+}

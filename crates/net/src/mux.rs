@@ -1,0 +1,698 @@
+//! The stream multiplexer: many byte streams over one framed connection.
+//!
+//! [`Mux::start`] takes a connection whose handshake is done and spawns two tasks on the given
+//! tracker: a reader that decodes frames and dispatches them, and a writer that drains two
+//! queues (urgent: WINDOW, RESET, PONG, errors; data: OPEN, DATA, FIN, CONTROL) into batched
+//! writes. The reader never waits on the writer, so credit updates always flow.
+//!
+//! Bounds (see `docs/protocols/relay.md`):
+//! - per stream, the receive buffer holds at most `window` bytes (the peer's credit); a peer
+//!   that sends more is a FLOW_CONTROL_ERROR and the connection closes;
+//! - per connection: at most `max_streams` streams, at most `write_queue` frames (each at most
+//!   32 KiB) waiting in the data queue, and at most `max_peer_urgent` answers owed to the peer
+//!   (PONGs, refusals) before it is treated as a flood and disconnected.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{Semaphore, mpsc};
+use tokio_util::codec::FramedRead;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tube_proto::control::{ControlMessage, ErrorCode};
+use tube_proto::flow::{MAX_CREDIT, RecvWindow};
+use tube_proto::frame::{self, Frame, FrameLimits, MAX_DATA_PAYLOAD};
+
+use crate::codec::{CodecError, FrameCodec, HandshakeConn};
+
+/// Tunables of one multiplexed connection.
+#[derive(Debug, Clone)]
+pub struct MuxConfig {
+    /// Receive window per stream, in bytes (credit granted to the peer at open).
+    pub window: u32,
+    /// Most streams open at once.
+    pub max_streams: usize,
+    /// Frames the data queue holds before senders wait.
+    pub write_queue: usize,
+    /// Answers owed to the peer (PONG, stream refusals) before the peer counts as flooding.
+    pub max_peer_urgent: usize,
+    /// Control messages from the peer waiting for the session before it counts as flooding.
+    pub control_queue: usize,
+    /// Frame size limits.
+    pub limits: FrameLimits,
+}
+
+impl Default for MuxConfig {
+    fn default() -> Self {
+        Self {
+            window: 256 * 1024,
+            max_streams: 16 * 1024,
+            write_queue: 64,
+            max_peer_urgent: 1024,
+            control_queue: 64,
+            limits: FrameLimits::default(),
+        }
+    }
+}
+
+/// Which end of the connection this is: only the opener sends OPEN frames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Opens streams (the relay).
+    Opener,
+    /// Accepts streams (the agent).
+    Acceptor,
+}
+
+/// Why a multiplexed connection ended or an operation on it failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum MuxError {
+    /// The connection is closed (by us, the peer, or a transport failure).
+    #[error("connection closed")]
+    Closed,
+    /// The peer broke the protocol; the connection was closed with this code.
+    #[error("{}: {message}", tube_proto::control::describe_code(*.code as u16))]
+    Protocol {
+        /// The error code sent to the peer.
+        code: ErrorCode,
+        /// What happened.
+        message: String,
+    },
+    /// The transport failed.
+    #[error("transport: {0}")]
+    Io(String),
+    /// No more streams may be opened.
+    #[error("too many streams")]
+    TooManyStreams,
+}
+
+/// What arrives on a stream.
+#[derive(Debug)]
+pub enum Inbound {
+    /// Bytes.
+    Data(Bytes),
+    /// The peer will send no more.
+    Fin,
+    /// The peer aborted the stream with this code.
+    Reset(u16),
+}
+
+/// A stream the peer opened (acceptor side).
+#[derive(Debug)]
+pub struct Incoming {
+    /// The stream.
+    pub stream: MuxStream,
+    /// The tunnel the user connected to.
+    pub tunnel: [u8; 16],
+    /// The user's address as the relay saw it.
+    pub peer: String,
+}
+
+/// Events a session receives from its connection.
+#[derive(Debug)]
+pub struct MuxEvents {
+    /// Control messages from the peer, in order.
+    pub control: mpsc::Receiver<ControlMessage>,
+    /// Streams the peer opened (always empty for [`Role::Opener`]).
+    pub incoming: mpsc::UnboundedReceiver<Incoming>,
+}
+
+/// A handle to a running multiplexed connection. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Mux {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    cfg: MuxConfig,
+    role: Role,
+    data_tx: mpsc::Sender<Frame>,
+    urgent_tx: mpsc::UnboundedSender<(Frame, bool)>,
+    peer_urgent: AtomicUsize,
+    streams: Mutex<HashMap<u32, Arc<StreamShared>>>,
+    next_id: AtomicU32,
+    closed: CancellationToken,
+    reason: Mutex<Option<MuxError>>,
+}
+
+#[derive(Debug)]
+struct StreamShared {
+    id: u32,
+    /// Send credit: one permit per byte the peer will accept.
+    credit: Semaphore,
+    inbound: mpsc::UnboundedSender<Inbound>,
+    recv: Mutex<RecvWindow>,
+}
+
+impl Mux {
+    /// Starts the reader and writer tasks on `tracker` for a connection whose handshake is
+    /// done. `cancel` closes the connection when cancelled; the mux cancels it when the
+    /// connection ends for any reason, so sessions can select on it.
+    pub fn start<T>(
+        conn: HandshakeConn<T>,
+        role: Role,
+        cfg: MuxConfig,
+        cancel: CancellationToken,
+        tracker: &TaskTracker,
+    ) -> (Mux, MuxEvents)
+    where
+        T: AsyncRead + AsyncWrite + Send + 'static,
+    {
+        let parts = conn.into_parts();
+        let (rd, wr) = tokio::io::split(parts.io);
+        let mut reader = FramedRead::new(rd, FrameCodec { limits: cfg.limits });
+        *reader.read_buffer_mut() = parts.read_buf;
+        let (data_tx, data_rx) = mpsc::channel(cfg.write_queue.max(1));
+        let (urgent_tx, urgent_rx) = mpsc::unbounded_channel();
+        let (control_tx, control_rx) = mpsc::channel(cfg.control_queue.max(1));
+        let (incoming_tx, incoming_rx) = mpsc::unbounded_channel();
+        let inner = Arc::new(Inner {
+            cfg,
+            role,
+            data_tx,
+            urgent_tx,
+            peer_urgent: AtomicUsize::new(0),
+            streams: Mutex::new(HashMap::new()),
+            next_id: AtomicU32::new(1),
+            closed: cancel,
+            reason: Mutex::new(None),
+        });
+        let pending_write = parts.write_buf;
+        tracker.spawn(write_loop(
+            inner.clone(),
+            wr,
+            pending_write,
+            data_rx,
+            urgent_rx,
+        ));
+        tracker.spawn(read_loop(inner.clone(), reader, control_tx, incoming_tx));
+        (
+            Mux { inner },
+            MuxEvents {
+                control: control_rx,
+                incoming: incoming_rx,
+            },
+        )
+    }
+
+    /// Opens a stream to the peer for a user of `tunnel` coming from `peer`.
+    pub async fn open(&self, tunnel: [u8; 16], peer: String) -> Result<MuxStream, MuxError> {
+        let inner = &self.inner;
+        if inner.closed.is_cancelled() {
+            return Err(self.close_reason());
+        }
+        let (stream, id) = {
+            let mut streams = lock(&inner.streams);
+            if streams.len() >= inner.cfg.max_streams {
+                return Err(MuxError::TooManyStreams);
+            }
+            let mut id = inner.next_id.fetch_add(1, Ordering::Relaxed);
+            while id == 0 || streams.contains_key(&id) {
+                id = inner.next_id.fetch_add(1, Ordering::Relaxed);
+            }
+            let stream = new_stream(inner, id, &mut streams);
+            (stream, id)
+        };
+        if inner
+            .data_tx
+            .send(Frame::Open {
+                stream: id,
+                tunnel,
+                peer,
+            })
+            .await
+            .is_err()
+        {
+            return Err(self.close_reason());
+        }
+        Ok(stream)
+    }
+
+    /// Queues a control message (after data already queued).
+    pub async fn send_control(&self, msg: &ControlMessage) -> Result<(), MuxError> {
+        self.inner
+            .data_tx
+            .send(Frame::Control(msg.to_bytes()))
+            .await
+            .map_err(|_| self.close_reason())
+    }
+
+    /// Sends `msg` ahead of queued data and closes the connection once it is written.
+    pub fn close_with(&self, msg: &ControlMessage) {
+        let _ = self
+            .inner
+            .urgent_tx
+            .send((Frame::Control(msg.to_bytes()), false));
+        self.inner.close(MuxError::Closed);
+    }
+
+    /// Closes the connection; every stream ends with a reset.
+    pub fn close(&self) {
+        self.inner.close(MuxError::Closed);
+    }
+
+    /// Resolves when the connection has ended.
+    pub async fn closed(&self) {
+        self.inner.closed.cancelled().await
+    }
+
+    /// Whether the connection has ended.
+    pub fn is_closed(&self) -> bool {
+        self.inner.closed.is_cancelled()
+    }
+
+    /// Why the connection ended (`Closed` while it is still open).
+    pub fn close_reason(&self) -> MuxError {
+        lock(&self.inner.reason).clone().unwrap_or(MuxError::Closed)
+    }
+
+    /// Number of open streams.
+    pub fn stream_count(&self) -> usize {
+        lock(&self.inner.streams).len()
+    }
+
+    /// The token that is cancelled when this connection ends.
+    pub fn token(&self) -> &CancellationToken {
+        &self.inner.closed
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding one of these locks leaves plain data (maps, counters) that is
+    // still consistent, so a poisoned lock is safe to keep using.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn new_stream(
+    inner: &Arc<Inner>,
+    id: u32,
+    streams: &mut HashMap<u32, Arc<StreamShared>>,
+) -> MuxStream {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let shared = Arc::new(StreamShared {
+        id,
+        credit: Semaphore::new(inner.cfg.window as usize),
+        inbound: tx,
+        recv: Mutex::new(RecvWindow::new(inner.cfg.window)),
+    });
+    streams.insert(id, shared.clone());
+    MuxStream {
+        tx: StreamTx {
+            shared: shared.clone(),
+            mux: inner.clone(),
+            fin_sent: AtomicBool::new(false),
+        },
+        rx: StreamRx {
+            shared,
+            mux: inner.clone(),
+            rx,
+            fin_recv: false,
+            reset_recv: false,
+        },
+    }
+}
+
+impl Inner {
+    fn close(&self, reason: MuxError) {
+        {
+            let mut r = lock(&self.reason);
+            if r.is_none() {
+                *r = Some(reason);
+            }
+        }
+        self.closed.cancel();
+        let streams: Vec<_> = lock(&self.streams).drain().map(|(_, s)| s).collect();
+        for s in streams {
+            s.credit.close();
+            let _ = s
+                .inbound
+                .send(Inbound::Reset(ErrorCode::StreamAborted as u16));
+        }
+    }
+
+    fn protocol_error(&self, code: ErrorCode, message: String) {
+        tracing::warn!(code = code as u16, %message, "closing connection: protocol error");
+        let msg = ControlMessage::error(code, message.clone(), Some("protocol"));
+        let _ = self.urgent_tx.send((Frame::Control(msg.to_bytes()), false));
+        self.close(MuxError::Protocol { code, message });
+    }
+
+    /// Queues an answer the peer caused; false if the peer owes too many.
+    fn owe_peer(&self, frame: Frame) -> bool {
+        if self.peer_urgent.fetch_add(1, Ordering::Relaxed) >= self.cfg.max_peer_urgent {
+            self.protocol_error(
+                ErrorCode::ProtocolError,
+                "too many unanswered requests".into(),
+            );
+            return false;
+        }
+        let _ = self.urgent_tx.send((frame, true));
+        true
+    }
+
+    fn stream(&self, id: u32) -> Option<Arc<StreamShared>> {
+        lock(&self.streams).get(&id).cloned()
+    }
+}
+
+async fn read_loop<R: AsyncRead + Unpin>(
+    inner: Arc<Inner>,
+    mut reader: FramedRead<R, FrameCodec>,
+    control_tx: mpsc::Sender<ControlMessage>,
+    incoming_tx: mpsc::UnboundedSender<Incoming>,
+) {
+    loop {
+        let next = tokio::select! {
+            _ = inner.closed.cancelled() => return,
+            next = reader.next() => next,
+        };
+        let frame = match next {
+            None => return inner.close(MuxError::Closed),
+            Some(Err(CodecError::Io(e))) => return inner.close(MuxError::Io(e.to_string())),
+            Some(Err(CodecError::Decode(e))) => {
+                return inner.protocol_error(ErrorCode::ProtocolError, e.to_string());
+            }
+            Some(Ok(f)) => f,
+        };
+        if !dispatch(&inner, frame, &control_tx, &incoming_tx) {
+            return;
+        }
+    }
+}
+
+/// Handles one frame; false once the connection is closed.
+fn dispatch(
+    inner: &Arc<Inner>,
+    frame: Frame,
+    control_tx: &mpsc::Sender<ControlMessage>,
+    incoming_tx: &mpsc::UnboundedSender<Incoming>,
+) -> bool {
+    match frame {
+        Frame::Control(bytes) => match ControlMessage::from_bytes(&bytes) {
+            Ok(msg) => {
+                if control_tx.try_send(msg).is_err() && !inner.closed.is_cancelled() {
+                    inner.protocol_error(ErrorCode::ProtocolError, "control queue full".into());
+                    return false;
+                }
+            }
+            Err(e) => {
+                inner.protocol_error(ErrorCode::ProtocolError, e.to_string());
+                return false;
+            }
+        },
+        Frame::Ping(v) => return inner.owe_peer(Frame::Pong(v)),
+        Frame::Pong(_) => {}
+        Frame::Open {
+            stream,
+            tunnel,
+            peer,
+        } => {
+            if inner.role == Role::Opener {
+                inner.protocol_error(ErrorCode::ProtocolError, "peer may not open streams".into());
+                return false;
+            }
+            let mut streams = lock(&inner.streams);
+            if streams.contains_key(&stream) {
+                drop(streams);
+                inner.protocol_error(ErrorCode::ProtocolError, format!("stream {stream} reused"));
+                return false;
+            }
+            if streams.len() >= inner.cfg.max_streams {
+                drop(streams);
+                let code = ErrorCode::TooManyStreams as u16;
+                return inner.owe_peer(Frame::Reset { stream, code });
+            }
+            let s = new_stream(inner, stream, &mut streams);
+            drop(streams);
+            let _ = incoming_tx.send(Incoming {
+                stream: s,
+                tunnel,
+                peer,
+            });
+        }
+        Frame::Data { stream, data } => {
+            let Some(s) = inner.stream(stream) else {
+                return true;
+            };
+            if let Err(e) = lock(&s.recv).on_data(data.len()) {
+                inner.protocol_error(ErrorCode::FlowControlError, format!("stream {stream}: {e}"));
+                return false;
+            }
+            let _ = s.inbound.send(Inbound::Data(data));
+        }
+        Frame::Window { stream, increment } => {
+            let Some(s) = inner.stream(stream) else {
+                return true;
+            };
+            if s.credit.available_permits() as u64 + increment as u64 > MAX_CREDIT {
+                inner.protocol_error(ErrorCode::FlowControlError, "window overflow".into());
+                return false;
+            }
+            s.credit.add_permits(increment as usize);
+        }
+        Frame::Fin { stream } => {
+            if let Some(s) = inner.stream(stream) {
+                let _ = s.inbound.send(Inbound::Fin);
+            }
+        }
+        Frame::Reset { stream, code } => {
+            let s = lock(&inner.streams).remove(&stream);
+            if let Some(s) = s {
+                s.credit.close();
+                let _ = s.inbound.send(Inbound::Reset(code));
+            }
+        }
+    }
+    true
+}
+
+/// Bytes gathered before one write to the transport.
+const WRITE_BATCH: usize = 256 * 1024;
+
+async fn write_loop<W: AsyncWrite + Unpin>(
+    inner: Arc<Inner>,
+    mut wr: W,
+    mut buf: BytesMut,
+    mut data_rx: mpsc::Receiver<Frame>,
+    mut urgent_rx: mpsc::UnboundedReceiver<(Frame, bool)>,
+) {
+    let push = |inner: &Inner, buf: &mut BytesMut, f: Frame, owed: bool| {
+        frame::encode(&f, buf);
+        if owed {
+            inner.peer_urgent.fetch_sub(1, Ordering::Relaxed);
+        }
+    };
+    loop {
+        if buf.is_empty() {
+            tokio::select! {
+                biased;
+                Some((f, owed)) = urgent_rx.recv() => push(&inner, &mut buf, f, owed),
+                Some(f) = data_rx.recv() => push(&inner, &mut buf, f, false),
+                _ = inner.closed.cancelled() => break,
+            }
+        }
+        while buf.len() < WRITE_BATCH {
+            if let Ok((f, owed)) = urgent_rx.try_recv() {
+                push(&inner, &mut buf, f, owed);
+            } else if let Ok(f) = data_rx.try_recv() {
+                push(&inner, &mut buf, f, false);
+            } else {
+                break;
+            }
+        }
+        let res = tokio::select! {
+            r = async { wr.write_all(&buf).await?; wr.flush().await } => r,
+            _ = inner.closed.cancelled() => break,
+        };
+        buf.clear();
+        if let Err(e) = res {
+            inner.close(MuxError::Io(e.to_string()));
+            return;
+        }
+    }
+    // Closing: flush what is urgent (an error message for the peer) within a short grace,
+    // then end TLS cleanly so the peer reads the message before the close.
+    while let Ok((f, _)) = urgent_rx.try_recv() {
+        if matches!(f, Frame::Control(_)) {
+            frame::encode(&f, &mut buf);
+        }
+    }
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
+        if !buf.is_empty() {
+            wr.write_all(&buf).await?;
+        }
+        wr.shutdown().await
+    })
+    .await;
+}
+
+/// One multiplexed stream. Dropping it before both directions have finished resets it.
+#[derive(Debug)]
+pub struct MuxStream {
+    /// The sending half (usable through `&`).
+    pub tx: StreamTx,
+    /// The receiving half.
+    pub rx: StreamRx,
+}
+
+/// Sending side of a stream.
+#[derive(Debug)]
+pub struct StreamTx {
+    shared: Arc<StreamShared>,
+    mux: Arc<Inner>,
+    fin_sent: AtomicBool,
+}
+
+/// Receiving side of a stream.
+#[derive(Debug)]
+pub struct StreamRx {
+    shared: Arc<StreamShared>,
+    mux: Arc<Inner>,
+    rx: mpsc::UnboundedReceiver<Inbound>,
+    fin_recv: bool,
+    reset_recv: bool,
+}
+
+impl MuxStream {
+    /// The stream id.
+    pub fn id(&self) -> u32 {
+        self.tx.shared.id
+    }
+}
+
+impl StreamTx {
+    /// Waits until the peer grants credit, and takes up to `max` bytes of it (at least 1).
+    /// Unused credit must be handed back with [`StreamTx::give_back`].
+    pub async fn reserve(&self, max: usize) -> Result<usize, MuxError> {
+        let max = max.clamp(1, MAX_DATA_PAYLOAD as usize);
+        let first = tokio::select! {
+            p = self.shared.credit.acquire() => p,
+            _ = self.mux.closed.cancelled() => return Err(MuxError::Closed),
+        };
+        let Ok(first) = first else {
+            return Err(MuxError::Closed);
+        };
+        first.forget();
+        let extra = self.shared.credit.available_permits().min(max - 1);
+        if extra > 0 {
+            if let Ok(p) = self.shared.credit.try_acquire_many(extra as u32) {
+                p.forget();
+                return Ok(1 + extra);
+            }
+        }
+        Ok(1)
+    }
+
+    /// Returns reserved credit that was not used.
+    pub fn give_back(&self, n: usize) {
+        if n > 0 && !self.shared.credit.is_closed() {
+            self.shared.credit.add_permits(n);
+        }
+    }
+
+    /// Sends bytes for which credit was reserved (at most [`MAX_DATA_PAYLOAD`]).
+    pub async fn send_reserved(&self, data: Bytes) -> Result<(), MuxError> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        let frame = Frame::Data {
+            stream: self.shared.id,
+            data,
+        };
+        self.mux
+            .data_tx
+            .send(frame)
+            .await
+            .map_err(|_| MuxError::Closed)
+    }
+
+    /// Sends all of `data`, waiting for credit as needed.
+    pub async fn send(&self, mut data: Bytes) -> Result<(), MuxError> {
+        while !data.is_empty() {
+            let n = self.reserve(data.len()).await?;
+            self.send_reserved(data.split_to(n)).await?;
+        }
+        Ok(())
+    }
+
+    /// Half-closes: the peer reads end-of-stream after the data already sent.
+    pub async fn finish(&self) -> Result<(), MuxError> {
+        if self.fin_sent.swap(true, Ordering::Relaxed) {
+            return Ok(());
+        }
+        let frame = Frame::Fin {
+            stream: self.shared.id,
+        };
+        self.mux
+            .data_tx
+            .send(frame)
+            .await
+            .map_err(|_| MuxError::Closed)
+    }
+}
+
+impl StreamRx {
+    /// The next bytes, end of stream, or reset. `None` once the stream or connection is gone.
+    pub async fn recv(&mut self) -> Option<Inbound> {
+        if self.fin_recv || self.reset_recv {
+            return None;
+        }
+        let item = self.rx.recv().await;
+        match &item {
+            Some(Inbound::Fin) => self.fin_recv = true,
+            Some(Inbound::Reset(_)) | None => self.reset_recv = true,
+            Some(Inbound::Data(_)) => {}
+        }
+        item
+    }
+
+    /// Reports `n` bytes delivered to the application, returning credit to the peer.
+    pub fn consumed(&self, n: usize) {
+        let update = lock(&self.shared.recv).on_consumed(n);
+        if let Some(increment) = update {
+            let frame = Frame::Window {
+                stream: self.shared.id,
+                increment,
+            };
+            let _ = self.mux.urgent_tx.send((frame, false));
+        }
+    }
+}
+
+impl MuxStream {
+    /// Aborts the stream with `code`.
+    pub fn reset(mut self, code: ErrorCode) {
+        self.abort(code as u16);
+    }
+
+    fn abort(&mut self, code: u16) {
+        let removed = lock(&self.tx.mux.streams).remove(&self.tx.shared.id);
+        self.tx.shared.credit.close();
+        if removed.is_some() && !self.rx.reset_recv {
+            let frame = Frame::Reset {
+                stream: self.tx.shared.id,
+                code,
+            };
+            let _ = self.tx.mux.urgent_tx.send((frame, false));
+        }
+        self.rx.reset_recv = true;
+    }
+}
+
+impl Drop for MuxStream {
+    fn drop(&mut self) {
+        let clean = self.tx.fin_sent.load(Ordering::Relaxed) && self.rx.fin_recv;
+        if clean {
+            lock(&self.tx.mux.streams).remove(&self.tx.shared.id);
+        } else if !self.rx.reset_recv {
+            self.abort(ErrorCode::StreamAborted as u16);
+        } else {
+            lock(&self.tx.mux.streams).remove(&self.tx.shared.id);
+        }
+    }
+}

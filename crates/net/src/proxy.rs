@@ -1,0 +1,130 @@
+//! Moves bytes between a TCP socket and a mux stream, in both directions at once.
+//!
+//! Reading from the socket waits for send credit first, so a stream whose peer stops reading
+//! stops reading its socket (TCP backpressure) instead of buffering. Idle streams hold no
+//! buffer: one is allocated only when the socket is readable, and handed to the writer as the
+//! frame payload. A FIN in either direction becomes a half-close on the other side; a reset or
+//! socket error aborts both sides (the TCP peer sees RST, the mux peer a RESET frame).
+
+use std::io;
+
+use bytes::BytesMut;
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+use tube_proto::control::ErrorCode;
+
+use crate::mux::{Inbound, MuxStream, StreamRx, StreamTx};
+
+/// How a proxied connection ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyEnd {
+    /// Both directions finished with an orderly close.
+    Clean,
+    /// The TCP side failed (reset, error); the stream was reset.
+    SocketError,
+    /// The mux side reset the stream or the connection closed; the socket was reset.
+    StreamReset,
+    /// `cancel` fired; both sides were aborted.
+    Cancelled,
+}
+
+/// Byte counters of one proxied connection.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ProxyStats {
+    /// Bytes read from the socket and sent on the stream.
+    pub socket_to_stream: u64,
+    /// Bytes received on the stream and written to the socket.
+    pub stream_to_socket: u64,
+}
+
+enum Failure {
+    Socket,
+    Stream,
+}
+
+/// Proxies until both directions end, either side fails, or `cancel` fires.
+pub async fn proxy(
+    tcp: TcpStream,
+    mut stream: MuxStream,
+    cancel: &CancellationToken,
+) -> (ProxyEnd, ProxyStats) {
+    let mut stats = ProxyStats::default();
+    let result = {
+        let up = socket_to_stream(&tcp, &stream.tx, &mut stats.socket_to_stream);
+        let down = stream_to_socket(&tcp, &mut stream.rx, &mut stats.stream_to_socket);
+        tokio::select! {
+            r = async { tokio::try_join!(up, down) } => Some(r),
+            _ = cancel.cancelled() => None,
+        }
+    };
+    let end = match result {
+        Some(Ok(_)) => ProxyEnd::Clean,
+        Some(Err(Failure::Socket)) => ProxyEnd::SocketError,
+        Some(Err(Failure::Stream)) => ProxyEnd::StreamReset,
+        None => ProxyEnd::Cancelled,
+    };
+    if end != ProxyEnd::Clean {
+        stream.reset(ErrorCode::StreamAborted);
+        crate::abort_tcp(tcp);
+    }
+    (end, stats)
+}
+
+async fn socket_to_stream(tcp: &TcpStream, tx: &StreamTx, count: &mut u64) -> Result<(), Failure> {
+    loop {
+        let credit = tx.reserve(usize::MAX).await.map_err(|_| Failure::Stream)?;
+        if tcp.readable().await.is_err() {
+            tx.give_back(credit);
+            return Err(Failure::Socket);
+        }
+        let mut buf = BytesMut::with_capacity(credit);
+        match tcp.try_read_buf(&mut buf) {
+            Ok(0) => {
+                tx.give_back(credit);
+                tx.finish().await.map_err(|_| Failure::Stream)?;
+                return Ok(());
+            }
+            Ok(n) => {
+                tx.give_back(credit - n);
+                *count += n as u64;
+                tx.send_reserved(buf.freeze())
+                    .await
+                    .map_err(|_| Failure::Stream)?;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => tx.give_back(credit),
+            Err(_) => {
+                tx.give_back(credit);
+                return Err(Failure::Socket);
+            }
+        }
+    }
+}
+
+async fn stream_to_socket(
+    tcp: &TcpStream,
+    rx: &mut StreamRx,
+    count: &mut u64,
+) -> Result<(), Failure> {
+    loop {
+        match rx.recv().await {
+            Some(Inbound::Data(data)) => {
+                let mut off = 0;
+                while off < data.len() {
+                    tcp.writable().await.map_err(|_| Failure::Socket)?;
+                    match tcp.try_write(&data[off..]) {
+                        Ok(n) => off += n,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(_) => return Err(Failure::Socket),
+                    }
+                }
+                *count += data.len() as u64;
+                rx.consumed(data.len());
+            }
+            Some(Inbound::Fin) => {
+                let _ = socket2::SockRef::from(tcp).shutdown(std::net::Shutdown::Write);
+                return Ok(());
+            }
+            Some(Inbound::Reset(_)) | None => return Err(Failure::Stream),
+        }
+    }
+}
