@@ -173,6 +173,9 @@ pub async fn run(
     tracing::info!(relay = %config.relay, "authenticated");
 
     let token = CancellationToken::new();
+    // If this future is dropped (the caller aborted it), the connection and every stream
+    // task go with it.
+    let _stop_on_drop = token.clone().drop_guard();
     let tracker = TaskTracker::new();
     let (mux, mut ev) = Mux::start(
         conn,

@@ -23,7 +23,7 @@ pub(crate) struct RelayArgs {
     #[arg(long, env = "TUBE_PUBLIC_BIND")]
     public_bind: Option<std::net::IpAddr>,
     /// Ports tunnels may get, LO-HI.
-    #[arg(long, default_value = "20000-39999", value_parser = parse_range, env = "TUBE_PORT_RANGE")]
+    #[arg(long, default_value = "20000-29999", value_parser = parse_range, env = "TUBE_PORT_RANGE")]
     port_range: RangeInclusive<u16>,
     /// Data dir holding the certificate and JWT secret (created on first start).
     #[arg(long, env = "TUBE_DATA_DIR")]
@@ -50,7 +50,7 @@ pub(crate) struct TokenArgs {
 fn parse_range(s: &str) -> Result<RangeInclusive<u16>, String> {
     let (lo, hi) = s
         .split_once('-')
-        .ok_or("expected LO-HI, e.g. 20000-39999")?;
+        .ok_or("expected LO-HI, e.g. 20000-29999")?;
     let lo: u16 = lo.trim().parse().map_err(|_| format!("bad port {lo:?}"))?;
     let hi: u16 = hi.trim().parse().map_err(|_| format!("bad port {hi:?}"))?;
     if lo == 0 || lo > hi {

@@ -579,11 +579,11 @@ impl StreamTx {
         };
         first.forget();
         let extra = self.shared.credit.available_permits().min(max - 1);
-        if extra > 0 {
-            if let Ok(p) = self.shared.credit.try_acquire_many(extra as u32) {
-                p.forget();
-                return Ok(1 + extra);
-            }
+        if extra > 0
+            && let Ok(p) = self.shared.credit.try_acquire_many(extra as u32)
+        {
+            p.forget();
+            return Ok(1 + extra);
         }
         Ok(1)
     }

@@ -52,5 +52,7 @@ impl RelayConfig {
     }
 }
 
-/// The default range public ports are taken from.
-pub const DEFAULT_PORT_RANGE: RangeInclusive<u16> = 20000..=39999;
+/// The default range public ports are taken from: below Linux's default ephemeral range
+/// (32768-60999), so outgoing connections on the relay host never compete for these ports and
+/// a user cannot self-connect to a freed tunnel port.
+pub const DEFAULT_PORT_RANGE: RangeInclusive<u16> = 20000..=29999;

@@ -191,6 +191,8 @@ impl Session {
     where
         T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
     {
+        // If this future is dropped, the agent's connection and user connections go with it.
+        let _stop_on_drop = self.token.clone().drop_guard();
         let cfg = self.shared.config.mux.clone();
         let (mux, mut events) =
             Mux::start(conn, Role::Opener, cfg, self.token.clone(), &self.tracker);

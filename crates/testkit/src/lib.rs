@@ -1,1 +1,337 @@
-//! placeholder
+//! Helpers for tube's tests only: start a relay and agents in-process on 127.0.0.1 port 0,
+//! echo servers, a deadline around every test body, and a per-test log subscriber.
+//!
+//! Everything started here stops when its handle is dropped or `stop`ped, so tests clean up
+//! even when they fail.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::{CancellationToken, DropGuard};
+use tube_agent::{AgentConfig, AgentError, AgentEvent, TunnelSpec};
+use tube_net::{Fingerprint, Identity};
+use tube_relay::{JwtSecret, RelayConfig};
+
+/// Installs a log subscriber writing to the test's captured output (once per process).
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// Runs `fut`, failing the test if it takes longer than `limit`.
+pub async fn deadline<F: Future>(limit: Duration, fut: F) -> F::Output {
+    match tokio::time::timeout(limit, fut).await {
+        Ok(v) => v,
+        Err(_) => panic!("test did not finish within {limit:?}"),
+    }
+}
+
+/// A relay running in this process.
+pub struct TestRelay {
+    /// Control address agents connect to.
+    pub addr: SocketAddr,
+    /// The certificate fingerprint agents pin.
+    pub fingerprint: Fingerprint,
+    /// The JWT secret (to mint tokens).
+    pub jwt: JwtSecret,
+    shutdown: CancellationToken,
+    task: Option<JoinHandle<()>>,
+}
+
+/// Test relay settings on top of [`RelayConfig`] defaults.
+pub fn relay_config() -> RelayConfig {
+    let identity = Identity::generate(&["localhost"]).expect("test identity");
+    let jwt = JwtSecret::generate().expect("secret");
+    RelayConfig::new(identity, jwt)
+}
+
+impl TestRelay {
+    /// Starts a relay with default settings on 127.0.0.1:0.
+    pub async fn start() -> Self {
+        Self::start_with(relay_config()).await
+    }
+
+    /// Starts a relay with `config` on 127.0.0.1:0.
+    pub async fn start_with(config: RelayConfig) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind relay");
+        let addr = listener.local_addr().expect("addr");
+        let fingerprint = config.identity.fingerprint();
+        let jwt = config.jwt.clone();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn({
+            let shutdown = shutdown.clone();
+            async move {
+                tube_relay::run(listener, config, shutdown)
+                    .await
+                    .expect("relay run");
+            }
+        });
+        Self {
+            addr,
+            fingerprint,
+            jwt,
+            shutdown,
+            task: Some(task),
+        }
+    }
+
+    /// A valid token for `subject`.
+    pub fn token(&self, subject: &str) -> String {
+        self.jwt.mint(subject, Duration::from_secs(3600))
+    }
+
+    /// An agent config for this relay exposing `locals`.
+    pub fn agent_config(&self, locals: &[SocketAddr]) -> AgentConfig {
+        let tunnels = locals
+            .iter()
+            .map(|l| TunnelSpec {
+                local: l.to_string(),
+                remote_port: None,
+                name: l.to_string(),
+            })
+            .collect();
+        AgentConfig::new(
+            self.addr.to_string(),
+            self.token("test"),
+            self.fingerprint,
+            tunnels,
+        )
+    }
+
+    /// Stops the relay and waits for it to finish.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(t) = self.task.take() {
+            deadline(Duration::from_secs(10), t)
+                .await
+                .expect("relay task");
+        }
+    }
+}
+
+impl Drop for TestRelay {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// An agent running in this process.
+pub struct TestAgent {
+    /// Public addresses of its tunnels, in the order of the local addresses.
+    pub public: Vec<SocketAddr>,
+    shutdown: CancellationToken,
+    task: Option<JoinHandle<Result<(), AgentError>>>,
+    _guard: DropGuard,
+}
+
+impl TestAgent {
+    /// Starts an agent and waits until all its tunnels are live.
+    pub async fn start(config: AgentConfig) -> Self {
+        match Self::try_start(config).await {
+            Ok(a) => a,
+            Err(e) => panic!("agent failed to start: {e}"),
+        }
+    }
+
+    /// Starts an agent; the error if it stops before all tunnels are live.
+    pub async fn try_start(config: AgentConfig) -> Result<Self, AgentError> {
+        let n = config.tunnels.len();
+        let shutdown = CancellationToken::new();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let mut task = tokio::spawn(tube_agent::run(config, tx, shutdown.clone()));
+        let mut public = Vec::new();
+        while public.len() < n {
+            tokio::select! {
+                ev = rx.recv() => match ev {
+                    Some(AgentEvent::TunnelUp { public: p, .. }) => {
+                        public.push(p.parse().expect("public addr"));
+                    }
+                    None => {
+                        let r = (&mut task).await.expect("agent task");
+                        return Err(match r {
+                            Err(e) => e,
+                            Ok(()) => AgentError::Protocol("agent stopped".into()),
+                        });
+                    }
+                },
+                r = &mut task => {
+                    return Err(match r.expect("agent task") {
+                        Err(e) => e,
+                        Ok(()) => AgentError::Protocol("agent stopped".into()),
+                    });
+                }
+            }
+        }
+        let guard = shutdown.clone().drop_guard();
+        Ok(Self {
+            public,
+            shutdown,
+            task: Some(task),
+            _guard: guard,
+        })
+    }
+
+    /// Stops the agent cleanly (it says goodbye) and waits for it.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(t) = self.task.take() {
+            let r = deadline(Duration::from_secs(10), t)
+                .await
+                .expect("agent task");
+            r.expect("clean agent stop");
+        }
+    }
+
+    /// Kills the agent abruptly: its task is aborted, dropping the connection without goodbye.
+    pub async fn kill(mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+            let _ = t.await;
+        }
+    }
+
+    /// Waits for the agent to end on its own and returns how it ended.
+    pub async fn wait(mut self) -> Result<(), AgentError> {
+        let t = self.task.take().expect("agent task");
+        deadline(Duration::from_secs(30), t)
+            .await
+            .expect("agent task")
+    }
+}
+
+/// A TCP server running in this process.
+pub struct TestServer {
+    /// Its address.
+    pub addr: SocketAddr,
+    _guard: DropGuard,
+}
+
+/// Starts an echo server: echoes every byte; on EOF shuts down its write side.
+pub async fn echo_server() -> TestServer {
+    serve(|mut s| async move {
+        let (mut r, mut w) = s.split();
+        let _ = tokio::io::copy(&mut r, &mut w).await;
+        let _ = w.shutdown().await;
+    })
+    .await
+}
+
+/// Starts a server running `handler` for every connection.
+pub async fn serve<H, F>(handler: H) -> TestServer
+where
+    H: Fn(TcpStream) -> F + Send + Sync + 'static,
+    F: Future<Output = ()> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind server");
+    let addr = listener.local_addr().expect("addr");
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let tracker = tokio_util::task::TaskTracker::new();
+        loop {
+            tokio::select! {
+                _ = t.cancelled() => break,
+                r = listener.accept() => {
+                    if let Ok((s, _)) = r {
+                        let t2 = t.clone();
+                        let fut = handler(s);
+                        tracker.spawn(async move {
+                            tokio::select! { _ = t2.cancelled() => {}, _ = fut => {} }
+                        });
+                    }
+                }
+            }
+        }
+    });
+    TestServer {
+        addr,
+        _guard: token.drop_guard(),
+    }
+}
+
+/// Sends `msg`, reads exactly as many bytes back and returns them.
+pub async fn roundtrip(s: &mut TcpStream, msg: &[u8]) -> Vec<u8> {
+    s.write_all(msg).await.expect("write");
+    let mut buf = vec![0u8; msg.len()];
+    s.read_exact(&mut buf).await.expect("read echo");
+    buf
+}
+
+/// Whether the connection has ended: `Some(true)` for a reset or error, `Some(false)` for a
+/// clean EOF, reading at most `limit` (any data read first is discarded and reported as None).
+pub async fn ended(s: &mut TcpStream, limit: Duration) -> Option<bool> {
+    let mut b = [0u8; 1];
+    match tokio::time::timeout(limit, s.read(&mut b)).await {
+        Ok(Ok(0)) => Some(false),
+        Ok(Ok(_)) => None,
+        Ok(Err(_)) => Some(true),
+        Err(_) => None,
+    }
+}
+
+/// Deterministic pseudo-random bytes (xorshift), for transfers checked by hash.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Writes `total` bytes of [`pattern`] in chunks, hashing them; returns the SHA-256.
+pub async fn write_pattern<W: AsyncWriteExt + Unpin>(
+    w: &mut W,
+    total: usize,
+    seed: u64,
+) -> [u8; 32] {
+    let chunk = pattern(1 << 20, seed);
+    let mut h = Sha256::new();
+    let mut left = total;
+    while left > 0 {
+        let n = left.min(chunk.len());
+        w.write_all(&chunk[..n]).await.expect("write pattern");
+        h.update(&chunk[..n]);
+        left -= n;
+    }
+    h.finalize().into()
+}
+
+/// Reads to EOF, hashing; returns (bytes, SHA-256).
+pub async fn read_hash<R: AsyncReadExt + Unpin>(r: &mut R) -> (usize, [u8; 32]) {
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut total = 0;
+    loop {
+        let n = r.read(&mut buf).await.expect("read");
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+        total += n;
+    }
+    (total, h.finalize().into())
+}
+
+/// A local address nothing listens on (bound then released).
+pub async fn dead_addr() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    l.local_addr().expect("addr")
+}
+
+/// Re-exported for tests that build payloads.
+pub use bytes;
