@@ -446,3 +446,24 @@ async fn invalid_tunnel_requests_are_refused_without_closing_the_connection() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_tls_1_2_client_is_refused() {
+    init_tracing();
+    deadline(LIMIT, async {
+        let b = Bystander::start().await;
+        let cfg = rustls::ClientConfig::builder_with_provider(tls::provider())
+            .with_protocol_versions(&[&rustls::version::TLS12])
+            .unwrap()
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
+        let tcp = TcpStream::connect(b.relay.addr).await.unwrap();
+        let res = TlsConnector::from(std::sync::Arc::new(cfg))
+            .connect(tls::server_name(), tcp)
+            .await;
+        let err = res.err().expect("TLS 1.2 must be refused");
+        assert!(err.to_string().to_lowercase().contains("protocolversion"), "{err}");
+        b.stop().await;
+    })
+    .await;
+}
