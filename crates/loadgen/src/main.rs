@@ -1,0 +1,164 @@
+//! `tube-loadgen`: the benchmark helper behind `bench/relay.sh`. Two servers (`echo`, `sink`)
+//! stand in for the service behind a tunnel; two clients (`throughput`, `rtt`) drive them,
+//! directly or through a relay, and print one JSON result line on stdout. It measures; it
+//! knows nothing about tube itself (see `docs/performance.md`).
+
+mod client;
+mod server;
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+/// Load generator with echo and sink servers, for measuring tunnels side by side.
+#[derive(Debug, Parser)]
+#[command(name = "tube-loadgen", version, about)]
+struct Cli {
+    /// Longest wait for any one step (connect, read, write), in seconds.
+    #[arg(long, global = true, default_value_t = 60)]
+    timeout: u64,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Echo server: sends every byte back; on EOF, shuts down its write side.
+    Echo {
+        /// Address to listen on (port 0 picks a free port).
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+    /// Sink server: discards everything; on EOF, replies with the 8-byte big-endian count.
+    Sink {
+        /// Address to listen on (port 0 picks a free port).
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+    /// Bulk transfer to a sink over K parallel connections.
+    Throughput {
+        /// The sink's address (host:port).
+        #[arg(long)]
+        addr: String,
+        /// Total bytes to send, split evenly over the streams.
+        #[arg(long)]
+        bytes: u64,
+        /// Number of parallel connections.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=4096))]
+        streams: u32,
+    },
+    /// Sequential round trips to an echo server over one connection.
+    Rtt {
+        /// The echo server's address (host:port).
+        #[arg(long)]
+        addr: String,
+        /// Timed round trips (after 100 untimed warm-up ones).
+        #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
+        count: u32,
+        /// Message size in bytes.
+        #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=16_777_216))]
+        size: u32,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let step = Duration::from_secs(cli.timeout.max(1));
+    // Latency runs on one thread (no cross-thread wake-ups in the measured path); bulk
+    // transfer gets a worker per core.
+    let single = matches!(cli.command, Command::Echo { .. } | Command::Rtt { .. });
+    let mut builder = if single {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    let result = builder
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+        .and_then(|rt| rt.block_on(run(cli.command, step)));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tube-loadgen: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command, step: Duration) -> anyhow::Result<()> {
+    match command {
+        Command::Echo { listen } => server::run(server::Kind::Echo, listen, step).await,
+        Command::Sink { listen } => server::run(server::Kind::Sink, listen, step).await,
+        Command::Throughput {
+            addr,
+            bytes,
+            streams,
+        } => {
+            let r = client::throughput(&addr, bytes, streams, step).await?;
+            print_line(&ThroughputLine {
+                test: "throughput",
+                streams,
+                bytes: r.bytes,
+                secs: r.secs,
+                gbit_s: r.gbit_s,
+            })
+        }
+        Command::Rtt { addr, count, size } => {
+            let r = client::rtt(&addr, count, size as usize, step).await?;
+            print_line(&RttLine {
+                test: "rtt",
+                size,
+                count,
+                p50_us: r.p50_us,
+                p99_us: r.p99_us,
+                mean_us: r.mean_us,
+            })
+        }
+    }
+}
+
+/// The result line of `throughput`; field order is the output order.
+#[derive(Debug, serde::Serialize)]
+struct ThroughputLine {
+    test: &'static str,
+    streams: u32,
+    bytes: u64,
+    secs: f64,
+    gbit_s: f64,
+}
+
+/// The result line of `rtt`; field order is the output order.
+#[derive(Debug, serde::Serialize)]
+struct RttLine {
+    test: &'static str,
+    size: u32,
+    count: u32,
+    p50_us: f64,
+    p99_us: f64,
+    mean_us: f64,
+}
+
+/// Prints `line` as one JSON line on stdout.
+fn print_line(line: &impl serde::Serialize) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string(line)?);
+    Ok(())
+}
+
+/// Runs `fut`, failing with "timed out after .. <what>" if it takes longer than `limit`.
+pub(crate) async fn within<T, E>(
+    limit: Duration,
+    what: &str,
+    fut: impl Future<Output = Result<T, E>>,
+) -> anyhow::Result<T>
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    match tokio::time::timeout(limit, fut).await {
+        Ok(r) => r.with_context(|| what.to_string()),
+        Err(_) => anyhow::bail!("timed out after {}s {what}", limit.as_secs()),
+    }
+}
