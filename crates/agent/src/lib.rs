@@ -1,26 +1,36 @@
-//! The agent (`tube expose`): runs next to a local service behind NAT, keeps one TLS 1.3
+//! The agent (`tube expose`): runs next to local services behind NAT, keeps one TLS 1.3
 //! connection to a relay, registers a tunnel per local address, and serves every stream the
 //! relay opens by dialling the local service and proxying bytes.
 //!
-//! [`run`] performs one connection's life: connect, greeting, auth, registration, serve. It
-//! reports tunnels through [`AgentEvent`]s so the CLI can print them.
+//! [`run`] drives the lifecycle of seed 001 (Disconnected, Authenticating, Registered, Active,
+//! Reconnecting): on a lost connection it retries with exponential backoff and jitter,
+//! presenting each tunnel's single-use reconnect token so it gets the same public port back.
+//! Authentication and configuration failures are final; a rate limit is waited out. Heartbeats
+//! carry per-tunnel byte counts; a relay that stops answering is treated as gone.
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
-use tokio::time::timeout;
+use tokio::time::{Instant, timeout};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tube_net::codec::{ControlError, handshake_conn, recv_control, send_control};
-use tube_net::tokio_rustls::TlsConnector;
+use tube_net::codec::{ControlError, HandshakeConn, handshake_conn, recv_control, send_control};
+use tube_net::mux::{DEFAULT_WINDOW, MIN_WINDOW};
+use tube_net::proxy::Traffic;
+use tube_net::tokio_rustls::{TlsConnector, client::TlsStream};
 use tube_net::{Fingerprint, Incoming, Mux, MuxConfig, Role, tls};
-use tube_proto::control::{ClientInfo, ControlMessage, TunnelInfo, describe_code};
+use tube_proto::backoff::{Backoff, BackoffConfig};
+use tube_proto::control::{ClientInfo, ControlMessage, TunnelInfo, TunnelStats, describe_code};
+use tube_proto::heartbeat::Liveness;
+use tube_proto::lifecycle::{AgentState, LifecycleEvent};
+use tube_proto::time::rfc3339;
 use tube_proto::{ErrorCode, RELAY_PROTOCOL_VERSION, relay_version_compatible};
 
 /// One local service to expose.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct TunnelSpec {
     /// `host:port` of the local service.
     pub local: String,
@@ -28,6 +38,8 @@ pub struct TunnelSpec {
     pub remote_port: Option<u16>,
     /// Label sent to the relay.
     pub name: String,
+    /// Source ranges allowed to use the public port (CIDR strings; empty: the relay's policy).
+    pub allow: Vec<String>,
 }
 
 /// What [`run`] needs.
@@ -41,10 +53,17 @@ pub struct AgentConfig {
     pub fingerprint: Fingerprint,
     /// Tunnels to open.
     pub tunnels: Vec<TunnelSpec>,
-    /// Deadline for connect + TLS + greeting + auth + registration.
+    /// Deadline for each handshake step (connect + TLS + greeting, then auth, then each
+    /// registration).
     pub handshake_timeout: Duration,
     /// Deadline for dialling the local service for one user.
     pub local_connect_timeout: Duration,
+    /// How often heartbeats are sent.
+    pub heartbeat_interval: Duration,
+    /// Intervals without any answer after which the relay counts as gone.
+    pub heartbeat_misses: u32,
+    /// Reconnect schedule.
+    pub backoff: BackoffConfig,
     /// Multiplexer limits.
     pub mux: MuxConfig,
     /// Protocol version announced in `auth` (tests use this to exercise version checks).
@@ -66,6 +85,9 @@ impl AgentConfig {
             tunnels,
             handshake_timeout: Duration::from_secs(10),
             local_connect_timeout: Duration::from_secs(5),
+            heartbeat_interval: Duration::from_secs(30),
+            heartbeat_misses: 3,
+            backoff: BackoffConfig::default(),
             mux: MuxConfig::default(),
             protocol_version: RELAY_PROTOCOL_VERSION.into(),
         }
@@ -75,7 +97,14 @@ impl AgentConfig {
 /// What the agent reports while running.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AgentEvent {
-    /// A tunnel is live: users can connect to `public`.
+    /// A lifecycle transition.
+    State {
+        /// Previous state.
+        from: AgentState,
+        /// New state.
+        to: AgentState,
+    },
+    /// A tunnel is live: users can connect to `public` (again after each reconnect).
     TunnelUp {
         /// The tunnel's id at the relay.
         tunnel_id: String,
@@ -83,6 +112,15 @@ pub enum AgentEvent {
         public: String,
         /// The local address it forwards to.
         local: String,
+    },
+    /// Waiting before the next connection attempt.
+    Retrying {
+        /// Attempt number (1-based) about to be made.
+        attempt: u32,
+        /// How long the agent waits first.
+        delay: Duration,
+        /// Why the last attempt ended.
+        reason: String,
     },
 }
 
@@ -96,6 +134,8 @@ pub enum AgentError {
         code: u16,
         /// The relay's message.
         message: String,
+        /// Seconds the relay asked us to wait, if any.
+        retry_after: Option<u64>,
     },
     /// The relay's certificate is not the pinned one.
     #[error(
@@ -110,12 +150,20 @@ pub enum AgentError {
         /// What failed.
         message: String,
     },
-    /// The relay broke the protocol or the connection died.
+    /// The relay broke the protocol.
     #[error("{0}")]
     Protocol(String),
-    /// The connection to the relay was lost after the tunnels were up.
+    /// The connection to the relay was lost.
     #[error("connection to relay lost: {0}")]
     ConnectionLost(String),
+    /// Every reconnect attempt failed.
+    #[error("gave up after {attempts} attempts: {last}")]
+    GaveUp {
+        /// Attempts made.
+        attempts: u32,
+        /// The last failure.
+        last: Box<AgentError>,
+    },
 }
 
 impl AgentError {
@@ -123,80 +171,193 @@ impl AgentError {
     pub fn code(&self) -> Option<ErrorCode> {
         match self {
             AgentError::Relay { code, .. } => ErrorCode::from_u16(*code),
+            AgentError::GaveUp { last, .. } => last.code(),
+            _ => None,
+        }
+    }
+
+    /// Whether retrying cannot help (bad credentials, refused configuration, wrong relay).
+    pub fn is_final(&self) -> bool {
+        match self {
+            AgentError::Relay { code, .. } => {
+                ErrorCode::from_u16(*code).is_some_and(ErrorCode::is_final)
+            }
+            AgentError::FingerprintMismatch(_) | AgentError::GaveUp { .. } => true,
+            _ => false,
+        }
+    }
+
+    fn retry_after(&self) -> Option<Duration> {
+        match self {
+            AgentError::Relay {
+                retry_after: Some(s),
+                ..
+            } => Some(Duration::from_secs(*s)),
             _ => None,
         }
     }
 }
 
-/// Connects, registers every tunnel and serves until `shutdown` (then says goodbye and returns
-/// `Ok`), the relay refuses something, or the connection is lost.
+/// What the agent remembers about a tunnel across connections.
+#[derive(Debug, Clone)]
+struct Held {
+    tunnel_id: String,
+    reconnect_token: Option<String>,
+}
+
+/// Runs the agent until `shutdown` (it then says goodbye and returns `Ok`), a final error, or
+/// the reconnect attempts run out.
 pub async fn run(
     config: AgentConfig,
     events: mpsc::UnboundedSender<AgentEvent>,
     shutdown: CancellationToken,
 ) -> Result<(), AgentError> {
-    let hs = timeout(config.handshake_timeout, connect(&config));
-    let mut conn = match hs.await {
-        Ok(r) => r?,
-        Err(_) => {
-            return Err(AgentError::Connect {
-                addr: config.relay.clone(),
-                message: "handshake timed out".into(),
+    let mut life = Lifecycle {
+        state: AgentState::Disconnected,
+        events: &events,
+    };
+    let mut backoff = Backoff::new(config.backoff);
+    let mut held: Vec<Option<Held>> = vec![None; config.tunnels.len()];
+    let traffic: Vec<Arc<Traffic>> = config.tunnels.iter().map(|_| Arc::default()).collect();
+    loop {
+        if life.state == AgentState::Disconnected {
+            life.to(LifecycleEvent::Connect);
+        }
+        let result = session(&config, &mut life, &mut held, &traffic, &shutdown).await;
+        let err = match result {
+            Ok(()) => {
+                life.to(LifecycleEvent::Disconnect);
+                return Ok(());
+            }
+            Err(e) => e,
+        };
+        if shutdown.is_cancelled() {
+            life.to(LifecycleEvent::Disconnect);
+            return Ok(());
+        }
+        let was_active = life.state == AgentState::Active;
+        if was_active {
+            backoff.reset();
+            life.to(LifecycleEvent::ConnectionLost);
+        } else if life.state != AgentState::Reconnecting {
+            life.to(if life.state == AgentState::Authenticating {
+                LifecycleEvent::AuthFailed
+            } else {
+                LifecycleEvent::ConnectionLost
             });
         }
-    };
-    // Authenticate.
-    let auth = ControlMessage::Auth {
-        token: config.token.clone(),
-        version: config.protocol_version.clone(),
-        client_info: ClientInfo {
-            os: std::env::consts::OS.into(),
-            version: env!("CARGO_PKG_VERSION").into(),
-        },
-    };
-    let io = |e: tube_net::codec::CodecError| AgentError::Protocol(e.to_string());
-    send_control(&mut conn, &auth).await.map_err(io)?;
-    match timeout(config.handshake_timeout, recv_control(&mut conn)).await {
-        Err(_) => return Err(AgentError::Protocol("no answer to auth".into())),
-        Ok(Err(e)) => return Err(AgentError::Protocol(format!("reading auth response: {e}"))),
-        Ok(Ok(ControlMessage::AuthResponse { .. })) => {}
-        Ok(Ok(ControlMessage::Error { code, message, .. })) => {
-            return Err(AgentError::Relay { code, message });
+        if err.is_final() {
+            if life.state == AgentState::Reconnecting {
+                life.to(LifecycleEvent::ReconnectFailed);
+            }
+            return Err(err);
         }
-        Ok(Ok(other)) => {
-            return Err(AgentError::Protocol(format!(
-                "unexpected {} message",
-                other.kind()
-            )));
+        let Some(mut delay) = backoff.next_delay(random_u64()) else {
+            if life.state == AgentState::Reconnecting {
+                life.to(LifecycleEvent::ReconnectFailed);
+            }
+            return Err(AgentError::GaveUp {
+                attempts: backoff.attempts(),
+                last: Box::new(err),
+            });
+        };
+        if let Some(wait) = err.retry_after() {
+            delay = delay.max(wait);
+        }
+        tracing::warn!(error = %err, attempt = backoff.attempts(), delay_ms = delay.as_millis() as u64, "connection attempt failed, retrying");
+        let _ = events.send(AgentEvent::Retrying {
+            attempt: backoff.attempts(),
+            delay,
+            reason: err.to_string(),
+        });
+        tokio::select! {
+            _ = shutdown.cancelled() => {
+                if life.state == AgentState::Reconnecting {
+                    life.to(LifecycleEvent::Disconnect);
+                }
+                return Ok(());
+            }
+            _ = tokio::time::sleep(delay) => {}
         }
     }
-    tracing::info!(relay = %config.relay, "authenticated");
+}
 
+struct Lifecycle<'a> {
+    state: AgentState,
+    events: &'a mpsc::UnboundedSender<AgentEvent>,
+}
+
+impl Lifecycle<'_> {
+    /// Applies `event`; transitions the diagram does not have are logged and ignored.
+    fn to(&mut self, event: LifecycleEvent) {
+        match self.state.on(event) {
+            Ok(next) => {
+                tracing::info!(from = self.state.name(), to = next.name(), "agent state");
+                let _ = self.events.send(AgentEvent::State {
+                    from: self.state,
+                    to: next,
+                });
+                self.state = next;
+            }
+            Err(e) => tracing::debug!(error = %e, "lifecycle event ignored"),
+        }
+    }
+}
+
+type Conn = HandshakeConn<TlsStream<TcpStream>>;
+
+/// One connection's life: connect, authenticate, register, serve.
+async fn session(
+    config: &AgentConfig,
+    life: &mut Lifecycle<'_>,
+    held: &mut [Option<Held>],
+    traffic: &[Arc<Traffic>],
+    shutdown: &CancellationToken,
+) -> Result<(), AgentError> {
+    let connecting = async {
+        let (mut conn, relay_window) = timeout(config.handshake_timeout, connect(config))
+            .await
+            .map_err(|_| AgentError::Connect {
+            addr: config.relay.clone(),
+            message: "handshake timed out".into(),
+        })??;
+        authenticate(config, &mut conn).await?;
+        Ok::<_, AgentError>((conn, relay_window))
+    };
+    let (conn, relay_window) = tokio::select! {
+        r = connecting => r?,
+        _ = shutdown.cancelled() => return Ok(()),
+    };
+    tracing::info!(relay = %config.relay, "authenticated");
+    if life.state == AgentState::Authenticating {
+        life.to(LifecycleEvent::AuthSuccess);
+    }
     let token = CancellationToken::new();
     // If this future is dropped (the caller aborted it), the connection and every stream
     // task go with it.
     let _stop_on_drop = token.clone().drop_guard();
     let tracker = TaskTracker::new();
-    let (mux, mut ev) = Mux::start(
-        conn,
-        Role::Acceptor,
-        config.mux.clone(),
-        token.clone(),
-        &tracker,
-    );
-    let result = serve(&config, &mux, &mut ev, &events, &shutdown, &tracker, &token).await;
+    let mut mux_cfg = config.mux.clone();
+    mux_cfg.peer_window = relay_window;
+    let (mux, mut ev) = Mux::start(conn, Role::Acceptor, mux_cfg, token.clone(), &tracker);
+    let mut serving = Serving {
+        config,
+        mux: &mux,
+        held,
+        traffic,
+        tracker: &tracker,
+        token: &token,
+        locals: HashMap::new(),
+        since: HashMap::new(),
+    };
+    let result = serving.serve(&mut ev, life, shutdown).await;
     token.cancel();
     tracker.close();
     tracker.wait().await;
     result
 }
 
-async fn connect(
-    config: &AgentConfig,
-) -> Result<
-    tube_net::codec::HandshakeConn<tube_net::tokio_rustls::client::TlsStream<TcpStream>>,
-    AgentError,
-> {
+async fn connect(config: &AgentConfig) -> Result<(Conn, u32), AgentError> {
     let err = |message: String| AgentError::Connect {
         addr: config.relay.clone(),
         message,
@@ -217,9 +378,11 @@ async fn connect(
             }
         })?;
     let mut conn = handshake_conn(tls);
-    // The relay speaks first: its greeting carries the protocol version.
+    // The relay speaks first: its greeting carries the protocol version and its window.
     match recv_control(&mut conn).await {
-        Ok(ControlMessage::Hello { version, .. }) => {
+        Ok(ControlMessage::Hello {
+            version, window, ..
+        }) => {
             if !relay_version_compatible(&version) {
                 let msg = ControlMessage::error(
                     ErrorCode::UnsupportedVersion,
@@ -232,11 +395,23 @@ async fn connect(
                     message: format!(
                         "relay speaks protocol {version}, this agent {RELAY_PROTOCOL_VERSION}"
                     ),
+                    retry_after: None,
                 });
             }
-            Ok(conn)
+            Ok((
+                conn,
+                window.unwrap_or(DEFAULT_WINDOW).clamp(MIN_WINDOW, 1 << 30),
+            ))
         }
-        Ok(ControlMessage::Error { code, message, .. }) => Err(AgentError::Relay { code, message }),
+        Ok(ControlMessage::Error {
+            code,
+            message,
+            details,
+        }) => Err(AgentError::Relay {
+            code,
+            message,
+            retry_after: details.retry_after,
+        }),
         Ok(other) => Err(AgentError::Protocol(format!(
             "expected greeting, got {}",
             other.kind()
@@ -248,72 +423,230 @@ async fn connect(
     }
 }
 
-async fn serve(
-    config: &AgentConfig,
-    mux: &Mux,
-    ev: &mut tube_net::MuxEvents,
-    events: &mpsc::UnboundedSender<AgentEvent>,
-    shutdown: &CancellationToken,
-    tracker: &TaskTracker,
-    token: &CancellationToken,
-) -> Result<(), AgentError> {
-    let lost = |mux: &Mux| AgentError::ConnectionLost(mux.close_reason().to_string());
-    // Registrations are answered in order; send them all, then match answers to specs.
-    for spec in &config.tunnels {
-        let info = TunnelInfo {
-            name: spec.name.clone(),
-            protocol: "tcp".into(),
-            ports: spec.remote_port.into_iter().collect(),
-            public_key: None,
-            allowed_ips: Vec::new(),
-        };
-        mux.send_control(&ControlMessage::Register { tunnel_info: info })
-            .await
-            .map_err(|_| lost(mux))?;
+async fn authenticate(config: &AgentConfig, conn: &mut Conn) -> Result<(), AgentError> {
+    let auth = ControlMessage::Auth {
+        token: config.token.clone(),
+        version: config.protocol_version.clone(),
+        client_info: ClientInfo {
+            os: std::env::consts::OS.into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+        },
+        window: Some(config.mux.window),
+    };
+    send_control(conn, &auth)
+        .await
+        .map_err(|e| AgentError::ConnectionLost(e.to_string()))?;
+    match timeout(config.handshake_timeout, recv_control(conn)).await {
+        Err(_) => Err(AgentError::ConnectionLost("no answer to auth".into())),
+        Ok(Err(e)) => Err(AgentError::ConnectionLost(format!(
+            "reading auth response: {e}"
+        ))),
+        Ok(Ok(ControlMessage::AuthResponse { .. })) => Ok(()),
+        Ok(Ok(ControlMessage::Error {
+            code,
+            message,
+            details,
+        })) => Err(AgentError::Relay {
+            code,
+            message,
+            retry_after: details.retry_after,
+        }),
+        Ok(Ok(other)) => Err(AgentError::Protocol(format!(
+            "unexpected {} message",
+            other.kind()
+        ))),
     }
-    let mut awaiting = config.tunnels.iter();
-    let mut locals: HashMap<[u8; 16], String> = HashMap::new();
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => {
-                mux.close_with(&ControlMessage::Disconnect { reason: "agent stopping".into() });
-                return Ok(());
+}
+
+struct Serving<'a> {
+    config: &'a AgentConfig,
+    mux: &'a Mux,
+    held: &'a mut [Option<Held>],
+    traffic: &'a [Arc<Traffic>],
+    tracker: &'a TaskTracker,
+    token: &'a CancellationToken,
+    /// Tunnel UUID bytes to (local address, spec index).
+    locals: HashMap<[u8; 16], (String, usize)>,
+    /// Spec index to when the tunnel became active.
+    since: HashMap<usize, SystemTime>,
+}
+
+impl Serving<'_> {
+    async fn serve(
+        &mut self,
+        ev: &mut tube_net::MuxEvents,
+        life: &mut Lifecycle<'_>,
+        shutdown: &CancellationToken,
+    ) -> Result<(), AgentError> {
+        let lost = |mux: &Mux| AgentError::ConnectionLost(mux.close_reason().to_string());
+        let mut liveness = Liveness::new(
+            self.config.heartbeat_interval,
+            self.config.heartbeat_misses,
+            Instant::now().into_std(),
+        );
+        // Registrations go one at a time: each answer (or refusal) belongs to the last one sent.
+        let mut next = 0;
+        let mut awaiting = false;
+        let mut register_deadline = Instant::now() + self.config.handshake_timeout;
+        loop {
+            if !awaiting && next < self.config.tunnels.len() {
+                self.send(self.register_msg(next)).await?;
+                awaiting = true;
+                register_deadline = Instant::now() + self.config.handshake_timeout;
             }
-            _ = token.cancelled() => return Err(lost(mux)),
-            msg = ev.control.recv() => match msg {
-                None => return Err(lost(mux)),
-                Some(ControlMessage::RegisterResponse { tunnel_id, config: tc, .. }) => {
-                    let Some(spec) = awaiting.next() else {
-                        return Err(AgentError::Protocol("unexpected register_response".into()));
-                    };
-                    let Ok(uuid) = uuid::Uuid::parse_str(&tunnel_id) else {
-                        return Err(AgentError::Protocol("bad tunnel id".into()));
-                    };
-                    locals.insert(*uuid.as_bytes(), spec.local.clone());
-                    let confirm = ControlMessage::RegisterConfirm { tunnel_id: tunnel_id.clone() };
-                    mux.send_control(&confirm).await.map_err(|_| lost(mux))?;
-                    tracing::info!(%tunnel_id, public = %tc.endpoint, local = %spec.local, "tunnel up");
-                    let _ = events.send(AgentEvent::TunnelUp {
-                        tunnel_id, public: tc.endpoint, local: spec.local.clone(),
-                    });
+            let wake = Instant::from_std(liveness.poll_timeout());
+            tokio::select! {
+                _ = shutdown.cancelled() => {
+                    self.mux.close_with(&ControlMessage::Disconnect { reason: "agent stopping".into() });
+                    return Ok(());
                 }
-                Some(ControlMessage::Error { code, message, .. }) => {
-                    mux.close_with(&ControlMessage::Disconnect { reason: "refused".into() });
-                    return Err(AgentError::Relay { code, message });
+                _ = self.token.cancelled() => return Err(lost(self.mux)),
+                _ = tokio::time::sleep_until(register_deadline), if awaiting => {
+                    self.mux.close();
+                    return Err(AgentError::ConnectionLost("no answer to register".into()));
                 }
-                Some(ControlMessage::HeartbeatResponse { .. }) => {}
-                Some(ControlMessage::Disconnect { reason }) => {
-                    return Err(AgentError::ConnectionLost(format!("relay said goodbye: {reason}")));
+                _ = tokio::time::sleep_until(wake) => {
+                    let now = Instant::now().into_std();
+                    if liveness.is_dead(now) {
+                        self.mux.close();
+                        return Err(AgentError::ConnectionLost("relay stopped answering heartbeats".into()));
+                    }
+                    if liveness.poll_send(now) {
+                        self.heartbeats(&liveness).await?;
+                    }
                 }
-                Some(other) => {
-                    tracing::warn!(kind = other.kind(), "ignoring unexpected control message");
+                msg = ev.control.recv() => {
+                    let Some(msg) = msg else { return Err(lost(self.mux)) };
+                    liveness.handle_heard(Instant::now().into_std());
+                    match msg {
+                        ControlMessage::RegisterResponse { tunnel_id, config: tc, reconnect_token, .. } if awaiting => {
+                            awaiting = false;
+                            self.activated(next, tunnel_id, tc.endpoint, reconnect_token, life).await?;
+                            next += 1;
+                        }
+                        ControlMessage::Error { code, message, details } => {
+                            let reason = details.reason.as_deref().unwrap_or("");
+                            if code == ErrorCode::RateLimit as u16 && reason == "heartbeat_rate" {
+                                tracing::warn!(%message, "relay refused a heartbeat as too frequent");
+                                continue;
+                            }
+                            if awaiting && code == ErrorCode::TunnelExists as u16 && reason == "reconnect_refused" {
+                                // Our lease is gone or was refused: register this tunnel anew.
+                                tracing::warn!(local = %self.config.tunnels[next].local, "reconnect token refused, registering anew");
+                                self.held[next] = None;
+                                awaiting = false;
+                                continue;
+                            }
+                            self.mux.close_with(&ControlMessage::Disconnect { reason: "refused".into() });
+                            return Err(AgentError::Relay { code, message, retry_after: details.retry_after });
+                        }
+                        ControlMessage::HeartbeatResponse { .. } => {}
+                        ControlMessage::Disconnect { reason } => {
+                            return Err(AgentError::ConnectionLost(format!("relay said goodbye: {reason}")));
+                        }
+                        other => tracing::warn!(kind = other.kind(), "ignoring unexpected control message"),
+                    }
                 }
+                inc = ev.incoming.recv() => {
+                    let Some(inc) = inc else { return Err(lost(self.mux)) };
+                    let target = self.locals.get(&inc.tunnel).cloned();
+                    let traffic = target.as_ref().map(|(_, i)| self.traffic[*i].clone());
+                    self.tracker.spawn(serve_stream(inc, target.map(|(l, _)| l), traffic, self.config.local_connect_timeout, self.token.clone()));
+                }
+            }
+        }
+    }
+
+    fn register_msg(&self, i: usize) -> ControlMessage {
+        let spec = &self.config.tunnels[i];
+        let held = self.held[i].clone();
+        ControlMessage::Register {
+            tunnel_info: TunnelInfo {
+                name: spec.name.clone(),
+                protocol: "tcp".into(),
+                ports: spec.remote_port.into_iter().collect(),
+                public_key: None,
+                allowed_ips: spec.allow.clone(),
+                tunnel_id: held.as_ref().map(|h| h.tunnel_id.clone()),
+                reconnect_token: held.and_then(|h| h.reconnect_token),
             },
-            inc = ev.incoming.recv() => {
-                let Some(inc) = inc else { return Err(lost(mux)) };
-                let local = locals.get(&inc.tunnel).cloned();
-                tracker.spawn(serve_stream(inc, local, config.local_connect_timeout, token.clone()));
+        }
+    }
+
+    async fn activated(
+        &mut self,
+        i: usize,
+        tunnel_id: String,
+        public: String,
+        reconnect_token: Option<String>,
+        life: &mut Lifecycle<'_>,
+    ) -> Result<(), AgentError> {
+        let Ok(uuid) = uuid::Uuid::parse_str(&tunnel_id) else {
+            return Err(AgentError::Protocol("bad tunnel id".into()));
+        };
+        let spec = &self.config.tunnels[i];
+        self.locals
+            .insert(*uuid.as_bytes(), (spec.local.clone(), i));
+        self.held[i] = Some(Held {
+            tunnel_id: tunnel_id.clone(),
+            reconnect_token,
+        });
+        self.send(ControlMessage::RegisterConfirm {
+            tunnel_id: tunnel_id.clone(),
+        })
+        .await?;
+        self.since.insert(i, SystemTime::now());
+        tracing::info!(%tunnel_id, %public, local = %spec.local, "tunnel up");
+        match life.state {
+            AgentState::Registered => life.to(LifecycleEvent::TunnelCreated),
+            AgentState::Reconnecting => life.to(LifecycleEvent::ReconnectSuccess),
+            _ => {}
+        }
+        let _ = life.events.send(AgentEvent::TunnelUp {
+            tunnel_id,
+            public,
+            local: spec.local.clone(),
+        });
+        Ok(())
+    }
+
+    async fn heartbeats(&self, liveness: &Liveness) -> Result<(), AgentError> {
+        for (i, h) in self.held.iter().enumerate() {
+            let (Some(h), Some(since)) = (h, self.since.get(&i)) else {
+                continue;
+            };
+            let (bytes_in, bytes_out) = self.traffic[i].get();
+            let msg = ControlMessage::Heartbeat {
+                tunnel_id: h.tunnel_id.clone(),
+                stats: TunnelStats {
+                    // Seen from the tunnel's public side: bytes_in came from users.
+                    bytes_in: bytes_out,
+                    bytes_out: bytes_in,
+                    connected_since: rfc3339(*since),
+                },
+            };
+            // A relay that stops reading must not wedge the agent: give up at the deadline.
+            match tokio::time::timeout_at(
+                Instant::from_std(liveness.deadline()),
+                self.mux.send_control(&msg),
+            )
+            .await
+            {
+                Ok(Ok(())) => {}
+                _ => {
+                    self.mux.close();
+                    return Err(AgentError::ConnectionLost("cannot send heartbeat".into()));
+                }
             }
+        }
+        Ok(())
+    }
+
+    async fn send(&self, msg: ControlMessage) -> Result<(), AgentError> {
+        let lost = || AgentError::ConnectionLost(self.mux.close_reason().to_string());
+        match timeout(self.config.handshake_timeout, self.mux.send_control(&msg)).await {
+            Ok(Ok(())) => Ok(()),
+            _ => Err(lost()),
         }
     }
 }
@@ -321,10 +654,11 @@ async fn serve(
 async fn serve_stream(
     inc: Incoming,
     local: Option<String>,
+    traffic: Option<Arc<Traffic>>,
     connect_timeout: Duration,
     token: CancellationToken,
 ) {
-    let Some(local) = local else {
+    let (Some(local), Some(traffic)) = (local, traffic) else {
         tracing::warn!(peer = %inc.peer, "stream for an unknown tunnel");
         inc.stream.reset(ErrorCode::InvalidConfig);
         return;
@@ -343,6 +677,13 @@ async fn serve_stream(
         }
     };
     tube_net::tune_tcp(&tcp);
-    let (end, _) = tube_net::proxy::proxy(tcp, inc.stream, &token).await;
+    let end = tube_net::proxy::proxy(tcp, inc.stream, &token, &traffic).await;
     tracing::debug!(peer = %inc.peer, ?end, "stream ended");
+}
+
+fn random_u64() -> u64 {
+    let mut b = [0u8; 8];
+    // Only jitters the backoff; without entropy the delay is simply the un-jittered one.
+    let _ = getrandom::fill(&mut b);
+    u64::from_le_bytes(b)
 }

@@ -2,6 +2,7 @@
 //! data dir, and runs one service. Every service lives in its own library crate; this crate
 //! only wires them to the outside world (stdout contract lines, stderr logs, exit codes).
 
+mod config;
 mod expose;
 mod logging;
 mod relay;

@@ -1,6 +1,7 @@
-//! `tube relay` and `tube token`.
+//! `tube relay` and `tube token`: flags, config file and defaults merged into a
+//! [`tube_relay::RelayConfig`], the admin listener, and the stdout contract lines.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::ops::RangeInclusive;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -8,29 +9,72 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 use tube_net::Identity;
-use tube_relay::{JwtSecret, RelayConfig};
+use tube_proto::cidr::Cidr;
+use tube_proto::ratelimit::RateLimit;
+use tube_relay::{JwtSecret, Relay, RelayConfig};
 
-/// Flags of `tube relay`.
-#[derive(Debug, clap::Args)]
+use crate::config::{self, RelayFile};
+
+/// Flags of `tube relay`. Each one overrides the config file.
+#[derive(Debug, Default, clap::Args)]
 pub(crate) struct RelayArgs {
-    /// Address agents connect to.
-    #[arg(long, default_value = "0.0.0.0:7835", env = "TUBE_LISTEN")]
-    listen: SocketAddr,
-    /// Host name or address put in tunnel endpoints (default: the address the agent reached).
+    /// Config file (TOML, see examples/relay.toml).
+    #[arg(long, env = "TUBE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address agents connect to [default: 0.0.0.0:7835].
+    #[arg(long, env = "TUBE_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// Admin HTTP address: /metrics, /healthz, /ready, /api/agents, /api/tunnels.
+    #[arg(long, env = "TUBE_ADMIN")]
+    admin: Option<SocketAddr>,
+    /// Host name or address put in tunnel endpoints [default: the address the agent reached].
     #[arg(long, env = "TUBE_PUBLIC_HOST")]
     public_host: Option<String>,
-    /// Address public tunnel ports bind on (default: the --listen address).
+    /// Address public tunnel ports bind on [default: the --listen address].
     #[arg(long, env = "TUBE_PUBLIC_BIND")]
-    public_bind: Option<std::net::IpAddr>,
-    /// Ports tunnels may get, LO-HI.
-    #[arg(long, default_value = "20000-29999", value_parser = parse_range, env = "TUBE_PORT_RANGE")]
-    port_range: RangeInclusive<u16>,
-    /// Data dir holding the certificate and JWT secret (created on first start).
+    public_bind: Option<IpAddr>,
+    /// Ports tunnels may get, LO-HI [default: 20000-29999].
+    #[arg(long, value_parser = parse_range, env = "TUBE_PORT_RANGE")]
+    port_range: Option<RangeInclusive<u16>>,
+    /// Data dir: certificate, JWT secret, lease database (created on first start).
     #[arg(long, env = "TUBE_DATA_DIR")]
     data_dir: Option<PathBuf>,
-    /// Deadline from TCP accept to authenticated agent.
-    #[arg(long, default_value = "10s", value_parser = crate::parse_duration)]
-    handshake_timeout: Duration,
+    /// Deadline from TCP accept to authenticated agent [default: 10s].
+    #[arg(long, value_parser = crate::parse_duration)]
+    handshake_timeout: Option<Duration>,
+    /// Handshakes in progress at once [default: 256].
+    #[arg(long)]
+    max_handshakes: Option<usize>,
+    /// Tunnels one agent connection may hold [default: 64].
+    #[arg(long)]
+    max_tunnels_per_agent: Option<usize>,
+    /// Heartbeat interval expected from agents [default: 30s].
+    #[arg(long, value_parser = crate::parse_duration)]
+    heartbeat_interval: Option<Duration>,
+    /// Silent heartbeat intervals before an agent is dropped [default: 3].
+    #[arg(long)]
+    heartbeat_misses: Option<u32>,
+    /// Heartbeats for one tunnel closer than this get RATE_LIMIT [default: 15s].
+    #[arg(long, value_parser = crate::parse_duration)]
+    heartbeat_min_interval: Option<Duration>,
+    /// How long a lost agent keeps its tunnel id and port [default: 5m].
+    #[arg(long, value_parser = crate::parse_duration)]
+    lease_grace: Option<Duration>,
+    /// Range tunnels may allow, repeatable; also the allow-list of tunnels that ask for none.
+    #[arg(long = "allow", value_name = "CIDR")]
+    allow: Vec<Cidr>,
+    /// Most allow-list entries per tunnel [default: 64].
+    #[arg(long)]
+    max_allowed_ips: Option<usize>,
+    /// Authentication attempts per minute, per source IP and per subject [default: 5].
+    #[arg(long)]
+    auth_attempts_per_minute: Option<u32>,
+    /// New tunnels per hour per subject [default: 10].
+    #[arg(long)]
+    tunnels_per_hour: Option<u32>,
+    /// Every failed authentication is answered after this long [default: 100ms].
+    #[arg(long, value_parser = crate::parse_duration)]
+    auth_failure_delay: Option<Duration>,
 }
 
 /// Flags of `tube token`.
@@ -59,8 +103,166 @@ fn parse_range(s: &str) -> Result<RangeInclusive<u16>, String> {
     Ok(lo..=hi)
 }
 
+/// Everything `tube relay` decided, before identities are loaded.
+pub(crate) struct RelaySettings {
+    listen: SocketAddr,
+    admin: Option<SocketAddr>,
+    data_dir: Option<PathBuf>,
+    apply: Box<dyn FnOnce(&mut RelayConfig) + Send>,
+}
+
+impl std::fmt::Debug for RelaySettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RelaySettings")
+            .field("listen", &self.listen)
+            .field("admin", &self.admin)
+            .field("data_dir", &self.data_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Settings from a config file alone (used to check the examples).
+#[cfg(test)]
+pub(crate) fn from_file_only(file: RelayFile) -> anyhow::Result<RelaySettings> {
+    merge(RelayArgs::default(), file)
+}
+
+fn merge(a: RelayArgs, f: RelayFile) -> anyhow::Result<RelaySettings> {
+    let dur = |flag: Option<Duration>,
+               file: Option<String>,
+               what: &str|
+     -> anyhow::Result<Option<Duration>> {
+        match (flag, file) {
+            (Some(d), _) => Ok(Some(d)),
+            (None, Some(s)) => Ok(Some(config::duration(what, &s)?)),
+            (None, None) => Ok(None),
+        }
+    };
+    let listen = match (a.listen, f.listen) {
+        (Some(l), _) => l,
+        (None, Some(s)) => s
+            .parse()
+            .with_context(|| format!("error: listen: bad address {s:?}"))?,
+        (None, None) => SocketAddr::from(([0, 0, 0, 0], 7835)),
+    };
+    let admin = match (a.admin, f.admin) {
+        (Some(l), _) => Some(l),
+        (None, Some(s)) => Some(
+            s.parse()
+                .with_context(|| format!("error: admin: bad address {s:?}"))?,
+        ),
+        (None, None) => None,
+    };
+    let public_bind = match (a.public_bind, f.public_bind) {
+        (Some(ip), _) => Some(ip),
+        (None, Some(s)) => Some(
+            s.parse()
+                .with_context(|| format!("error: public_bind: bad address {s:?}"))?,
+        ),
+        (None, None) => None,
+    };
+    let port_range = match (a.port_range, f.port_range) {
+        (Some(r), _) => Some(r),
+        (None, Some(s)) => {
+            Some(parse_range(&s).map_err(|e| anyhow::anyhow!("error: port_range: {e}"))?)
+        }
+        (None, None) => None,
+    };
+    let allow: Vec<Cidr> = if !a.allow.is_empty() {
+        a.allow
+    } else {
+        f.allow
+            .unwrap_or_default()
+            .iter()
+            .map(|s| s.parse().map_err(|e| anyhow::anyhow!("error: allow: {e}")))
+            .collect::<anyhow::Result<_>>()?
+    };
+    let rl = f.rate_limits.unwrap_or_default();
+    let handshake_timeout = dur(
+        a.handshake_timeout,
+        f.handshake_timeout,
+        "handshake_timeout",
+    )?;
+    let heartbeat_interval = dur(
+        a.heartbeat_interval,
+        f.heartbeat_interval,
+        "heartbeat_interval",
+    )?;
+    let heartbeat_min_interval = dur(
+        a.heartbeat_min_interval,
+        f.heartbeat_min_interval,
+        "heartbeat_min_interval",
+    )?;
+    let lease_grace = dur(a.lease_grace, f.lease_grace, "lease_grace")?;
+    let auth_failure_delay = dur(
+        a.auth_failure_delay,
+        rl.auth_failure_delay,
+        "auth_failure_delay",
+    )?;
+    let auth_per_min = a.auth_attempts_per_minute.or(rl.auth_attempts_per_minute);
+    let tunnels_per_hour = a.tunnels_per_hour.or(rl.tunnels_per_hour);
+    let public_host = a.public_host.or(f.public_host);
+    let max_handshakes = a.max_handshakes.or(f.max_handshakes);
+    let max_tunnels = a.max_tunnels_per_agent.or(f.max_tunnels_per_agent);
+    let misses = a.heartbeat_misses.or(f.heartbeat_misses);
+    let max_allowed = a.max_allowed_ips.or(f.max_allowed_ips);
+    let apply = move |c: &mut RelayConfig| {
+        c.public_host = public_host;
+        c.public_bind = public_bind;
+        if let Some(v) = port_range {
+            c.port_range = v;
+        }
+        if let Some(v) = handshake_timeout {
+            c.handshake_timeout = v;
+        }
+        if let Some(v) = max_handshakes {
+            c.max_handshakes = v;
+        }
+        if let Some(v) = max_tunnels {
+            c.max_tunnels_per_agent = v;
+        }
+        if let Some(v) = heartbeat_interval {
+            c.heartbeat_interval = v;
+        }
+        if let Some(v) = misses {
+            c.heartbeat_misses = v;
+        }
+        if let Some(v) = heartbeat_min_interval {
+            c.heartbeat_min_interval = v;
+        }
+        if let Some(v) = lease_grace {
+            c.lease_grace = v;
+        }
+        if let Some(v) = max_allowed {
+            c.max_allowed_ips = v;
+        }
+        if let Some(v) = auth_failure_delay {
+            c.auth_failure_delay = v;
+        }
+        if let Some(n) = auth_per_min {
+            c.auth_limit_per_ip = RateLimit::per_minute(n);
+            c.auth_limit_per_subject = RateLimit::per_minute(n);
+        }
+        if let Some(n) = tunnels_per_hour {
+            c.tunnel_limit_per_subject = RateLimit::per_hour(n);
+        }
+        c.allowed_ips_policy = allow;
+    };
+    Ok(RelaySettings {
+        listen,
+        admin,
+        data_dir: a.data_dir.or(f.data_dir.map(PathBuf::from)),
+        apply: Box::new(apply),
+    })
+}
+
 pub(crate) async fn run(args: RelayArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let dir = crate::data_dir(args.data_dir)?;
+    let file = match &args.config {
+        Some(p) => config::load(p)?,
+        None => RelayFile::default(),
+    };
+    let settings = merge(args, file)?;
+    let dir = crate::data_dir(settings.data_dir)?;
     let (identity, created) = Identity::load_or_create(&dir, "relay").with_context(|| {
         format!(
             "error: loading the relay certificate from {}",
@@ -75,33 +277,48 @@ pub(crate) async fn run(args: RelayArgs, shutdown: CancellationToken) -> anyhow:
     if created {
         tracing::info!(dir = %dir.display(), "created jwt secret");
     }
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("error: cannot listen on {}", args.listen))?;
-    let addr = listener.local_addr()?;
     let fingerprint = identity.fingerprint();
+    let example = jwt.mint("default", Duration::from_secs(24 * 3600));
+    let mut config = RelayConfig::new(identity, jwt);
+    config.data_dir = Some(dir.clone());
+    (settings.apply)(&mut config);
+    let public_host = config.public_host.clone();
+    let relay = Relay::new(config).context("error: opening the relay's lease database")?;
+    let listener = tokio::net::TcpListener::bind(settings.listen)
+        .await
+        .with_context(|| format!("error: cannot listen on {}", settings.listen))?;
+    let addr = listener.local_addr()?;
+    let admin = match settings.admin {
+        Some(a) => Some(
+            tokio::net::TcpListener::bind(a)
+                .await
+                .with_context(|| format!("error: cannot listen on {a} (admin)"))?,
+        ),
+        None => None,
+    };
     println!("listening control {addr}");
+    if let Some(a) = &admin {
+        println!("listening admin {}", a.local_addr()?);
+    }
     println!("fingerprint {fingerprint}");
 
-    let host = args.public_host.clone().unwrap_or_else(|| {
+    let host = public_host.unwrap_or_else(|| {
         if addr.ip().is_unspecified() {
             "<relay-host>".into()
         } else {
             addr.ip().to_string()
         }
     });
-    let example = jwt.mint("default", Duration::from_secs(24 * 3600));
     tracing::info!(
         "expose a local service with: tube expose 127.0.0.1:3000 --relay {host}:{} --token {example} --fingerprint {fingerprint}",
         addr.port()
     );
-
-    let mut config = RelayConfig::new(identity, jwt);
-    config.public_host = args.public_host;
-    config.public_bind = args.public_bind;
-    config.port_range = args.port_range;
-    config.handshake_timeout = args.handshake_timeout;
-    tube_relay::run(listener, config, shutdown).await?;
+    let admin_task =
+        admin.map(|l| tokio::spawn(tube_relay::admin::serve(l, relay.state(), shutdown.clone())));
+    relay.run(listener, shutdown).await?;
+    if let Some(t) = admin_task {
+        let _ = t.await;
+    }
     Ok(())
 }
 

@@ -85,6 +85,7 @@ fn auth_msg(token: &str, version: &str) -> ControlMessage {
         token: token.into(),
         version: version.into(),
         client_info: ClientInfo::default(),
+        window: None,
     }
 }
 
@@ -461,8 +462,13 @@ async fn a_tls_1_2_client_is_refused() {
         let res = TlsConnector::from(std::sync::Arc::new(cfg))
             .connect(tls::server_name(), tcp)
             .await;
-        let err = res.err().expect("TLS 1.2 must be refused");
-        assert!(err.to_string().to_lowercase().contains("protocolversion"), "{err}");
+        let Err(err) = res else {
+            panic!("TLS 1.2 must be refused")
+        };
+        assert!(
+            err.to_string().to_lowercase().contains("protocolversion"),
+            "{err}"
+        );
         b.stop().await;
     })
     .await;

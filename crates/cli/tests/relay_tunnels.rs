@@ -543,6 +543,7 @@ async fn a_port_held_by_another_tunnel_is_refused_with_tunnel_exists() {
             local: svc.addr.to_string(),
             remote_port: Some(p),
             name: "t".into(),
+            ..Default::default()
         };
         let mut c = relay.agent_config(&[]);
         c.tunnels = vec![spec(port)];

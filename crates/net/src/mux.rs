@@ -32,8 +32,11 @@ use crate::codec::{CodecError, FrameCodec, HandshakeConn};
 /// Tunables of one multiplexed connection.
 #[derive(Debug, Clone)]
 pub struct MuxConfig {
-    /// Receive window per stream, in bytes (credit granted to the peer at open).
+    /// Receive window per stream, in bytes (credit granted to the peer at open). Announced to
+    /// the peer in the handshake.
     pub window: u32,
+    /// The peer's announced receive window: our initial send credit per stream.
+    pub peer_window: u32,
     /// Most streams open at once.
     pub max_streams: usize,
     /// Frames the data queue holds before senders wait.
@@ -49,7 +52,8 @@ pub struct MuxConfig {
 impl Default for MuxConfig {
     fn default() -> Self {
         Self {
-            window: 256 * 1024,
+            window: DEFAULT_WINDOW,
+            peer_window: DEFAULT_WINDOW,
             max_streams: 16 * 1024,
             write_queue: 64,
             max_peer_urgent: 1024,
@@ -58,6 +62,12 @@ impl Default for MuxConfig {
         }
     }
 }
+
+/// The default per-stream receive window (256 KiB), assumed for a peer that announces none.
+pub const DEFAULT_WINDOW: u32 = 256 * 1024;
+
+/// Smallest window a peer may announce (one full DATA frame).
+pub const MIN_WINDOW: u32 = MAX_DATA_PAYLOAD;
 
 /// Which end of the connection this is: only the opener sends OPEN frames.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -296,7 +306,7 @@ fn new_stream(
     let (tx, rx) = mpsc::unbounded_channel();
     let shared = Arc::new(StreamShared {
         id,
-        credit: Semaphore::new(inner.cfg.window as usize),
+        credit: Semaphore::new(inner.cfg.peer_window as usize),
         inbound: tx,
         recv: Mutex::new(RecvWindow::new(inner.cfg.window)),
     });
@@ -340,6 +350,23 @@ impl Inner {
         let msg = ControlMessage::error(code, message.clone(), Some("protocol"));
         let _ = self.urgent_tx.send((Frame::Control(msg.to_bytes()), false));
         self.close(MuxError::Protocol { code, message });
+    }
+
+    /// Queues `frame` behind the data already queued (so a RESET never overtakes its own OPEN
+    /// or DATA), without waiting: if the queue is full, a task waits for room.
+    fn send_ordered(&self, frame: Frame) {
+        match self.data_tx.try_send(frame) {
+            Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
+            Err(mpsc::error::TrySendError::Full(frame)) => {
+                if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                    let tx = self.data_tx.clone();
+                    // Ends as soon as the frame is queued or the connection closes.
+                    rt.spawn(async move {
+                        let _ = tx.send(frame).await;
+                    });
+                }
+            }
+        }
     }
 
     /// Queues an answer the peer caused; false if the peer owes too many.
@@ -443,7 +470,10 @@ fn dispatch(
                 inner.protocol_error(ErrorCode::FlowControlError, format!("stream {stream}: {e}"));
                 return false;
             }
-            let _ = s.inbound.send(Inbound::Data(data));
+            // Copy the payload out of the read buffer: a zero-copy slice would keep the whole
+            // buffer allocation alive while the stream's consumer is slow, so memory held could
+            // exceed the window by far. One memcpy per frame buys a hard bound.
+            let _ = s.inbound.send(Inbound::Data(Bytes::copy_from_slice(&data)));
         }
         Frame::Window { stream, increment } => {
             let Some(s) = inner.stream(stream) else {
@@ -505,14 +535,32 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                 break;
             }
         }
-        let res = tokio::select! {
-            r = async { wr.write_all(&buf).await?; wr.flush().await } => r,
-            _ = inner.closed.cancelled() => break,
+        // On close, a batch already being written may finish within a short grace (it may
+        // carry the closing error); one cut short leaves a partial frame on the wire, after
+        // which nothing more may be written.
+        let (res, closing) = {
+            let write = async {
+                wr.write_all(&buf).await?;
+                wr.flush().await
+            };
+            tokio::pin!(write);
+            tokio::select! {
+                r = &mut write => (r, false),
+                _ = inner.closed.cancelled() => {
+                    match tokio::time::timeout(std::time::Duration::from_secs(1), &mut write).await {
+                        Ok(r) => (r, true),
+                        Err(_) => return,
+                    }
+                }
+            }
         };
         buf.clear();
         if let Err(e) = res {
             inner.close(MuxError::Io(e.to_string()));
             return;
+        }
+        if closing {
+            break;
         }
     }
     // Closing: flush what is urgent (an error message for the peer) within a short grace,
@@ -678,7 +726,7 @@ impl MuxStream {
                 stream: self.tx.shared.id,
                 code,
             };
-            let _ = self.tx.mux.urgent_tx.send((frame, false));
+            self.tx.mux.send_ordered(frame);
         }
         self.rx.reset_recv = true;
     }

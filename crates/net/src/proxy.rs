@@ -7,6 +7,7 @@
 //! socket error aborts both sides (the TCP peer sees RST, the mux peer a RESET frame).
 
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::BytesMut;
 use tokio::net::TcpStream;
@@ -28,13 +29,23 @@ pub enum ProxyEnd {
     Cancelled,
 }
 
-/// Byte counters of one proxied connection.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct ProxyStats {
-    /// Bytes read from the socket and sent on the stream.
-    pub socket_to_stream: u64,
-    /// Bytes received on the stream and written to the socket.
-    pub stream_to_socket: u64,
+/// Byte counters, updated live while data flows (shared by all connections of a tunnel).
+#[derive(Debug, Default)]
+pub struct Traffic {
+    /// Bytes read from sockets and sent on streams.
+    pub socket_to_stream: AtomicU64,
+    /// Bytes received on streams and written to sockets.
+    pub stream_to_socket: AtomicU64,
+}
+
+impl Traffic {
+    /// (socket_to_stream, stream_to_socket) right now.
+    pub fn get(&self) -> (u64, u64) {
+        (
+            self.socket_to_stream.load(Ordering::Relaxed),
+            self.stream_to_socket.load(Ordering::Relaxed),
+        )
+    }
 }
 
 enum Failure {
@@ -42,16 +53,17 @@ enum Failure {
     Stream,
 }
 
-/// Proxies until both directions end, either side fails, or `cancel` fires.
+/// Proxies until both directions end, either side fails, or `cancel` fires, counting bytes
+/// into `traffic` as they pass.
 pub async fn proxy(
     tcp: TcpStream,
     mut stream: MuxStream,
     cancel: &CancellationToken,
-) -> (ProxyEnd, ProxyStats) {
-    let mut stats = ProxyStats::default();
+    traffic: &Traffic,
+) -> ProxyEnd {
     let result = {
-        let up = socket_to_stream(&tcp, &stream.tx, &mut stats.socket_to_stream);
-        let down = stream_to_socket(&tcp, &mut stream.rx, &mut stats.stream_to_socket);
+        let up = socket_to_stream(&tcp, &stream.tx, &traffic.socket_to_stream);
+        let down = stream_to_socket(&tcp, &mut stream.rx, &traffic.stream_to_socket);
         tokio::select! {
             r = async { tokio::try_join!(up, down) } => Some(r),
             _ = cancel.cancelled() => None,
@@ -67,10 +79,14 @@ pub async fn proxy(
         stream.reset(ErrorCode::StreamAborted);
         crate::abort_tcp(tcp);
     }
-    (end, stats)
+    end
 }
 
-async fn socket_to_stream(tcp: &TcpStream, tx: &StreamTx, count: &mut u64) -> Result<(), Failure> {
+async fn socket_to_stream(
+    tcp: &TcpStream,
+    tx: &StreamTx,
+    count: &AtomicU64,
+) -> Result<(), Failure> {
     loop {
         let credit = tx.reserve(usize::MAX).await.map_err(|_| Failure::Stream)?;
         if tcp.readable().await.is_err() {
@@ -86,7 +102,7 @@ async fn socket_to_stream(tcp: &TcpStream, tx: &StreamTx, count: &mut u64) -> Re
             }
             Ok(n) => {
                 tx.give_back(credit - n);
-                *count += n as u64;
+                count.fetch_add(n as u64, Ordering::Relaxed);
                 tx.send_reserved(buf.freeze())
                     .await
                     .map_err(|_| Failure::Stream)?;
@@ -103,7 +119,7 @@ async fn socket_to_stream(tcp: &TcpStream, tx: &StreamTx, count: &mut u64) -> Re
 async fn stream_to_socket(
     tcp: &TcpStream,
     rx: &mut StreamRx,
-    count: &mut u64,
+    count: &AtomicU64,
 ) -> Result<(), Failure> {
     loop {
         match rx.recv().await {
@@ -117,7 +133,7 @@ async fn stream_to_socket(
                         Err(_) => return Err(Failure::Socket),
                     }
                 }
-                *count += data.len() as u64;
+                count.fetch_add(data.len() as u64, Ordering::Relaxed);
                 rx.consumed(data.len());
             }
             Some(Inbound::Fin) => {

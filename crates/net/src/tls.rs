@@ -316,7 +316,11 @@ mod tests {
             fp
         );
         assert!("sha256:abcd".parse::<Fingerprint>().is_err());
-        assert!(format!("sha256:{}", "zz".repeat(32)).parse::<Fingerprint>().is_err());
+        assert!(
+            format!("sha256:{}", "zz".repeat(32))
+                .parse::<Fingerprint>()
+                .is_err()
+        );
     }
 
     #[test]

@@ -17,6 +17,9 @@ pub enum ControlMessage {
         version: String,
         /// Implementation details.
         server_info: ServerInfo,
+        /// The relay's per-stream receive window in bytes (the agent's initial send credit).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        window: Option<u32>,
     },
     /// Agent to relay: authentication with a JWT.
     Auth {
@@ -27,6 +30,9 @@ pub enum ControlMessage {
         /// Implementation details.
         #[serde(default)]
         client_info: ClientInfo,
+        /// The agent's per-stream receive window in bytes (the relay's initial send credit).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        window: Option<u32>,
     },
     /// Relay to agent: authentication succeeded.
     AuthResponse {
@@ -48,6 +54,9 @@ pub enum ControlMessage {
         tunnel_id: String,
         /// Where users reach it.
         config: TunnelConfig,
+        /// Single-use token to take this tunnel (id and port) back after a lost connection.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reconnect_token: Option<String>,
     },
     /// Agent to relay: start accepting users on the tunnel.
     RegisterConfirm {
@@ -123,6 +132,12 @@ pub struct TunnelInfo {
     /// Optional source-address restriction (CIDR list) the agent asks for.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allowed_ips: Vec<String>,
+    /// When reconnecting: the id of the tunnel to take back (seed 001 section 6.2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tunnel_id: Option<String>,
+    /// When reconnecting: the single-use token the relay gave with that tunnel.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reconnect_token: Option<String>,
 }
 
 /// `config` of a register response.
@@ -176,6 +191,23 @@ impl ControlMessage {
     /// Parses a CONTROL frame payload.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, ControlDecodeError> {
         Ok(serde_json::from_slice(bytes)?)
+    }
+
+    /// An `error` message for `code` with a message, a reason and a retry delay in seconds.
+    pub fn error_retry(
+        code: ErrorCode,
+        message: impl Into<String>,
+        reason: &str,
+        retry_after: u64,
+    ) -> Self {
+        ControlMessage::Error {
+            code: code as u16,
+            message: message.into(),
+            details: ErrorDetails {
+                reason: Some(reason.into()),
+                retry_after: Some(retry_after),
+            },
+        }
     }
 
     /// An `error` message for `code` with a message and a reason.
@@ -240,6 +272,8 @@ pub enum ErrorCode {
     ConnectFailed = 4005,
     /// The stream was aborted by one end (stream reset code).
     StreamAborted = 4006,
+    /// No heartbeat arrived within the allowed number of intervals.
+    HeartbeatTimeout = 4007,
     /// Unexpected failure inside the relay.
     ServerError = 5000,
     /// The relay is shutting down.
@@ -248,7 +282,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, for documentation and tests.
-    pub const ALL: [ErrorCode; 16] = [
+    pub const ALL: [ErrorCode; 17] = [
         Self::AuthFailed,
         Self::InvalidToken,
         Self::TokenExpired,
@@ -263,6 +297,7 @@ impl ErrorCode {
         Self::HandshakeTimeout,
         Self::ConnectFailed,
         Self::StreamAborted,
+        Self::HeartbeatTimeout,
         Self::ServerError,
         Self::ShuttingDown,
     ];
@@ -289,6 +324,7 @@ impl ErrorCode {
             Self::HandshakeTimeout => "HANDSHAKE_TIMEOUT",
             Self::ConnectFailed => "CONNECT_FAILED",
             Self::StreamAborted => "STREAM_ABORTED",
+            Self::HeartbeatTimeout => "HEARTBEAT_TIMEOUT",
             Self::ServerError => "SERVER_ERROR",
             Self::ShuttingDown => "SHUTTING_DOWN",
         }

@@ -7,10 +7,22 @@
 //! - [`frame`]: the relay's framing layer (control frames and multiplexed stream frames).
 //! - [`control`]: the JSON control messages of seed 001 and the error codes.
 //! - [`flow`]: credit-based flow-control windows for multiplexed streams.
+//! - [`lifecycle`]: the agent lifecycle state machine (seed 001, section 3.1).
+//! - [`heartbeat`]: heartbeat scheduling and liveness deadlines.
+//! - [`backoff`]: exponential reconnect backoff with jitter (seed 001, section 6.1).
+//! - [`ratelimit`]: keyed token-bucket rate limits (seed 001, section 5.2).
+//! - [`cidr`]: address ranges for tunnel allow-lists.
+//! - [`time`]: RFC 3339 timestamps.
 
+pub mod backoff;
+pub mod cidr;
 pub mod control;
 pub mod flow;
 pub mod frame;
+pub mod heartbeat;
+pub mod lifecycle;
+pub mod ratelimit;
+pub mod time;
 
 pub use control::{ControlMessage, ErrorCode, ErrorDetails};
 pub use flow::{FlowError, RecvWindow};

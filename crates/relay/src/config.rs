@@ -3,9 +3,12 @@
 
 use std::net::IpAddr;
 use std::ops::RangeInclusive;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use tube_net::{Identity, MuxConfig};
+use tube_proto::cidr::Cidr;
+use tube_proto::ratelimit::RateLimit;
 
 use crate::auth::JwtSecret;
 
@@ -16,6 +19,8 @@ pub struct RelayConfig {
     pub identity: Identity,
     /// The secret agent tokens are checked against.
     pub jwt: JwtSecret,
+    /// Where the lease database lives; `None`: leases are kept in memory only.
+    pub data_dir: Option<PathBuf>,
     /// Host name or address put in tunnel endpoints; `None`: the address the agent reached.
     pub public_host: Option<String>,
     /// Address public tunnel ports bind on; `None`: the control listener's address.
@@ -28,6 +33,27 @@ pub struct RelayConfig {
     pub max_handshakes: usize,
     /// Tunnels one agent connection may hold.
     pub max_tunnels_per_agent: usize,
+    /// Heartbeat interval agents are expected to keep.
+    pub heartbeat_interval: Duration,
+    /// Intervals of silence after which an agent is dropped.
+    pub heartbeat_misses: u32,
+    /// Heartbeats for one tunnel closer together than this are refused with RATE_LIMIT.
+    pub heartbeat_min_interval: Duration,
+    /// Authentication attempts per source IP.
+    pub auth_limit_per_ip: RateLimit,
+    /// Authentication attempts per subject (counted once the token's signature checks out).
+    pub auth_limit_per_subject: RateLimit,
+    /// New tunnels per subject (taking a tunnel back with a reconnect token is not counted).
+    pub tunnel_limit_per_subject: RateLimit,
+    /// Every failed authentication is answered this long after the auth message arrived, so
+    /// failures take the same time whichever check failed.
+    pub auth_failure_delay: Duration,
+    /// How long a tunnel's id and port stay reserved after its agent's connection is lost.
+    pub lease_grace: Duration,
+    /// Ranges tunnels may allow; a tunnel asking for none gets these. Empty: no restriction.
+    pub allowed_ips_policy: Vec<Cidr>,
+    /// Most entries in one tunnel's allow-list.
+    pub max_allowed_ips: usize,
     /// Multiplexer limits per agent connection.
     pub mux: MuxConfig,
     /// How long shutdown waits for sessions to finish.
@@ -40,12 +66,23 @@ impl RelayConfig {
         Self {
             identity,
             jwt,
+            data_dir: None,
             public_host: None,
             public_bind: None,
             port_range: DEFAULT_PORT_RANGE,
             handshake_timeout: Duration::from_secs(10),
             max_handshakes: 256,
             max_tunnels_per_agent: 64,
+            heartbeat_interval: Duration::from_secs(30),
+            heartbeat_misses: 3,
+            heartbeat_min_interval: Duration::from_secs(15),
+            auth_limit_per_ip: RateLimit::per_minute(5),
+            auth_limit_per_subject: RateLimit::per_minute(5),
+            tunnel_limit_per_subject: RateLimit::per_hour(10),
+            auth_failure_delay: Duration::from_millis(100),
+            lease_grace: Duration::from_secs(300),
+            allowed_ips_policy: Vec::new(),
+            max_allowed_ips: 64,
             mux: MuxConfig::default(),
             shutdown_grace: Duration::from_secs(5),
         }

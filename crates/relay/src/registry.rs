@@ -1,24 +1,21 @@
-//! Which public ports belong to which tunnel, across all agent sessions, and how a port is
-//! chosen and bound.
+//! Public port reservations: choosing a port for a new tunnel and binding listeners.
+//!
+//! A port is reserved for a tunnel from registration until the tunnel is removed, including
+//! while its agent is reconnecting (the port is then reserved but not bound, so users are
+//! refused at once).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::ops::RangeInclusive;
-use std::sync::Mutex;
 
 use tokio::net::TcpListener;
 use tube_proto::ErrorCode;
+use uuid::Uuid;
 
 /// Binds tried before giving up on "any free port".
 const MAX_BIND_ATTEMPTS: usize = 64;
 
-/// Public ports in use by tunnels.
-#[derive(Debug, Default)]
-pub struct Registry {
-    ports: Mutex<HashMap<u16, u64>>,
-}
-
-/// A refusal to allocate a port: the code and reason for the agent.
+/// A refusal: the code and reason for the agent.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AllocError {
     /// Protocol code.
@@ -29,102 +26,72 @@ pub struct AllocError {
     pub reason: &'static str,
 }
 
-impl Registry {
-    /// Binds a public listener for `session` on `ip`: the `requested` port, or any free port
-    /// of `range`.
-    pub fn allocate(
-        &self,
-        session: u64,
-        ip: IpAddr,
-        requested: Option<u16>,
-        range: &RangeInclusive<u16>,
-        seed: u64,
-    ) -> Result<TcpListener, AllocError> {
-        match requested {
-            Some(port) => {
-                if !range.contains(&port) {
-                    return Err(AllocError {
-                        code: ErrorCode::InvalidConfig,
-                        message: format!(
-                            "port {port} is outside the relay's range {}-{}",
-                            range.start(),
-                            range.end()
-                        ),
-                        reason: "port_out_of_range",
-                    });
-                }
-                let mut ports = self.lock();
-                if ports.contains_key(&port) {
-                    return Err(AllocError {
-                        code: ErrorCode::TunnelExists,
-                        message: format!("port {port} is already used by another tunnel"),
-                        reason: "port_taken",
-                    });
-                }
-                let l = bind(ip, port).map_err(|_| AllocError {
-                    code: ErrorCode::PortUnavailable,
-                    message: format!("port {port} cannot be bound"),
-                    reason: "port_in_use",
-                })?;
-                ports.insert(port, session);
-                Ok(l)
-            }
-            None => {
-                let span = (*range.end() as u64 - *range.start() as u64) + 1;
-                let mut ports = self.lock();
-                let mut attempts = 0;
-                for i in 0..span {
-                    let port = (*range.start() as u64 + (seed.wrapping_add(i) % span)) as u16;
-                    if ports.contains_key(&port) {
-                        continue;
-                    }
-                    attempts += 1;
-                    if let Ok(l) = bind(ip, port) {
-                        ports.insert(port, session);
-                        return Ok(l);
-                    }
-                    if attempts >= MAX_BIND_ATTEMPTS {
-                        break;
-                    }
-                }
-                Err(AllocError {
-                    code: ErrorCode::PortUnavailable,
-                    message: "no free port in the relay's range".into(),
-                    reason: "range_exhausted",
-                })
-            }
+/// Reserves and binds the `requested` port, or any free port of `range`, for `tunnel`.
+pub(crate) fn allocate(
+    ports: &mut HashMap<u16, Uuid>,
+    tunnel: Uuid,
+    ip: IpAddr,
+    requested: Option<u16>,
+    range: &RangeInclusive<u16>,
+    seed: u64,
+) -> Result<TcpListener, AllocError> {
+    if let Some(port) = requested {
+        if !range.contains(&port) {
+            return Err(AllocError {
+                code: ErrorCode::InvalidConfig,
+                message: format!(
+                    "port {port} is outside the relay's range {}-{}",
+                    range.start(),
+                    range.end()
+                ),
+                reason: "port_out_of_range",
+            });
+        }
+        if ports.contains_key(&port) {
+            return Err(AllocError {
+                code: ErrorCode::TunnelExists,
+                message: format!("port {port} is already used by another tunnel"),
+                reason: "port_taken",
+            });
+        }
+        let l = bind(ip, port).map_err(|_| AllocError {
+            code: ErrorCode::PortUnavailable,
+            message: format!("port {port} cannot be bound"),
+            reason: "port_in_use",
+        })?;
+        ports.insert(port, tunnel);
+        return Ok(l);
+    }
+    let span = (*range.end() as u64 - *range.start() as u64) + 1;
+    let mut attempts = 0;
+    for i in 0..span {
+        let port = (*range.start() as u64 + (seed.wrapping_add(i) % span)) as u16;
+        if ports.contains_key(&port) {
+            continue;
+        }
+        attempts += 1;
+        if let Ok(l) = bind(ip, port) {
+            ports.insert(port, tunnel);
+            return Ok(l);
+        }
+        if attempts >= MAX_BIND_ATTEMPTS {
+            break;
         }
     }
-
-    /// Gives back every port `session` holds.
-    pub fn release_session(&self, session: u64) {
-        self.lock().retain(|_, s| *s != session);
-    }
-
-    /// Number of ports in use.
-    pub fn len(&self) -> usize {
-        self.lock().len()
-    }
-
-    /// Whether no port is in use.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u16, u64>> {
-        // The map stays consistent even if a holder panicked.
-        self.ports.lock().unwrap_or_else(|e| e.into_inner())
-    }
+    Err(AllocError {
+        code: ErrorCode::PortUnavailable,
+        message: "no free port in the relay's range".into(),
+        reason: "range_exhausted",
+    })
 }
 
-fn bind(ip: IpAddr, port: u16) -> std::io::Result<TcpListener> {
+/// Binds a listener on `ip:port` (no SO_REUSEADDR: a port in use is never shared).
+pub(crate) fn bind(ip: IpAddr, port: u16) -> std::io::Result<TcpListener> {
     let addr = SocketAddr::new(ip, port);
     let sock = match ip {
         IpAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
         IpAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
     };
-    // No SO_REUSEADDR: a port still in TIME_WAIT from another program is not stolen, and two
-    // tunnels can never share one.
     sock.bind(addr)?;
     sock.listen(1024)
 }

@@ -4,10 +4,11 @@
 //! agent leaves, the token is cancelled first: the loop stops and drops the listener (the
 //! kernel resets connections still in its backlog), a connection accepted in that same instant
 //! is checked against the token and reset, and every proxied connection is reset. No user stays
-//! connected to a dead tunnel.
+//! connected to a dead tunnel. Users outside the tunnel's allow-list are reset before any byte
+//! is forwarded.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -16,28 +17,32 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 use tube_net::Mux;
 use tube_net::proxy::{ProxyEnd, proxy};
+use tube_proto::cidr::{Cidr, allowed};
 use uuid::Uuid;
 
-/// Counters of one tunnel.
-#[derive(Debug, Default)]
-pub(crate) struct TunnelCounters {
-    /// User connections accepted.
-    pub(crate) connections: AtomicU64,
-    /// Bytes from users towards the agent.
-    pub(crate) bytes_in: AtomicU64,
-    /// Bytes from the agent towards users.
-    pub(crate) bytes_out: AtomicU64,
+use crate::state::TunnelCounters;
+
+/// What the accept loop needs to know about its tunnel.
+pub(crate) struct TunnelRun {
+    pub(crate) listener: TcpListener,
+    pub(crate) id: Uuid,
+    pub(crate) allowed: Vec<Cidr>,
+    pub(crate) counters: Arc<TunnelCounters>,
 }
 
 /// Runs the accept loop until `token` is cancelled.
 pub(crate) async fn accept_loop(
-    listener: TcpListener,
-    tunnel_id: Uuid,
+    run: TunnelRun,
     mux: Mux,
     token: CancellationToken,
     tracker: TaskTracker,
-    counters: Arc<TunnelCounters>,
 ) {
+    let TunnelRun {
+        listener,
+        id,
+        allowed: allow,
+        counters,
+    } = run;
     loop {
         let accepted = tokio::select! {
             biased;
@@ -59,21 +64,22 @@ pub(crate) async fn accept_loop(
             tube_net::abort_tcp(tcp);
             break;
         }
+        if !allowed(&allow, peer.ip()) {
+            counters.denied.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(tunnel_id = %id, %peer, "user refused by allow-list");
+            tube_net::abort_tcp(tcp);
+            continue;
+        }
         tube_net::tune_tcp(&tcp);
         counters.connections.fetch_add(1, Ordering::Relaxed);
+        counters.active.fetch_add(1, Ordering::Relaxed);
         let (mux, token, counters) = (mux.clone(), token.clone(), counters.clone());
         let span = tracing::debug_span!("user", %peer);
         tracker.spawn(
             async move {
-                match mux.open(*tunnel_id.as_bytes(), peer.to_string()).await {
+                match mux.open(*id.as_bytes(), peer.to_string()).await {
                     Ok(stream) => {
-                        let (end, stats) = proxy(tcp, stream, &token).await;
-                        counters
-                            .bytes_in
-                            .fetch_add(stats.socket_to_stream, Ordering::Relaxed);
-                        counters
-                            .bytes_out
-                            .fetch_add(stats.stream_to_socket, Ordering::Relaxed);
+                        let end = proxy(tcp, stream, &token, &counters.traffic).await;
                         if end != ProxyEnd::Clean {
                             tracing::debug!(?end, "user connection aborted");
                         }
@@ -83,6 +89,7 @@ pub(crate) async fn accept_loop(
                         tube_net::abort_tcp(tcp);
                     }
                 }
+                counters.active.fetch_sub(1, Ordering::Relaxed);
             }
             .instrument(span),
         );

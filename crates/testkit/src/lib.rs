@@ -48,11 +48,19 @@ pub struct TestRelay {
     task: Option<JoinHandle<()>>,
 }
 
-/// Test relay settings on top of [`RelayConfig`] defaults.
+/// Test relay settings: [`RelayConfig`] defaults, except rate limits high enough for tests
+/// that start many agents from 127.0.0.1 (the rate-limit tests set the seed's values) and a
+/// short auth-failure delay.
 pub fn relay_config() -> RelayConfig {
     let identity = Identity::generate(&["localhost"]).expect("test identity");
     let jwt = JwtSecret::generate().expect("secret");
-    RelayConfig::new(identity, jwt)
+    let mut c = RelayConfig::new(identity, jwt);
+    let generous = tube_proto::ratelimit::RateLimit::per_minute(100_000);
+    c.auth_limit_per_ip = generous;
+    c.auth_limit_per_subject = generous;
+    c.tunnel_limit_per_subject = generous;
+    c.auth_failure_delay = Duration::from_millis(20);
+    c
 }
 
 impl TestRelay {
@@ -97,6 +105,7 @@ impl TestRelay {
             .map(|l| TunnelSpec {
                 local: l.to_string(),
                 remote_port: None,
+                allow: Vec::new(),
                 name: l.to_string(),
             })
             .collect();
@@ -129,6 +138,8 @@ impl Drop for TestRelay {
 pub struct TestAgent {
     /// Public addresses of its tunnels, in the order of the local addresses.
     pub public: Vec<SocketAddr>,
+    /// Events after start-up (state changes, tunnels coming back after a reconnect).
+    pub events: mpsc::UnboundedReceiver<AgentEvent>,
     shutdown: CancellationToken,
     task: Option<JoinHandle<Result<(), AgentError>>>,
     _guard: DropGuard,
@@ -156,6 +167,7 @@ impl TestAgent {
                     Some(AgentEvent::TunnelUp { public: p, .. }) => {
                         public.push(p.parse().expect("public addr"));
                     }
+                    Some(_) => {}
                     None => {
                         let r = (&mut task).await.expect("agent task");
                         return Err(match r {
@@ -175,10 +187,35 @@ impl TestAgent {
         let guard = shutdown.clone().drop_guard();
         Ok(Self {
             public,
+            events: rx,
             shutdown,
             task: Some(task),
             _guard: guard,
         })
+    }
+
+    /// Waits for the next `TunnelUp` event (after a reconnect) and returns its public address.
+    pub async fn next_tunnel_up(&mut self) -> SocketAddr {
+        loop {
+            match self.events.recv().await {
+                Some(AgentEvent::TunnelUp { public, .. }) => {
+                    return public.parse().expect("public addr");
+                }
+                Some(_) => {}
+                None => panic!("agent ended before its tunnel came back"),
+            }
+        }
+    }
+
+    /// Waits until the agent enters `state`.
+    pub async fn wait_state(&mut self, state: tube_proto::lifecycle::AgentState) {
+        loop {
+            match self.events.recv().await {
+                Some(AgentEvent::State { to, .. }) if to == state => return,
+                Some(_) => {}
+                None => panic!("agent ended before reaching {state:?}"),
+            }
+        }
     }
 
     /// Stops the agent cleanly (it says goodbye) and waits for it.
@@ -203,7 +240,7 @@ impl TestAgent {
     /// Waits for the agent to end on its own and returns how it ended.
     pub async fn wait(mut self) -> Result<(), AgentError> {
         let t = self.task.take().expect("agent task");
-        deadline(Duration::from_secs(30), t)
+        deadline(Duration::from_secs(60), t)
             .await
             .expect("agent task")
     }
