@@ -264,68 +264,9 @@ async fn garbage_frames_after_tls_get_protocol_error() {
     .await;
 }
 
-#[tokio::test]
-async fn sending_beyond_the_window_is_a_flow_control_error() {
-    init_tracing();
-    deadline(LIMIT, async {
-        let b = Bystander::start().await;
-        let mut c = authed(b.relay.addr, b.relay.fingerprint, &b.relay.token("x")).await;
-        let info = TunnelInfo {
-            name: "raw".into(),
-            protocol: "tcp".into(),
-            ..Default::default()
-        };
-        send_control(&mut c, &ControlMessage::Register { tunnel_info: info })
-            .await
-            .unwrap();
-        let ControlMessage::RegisterResponse {
-            tunnel_id, config, ..
-        } = recv_control(&mut c).await.unwrap()
-        else {
-            panic!("no register_response")
-        };
-        send_control(&mut c, &ControlMessage::RegisterConfirm { tunnel_id })
-            .await
-            .unwrap();
-        // A user arrives; the relay opens a stream.
-        let public: SocketAddr = config.endpoint.parse().unwrap();
-        let mut u = TcpStream::connect(public).await.unwrap();
-        let stream = match c.next().await {
-            Some(Ok(Frame::Open { stream, .. })) => stream,
-            other => panic!("expected OPEN, got {other:?}"),
-        };
-        // 256 KiB of credit; send 288 KiB without waiting for WINDOW.
-        let chunk = bytes::Bytes::from(vec![1u8; 32 * 1024]);
-        for _ in 0..9 {
-            c.feed(Frame::Data {
-                stream,
-                data: chunk.clone(),
-            })
-            .await
-            .unwrap();
-        }
-        c.flush().await.unwrap();
-        assert_eq!(
-            expect_error(&mut c).await,
-            ErrorCode::FlowControlError as u16
-        );
-        // The user of the offending agent is reset, after the bytes that were within credit.
-        let mut got = 0usize;
-        let mut buf = vec![0u8; 65536];
-        loop {
-            match u.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => got += n,
-            }
-        }
-        assert!(
-            got <= 256 * 1024,
-            "no byte beyond the window reached the user"
-        );
-        b.stop().await;
-    })
-    .await;
-}
+// A stream sending beyond its window (4002 FLOW_CONTROL_ERROR) is tested on the mux itself
+// (`crates/net/src/mux.rs`), where the test owns the consumer: through a relay, the user's
+// kernel buffers return credit at a pace the test cannot control.
 
 #[tokio::test]
 async fn silent_clients_are_cut_at_the_handshake_deadline() {

@@ -744,3 +744,162 @@ impl Drop for MuxStream {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::handshake_conn;
+    use futures_util::SinkExt;
+    use std::time::Duration;
+
+    /// A mux on one end of an in-memory pipe, raw frames on the other.
+    fn pair(
+        role: Role,
+        cfg: MuxConfig,
+    ) -> (
+        Mux,
+        MuxEvents,
+        HandshakeConn<tokio::io::DuplexStream>,
+        TaskTracker,
+    ) {
+        let (a, b) = tokio::io::duplex(1 << 20);
+        let tracker = TaskTracker::new();
+        let (mux, ev) = Mux::start(
+            handshake_conn(a),
+            role,
+            cfg,
+            CancellationToken::new(),
+            &tracker,
+        );
+        (mux, ev, handshake_conn(b), tracker)
+    }
+
+    async fn next_error(raw: &mut HandshakeConn<tokio::io::DuplexStream>) -> Option<u16> {
+        while let Some(Ok(f)) = raw.next().await {
+            if let Frame::Control(b) = f
+                && let Ok(ControlMessage::Error { code, .. }) = ControlMessage::from_bytes(&b)
+            {
+                return Some(code);
+            }
+        }
+        None
+    }
+
+    #[tokio::test]
+    async fn data_beyond_the_window_closes_the_connection_with_4002() {
+        let cfg = MuxConfig {
+            window: 64 * 1024,
+            ..MuxConfig::default()
+        };
+        let (mux, _ev, mut raw, _t) = pair(Role::Opener, cfg);
+        // The application never reads this stream, so no credit is ever returned.
+        let stream = mux.open([1; 16], "u".into()).await.unwrap();
+        let id = match raw.next().await {
+            Some(Ok(Frame::Open { stream, .. })) => stream,
+            other => panic!("expected OPEN, got {other:?}"),
+        };
+        let chunk = Bytes::from(vec![0u8; 32 * 1024]);
+        for _ in 0..2 {
+            raw.send(Frame::Data {
+                stream: id,
+                data: chunk.clone(),
+            })
+            .await
+            .unwrap();
+        }
+        raw.send(Frame::Data {
+            stream: id,
+            data: Bytes::from_static(b"x"),
+        })
+        .await
+        .unwrap();
+        assert_eq!(
+            next_error(&mut raw).await,
+            Some(ErrorCode::FlowControlError as u16)
+        );
+        mux.closed().await;
+        assert!(matches!(
+            mux.close_reason(),
+            MuxError::Protocol {
+                code: ErrorCode::FlowControlError,
+                ..
+            }
+        ));
+        drop(stream);
+    }
+
+    #[tokio::test]
+    async fn credit_returns_once_half_the_window_is_consumed() {
+        let cfg = MuxConfig {
+            window: 64 * 1024,
+            ..MuxConfig::default()
+        };
+        let (mux, _ev, mut raw, _t) = pair(Role::Opener, cfg);
+        let mut stream = mux.open([1; 16], "u".into()).await.unwrap();
+        let Some(Ok(Frame::Open { stream: id, .. })) = raw.next().await else {
+            panic!("no OPEN")
+        };
+        raw.send(Frame::Data {
+            stream: id,
+            data: Bytes::from(vec![1u8; 32 * 1024]),
+        })
+        .await
+        .unwrap();
+        let Some(Inbound::Data(d)) = stream.rx.recv().await else {
+            panic!("no data")
+        };
+        stream.rx.consumed(d.len());
+        match tokio::time::timeout(Duration::from_secs(5), raw.next()).await {
+            Ok(Some(Ok(Frame::Window { stream, increment }))) => {
+                assert_eq!((stream, increment), (id, 32 * 1024));
+            }
+            other => panic!("expected WINDOW, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_reset_never_overtakes_its_open() {
+        let (mux, _ev, mut raw, _t) = pair(Role::Opener, MuxConfig::default());
+        for _ in 0..50 {
+            let s = mux.open([2; 16], "u".into()).await.unwrap();
+            s.reset(ErrorCode::StreamAborted);
+        }
+        let mut opened = std::collections::HashSet::new();
+        for _ in 0..100 {
+            match raw.next().await {
+                Some(Ok(Frame::Open { stream, .. })) => assert!(opened.insert(stream)),
+                Some(Ok(Frame::Reset { stream, .. })) => {
+                    assert!(opened.contains(&stream), "RESET {stream} before its OPEN")
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn the_acceptor_refuses_opens_beyond_max_streams() {
+        let cfg = MuxConfig {
+            max_streams: 2,
+            ..MuxConfig::default()
+        };
+        let (_mux, mut ev, mut raw, _t) = pair(Role::Acceptor, cfg);
+        for id in 1..=3 {
+            raw.send(Frame::Open {
+                stream: id,
+                tunnel: [0; 16],
+                peer: "p".into(),
+            })
+            .await
+            .unwrap();
+        }
+        let a = ev.incoming.recv().await.unwrap();
+        let b = ev.incoming.recv().await.unwrap();
+        match raw.next().await {
+            Some(Ok(Frame::Reset { stream: 3, code })) => {
+                assert_eq!(code, ErrorCode::TooManyStreams as u16)
+            }
+            other => panic!("expected RESET of stream 3, got {other:?}"),
+        }
+        drop((a, b));
+    }
+}

@@ -71,18 +71,30 @@ impl Shared {
     /// Writes a lease (off the async threads); a failure is logged and the relay goes on
     /// from memory.
     pub(crate) async fn store_put(&self, lease: Lease) {
-        let store = self.store.clone();
-        let r = tokio::task::spawn_blocking(move || store.put(&lease)).await;
-        if let Ok(Err(e)) = r {
+        let r = if self.store.blocks() {
+            let store = self.store.clone();
+            tokio::task::spawn_blocking(move || store.put(&lease))
+                .await
+                .unwrap_or(Ok(()))
+        } else {
+            self.store.put(&lease)
+        };
+        if let Err(e) = r {
             tracing::error!(error = %e, "cannot save lease");
         }
     }
 
     /// Deletes a lease (off the async threads).
     pub(crate) async fn store_remove(&self, tunnel_id: String) {
-        let store = self.store.clone();
-        let r = tokio::task::spawn_blocking(move || store.remove(&tunnel_id)).await;
-        if let Ok(Err(e)) = r {
+        let r = if self.store.blocks() {
+            let store = self.store.clone();
+            tokio::task::spawn_blocking(move || store.remove(&tunnel_id))
+                .await
+                .unwrap_or(Ok(()))
+        } else {
+            self.store.remove(&tunnel_id)
+        };
+        if let Err(e) = r {
             tracing::error!(error = %e, "cannot delete lease");
         }
     }

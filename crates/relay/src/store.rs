@@ -41,6 +41,11 @@ pub trait LeaseStore: Send + Sync + std::fmt::Debug {
     fn put(&self, lease: &Lease) -> Result<(), StoreError>;
     /// Deletes a lease.
     fn remove(&self, tunnel_id: &str) -> Result<(), StoreError>;
+    /// Whether calls may block (disk or network): such stores are called from the blocking
+    /// thread pool, the others inline.
+    fn blocks(&self) -> bool {
+        true
+    }
 }
 
 /// Leases kept in memory only.
@@ -58,6 +63,9 @@ impl LeaseStore for MemoryStore {
     fn remove(&self, tunnel_id: &str) -> Result<(), StoreError> {
         lock(&self.0).remove(tunnel_id);
         Ok(())
+    }
+    fn blocks(&self) -> bool {
+        false
     }
 }
 

@@ -140,6 +140,8 @@ pub struct TestAgent {
     pub public: Vec<SocketAddr>,
     /// Events after start-up (state changes, tunnels coming back after a reconnect).
     pub events: mpsc::UnboundedReceiver<AgentEvent>,
+    /// The events seen while starting, in order.
+    pub startup: Vec<AgentEvent>,
     shutdown: CancellationToken,
     task: Option<JoinHandle<Result<(), AgentError>>>,
     _guard: DropGuard,
@@ -161,13 +163,15 @@ impl TestAgent {
         let (tx, mut rx) = mpsc::unbounded_channel();
         let mut task = tokio::spawn(tube_agent::run(config, tx, shutdown.clone()));
         let mut public = Vec::new();
+        let mut startup = Vec::new();
         while public.len() < n {
             tokio::select! {
                 ev = rx.recv() => match ev {
-                    Some(AgentEvent::TunnelUp { public: p, .. }) => {
+                    Some(AgentEvent::TunnelUp { public: p, tunnel_id, local }) => {
                         public.push(p.parse().expect("public addr"));
+                        startup.push(AgentEvent::TunnelUp { public: p, tunnel_id, local });
                     }
-                    Some(_) => {}
+                    Some(other) => startup.push(other),
                     None => {
                         let r = (&mut task).await.expect("agent task");
                         return Err(match r {
@@ -188,6 +192,7 @@ impl TestAgent {
         Ok(Self {
             public,
             events: rx,
+            startup,
             shutdown,
             task: Some(task),
             _guard: guard,
@@ -280,6 +285,9 @@ where
                 _ = t.cancelled() => break,
                 r = listener.accept() => {
                     if let Ok((s, _)) = r {
+                        // Small writes go out at once (and paused-clock tests never wait on
+                        // Nagle's delayed ACKs).
+                        let _ = s.set_nodelay(true);
                         let t2 = t.clone();
                         let fut = handler(s);
                         tracker.spawn(async move {
@@ -372,3 +380,154 @@ pub async fn dead_addr() -> SocketAddr {
 
 /// Re-exported for tests that build payloads.
 pub use bytes;
+
+/// A TCP forwarder between an agent and a relay that tests can break: cut every connection
+/// (both sides see a reset, like a network failure), hold new ones off, or point at a
+/// restarted relay.
+pub struct CutProxy {
+    /// Where agents connect.
+    pub addr: SocketAddr,
+    inner: std::sync::Arc<CutInner>,
+    _guard: DropGuard,
+}
+
+struct CutInner {
+    upstream: std::sync::Mutex<SocketAddr>,
+    /// Cancelled to cut the current connections; replaced by a fresh token after each cut.
+    generation: std::sync::Mutex<CancellationToken>,
+    /// While true, new connections are closed at once.
+    refusing: std::sync::atomic::AtomicBool,
+    /// Connections accepted so far.
+    accepted: std::sync::atomic::AtomicUsize,
+}
+
+impl CutProxy {
+    /// Starts forwarding to `upstream`.
+    pub async fn start(upstream: SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let addr = listener.local_addr().expect("addr");
+        let inner = std::sync::Arc::new(CutInner {
+            upstream: std::sync::Mutex::new(upstream),
+            generation: std::sync::Mutex::new(CancellationToken::new()),
+            refusing: false.into(),
+            accepted: 0.into(),
+        });
+        let stop = CancellationToken::new();
+        let (i, s) = (inner.clone(), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                let (down, _) = tokio::select! {
+                    _ = s.cancelled() => break,
+                    r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
+                };
+                i.accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                if i.refusing.load(std::sync::atomic::Ordering::SeqCst) {
+                    tube_net::abort_tcp(down);
+                    continue;
+                }
+                let up_addr = *i.upstream.lock().expect("lock");
+                let cut = i.generation.lock().expect("lock").clone();
+                let s2 = s.clone();
+                tokio::spawn(async move {
+                    let Ok(up) = TcpStream::connect(up_addr).await else {
+                        tube_net::abort_tcp(down);
+                        return;
+                    };
+                    let _ = (down.set_nodelay(true), up.set_nodelay(true));
+                    let (mut down, mut up) = (down, up);
+                    tokio::select! {
+                        _ = cut.cancelled() => {}
+                        _ = s2.cancelled() => {}
+                        _ = tokio::io::copy_bidirectional(&mut down, &mut up) => {}
+                    }
+                    tube_net::abort_tcp(down);
+                    tube_net::abort_tcp(up);
+                });
+            }
+        });
+        Self {
+            addr,
+            inner,
+            _guard: stop.drop_guard(),
+        }
+    }
+
+    /// Resets every connection currently forwarded.
+    pub fn cut(&self) {
+        let mut g = self.inner.generation.lock().expect("lock");
+        g.cancel();
+        *g = CancellationToken::new();
+    }
+
+    /// While `on`, new connections are reset at once (the relay looks unreachable).
+    pub fn refuse(&self, on: bool) {
+        self.inner
+            .refusing
+            .store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Forwards new connections to `upstream` from now on.
+    pub fn set_upstream(&self, upstream: SocketAddr) {
+        *self.inner.upstream.lock().expect("lock") = upstream;
+    }
+
+    /// Connections accepted so far (including refused ones).
+    pub fn accepted(&self) -> usize {
+        self.inner
+            .accepted
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// A relay started from an explicit [`Relay`](tube_relay::Relay), so a test can hold its
+/// state and restart it on the same listener address and data dir.
+pub struct StatefulRelay {
+    /// Control address.
+    pub addr: SocketAddr,
+    /// Live state (agents, tunnels, counters).
+    pub state: std::sync::Arc<tube_relay::RelayState>,
+    shutdown: CancellationToken,
+    task: Option<JoinHandle<()>>,
+}
+
+impl StatefulRelay {
+    /// Starts a relay with `config` on 127.0.0.1:0.
+    pub async fn start(config: RelayConfig) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind relay");
+        Self::start_on(config, listener).await
+    }
+
+    /// Starts a relay with `config` on `listener`.
+    pub async fn start_on(config: RelayConfig, listener: TcpListener) -> Self {
+        let addr = listener.local_addr().expect("addr");
+        let relay = tube_relay::Relay::new(config).expect("relay");
+        let state = relay.state();
+        let shutdown = CancellationToken::new();
+        let s = shutdown.clone();
+        let task = tokio::spawn(async move {
+            relay.run(listener, s).await.expect("relay run");
+        });
+        Self {
+            addr,
+            state,
+            shutdown,
+            task: Some(task),
+        }
+    }
+
+    /// Stops the relay and waits for it.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(t) = self.task.take() {
+            deadline(Duration::from_secs(10), t)
+                .await
+                .expect("relay task");
+        }
+    }
+}
+
+impl Drop for StatefulRelay {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
