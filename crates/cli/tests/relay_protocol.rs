@@ -150,7 +150,7 @@ async fn lifecycle_follows_the_seed_diagram_and_the_relay_shows_it() {
     init_tracing();
     deadline(LIMIT, async {
         let keys = Keys::new();
-        let relay = StatefulRelay::start(keys.config(None)).await;
+        let relay = TestRelay::start_with(keys.config(None)).await;
         let proxy = CutProxy::start(relay.addr).await;
         let svc = echo_server().await;
         let mut agent = TestAgent::start(keys.agent(proxy.addr, &[svc.addr])).await;
@@ -281,7 +281,7 @@ async fn a_cut_connection_comes_back_on_the_same_port_and_open_users_see_a_close
     init_tracing();
     deadline(LIMIT, async {
         let keys = Keys::new();
-        let relay = StatefulRelay::start(keys.config(None)).await;
+        let relay = TestRelay::start_with(keys.config(None)).await;
         let proxy = CutProxy::start(relay.addr).await;
         let svc = echo_server().await;
         let mut agent = TestAgent::start(keys.agent(proxy.addr, &[svc.addr])).await;
@@ -309,7 +309,7 @@ async fn after_a_relay_restart_on_the_same_data_dir_agents_get_their_ports_back(
     deadline(LIMIT, async {
         let keys = Keys::new();
         let data = tempfile::tempdir().unwrap();
-        let relay = StatefulRelay::start(keys.config(Some(data.path()))).await;
+        let relay = TestRelay::start_with(keys.config(Some(data.path()))).await;
         let proxy = CutProxy::start(relay.addr).await;
         let svc = echo_server().await;
         let mut agent = TestAgent::start(keys.agent(proxy.addr, &[svc.addr, svc.addr])).await;
@@ -317,7 +317,7 @@ async fn after_a_relay_restart_on_the_same_data_dir_agents_get_their_ports_back(
         relay.stop().await;
         agent.wait_state(AgentState::Reconnecting).await;
         // A new relay process: same identity, secret and data dir, new control port.
-        let relay = StatefulRelay::start(keys.config(Some(data.path()))).await;
+        let relay = TestRelay::start_with(keys.config(Some(data.path()))).await;
         assert_eq!(
             relay.state.tunnels().len(),
             2,
@@ -351,7 +351,7 @@ async fn reconnect_tokens_are_single_use_and_bound_to_their_owner() {
     init_tracing();
     deadline(LIMIT, async {
         let keys = Keys::new();
-        let relay = StatefulRelay::start(keys.config(None)).await;
+        let relay = TestRelay::start_with(keys.config(None)).await;
         let fp = keys.identity.fingerprint();
         let alice = keys.jwt.mint("alice", Duration::from_secs(600));
         let bob = keys.jwt.mint("bob", Duration::from_secs(600));
@@ -411,7 +411,7 @@ async fn the_same_agent_takes_its_tunnel_over_from_a_half_open_connection() {
     init_tracing();
     deadline(LIMIT, async {
         let keys = Keys::new();
-        let relay = StatefulRelay::start(keys.config(None)).await;
+        let relay = TestRelay::start_with(keys.config(None)).await;
         let fp = keys.identity.fingerprint();
         let alice = keys.jwt.mint("alice", Duration::from_secs(600));
         let mut old = authed(relay.addr, fp, &alice).await;
@@ -455,7 +455,7 @@ async fn the_relay_drops_an_agent_that_stops_sending_heartbeats() {
     init_tracing();
     deadline(Duration::from_secs(600), async {
         let keys = Keys::new();
-        let relay = StatefulRelay::start(keys.config(None)).await;
+        let relay = TestRelay::start_with(keys.config(None)).await;
         let alice = keys.jwt.mint("alice", Duration::from_secs(3600));
         let mut c = authed(relay.addr, keys.identity.fingerprint(), &alice).await;
         let (_, endpoint, _) = open_tunnel(&mut c, tcp_tunnel("quiet")).await;
@@ -586,7 +586,7 @@ async fn the_sixth_auth_in_a_minute_is_refused_per_ip_and_per_subject() {
     init_tracing();
     deadline(LIMIT, async {
         let keys = Keys::new();
-        let relay = StatefulRelay::start(seed_limits(keys.config(None))).await;
+        let relay = TestRelay::start_with(seed_limits(keys.config(None))).await;
         let fp = keys.identity.fingerprint();
         // Per IP: five attempts from 127.0.0.2 (any subject, even failing ones) pass the
         // limiter, the sixth is refused before the token is looked at.
@@ -645,7 +645,7 @@ async fn the_eleventh_tunnel_in_an_hour_is_refused_and_heartbeats_are_rate_limit
     init_tracing();
     deadline(LIMIT, async {
         let keys = Keys::new();
-        let relay = StatefulRelay::start(seed_limits(keys.config(None))).await;
+        let relay = TestRelay::start_with(seed_limits(keys.config(None))).await;
         let alice = keys.jwt.mint("alice", Duration::from_secs(600));
         let mut c = authed(relay.addr, keys.identity.fingerprint(), &alice).await;
         let mut first = None;
@@ -697,7 +697,7 @@ async fn a_rate_limited_agent_waits_retry_after_before_trying_again() {
         let keys = Keys::new();
         let mut cfg = keys.config(None);
         cfg.auth_limit_per_ip = RateLimit::per_minute(1);
-        let relay = StatefulRelay::start(cfg).await;
+        let relay = TestRelay::start_with(cfg).await;
         let svc = echo_server().await;
         let first = TestAgent::start(keys.agent(relay.addr, &[svc.addr])).await;
         first.stop().await;
@@ -729,7 +729,7 @@ async fn auth_failures_take_the_same_time_whichever_check_failed() {
         let keys = Keys::new();
         let mut cfg = keys.config(None);
         cfg.auth_failure_delay = Duration::from_millis(250);
-        let relay = StatefulRelay::start(cfg).await;
+        let relay = TestRelay::start_with(cfg).await;
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
@@ -778,7 +778,7 @@ async fn allow_lists_refuse_other_addresses_before_any_byte() {
         let keys = Keys::new();
         let mut cfg = keys.config(None);
         cfg.allowed_ips_policy = vec!["127.0.0.0/24".parse().unwrap()];
-        let relay = StatefulRelay::start(cfg).await;
+        let relay = TestRelay::start_with(cfg).await;
         let svc = serve(|mut s| async move {
             let _ = s.write_all(b"secret banner").await;
         })

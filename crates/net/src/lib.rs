@@ -1,5 +1,6 @@
 //! The async edge shared by tube's services.
 //!
+//! - [`files`]: private and atomic writes of secrets in a data dir.
 //! - [`tls`]: TLS 1.3 only (rustls + aws-lc-rs), self-signed identities kept in a data dir,
 //!   and certificate pinning by SHA-256 fingerprint.
 //! - [`codec`]: `tokio_util` adapters over the pure frame codec of `tube-proto`, and helpers to
@@ -10,6 +11,7 @@
 //!   resets.
 
 pub mod codec;
+pub mod files;
 pub mod mux;
 pub mod proxy;
 pub mod tls;

@@ -153,7 +153,7 @@ impl Identity {
         };
         std::fs::create_dir_all(dir).map_err(io(dir))?;
         let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string(), name.into()])?;
-        write_private(&key_path, ck.signing_key.serialize_pem().as_bytes())
+        crate::files::write_private_new(&key_path, ck.signing_key.serialize_pem().as_bytes())
             .map_err(io(&key_path))?;
         std::fs::write(&cert_path, ck.cert.pem()).map_err(io(&cert_path))?;
         Ok((Self::load(&cert_path, &key_path)?, true))
@@ -193,23 +193,6 @@ impl Identity {
             .with_single_cert(self.certs.clone(), self.key.clone_key())?;
         Ok(Arc::new(cfg))
     }
-}
-
-#[cfg(unix)]
-fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)?;
-    f.write_all(bytes)
-}
-
-#[cfg(not(unix))]
-fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    std::fs::write(path, bytes)
 }
 
 /// The one crypto provider tube uses.

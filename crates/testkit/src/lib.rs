@@ -36,7 +36,8 @@ pub async fn deadline<F: Future>(limit: Duration, fut: F) -> F::Output {
     }
 }
 
-/// A relay running in this process.
+/// A relay running in this process. Tests can read its live state, and restart "the same
+/// relay" by starting another with the same identity, secret and data dir.
 pub struct TestRelay {
     /// Control address agents connect to.
     pub addr: SocketAddr,
@@ -44,6 +45,8 @@ pub struct TestRelay {
     pub fingerprint: Fingerprint,
     /// The JWT secret (to mint tokens).
     pub jwt: JwtSecret,
+    /// Live state (agents, tunnels, counters).
+    pub state: std::sync::Arc<tube_relay::RelayState>,
     shutdown: CancellationToken,
     task: Option<JoinHandle<()>>,
 }
@@ -64,7 +67,7 @@ pub fn relay_config() -> RelayConfig {
 }
 
 impl TestRelay {
-    /// Starts a relay with default settings on 127.0.0.1:0.
+    /// Starts a relay with default test settings on 127.0.0.1:0.
     pub async fn start() -> Self {
         Self::start_with(relay_config()).await
     }
@@ -72,22 +75,26 @@ impl TestRelay {
     /// Starts a relay with `config` on 127.0.0.1:0.
     pub async fn start_with(config: RelayConfig) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind relay");
+        Self::start_on(config, listener).await
+    }
+
+    /// Starts a relay with `config` on `listener`.
+    pub async fn start_on(config: RelayConfig, listener: TcpListener) -> Self {
         let addr = listener.local_addr().expect("addr");
         let fingerprint = config.identity.fingerprint();
         let jwt = config.jwt.clone();
+        let relay = tube_relay::Relay::new(config).expect("relay");
+        let state = relay.state();
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn({
-            let shutdown = shutdown.clone();
-            async move {
-                tube_relay::run(listener, config, shutdown)
-                    .await
-                    .expect("relay run");
-            }
+        let s = shutdown.clone();
+        let task = tokio::spawn(async move {
+            relay.run(listener, s).await.expect("relay run");
         });
         Self {
             addr,
             fingerprint,
             jwt,
+            state,
             shutdown,
             task: Some(task),
         }
@@ -476,58 +483,5 @@ impl CutProxy {
         self.inner
             .accepted
             .load(std::sync::atomic::Ordering::SeqCst)
-    }
-}
-
-/// A relay started from an explicit [`Relay`](tube_relay::Relay), so a test can hold its
-/// state and restart it on the same listener address and data dir.
-pub struct StatefulRelay {
-    /// Control address.
-    pub addr: SocketAddr,
-    /// Live state (agents, tunnels, counters).
-    pub state: std::sync::Arc<tube_relay::RelayState>,
-    shutdown: CancellationToken,
-    task: Option<JoinHandle<()>>,
-}
-
-impl StatefulRelay {
-    /// Starts a relay with `config` on 127.0.0.1:0.
-    pub async fn start(config: RelayConfig) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind relay");
-        Self::start_on(config, listener).await
-    }
-
-    /// Starts a relay with `config` on `listener`.
-    pub async fn start_on(config: RelayConfig, listener: TcpListener) -> Self {
-        let addr = listener.local_addr().expect("addr");
-        let relay = tube_relay::Relay::new(config).expect("relay");
-        let state = relay.state();
-        let shutdown = CancellationToken::new();
-        let s = shutdown.clone();
-        let task = tokio::spawn(async move {
-            relay.run(listener, s).await.expect("relay run");
-        });
-        Self {
-            addr,
-            state,
-            shutdown,
-            task: Some(task),
-        }
-    }
-
-    /// Stops the relay and waits for it.
-    pub async fn stop(mut self) {
-        self.shutdown.cancel();
-        if let Some(t) = self.task.take() {
-            deadline(Duration::from_secs(10), t)
-                .await
-                .expect("relay task");
-        }
-    }
-}
-
-impl Drop for StatefulRelay {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
     }
 }
