@@ -18,7 +18,7 @@ use tokio::time::{Instant, timeout};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tube_net::codec::{ControlError, HandshakeConn, handshake_conn, recv_control, send_control};
-use tube_net::mux::{DEFAULT_WINDOW, MIN_WINDOW};
+use tube_net::mux::DEFAULT_WINDOW;
 use tube_net::proxy::Traffic;
 use tube_net::tokio_rustls::{TlsConnector, client::TlsStream};
 use tube_net::{Fingerprint, Incoming, Mux, MuxConfig, Role, tls};
@@ -400,7 +400,7 @@ async fn connect(config: &AgentConfig) -> Result<(Conn, u32), AgentError> {
             }
             Ok((
                 conn,
-                window.unwrap_or(DEFAULT_WINDOW).clamp(MIN_WINDOW, 1 << 30),
+                tube_net::mux::clamp_window(window.unwrap_or(DEFAULT_WINDOW)),
             ))
         }
         Ok(ControlMessage::Error {
@@ -431,7 +431,7 @@ async fn authenticate(config: &AgentConfig, conn: &mut Conn) -> Result<(), Agent
             os: std::env::consts::OS.into(),
             version: env!("CARGO_PKG_VERSION").into(),
         },
-        window: Some(config.mux.window),
+        window: Some(tube_net::mux::clamp_window(config.mux.window)),
     };
     send_control(conn, &auth)
         .await
@@ -488,6 +488,8 @@ impl Serving<'_> {
         let mut next = 0;
         let mut awaiting = false;
         let mut register_deadline = Instant::now() + self.config.handshake_timeout;
+        // A registration refused by a rate limit is sent again at this instant.
+        let mut retry_register: Option<Instant> = None;
         loop {
             if !awaiting && next < self.config.tunnels.len() {
                 self.send(self.register_msg(next)).await?;
@@ -501,7 +503,11 @@ impl Serving<'_> {
                     return Ok(());
                 }
                 _ = self.token.cancelled() => return Err(lost(self.mux)),
-                _ = tokio::time::sleep_until(register_deadline), if awaiting => {
+                _ = tokio::time::sleep_until(retry_register.unwrap_or(register_deadline)), if retry_register.is_some() => {
+                    retry_register = None;
+                    awaiting = false;
+                }
+                _ = tokio::time::sleep_until(register_deadline), if awaiting && retry_register.is_none() => {
                     self.mux.close();
                     return Err(AgentError::ConnectionLost("no answer to register".into()));
                 }
@@ -530,15 +536,29 @@ impl Serving<'_> {
                                 tracing::warn!(%message, "relay refused a heartbeat as too frequent");
                                 continue;
                             }
-                            if awaiting && code == ErrorCode::TunnelExists as u16 && reason == "reconnect_refused" {
+                            if awaiting && code == ErrorCode::ReconnectRefused as u16 {
                                 // Our lease is gone or was refused: register this tunnel anew.
                                 tracing::warn!(local = %self.config.tunnels[next].local, "reconnect token refused, registering anew");
                                 self.held[next] = None;
                                 awaiting = false;
                                 continue;
                             }
-                            self.mux.close_with(&ControlMessage::Disconnect { reason: "refused".into() });
-                            return Err(AgentError::Relay { code, message, retry_after: details.retry_after });
+                            if awaiting && code == ErrorCode::RateLimit as u16 {
+                                // Wait as asked and register again on this same connection.
+                                let wait = Duration::from_secs(details.retry_after.unwrap_or(1).max(1));
+                                tracing::warn!(%message, retry_after = wait.as_secs(), "registration rate limited, waiting");
+                                retry_register = Some(Instant::now() + wait);
+                                continue;
+                            }
+                            let err = AgentError::Relay { code, message, retry_after: details.retry_after };
+                            if err.is_final() {
+                                // Stopping for good: say goodbye so the relay frees our ports.
+                                self.mux.close_with(&ControlMessage::Disconnect { reason: "refused".into() });
+                            } else {
+                                // Coming back: no goodbye, so the relay keeps our leases.
+                                self.mux.close();
+                            }
+                            return Err(err);
                         }
                         ControlMessage::HeartbeatResponse { .. } => {}
                         ControlMessage::Disconnect { reason } => {

@@ -30,7 +30,7 @@ pub(crate) struct RelayArgs {
     /// Host name or address put in tunnel endpoints [default: the address the agent reached].
     #[arg(long, env = "TUBE_PUBLIC_HOST")]
     public_host: Option<String>,
-    /// Address public tunnel ports bind on [default: the --listen address].
+    /// Address public tunnel ports bind on [default: the address each agent connected to].
     #[arg(long, env = "TUBE_PUBLIC_BIND")]
     public_bind: Option<IpAddr>,
     /// Ports tunnels may get, LO-HI [default: 20000-29999].

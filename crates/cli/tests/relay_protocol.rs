@@ -373,12 +373,12 @@ async fn reconnect_tokens_are_single_use_and_bound_to_their_owner() {
         // Someone else with the token: refused.
         let mut b = authed(relay.addr, fp, &bob).await;
         let r = register(&mut b, reclaim(&t1)).await;
-        assert_eq!(error_of(&r).0, ErrorCode::TunnelExists as u16);
+        assert_eq!(error_of(&r).0, ErrorCode::ReconnectRefused as u16);
         assert_eq!(error_of(&r).1.as_deref(), Some("reconnect_refused"));
         // A wrong token from the owner: refused.
         let mut a = authed(relay.addr, fp, &alice).await;
         let r = register(&mut a, reclaim("00ff")).await;
-        assert_eq!(error_of(&r).0, ErrorCode::TunnelExists as u16);
+        assert_eq!(error_of(&r).0, ErrorCode::ReconnectRefused as u16);
         // The owner with the token: same id and port, and a new token.
         let (id2, endpoint2, t2) = open_tunnel(&mut a, reclaim(&t1)).await;
         assert_eq!((id2.as_str(), endpoint2), (id.as_str(), endpoint));
@@ -396,7 +396,7 @@ async fn reconnect_tokens_are_single_use_and_bound_to_their_owner() {
         let r = register(&mut a, reclaim(&t1)).await;
         assert_eq!(
             error_of(&r).0,
-            ErrorCode::TunnelExists as u16,
+            ErrorCode::ReconnectRefused as u16,
             "second use refused"
         );
         let (_, endpoint3, _) = open_tunnel(&mut a, reclaim(&t2)).await;
@@ -648,10 +648,10 @@ async fn the_eleventh_tunnel_in_an_hour_is_refused_and_heartbeats_are_rate_limit
         let relay = TestRelay::start_with(seed_limits(keys.config(None))).await;
         let alice = keys.jwt.mint("alice", Duration::from_secs(600));
         let mut c = authed(relay.addr, keys.identity.fingerprint(), &alice).await;
-        let mut first = None;
+        let mut ids = Vec::new();
         for i in 0..10 {
             let (id, ..) = open_tunnel(&mut c, tcp_tunnel(&format!("t{i}"))).await;
-            first.get_or_insert(id);
+            ids.push(id);
         }
         let r = register(&mut c, tcp_tunnel("t10")).await;
         let (code, reason, retry) = error_of(&r);
@@ -663,7 +663,7 @@ async fn the_eleventh_tunnel_in_an_hour_is_refused_and_heartbeats_are_rate_limit
             tunnel_id: id.into(),
             stats: TunnelStats::default(),
         };
-        let id = first.unwrap();
+        let id = ids[0].clone();
         send_control(&mut c, &hb(&id)).await.unwrap();
         assert!(matches!(
             recv_control(&mut c).await.unwrap(),
@@ -677,7 +677,7 @@ async fn the_eleventh_tunnel_in_an_hour_is_refused_and_heartbeats_are_rate_limit
         );
         assert!(retry.is_some_and(|r| (1..=15).contains(&r)));
         let other = ControlMessage::Heartbeat {
-            tunnel_id: "another".into(),
+            tunnel_id: ids[1].clone(),
             stats: TunnelStats::default(),
         };
         send_control(&mut c, &other).await.unwrap();
@@ -810,6 +810,47 @@ async fn allow_lists_refuse_other_addresses_before_any_byte() {
         ac.tunnels[0].allow = vec!["10.0.0.0/8".into()];
         let e = TestAgent::try_start(ac).await.err().expect("refused");
         assert_eq!(e.code(), Some(ErrorCode::InvalidConfig), "{e}");
+        relay.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_rate_limited_registration_waits_on_the_same_connection_and_keeps_the_first_tunnel() {
+    init_tracing();
+    deadline(Duration::from_secs(600), async {
+        let keys = Keys::new();
+        let mut cfg = keys.config(None);
+        cfg.tunnel_limit_per_subject = RateLimit {
+            burst: 1,
+            period: Duration::from_secs(60),
+        };
+        let relay = TestRelay::start_with(cfg).await;
+        let svc = echo_server().await;
+        let started = Instant::now();
+        let agent = TestAgent::start(keys.agent(relay.addr, &[svc.addr, svc.addr])).await;
+        let waited = Instant::now() - started;
+        assert!(
+            waited >= Duration::from_secs(60),
+            "second tunnel came after {waited:?}"
+        );
+        // One connection all along: no retry, no reconnect.
+        assert!(
+            !agent
+                .startup
+                .iter()
+                .any(|e| matches!(e, AgentEvent::Retrying { .. }))
+        );
+        assert_eq!(relay.state.agents().len(), 1);
+        relay
+            .state
+            .wait_until(|s| s.tunnels().iter().filter(|t| t.state == "active").count() == 2)
+            .await;
+        for p in &agent.public {
+            let mut u = TcpStream::connect(p).await.unwrap();
+            assert_eq!(roundtrip(&mut u, b"both").await, b"both");
+        }
+        agent.stop().await;
         relay.stop().await;
     })
     .await;

@@ -565,7 +565,13 @@ async fn a_port_held_by_another_tunnel_is_refused_with_tunnel_exists() {
             .err()
             .expect("out of range");
         assert_eq!(err.code(), Some(ErrorCode::InvalidConfig), "{err}");
-        let any = relay.agent_config(&[svc.addr]);
+        let mut any = relay.agent_config(&[svc.addr]);
+        // PORT_UNAVAILABLE is worth retrying (a port may free up); give up after one retry.
+        any.backoff = tube_proto::backoff::BackoffConfig {
+            initial: Duration::from_millis(10),
+            max_attempts: 1,
+            ..Default::default()
+        };
         let err = TestAgent::try_start(any)
             .await
             .err()

@@ -69,6 +69,15 @@ pub const DEFAULT_WINDOW: u32 = 256 * 1024;
 /// Smallest window a peer may announce (one full DATA frame).
 pub const MIN_WINDOW: u32 = MAX_DATA_PAYLOAD;
 
+/// Largest window a peer may announce.
+pub const MAX_WINDOW: u32 = 1 << 30;
+
+/// A window brought into [`MIN_WINDOW`]..=[`MAX_WINDOW`]: what is announced and what a peer's
+/// announcement is taken as.
+pub fn clamp_window(w: u32) -> u32 {
+    w.clamp(MIN_WINDOW, MAX_WINDOW)
+}
+
 /// Which end of the connection this is: only the opener sends OPEN frames.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
@@ -173,6 +182,9 @@ impl Mux {
     where
         T: AsyncRead + AsyncWrite + Send + 'static,
     {
+        let mut cfg = cfg;
+        cfg.window = clamp_window(cfg.window);
+        cfg.peer_window = clamp_window(cfg.peer_window);
         let parts = conn.into_parts();
         let (rd, wr) = tokio::io::split(parts.io);
         let mut reader = FramedRead::new(rd, FrameCodec { limits: cfg.limits });

@@ -126,7 +126,7 @@ pub struct TunnelInfo {
     /// Requested public port: empty for "any free port in the relay's range", or exactly one.
     #[serde(default)]
     pub ports: Vec<u16>,
-    /// Optional agent public key (base64), recorded and echoed, not used in version 1.
+    /// Optional agent public key (base64): accepted and ignored in version 1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub public_key: Option<String>,
     /// Optional source-address restriction (CIDR list) the agent asks for.
@@ -258,6 +258,8 @@ pub enum ErrorCode {
     InvalidConfig = 2002,
     /// No public port could be bound (range exhausted, port used by another program).
     PortUnavailable = 2003,
+    /// A reconnect token was not accepted (wrong, used, or another owner's); register anew.
+    ReconnectRefused = 2004,
     /// A rate limit was hit; see `retry_after`.
     RateLimit = 3001,
     /// The peer broke the framing or message rules.
@@ -282,7 +284,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, for documentation and tests.
-    pub const ALL: [ErrorCode; 17] = [
+    pub const ALL: [ErrorCode; 18] = [
         Self::AuthFailed,
         Self::InvalidToken,
         Self::TokenExpired,
@@ -290,6 +292,7 @@ impl ErrorCode {
         Self::TunnelExists,
         Self::InvalidConfig,
         Self::PortUnavailable,
+        Self::ReconnectRefused,
         Self::RateLimit,
         Self::ProtocolError,
         Self::FlowControlError,
@@ -317,6 +320,7 @@ impl ErrorCode {
             Self::TunnelExists => "TUNNEL_EXISTS",
             Self::InvalidConfig => "INVALID_CONFIG",
             Self::PortUnavailable => "PORT_UNAVAILABLE",
+            Self::ReconnectRefused => "RECONNECT_REFUSED",
             Self::RateLimit => "RATE_LIMIT",
             Self::ProtocolError => "PROTOCOL_ERROR",
             Self::FlowControlError => "FLOW_CONTROL_ERROR",
@@ -340,7 +344,6 @@ impl ErrorCode {
                 | Self::UnsupportedVersion
                 | Self::TunnelExists
                 | Self::InvalidConfig
-                | Self::PortUnavailable
         )
     }
 }

@@ -41,7 +41,7 @@ pub struct RelayConfig {
     pub heartbeat_min_interval: Duration,
     /// Authentication attempts per source IP.
     pub auth_limit_per_ip: RateLimit,
-    /// Authentication attempts per subject (counted once the token's signature checks out).
+    /// Authentication attempts per subject (counted once the token is fully verified).
     pub auth_limit_per_subject: RateLimit,
     /// New tunnels per subject (taking a tunnel back with a reconnect token is not counted).
     pub tunnel_limit_per_subject: RateLimit,

@@ -123,10 +123,6 @@ impl Relay {
             let Ok(id) = Uuid::parse_str(&lease.tunnel_id) else {
                 continue;
             };
-            let host = config
-                .public_host
-                .clone()
-                .unwrap_or_else(|| "<relay>".into());
             lock(&state.ports).insert(lease.port, id);
             lock(&state.tunnels).insert(
                 id,
@@ -135,7 +131,7 @@ impl Relay {
                     subject: lease.subject,
                     name: lease.name,
                     port: lease.port,
-                    endpoint: session::join_host_port(&host, lease.port),
+                    endpoint: lease.endpoint,
                     allowed: lease
                         .allowed_ips
                         .iter()

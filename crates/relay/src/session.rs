@@ -16,7 +16,7 @@ use tokio::time::{Instant, timeout_at};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tube_net::codec::{ControlError, HandshakeConn, handshake_conn, recv_control, send_control};
-use tube_net::mux::{DEFAULT_WINDOW, MIN_WINDOW};
+use tube_net::mux::DEFAULT_WINDOW;
 use tube_net::tokio_rustls::TlsAcceptor;
 use tube_net::{Mux, Role};
 use tube_proto::cidr::Cidr;
@@ -164,7 +164,7 @@ where
     let hello = ControlMessage::Hello {
         version: RELAY_PROTOCOL_VERSION.into(),
         server_info: server_info(),
-        window: Some(cfg.mux.window),
+        window: Some(tube_net::mux::clamp_window(cfg.mux.window)),
     };
     let protocol = |m: String| {
         (
@@ -255,7 +255,7 @@ where
     match timeout_at(deadline, send_control(conn, &ok)).await {
         Ok(Ok(())) => Ok((
             claims,
-            window.unwrap_or(DEFAULT_WINDOW).clamp(MIN_WINDOW, 1 << 30),
+            tube_net::mux::clamp_window(window.unwrap_or(DEFAULT_WINDOW)),
         )),
         Ok(Err(_)) => Err(protocol("write failed".into())),
         Err(_) => Err(timeout()),
@@ -434,6 +434,10 @@ impl Session {
 
     fn heartbeat(&mut self, tunnel_id: String) -> ControlMessage {
         let now = Instant::now();
+        // Heartbeats for tunnels this connection does not hold share one rate-limit key, so
+        // made-up ids neither grow the map nor escape the limit.
+        let owned = Uuid::parse_str(&tunnel_id).is_ok_and(|id| self.owned.contains(&id));
+        let tunnel_id = if owned { tunnel_id } else { String::new() };
         let min = self.shared.config.heartbeat_min_interval;
         if let Some(last) = self.last_heartbeat.get(&tunnel_id) {
             let since = now.saturating_duration_since(*last);
@@ -449,9 +453,7 @@ impl Session {
                 );
             }
         }
-        if self.last_heartbeat.len() < 4 * self.shared.config.max_tunnels_per_agent.max(1) {
-            self.last_heartbeat.insert(tunnel_id, now);
-        }
+        self.last_heartbeat.insert(tunnel_id, now);
         ControlMessage::HeartbeatResponse {
             status: "ok".into(),
             server_time: rfc3339(SystemTime::now()),
@@ -588,8 +590,8 @@ impl Session {
         allowed: &[Cidr],
     ) -> Result<Option<ControlMessage>, AllocError> {
         let refused = || AllocError {
-            code: ErrorCode::TunnelExists,
-            message: "tunnel belongs to another session".into(),
+            code: ErrorCode::ReconnectRefused,
+            message: "reconnect token not accepted; register the tunnel anew".into(),
             reason: "reconnect_refused",
         };
         let Ok(id) = Uuid::parse_str(id) else {
@@ -740,6 +742,7 @@ fn lease_of(t: &Tunnel, expires_at: Option<u64>) -> Lease {
         subject: t.subject.clone(),
         name: t.name.clone(),
         port: t.port,
+        endpoint: t.endpoint.clone(),
         token_hash: t.token_hash,
         allowed_ips: t.allowed.iter().map(|c| c.to_string()).collect(),
         expires_at,

@@ -228,9 +228,9 @@ impl RelayState {
     }
 
     /// Counts a rate-limit refusal.
+    /// (The error message itself is counted where it is sent.)
     pub(crate) fn count_rate_limited(&self, limit: &'static str) {
         *lock(&self.counters.rate_limited).entry(limit).or_default() += 1;
-        self.count_error(ErrorCode::RateLimit as u16);
     }
 
     /// Agents: live sessions, plus owners of tunnels waiting for a reconnect.

@@ -20,6 +20,8 @@ pub struct Lease {
     pub name: String,
     /// Public port.
     pub port: u16,
+    /// Public endpoint (`host:port`) as last given to the agent.
+    pub endpoint: String,
     /// SHA-256 of the current reconnect token.
     pub token_hash: [u8; 32],
     /// Effective allow-list (CIDR strings).
@@ -91,6 +93,7 @@ impl SqliteStore {
                 subject     TEXT NOT NULL,
                 name        TEXT NOT NULL,
                 port        INTEGER NOT NULL,
+                endpoint    TEXT NOT NULL,
                 token_hash  BLOB NOT NULL,
                 allowed_ips TEXT NOT NULL,
                 expires_at  INTEGER
@@ -106,7 +109,7 @@ impl LeaseStore for SqliteStore {
         let conn = lock(&self.0);
         let mut stmt = conn
             .prepare(
-                "SELECT tunnel_id, subject, name, port, token_hash, allowed_ips, expires_at
+                "SELECT tunnel_id, subject, name, port, token_hash, allowed_ips, expires_at, endpoint
                  FROM leases",
             )
             .map_err(err)?;
@@ -122,12 +125,14 @@ impl LeaseStore for SqliteStore {
                     hash,
                     allowed,
                     r.get::<_, Option<i64>>(6)?,
+                    r.get::<_, String>(7)?,
                 ))
             })
             .map_err(err)?;
         let mut out = Vec::new();
         for row in rows {
-            let (tunnel_id, subject, name, port, hash, allowed, expires) = row.map_err(err)?;
+            let (tunnel_id, subject, name, port, hash, allowed, expires, endpoint) =
+                row.map_err(err)?;
             // A row that does not decode is skipped rather than stopping the relay.
             let Ok(token_hash) = <[u8; 32]>::try_from(hash.as_slice()) else {
                 continue;
@@ -137,6 +142,7 @@ impl LeaseStore for SqliteStore {
                 subject,
                 name,
                 port,
+                endpoint,
                 token_hash,
                 allowed_ips: allowed
                     .split(',')
@@ -153,8 +159,8 @@ impl LeaseStore for SqliteStore {
         lock(&self.0)
             .execute(
                 "INSERT OR REPLACE INTO leases
-                 (tunnel_id, subject, name, port, token_hash, allowed_ips, expires_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                 (tunnel_id, subject, name, port, token_hash, allowed_ips, expires_at, endpoint)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
                 rusqlite::params![
                     l.tunnel_id,
                     l.subject,
@@ -163,6 +169,7 @@ impl LeaseStore for SqliteStore {
                     l.token_hash.as_slice(),
                     l.allowed_ips.join(","),
                     l.expires_at.map(|e| e.min(i64::MAX as u64) as i64),
+                    l.endpoint,
                 ],
             )
             .map(|_| ())
@@ -203,6 +210,7 @@ mod tests {
             subject: "alice".into(),
             name: "web".into(),
             port,
+            endpoint: format!("relay.example:{port}"),
             token_hash: [7; 32],
             allowed_ips: vec!["10.0.0.0/8".into(), "::1/128".into()],
             expires_at: None,
