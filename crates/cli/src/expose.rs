@@ -29,7 +29,7 @@ pub(crate) struct ExposeArgs {
     /// JWT from `tube token` (prefer the TUBE_TOKEN variable over the command line).
     #[arg(long, env = "TUBE_TOKEN", hide_env_values = true)]
     token: Option<String>,
-    /// The relay certificate's fingerprint, sha256:<hex>, as `tube relay` printed it.
+    /// The relay certificate's fingerprint, `sha256:<hex>`, as `tube relay` printed it.
     #[arg(long, env = "TUBE_FINGERPRINT")]
     fingerprint: Option<String>,
     /// Public port to ask for; repeat once per local address, in order.

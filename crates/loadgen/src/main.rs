@@ -148,7 +148,7 @@ fn print_line(line: &impl serde::Serialize) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs `fut`, failing with "timed out after .. <what>" if it takes longer than `limit`.
+/// Runs `fut`, failing with `timed out after .. <what>` if it takes longer than `limit`.
 pub(crate) async fn within<T, E>(
     limit: Duration,
     what: &str,
