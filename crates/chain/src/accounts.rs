@@ -1,0 +1,774 @@
+//! The hub's node accounts: a name and a one-time password that rotates at every login, behind
+//! the [`AccountStore`] trait with an SQLite implementation (the hub's default) and an
+//! in-memory one (tests, other crates' tests).
+//!
+//! # Rotation
+//!
+//! For each account the store keeps the SHA-256 of its `current` password and, once it has
+//! rotated, the SHA-256 of the `previous` one. Passwords themselves are never stored or logged.
+//!
+//! [`AccountStore::authenticate`] with a password `P`:
+//!
+//! - `P` matches `current`: `previous := current`, `current := N` (new), and `N` is returned.
+//!   The node must persist `N` before it uses the session.
+//! - `P` matches `previous` (the node never got `N`, or crashed before saving it):
+//!   `current := N'` (new), `previous` unchanged, and `N'` is returned. The unused `N` is void.
+//!   A node can recover this way any number of times while it holds the previous password.
+//! - anything else, or an unknown name: [`AccountError::Refused`], the same for both.
+//!
+//! Once the node logs in with `current`, that password becomes `previous` and the older one is
+//! gone, so a password is refused once its successor has been used: each is single use.
+//! Hashes are compared in constant time, and each login reads, compares and updates in one
+//! transaction, so two logins racing with the same password cannot both match `current`.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use rusqlite::{OptionalExtension, TransactionBehavior};
+use sha2::{Digest, Sha256};
+use subtle::{Choice, ConstantTimeEq};
+
+/// Longest account name, in bytes.
+pub const MAX_NAME_LEN: usize = 64;
+
+/// Random bytes in a password (it travels as twice as many hex characters).
+const PASSWORD_BYTES: usize = 32;
+
+/// A node password: 64 lowercase hex characters (32 random bytes).
+///
+/// `Debug` prints a placeholder and there is no `Display`: call [`Password::expose`] where the
+/// password is really meant to go (the wire, the node's password file).
+#[derive(Clone)]
+pub struct Password(String);
+
+impl Password {
+    /// The password text, to send or save.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// A fresh random password.
+    fn generate() -> Result<Self, AccountError> {
+        let mut bytes = [0u8; PASSWORD_BYTES];
+        getrandom::fill(&mut bytes)
+            .map_err(|e| AccountError::Store(format!("no randomness for a password: {e}")))?;
+        Ok(Self(hex::encode(bytes)))
+    }
+
+    fn hash(&self) -> Hash {
+        hash(&self.0)
+    }
+}
+
+impl fmt::Debug for Password {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Password(<redacted>)")
+    }
+}
+
+impl FromStr for Password {
+    type Err = InvalidPassword;
+
+    /// Accepts exactly 64 lowercase hex characters.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if is_password_text(s) {
+            Ok(Self(s.to_owned()))
+        } else {
+            Err(InvalidPassword)
+        }
+    }
+}
+
+/// Text that is not a password (see [`Password`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("a node password is 64 lowercase hex characters")]
+pub struct InvalidPassword;
+
+/// Why an account operation failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AccountError {
+    /// An account with this name exists already.
+    #[error("account name is taken")]
+    NameTaken,
+    /// The name is not 1 to 64 bytes of `A-Z a-z 0-9 _ . -`.
+    #[error("invalid account name: use 1 to 64 of A-Z a-z 0-9 _ . -")]
+    InvalidName,
+    /// Unknown name or wrong password: one variant, so callers cannot tell which.
+    #[error("unknown account or wrong password")]
+    Refused,
+    /// The store itself failed (database, randomness). The text is for the log, not for peers.
+    #[error("account store: {0}")]
+    Store(String),
+}
+
+/// Persistence for node accounts. See the module docs for the rotation rules.
+pub trait AccountStore: Send + Sync + fmt::Debug {
+    /// New account; returns its first password. `Err(NameTaken)` if it exists,
+    /// `Err(InvalidName)` if the name is not valid.
+    fn register(&self, name: &str) -> Result<Password, AccountError>;
+    /// Checks `password` for `name` and rotates: returns the next password. `Err(Refused)` for
+    /// an unknown (or invalid) name and for a wrong password alike.
+    fn authenticate(&self, name: &str, password: &str) -> Result<Password, AccountError>;
+    /// Removes the account (used by an admin; logout does NOT delete accounts).
+    /// `Err(Refused)` if there is no such account, `Err(InvalidName)` for an invalid name.
+    fn remove(&self, name: &str) -> Result<(), AccountError>;
+    /// Whether an account with this name exists (`false` for an invalid name).
+    fn exists(&self, name: &str) -> Result<bool, AccountError>;
+    /// Whether calls may block (disk or network): such stores are called from the blocking
+    /// thread pool, the others inline.
+    fn blocks(&self) -> bool {
+        true
+    }
+}
+
+/// Whether `name` is a valid account name: 1 to [`MAX_NAME_LEN`] bytes of
+/// `A-Z a-z 0-9 _ . -`. Names are case-sensitive.
+pub fn is_valid_name(name: &str) -> bool {
+    (1..=MAX_NAME_LEN).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+}
+
+/// Accounts kept in memory only.
+#[derive(Default)]
+pub struct MemoryAccounts(Mutex<HashMap<String, Hashes>>);
+
+impl MemoryAccounts {
+    fn login(&self, name: &str, password: &str) -> Result<(Password, Outcome), AccountError> {
+        let presented = check_login_input(name, password)?;
+        let next = Password::generate()?;
+        let mut accounts = lock(&self.0);
+        let stored = accounts.get(name).copied();
+        let (hashes, outcome) = rotate(stored, &presented, next.hash())?;
+        accounts.insert(name.to_owned(), hashes);
+        log_login(name, outcome);
+        Ok((next, outcome))
+    }
+}
+
+impl fmt::Debug for MemoryAccounts {
+    // Never print hashes.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemoryAccounts")
+            .field("accounts", &lock(&self.0).len())
+            .finish()
+    }
+}
+
+impl AccountStore for MemoryAccounts {
+    fn register(&self, name: &str) -> Result<Password, AccountError> {
+        check_name(name)?;
+        let password = Password::generate()?;
+        let mut accounts = lock(&self.0);
+        if accounts.contains_key(name) {
+            return Err(AccountError::NameTaken);
+        }
+        accounts.insert(
+            name.to_owned(),
+            Hashes {
+                current: password.hash(),
+                previous: None,
+            },
+        );
+        Ok(password)
+    }
+
+    fn authenticate(&self, name: &str, password: &str) -> Result<Password, AccountError> {
+        self.login(name, password).map(|(p, _)| p)
+    }
+
+    fn remove(&self, name: &str) -> Result<(), AccountError> {
+        check_name(name)?;
+        match lock(&self.0).remove(name) {
+            Some(_) => Ok(()),
+            None => Err(AccountError::Refused),
+        }
+    }
+
+    fn exists(&self, name: &str) -> Result<bool, AccountError> {
+        Ok(is_valid_name(name) && lock(&self.0).contains_key(name))
+    }
+
+    fn blocks(&self) -> bool {
+        false
+    }
+}
+
+/// Accounts in an SQLite database file (WAL mode, `synchronous = FULL`: a rotation the hub has
+/// answered must survive a power cut, or the node would hold a password the hub forgot).
+/// Each login is one immediate transaction, so it is atomic across connections and processes
+/// sharing the file too.
+pub struct SqliteAccounts {
+    conn: Mutex<rusqlite::Connection>,
+    path: PathBuf,
+}
+
+impl SqliteAccounts {
+    /// Opens (creating if needed) the database at `path`.
+    pub fn open(path: &Path) -> Result<Self, AccountError> {
+        let conn = rusqlite::Connection::open(path).map_err(db)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(db)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(db)?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(db)?;
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS accounts (
+                name       TEXT PRIMARY KEY,
+                current    BLOB NOT NULL,
+                previous   BLOB,
+                created_at INTEGER,
+                rotated_at INTEGER
+            );",
+        )
+        .map_err(db)?;
+        Ok(Self {
+            conn: Mutex::new(conn),
+            path: path.to_owned(),
+        })
+    }
+
+    fn login(&self, name: &str, password: &str) -> Result<(Password, Outcome), AccountError> {
+        let presented = check_login_input(name, password)?;
+        let next = Password::generate()?;
+        let mut conn = lock(&self.conn);
+        // IMMEDIATE takes the write lock before the read, so no other login can slip in
+        // between our compare and our update.
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(db)?;
+        let row: Option<(Vec<u8>, Option<Vec<u8>>)> = tx
+            .query_row(
+                "SELECT current, previous FROM accounts WHERE name = ?1",
+                [name],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(db)?;
+        let stored = match row {
+            None => None,
+            Some((current, previous)) => Some(Hashes {
+                current: to_hash(&current)?,
+                previous: previous.as_deref().map(to_hash).transpose()?,
+            }),
+        };
+        // On refusal `tx` is dropped, which rolls back (nothing was written).
+        let (hashes, outcome) = rotate(stored, &presented, next.hash())?;
+        tx.execute(
+            "UPDATE accounts SET current = ?2, previous = ?3, rotated_at = ?4 WHERE name = ?1",
+            rusqlite::params![
+                name,
+                hashes.current.as_slice(),
+                hashes.previous.as_ref().map(|h| h.as_slice()),
+                now(),
+            ],
+        )
+        .map_err(db)?;
+        tx.commit().map_err(db)?;
+        log_login(name, outcome);
+        Ok((next, outcome))
+    }
+}
+
+impl fmt::Debug for SqliteAccounts {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SqliteAccounts")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+impl AccountStore for SqliteAccounts {
+    fn register(&self, name: &str) -> Result<Password, AccountError> {
+        check_name(name)?;
+        let password = Password::generate()?;
+        let inserted = lock(&self.conn)
+            .execute(
+                "INSERT INTO accounts (name, current, previous, created_at, rotated_at)
+                 VALUES (?1, ?2, NULL, ?3, NULL)
+                 ON CONFLICT(name) DO NOTHING",
+                rusqlite::params![name, password.hash().as_slice(), now()],
+            )
+            .map_err(db)?;
+        if inserted == 0 {
+            return Err(AccountError::NameTaken);
+        }
+        Ok(password)
+    }
+
+    fn authenticate(&self, name: &str, password: &str) -> Result<Password, AccountError> {
+        self.login(name, password).map(|(p, _)| p)
+    }
+
+    fn remove(&self, name: &str) -> Result<(), AccountError> {
+        check_name(name)?;
+        let removed = lock(&self.conn)
+            .execute("DELETE FROM accounts WHERE name = ?1", [name])
+            .map_err(db)?;
+        if removed == 0 {
+            return Err(AccountError::Refused);
+        }
+        Ok(())
+    }
+
+    fn exists(&self, name: &str) -> Result<bool, AccountError> {
+        if !is_valid_name(name) {
+            return Ok(false);
+        }
+        lock(&self.conn)
+            .query_row("SELECT 1 FROM accounts WHERE name = ?1", [name], |_| Ok(()))
+            .optional()
+            .map(|row| row.is_some())
+            .map_err(db)
+    }
+}
+
+type Hash = [u8; 32];
+
+/// What the store keeps per account.
+#[derive(Clone, Copy)]
+struct Hashes {
+    current: Hash,
+    previous: Option<Hash>,
+}
+
+/// Which password a successful login used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    /// The current one: it is now `previous`.
+    Rotated,
+    /// The previous one: the last rotation was lost and is now void.
+    Recovered,
+}
+
+/// The rotation rule (module docs), shared by both stores: the new hashes, or `Refused`.
+fn rotate(
+    stored: Option<Hashes>,
+    presented: &Hash,
+    next: Hash,
+) -> Result<(Hashes, Outcome), AccountError> {
+    // No effort to make an unknown name as slow as a wrong password: `register` answers
+    // `NameTaken` anyway, so whether a name exists is no secret.
+    let Some(stored) = stored else {
+        return Err(AccountError::Refused);
+    };
+    let current = stored.current.ct_eq(presented);
+    let previous = match &stored.previous {
+        Some(p) => p.ct_eq(presented),
+        None => Choice::from(0),
+    };
+    if bool::from(current) {
+        Ok((
+            Hashes {
+                current: next,
+                previous: Some(stored.current),
+            },
+            Outcome::Rotated,
+        ))
+    } else if bool::from(previous) {
+        Ok((
+            Hashes {
+                current: next,
+                previous: stored.previous,
+            },
+            Outcome::Recovered,
+        ))
+    } else {
+        Err(AccountError::Refused)
+    }
+}
+
+/// Checks a login's input before any lookup: neither an invalid name nor malformed password
+/// text can match an account, so both are refused like any other miss.
+fn check_login_input(name: &str, password: &str) -> Result<Hash, AccountError> {
+    if !is_valid_name(name) || !is_password_text(password) {
+        return Err(AccountError::Refused);
+    }
+    Ok(hash(password))
+}
+
+fn log_login(name: &str, outcome: Outcome) {
+    match outcome {
+        Outcome::Rotated => tracing::debug!(account = name, "password rotated"),
+        Outcome::Recovered => tracing::info!(
+            account = name,
+            "login with the previous password; the unsaved rotation is void"
+        ),
+    }
+}
+
+fn check_name(name: &str) -> Result<(), AccountError> {
+    if is_valid_name(name) {
+        Ok(())
+    } else {
+        Err(AccountError::InvalidName)
+    }
+}
+
+fn is_password_text(s: &str) -> bool {
+    s.len() == 2 * PASSWORD_BYTES && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+fn hash(password: &str) -> Hash {
+    Sha256::digest(password.as_bytes()).into()
+}
+
+fn to_hash(bytes: &[u8]) -> Result<Hash, AccountError> {
+    Hash::try_from(bytes).map_err(|_| AccountError::Store("corrupt account row".into()))
+}
+
+fn now() -> i64 {
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    i64::try_from(secs).unwrap_or(i64::MAX)
+}
+
+fn db(e: rusqlite::Error) -> AccountError {
+    AccountError::Store(e.to_string())
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Each critical section leaves the data consistent, even if a holder panicked.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+    use std::sync::{Arc, Barrier};
+
+    fn sqlite() -> (tempfile::TempDir, SqliteAccounts) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteAccounts::open(&dir.path().join("accounts.sqlite3")).unwrap();
+        (dir, store)
+    }
+
+    /// Runs `check` against both stores.
+    fn both(check: impl Fn(&dyn AccountStore)) {
+        check(&MemoryAccounts::default());
+        let (_dir, s) = sqlite();
+        check(&s);
+    }
+
+    fn auth(s: &dyn AccountStore, name: &str, p: &Password) -> Result<Password, AccountError> {
+        s.authenticate(name, p.expose())
+    }
+
+    #[test]
+    fn ten_rotations_each_password_single_use() {
+        both(|s| {
+            let mut used: Vec<Password> = vec![s.register("node-1").unwrap()];
+            for _ in 0..10 {
+                let next = auth(s, "node-1", used.last().unwrap()).unwrap();
+                assert!(is_password_text(next.expose()));
+                // The password before the one just used is refused now its successor was used.
+                if used.len() >= 2 {
+                    let older = &used[used.len() - 2];
+                    assert_eq!(auth(s, "node-1", older).unwrap_err(), AccountError::Refused);
+                }
+                used.push(next);
+            }
+            let distinct: HashSet<&str> = used.iter().map(Password::expose).collect();
+            assert_eq!(distinct.len(), 11);
+            // Every password older than the last one used is refused.
+            for old in &used[..9] {
+                assert_eq!(auth(s, "node-1", old).unwrap_err(), AccountError::Refused);
+            }
+            assert!(auth(s, "node-1", used.last().unwrap()).is_ok());
+        });
+    }
+
+    #[test]
+    fn recovery_after_a_lost_rotation() {
+        both(|s| {
+            let p1 = s.register("n").unwrap();
+            let p2 = auth(s, "n", &p1).unwrap();
+            // The node "crashes" before saving p2 and logs in with p1 again, twice.
+            let lost = auth(s, "n", &p1).unwrap();
+            let p3 = auth(s, "n", &p1).unwrap();
+            assert_eq!(auth(s, "n", &p2).unwrap_err(), AccountError::Refused);
+            assert_eq!(auth(s, "n", &lost).unwrap_err(), AccountError::Refused);
+            let p4 = auth(s, "n", &p3).unwrap();
+            assert_eq!(auth(s, "n", &p1).unwrap_err(), AccountError::Refused);
+            assert_eq!(auth(s, "n", &p2).unwrap_err(), AccountError::Refused);
+            // p3 is now `previous`: still good for one more recovery.
+            let p5 = auth(s, "n", &p3).unwrap();
+            assert_eq!(auth(s, "n", &p4).unwrap_err(), AccountError::Refused);
+            assert!(auth(s, "n", &p5).is_ok());
+        });
+    }
+
+    #[test]
+    fn unknown_name_and_wrong_password_look_the_same() {
+        both(|s| {
+            let p = s.register("alice").unwrap();
+            let other = Password::generate().unwrap();
+            let unknown = s.authenticate("bob", p.expose()).unwrap_err();
+            let wrong = s.authenticate("alice", other.expose()).unwrap_err();
+            assert_eq!(unknown, AccountError::Refused);
+            assert_eq!(unknown, wrong);
+            assert_eq!(unknown.to_string(), wrong.to_string());
+            for junk in [
+                "",
+                "x",
+                &p.expose().to_uppercase(),
+                &format!("{}0", p.expose()),
+            ] {
+                assert_eq!(
+                    s.authenticate("alice", junk).unwrap_err(),
+                    AccountError::Refused
+                );
+            }
+            assert_eq!(
+                s.authenticate("al ice", p.expose()).unwrap_err(),
+                AccountError::Refused
+            );
+            // Refusals changed nothing.
+            assert!(auth(s, "alice", &p).is_ok());
+        });
+    }
+
+    #[test]
+    fn names_are_checked() {
+        let long = "a".repeat(MAX_NAME_LEN);
+        let too_long = "a".repeat(MAX_NAME_LEN + 1);
+        both(|s| {
+            for bad in [
+                "",
+                too_long.as_str(),
+                "a b",
+                "a/b",
+                "ä",
+                "a\0",
+                "a:b",
+                "a\n",
+            ] {
+                assert_eq!(
+                    s.register(bad).unwrap_err(),
+                    AccountError::InvalidName,
+                    "{bad:?}"
+                );
+                assert_eq!(s.remove(bad).unwrap_err(), AccountError::InvalidName);
+                assert!(!s.exists(bad).unwrap());
+            }
+            for good in [long.as_str(), "node-1.a_B", "0", "..", "-"] {
+                s.register(good).unwrap();
+                assert!(s.exists(good).unwrap());
+            }
+            assert_eq!(
+                s.register("node-1.a_B").unwrap_err(),
+                AccountError::NameTaken
+            );
+            // Case-sensitive.
+            s.register("NODE-1.A_B").unwrap();
+        });
+    }
+
+    #[test]
+    fn remove_and_register_again() {
+        both(|s| {
+            let old = s.register("n").unwrap();
+            assert!(s.exists("n").unwrap());
+            s.remove("n").unwrap();
+            assert!(!s.exists("n").unwrap());
+            assert_eq!(s.remove("n").unwrap_err(), AccountError::Refused);
+            assert_eq!(auth(s, "n", &old).unwrap_err(), AccountError::Refused);
+            let new = s.register("n").unwrap();
+            assert_eq!(auth(s, "n", &old).unwrap_err(), AccountError::Refused);
+            assert!(auth(s, "n", &new).is_ok());
+        });
+    }
+
+    #[test]
+    fn sqlite_reopen_keeps_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("accounts.sqlite3");
+        let (p1, p2) = {
+            let s = SqliteAccounts::open(&path).unwrap();
+            let p1 = s.register("a").unwrap();
+            s.register("gone").unwrap();
+            s.remove("gone").unwrap();
+            let p2 = s.authenticate("a", p1.expose()).unwrap();
+            (p1, p2)
+        };
+        let s = SqliteAccounts::open(&path).unwrap();
+        assert!(s.exists("a").unwrap());
+        assert!(!s.exists("gone").unwrap());
+        assert_eq!(s.register("a").unwrap_err(), AccountError::NameTaken);
+        // `previous` survived too: recovery works after a restart.
+        let p3 = s.authenticate("a", p1.expose()).unwrap();
+        assert_eq!(
+            s.authenticate("a", p2.expose()).unwrap_err(),
+            AccountError::Refused
+        );
+        drop(s);
+        let s = SqliteAccounts::open(&path).unwrap();
+        s.authenticate("a", p3.expose()).unwrap();
+        assert_eq!(
+            s.authenticate("a", p1.expose()).unwrap_err(),
+            AccountError::Refused
+        );
+    }
+
+    #[test]
+    fn sqlite_stores_hashes_only() {
+        let (dir, s) = sqlite();
+        let p1 = s.register("a").unwrap();
+        let p2 = s.authenticate("a", p1.expose()).unwrap();
+        drop(s);
+        let conn = rusqlite::Connection::open(dir.path().join("accounts.sqlite3")).unwrap();
+        let (cur, prev, created, rotated): (Vec<u8>, Vec<u8>, i64, i64) = conn
+            .query_row(
+                "SELECT current, previous, created_at, rotated_at FROM accounts",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
+            .unwrap();
+        assert_eq!(cur, hash(p2.expose()));
+        assert_eq!(prev, hash(p1.expose()));
+        assert!(created > 0 && rotated >= created);
+    }
+
+    #[test]
+    fn password_debug_is_redacted_and_parsing_is_strict() {
+        let p = Password::generate().unwrap();
+        assert_eq!(format!("{p:?}"), "Password(<redacted>)");
+        assert_eq!(format!("{:?}", Some(&p)), "Some(Password(<redacted>))");
+        assert!(is_password_text(p.expose()));
+        let parsed: Password = p.expose().parse().unwrap();
+        assert_eq!(parsed.expose(), p.expose());
+        for bad in [
+            "",
+            "ab",
+            &p.expose().to_uppercase(),
+            &p.expose()[1..],
+            &format!("{p:?}"),
+        ] {
+            assert_eq!(bad.parse::<Password>().unwrap_err(), InvalidPassword);
+        }
+        let g = "g".repeat(64);
+        assert!(g.parse::<Password>().is_err());
+    }
+
+    #[test]
+    fn store_debug_shows_no_hashes() {
+        let m = MemoryAccounts::default();
+        let p = m.register("a").unwrap();
+        let h = hex::encode(hash(p.expose()));
+        let shown = format!("{m:?}");
+        assert!(
+            !shown.contains(&h) && !shown.contains(p.expose()),
+            "{shown}"
+        );
+        let (_dir, s) = sqlite();
+        s.register("a").unwrap();
+        assert!(format!("{s:?}").contains("accounts.sqlite3"));
+    }
+
+    /// Logs in from `threads` threads at once, all with `password`, thread `i` using
+    /// `login(i, ...)`; returns each thread's result.
+    fn race(
+        threads: usize,
+        password: &Password,
+        login: impl Fn(usize, &str) -> Result<(Password, Outcome), AccountError> + Send + Sync,
+    ) -> Vec<Result<(Password, Outcome), AccountError>> {
+        let barrier = Barrier::new(threads);
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..threads)
+                .map(|i| {
+                    let (barrier, login) = (&barrier, &login);
+                    scope.spawn(move || {
+                        barrier.wait();
+                        login(i, password.expose())
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    }
+
+    /// `n` threads log in with the same password: exactly one may use it as `current`; the
+    /// others can only take the recovery path, and exactly one of the handed-out passwords
+    /// (the last written) works afterwards.
+    fn check_same_password_race(
+        store: &dyn AccountStore,
+        name: &str,
+        results: Vec<Result<(Password, Outcome), AccountError>>,
+    ) {
+        let ok: Vec<(Password, Outcome)> = results.into_iter().map(Result::unwrap).collect();
+        let rotated = ok.iter().filter(|(_, o)| *o == Outcome::Rotated).count();
+        assert_eq!(rotated, 1, "a password was accepted twice as current");
+        let working = ok
+            .iter()
+            .filter(|(p, _)| store.authenticate(name, p.expose()).is_ok())
+            .count();
+        assert_eq!(working, 1);
+    }
+
+    #[test]
+    fn concurrent_logins_with_one_password_sqlite() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("accounts.sqlite3");
+        // Separate connections, as separate processes would have: only the transaction
+        // keeps them apart, not our mutex.
+        let stores: Vec<SqliteAccounts> = (0..4)
+            .map(|_| SqliteAccounts::open(&path).unwrap())
+            .collect();
+        for round in 0..10 {
+            let name = format!("n{round}");
+            let p1 = stores[0].register(&name).unwrap();
+            let results = race(4, &p1, |i, pw| stores[i].login(&name, pw));
+            check_same_password_race(&stores[1], &name, results);
+        }
+    }
+
+    #[test]
+    fn concurrent_logins_with_one_password_memory() {
+        let store = Arc::new(MemoryAccounts::default());
+        for round in 0..10 {
+            let name = format!("n{round}");
+            let p1 = store.register(&name).unwrap();
+            // Start from a rotated account so `previous` is set too.
+            let p2 = store.authenticate(&name, p1.expose()).unwrap();
+            let results = race(8, &p2, |_, pw| store.login(&name, pw));
+            check_same_password_race(store.as_ref(), &name, results);
+        }
+    }
+
+    #[test]
+    fn current_and_previous_racing_exactly_one_wins() {
+        // With `previous = P1, current = P2`, a login with P2 and one with P1 exclude each
+        // other whichever goes first; both succeeding would mean they read the same state.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("accounts.sqlite3");
+        let a = SqliteAccounts::open(&path).unwrap();
+        let b = SqliteAccounts::open(&path).unwrap();
+        for round in 0..20 {
+            let name = format!("n{round}");
+            let p1 = a.register(&name).unwrap();
+            let p2 = a.authenticate(&name, p1.expose()).unwrap();
+            let barrier = Barrier::new(2);
+            let (ra, rb) = std::thread::scope(|scope| {
+                let ha = scope.spawn(|| {
+                    barrier.wait();
+                    a.authenticate(&name, p2.expose())
+                });
+                let hb = scope.spawn(|| {
+                    barrier.wait();
+                    b.authenticate(&name, p1.expose())
+                });
+                (ha.join().unwrap(), hb.join().unwrap())
+            });
+            assert!(ra.is_ok() != rb.is_ok(), "round {round}: {ra:?} {rb:?}");
+        }
+    }
+}
