@@ -12,9 +12,11 @@
 //! - [`backoff`]: exponential reconnect backoff with jitter (seed 001, section 6.1).
 //! - [`ratelimit`]: keyed token-bucket rate limits (seed 001, section 5.2).
 //! - [`cidr`]: address ranges for tunnel allow-lists.
+//! - [`chain`]: the chain service's codecs (seed 000): hub messages, front API, hop preamble.
 //! - [`time`]: RFC 3339 timestamps.
 
 pub mod backoff;
+pub mod chain;
 pub mod cidr;
 pub mod control;
 pub mod flow;
