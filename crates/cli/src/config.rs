@@ -80,7 +80,18 @@ pub(crate) struct TunnelFile {
 pub(crate) fn load<T: for<'de> Deserialize<'de>>(path: &Path) -> anyhow::Result<T> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("error: reading {}", path.display()))?;
-    toml::from_str(&text).with_context(|| format!("error: {}", path.display()))
+    toml::from_str(&text).map_err(|e| {
+        // One line: `error: FILE:LINE: message` (toml's own text quotes the source over
+        // several lines).
+        let line = e
+            .span()
+            .map(|s| text.get(..s.start).unwrap_or(&text).matches('\n').count() + 1);
+        let message = e.message().trim().replace('\n', " ");
+        match line {
+            Some(l) => anyhow::anyhow!("error: {}:{l}: {message}", path.display()),
+            None => anyhow::anyhow!("error: {}: {message}", path.display()),
+        }
+    })
 }
 
 /// Parses a duration written like `30s`, `5m`, `100ms`.
@@ -125,6 +136,19 @@ mod tests {
                 panic!("unexpected example {name}");
             }
         }
+    }
+
+    #[test]
+    fn file_errors_are_one_line_with_the_line_number() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("relay.toml");
+        std::fs::write(&f, "listen = \"127.0.0.1:1\"\nbogus = 3\n").unwrap();
+        let e = format!("{:#}", load::<RelayFile>(&f).unwrap_err());
+        assert!(!e.contains('\n'), "{e}");
+        assert!(
+            e.starts_with(&format!("error: {}:2: unknown field `bogus`", f.display())),
+            "{e}"
+        );
     }
 
     #[test]

@@ -85,13 +85,20 @@ pub(crate) fn allocate(
     })
 }
 
-/// Binds a listener on `ip:port` (no SO_REUSEADDR: a port in use is never shared).
+/// Binds a listener on `ip:port`.
+///
+/// SO_REUSEADDR is set on Unix: there it only lets a listener bind over connections still in
+/// TIME_WAIT (after a relay restart with users connected, a tunnel's port would otherwise stay
+/// unavailable for a minute); two live listeners can still never share a port (that would take
+/// SO_REUSEPORT). Windows gives SO_REUSEADDR a different, unsafe meaning, so it is not set there.
 pub(crate) fn bind(ip: IpAddr, port: u16) -> std::io::Result<TcpListener> {
     let addr = SocketAddr::new(ip, port);
     let sock = match ip {
         IpAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
         IpAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
     };
+    #[cfg(unix)]
+    sock.set_reuseaddr(true)?;
     sock.bind(addr)?;
     sock.listen(1024)
 }
