@@ -144,6 +144,9 @@ impl Relay {
                 },
             );
         }
+        // Ready from here: the caller has bound (or is about to bind) the control listener,
+        // whose backlog holds agents until `run` accepts them.
+        state.set_ready(true);
         let restored = lock(&state.tunnels).len();
         if restored > 0 {
             tracing::info!(
@@ -187,7 +190,6 @@ impl Relay {
         ));
         let tracker = TaskTracker::new();
         tracker.spawn(sweep_leases(shared.clone(), shutdown.clone()));
-        shared.state.set_ready(true);
         loop {
             let accepted = tokio::select! {
                 biased;
