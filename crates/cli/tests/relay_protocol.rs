@@ -855,3 +855,40 @@ async fn a_rate_limited_registration_waits_on_the_same_connection_and_keeps_the_
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_lease_expires_after_its_grace_period_and_the_port_is_free_again() {
+    init_tracing();
+    deadline(LIMIT, async {
+        let keys = Keys::new();
+        let mut cfg = keys.config(None);
+        cfg.lease_grace = Duration::from_millis(300);
+        let relay = TestRelay::start_with(cfg).await;
+        let proxy = CutProxy::start(relay.addr).await;
+        let svc = echo_server().await;
+        let mut agent = TestAgent::start(keys.agent(proxy.addr, &[svc.addr])).await;
+        let port = agent.public[0].port();
+        // The agent is cut off and cannot come back.
+        proxy.refuse(true);
+        proxy.cut();
+        agent.wait_state(AgentState::Reconnecting).await;
+        relay
+            .state
+            .wait_until(|s| {
+                s.tunnel_by_port(port)
+                    .is_some_and(|t| t.state == "reconnecting")
+            })
+            .await;
+        // The grace period passes: the lease is dropped.
+        relay.state.wait_until(|s| s.tunnels().is_empty()).await;
+        // The port can now go to someone else.
+        let mut other = keys.agent(relay.addr, &[svc.addr]);
+        other.tunnels[0].remote_port = Some(port);
+        let taker = TestAgent::start(other).await;
+        assert_eq!(taker.public[0].port(), port);
+        taker.stop().await;
+        agent.kill().await;
+        relay.stop().await;
+    })
+    .await;
+}
