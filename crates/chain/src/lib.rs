@@ -3,7 +3,7 @@
 //! (`tube node`) that registers with the hub, logs in with rotating one-time passwords and
 //! carries its hops of the chains the hub asks for.
 //!
-//! This first part holds the pieces with no network in them:
+//! The pieces (all but the hub without any network):
 //!
 //! - [`plan`]: which nodes a new chain goes through (pure; randomness comes from the caller).
 //! - [`build`]: the hub's state machine that builds one chain node by node, node 0 first, and
@@ -11,11 +11,17 @@
 //! - [`accounts`]: the hub's node accounts and their rotating passwords, behind the
 //!   [`AccountStore`] trait (SQLite on disk, or in memory).
 //! - [`password_file`]: the node's copy of its next password, written privately and atomically.
+//! - [`hub`]: the hub service (`tube hub`): node sessions over TLS, logins, approvals, and
+//!   driving [`build`] for each chain.
+//! - [`node`]: the node daemon (`tube node`): its hub session and rotating password, the
+//!   loopback front API, and the hops it carries (dial, checked listen, splice).
 //!
-//! The hub and node services, their wire protocol and the local front API come later.
+//! The hub is the first service with IO; the node service comes next.
 
 pub mod accounts;
 pub mod build;
+pub mod hub;
+pub mod node;
 pub mod password_file;
 pub mod plan;
 

@@ -2,6 +2,7 @@
 //! data dir, and runs one service. Every service lives in its own library crate; this crate
 //! only wires them to the outside world (stdout contract lines, stderr logs, exit codes).
 
+mod chain;
 mod config;
 mod expose;
 mod logging;
@@ -38,6 +39,8 @@ enum Command {
     Token(relay::TokenArgs),
     /// Expose local services through a relay (the agent).
     Expose(expose::ExposeArgs),
+    /// Use a chain through a node's local API: connect, listen, accept, list, close.
+    Chain(chain::ChainArgs),
 }
 
 fn main() -> ExitCode {
@@ -60,6 +63,7 @@ fn main() -> ExitCode {
             Command::Relay(args) => relay::run(args, shutdown).await,
             Command::Token(args) => relay::token(args),
             Command::Expose(args) => expose::run(args, shutdown).await,
+            Command::Chain(args) => chain::run(args, shutdown).await,
         }
     });
     match result {

@@ -1,0 +1,505 @@
+//! One node connection: TLS 1.3 and the first message (`register` or `auth`) under one
+//! deadline, then a reader (this task) and a writer fed by a bounded outbox.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::time::{Instant, timeout, timeout_at};
+use tokio_util::sync::CancellationToken;
+use tube_net::codec::{HandshakeConn, handshake_conn};
+use tube_net::tokio_rustls::TlsAcceptor;
+use tube_net::tokio_rustls::server::TlsStream;
+use tube_proto::chain::{ChainErrorCode, HubMessage, version_compatible};
+use tube_proto::frame::Frame;
+
+use super::state::{NodeEntry, Out};
+use super::{OUTBOX, Shared};
+use crate::{AccountError, AccountStore};
+
+static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
+
+/// Time to flush a last message (a refusal, `logout_result`) before closing.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+type Conn = HandshakeConn<TlsStream<TcpStream>>;
+
+/// A logged-in session, ready to run.
+struct LoggedIn {
+    conn: Conn,
+    name: String,
+    session: u64,
+    tx: mpsc::Sender<Out>,
+    rx: mpsc::Receiver<Out>,
+    kill: CancellationToken,
+}
+
+/// How the reader ended.
+enum End {
+    /// The peer closed, the transport failed, or the session was taken over.
+    Gone,
+    /// The peer broke the protocol: answer `error` with this code and text, then close.
+    Refuse(ChainErrorCode, String),
+    /// `logout` was answered; the writer closes after it.
+    Logout,
+}
+
+/// Serves one node connection to its end.
+pub(crate) async fn serve(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    acceptor: TlsAcceptor,
+    shutdown: CancellationToken,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) {
+    let session = NEXT_SESSION.fetch_add(1, Ordering::Relaxed);
+    let span = tracing::info_span!("node_session", %peer, session);
+    let logged_in = tokio::select! {
+        r = tracing::Instrument::instrument(login(tcp, peer, &shared, &acceptor, session), span.clone()) => r,
+        _ = shutdown.cancelled() => None,
+    };
+    drop(permit);
+    let Some(s) = logged_in else {
+        return;
+    };
+    let span = tracing::info_span!("node_session", %peer, session, node = %s.name);
+    tracing::Instrument::instrument(run(s, shared), span).await;
+}
+
+/// TLS and the first message, within `handshake_timeout` of the accept.
+async fn login(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    shared: &Shared,
+    acceptor: &TlsAcceptor,
+    session: u64,
+) -> Option<LoggedIn> {
+    let deadline = Instant::now() + shared.config.handshake_timeout;
+    tube_net::tune_tcp(&tcp);
+    let tls = match timeout_at(deadline, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "tls handshake failed");
+            return None;
+        }
+        Err(_) => {
+            tracing::warn!("tls handshake timed out");
+            return None;
+        }
+    };
+    let mut conn = handshake_conn(tls);
+    let first = match timeout_at(deadline, conn.next()).await {
+        Err(_) => {
+            let m = HubMessage::error(ChainErrorCode::Timeout, "log in within the deadline");
+            return refuse(conn, m, "login timed out").await;
+        }
+        Ok(None) => return None,
+        Ok(Some(frame)) => match decode(frame) {
+            Ok(m) => m,
+            Err(why) => {
+                let m = HubMessage::error(ChainErrorCode::ProtocolError, why);
+                return refuse(conn, m, "malformed first message").await;
+            }
+        },
+    };
+    let (name, relay, result) = match first {
+        HubMessage::Register {
+            version,
+            name,
+            relay,
+        } => {
+            if let Some(m) = gate(shared, &version, &name, true) {
+                return refuse(conn, m, "register refused").await;
+            }
+            let n = name.clone();
+            let result = match accounts(shared, move |a| a.register(&n)).await {
+                Ok(password) => HubMessage::RegisterResult {
+                    is_success: true,
+                    message: "registered".into(),
+                    password: Some(tube_proto::chain::ChainSecret::new(password.expose())),
+                    code: None,
+                },
+                Err(e) => {
+                    let (code, message) = match e {
+                        AccountError::NameTaken => (
+                            Some(ChainErrorCode::NameTaken),
+                            format!("name {name} is taken"),
+                        ),
+                        AccountError::InvalidName => {
+                            (Some(ChainErrorCode::ProtocolError), "invalid name".into())
+                        }
+                        other => {
+                            tracing::error!(error = %other, "account store failed");
+                            (None, "hub error, try again later".into())
+                        }
+                    };
+                    let m = HubMessage::RegisterResult {
+                        is_success: false,
+                        message,
+                        password: None,
+                        code: code.map(|c| c as u16),
+                    };
+                    return refuse(conn, m, "register refused").await;
+                }
+            };
+            (name, relay, result)
+        }
+        HubMessage::Auth {
+            version,
+            name,
+            password,
+            relay,
+        } => {
+            if let Some(m) = gate(shared, &version, &name, false) {
+                return refuse(conn, m, "auth refused").await;
+            }
+            let n = name.clone();
+            let result =
+                match accounts(shared, move |a| a.authenticate(&n, password.expose())).await {
+                    Ok(next) => HubMessage::AuthResult {
+                        is_success: true,
+                        message: "welcome".into(),
+                        next_password: Some(tube_proto::chain::ChainSecret::new(next.expose())),
+                        code: None,
+                    },
+                    Err(e) => {
+                        let code = match e {
+                            AccountError::Store(other) => {
+                                tracing::error!(error = %other, "account store failed");
+                                None
+                            }
+                            // Unknown name and wrong password get the same answer.
+                            _ => Some(ChainErrorCode::AuthFailed as u16),
+                        };
+                        let m = HubMessage::AuthResult {
+                            is_success: false,
+                            message: "authentication failed".into(),
+                            next_password: None,
+                            code,
+                        };
+                        return refuse(conn, m, "auth refused").await;
+                    }
+                };
+            (name, relay, result)
+        }
+        other if other.is_from_node() => {
+            let m = HubMessage::error(ChainErrorCode::NotAuthenticated, "log in first");
+            return refuse(conn, m, "message before login").await;
+        }
+        _ => {
+            let m = HubMessage::error(ChainErrorCode::ProtocolError, "wrong direction");
+            return refuse(conn, m, "hub message from a node").await;
+        }
+    };
+    let (tx, rx) = mpsc::channel(OUTBOX);
+    let kill = CancellationToken::new();
+    let closing = {
+        let mut st = shared.lock();
+        if !st.closing {
+            st.login(
+                &name,
+                NodeEntry {
+                    session,
+                    ip: peer.ip().to_canonical(),
+                    relay,
+                    tx: tx.clone(),
+                    kill: kill.clone(),
+                    chains: Default::default(),
+                },
+            );
+            // The channel is new and empty: the result is the first message the node gets.
+            let _ = tx.try_send(Out::Msg(result));
+        }
+        st.closing
+    };
+    if closing {
+        let m = HubMessage::error(ChainErrorCode::ShuttingDown, "the hub is shutting down");
+        return refuse(conn, m, "login during shutdown").await;
+    }
+    shared.changed.notify_one();
+    tracing::info!(node = %name, relay, "node logged in");
+    Some(LoggedIn {
+        conn,
+        name,
+        session,
+        tx,
+        rx,
+        kill,
+    })
+}
+
+/// Checks before touching the accounts: version, shutdown, node limit.
+fn gate(shared: &Shared, version: &str, name: &str, register: bool) -> Option<HubMessage> {
+    if !version_compatible(version) {
+        let message = format!("protocol version {version} is not supported");
+        let code = Some(ChainErrorCode::UnsupportedVersion as u16);
+        return Some(if register {
+            HubMessage::RegisterResult {
+                is_success: false,
+                message,
+                password: None,
+                code,
+            }
+        } else {
+            HubMessage::AuthResult {
+                is_success: false,
+                message,
+                next_password: None,
+                code,
+            }
+        });
+    }
+    let st = shared.lock();
+    if st.closing {
+        return Some(HubMessage::error(
+            ChainErrorCode::ShuttingDown,
+            "the hub is shutting down",
+        ));
+    }
+    if st.nodes.len() >= shared.config.max_nodes && !st.nodes.contains_key(name) {
+        return Some(HubMessage::error(
+            ChainErrorCode::Limit,
+            "too many nodes online",
+        ));
+    }
+    None
+}
+
+/// Runs an account operation, off the async threads when the store blocks.
+async fn accounts<T: Send + 'static>(
+    shared: &Shared,
+    f: impl FnOnce(&dyn AccountStore) -> Result<T, AccountError> + Send + 'static,
+) -> Result<T, AccountError> {
+    let store = shared.config.accounts.clone();
+    if store.blocks() {
+        tokio::task::spawn_blocking(move || f(&*store))
+            .await
+            .unwrap_or_else(|e| Err(AccountError::Store(e.to_string())))
+    } else {
+        f(&*store)
+    }
+}
+
+/// Sends `msg`, closes the connection, and gives up the login.
+async fn refuse(mut conn: Conn, msg: HubMessage, why: &'static str) -> Option<LoggedIn> {
+    tracing::warn!(kind = msg.kind(), why, "login refused");
+    let _ = timeout(CLOSE_GRACE, conn.send(Frame::Control(msg.to_bytes()))).await;
+    let _ = timeout(CLOSE_GRACE, SinkExt::close(&mut conn)).await;
+    None
+}
+
+/// One frame as a hub message from a node, or the reason it is a protocol error.
+fn decode(frame: Result<Frame, tube_net::codec::CodecError>) -> Result<HubMessage, String> {
+    match frame {
+        Ok(Frame::Control(bytes)) => {
+            HubMessage::from_bytes(&bytes).map_err(|e| format!("malformed message: {e}"))
+        }
+        Ok(_) => Err("only CONTROL frames are allowed".into()),
+        Err(e) => Err(format!("bad frame: {e}")),
+    }
+}
+
+/// The logged-in session: reader here, writer alongside, until either ends.
+async fn run(s: LoggedIn, shared: Arc<Shared>) {
+    let LoggedIn {
+        conn,
+        name,
+        session,
+        tx,
+        mut rx,
+        kill,
+    } = s;
+    let (mut sink, mut stream) = conn.split();
+    let writer_kill = kill.clone();
+    let writer = async move {
+        let work = async {
+            while let Some(out) = rx.recv().await {
+                match out {
+                    Out::Msg(m) => {
+                        if sink.send(Frame::Control(m.to_bytes())).await.is_err() {
+                            return;
+                        }
+                    }
+                    Out::Close => break,
+                }
+            }
+            let _ = SinkExt::close(&mut sink).await;
+        };
+        tokio::select! {
+            _ = writer_kill.cancelled() => {}
+            _ = work => {}
+        }
+    };
+    tokio::pin!(writer);
+    let reader = read_loop(&mut stream, &shared, &name, session, &tx);
+    let end = tokio::select! {
+        _ = &mut writer => None,
+        _ = kill.cancelled() => None,
+        end = reader => Some(end),
+    };
+    match end {
+        Some(End::Refuse(code, why)) => {
+            tracing::warn!(code = code as u16, reason = %why, "protocol error, closing");
+            if tx.try_send(Out::Msg(HubMessage::error(code, why))).is_err()
+                || tx.try_send(Out::Close).is_err()
+            {
+                kill.cancel();
+            }
+        }
+        Some(End::Logout) => tracing::info!("node logged out"),
+        Some(End::Gone) | None => {}
+    }
+    shared.lock().leave(&name, Some(session));
+    shared.changed.notify_one();
+    drop(tx);
+    // The state no longer holds a sender: the writer ends after what is queued.
+    let _ = timeout(CLOSE_GRACE, &mut writer).await;
+    kill.cancel();
+    tracing::info!("node session ended");
+}
+
+async fn read_loop(
+    stream: &mut futures_util::stream::SplitStream<Conn>,
+    shared: &Shared,
+    name: &str,
+    session: u64,
+    tx: &mpsc::Sender<Out>,
+) -> End {
+    loop {
+        let Some(frame) = stream.next().await else {
+            return End::Gone;
+        };
+        if let Err(tube_net::codec::CodecError::Io(e)) = &frame {
+            tracing::debug!(error = %e, "connection failed");
+            return End::Gone;
+        }
+        let msg = match decode(frame) {
+            Ok(m) => m,
+            Err(why) => return End::Refuse(ChainErrorCode::ProtocolError, why),
+        };
+        if !msg.is_from_node() {
+            return End::Refuse(
+                ChainErrorCode::ProtocolError,
+                format!("{} is sent by the hub", msg.kind()),
+            );
+        }
+        tracing::debug!(kind = msg.kind(), "message");
+        let now = Instant::now().into_std();
+        match msg {
+            HubMessage::Register { .. } | HubMessage::Auth { .. } => {
+                return End::Refuse(ChainErrorCode::ProtocolError, "already logged in".into());
+            }
+            HubMessage::Logout {} => {
+                let mut st = shared.lock();
+                if !st.holds(name, session) {
+                    return End::Gone;
+                }
+                st.leave(name, Some(session));
+                let bye = HubMessage::LogoutResult {
+                    is_success: true,
+                    message: "bye".into(),
+                };
+                let _ = tx.try_send(Out::Msg(bye));
+                let _ = tx.try_send(Out::Close);
+                return End::Logout;
+            }
+            HubMessage::RequestTube {
+                id,
+                endpoint_name,
+                local_id,
+            } => {
+                let answer =
+                    request_tube(shared, name, session, id, &endpoint_name, &local_id, now).await;
+                if let Some(answer) = answer
+                    && tx.try_send(Out::Msg(answer)).is_err()
+                {
+                    return End::Gone;
+                }
+            }
+            HubMessage::RequestCloseTube { tunnel_id } => {
+                let mut st = shared.lock();
+                if !st.holds(name, session) {
+                    return End::Gone;
+                }
+                st.request_close(name, &tunnel_id);
+            }
+            HubMessage::MakeTubeResult { .. } => {
+                let mut st = shared.lock();
+                if !st.holds(name, session) {
+                    return End::Gone;
+                }
+                st.make_tube_result(name, &msg, now);
+            }
+            HubMessage::RequestConnectionResult { .. } => {
+                let mut st = shared.lock();
+                if !st.holds(name, session) {
+                    return End::Gone;
+                }
+                st.approval(&shared.config, name, &msg, now);
+            }
+            HubMessage::Error { code, message } => {
+                tracing::warn!(code, message = %message, "node reported an error");
+            }
+            _ => {}
+        }
+        shared.changed.notify_one();
+    }
+}
+
+/// `request_tube`: the refusal to answer at once, or `None` when the endpoint was asked.
+async fn request_tube(
+    shared: &Shared,
+    name: &str,
+    session: u64,
+    id: u64,
+    endpoint: &str,
+    local_id: &str,
+    now: std::time::Instant,
+) -> Option<HubMessage> {
+    let refusal = |code: ChainErrorCode, reason: String| HubMessage::RequestTubeResult {
+        id,
+        is_allowed: false,
+        reason,
+        tunnel_id: None,
+        hops: 0,
+        code: Some(code as u16),
+    };
+    if endpoint == name {
+        return Some(refusal(
+            ChainErrorCode::Denied,
+            "a chain needs another node".into(),
+        ));
+    }
+    {
+        let mut st = shared.lock();
+        if !st.holds(name, session) {
+            return None;
+        }
+        if st.nodes.contains_key(endpoint) {
+            return st.request_tube(&shared.config, name, id, endpoint, local_id, now);
+        }
+    }
+    let ep = endpoint.to_owned();
+    match accounts(shared, move |a| a.exists(&ep)).await {
+        Ok(false) => Some(refusal(
+            ChainErrorCode::UnknownNode,
+            format!("no node named {endpoint}"),
+        )),
+        Ok(true) => Some(refusal(
+            ChainErrorCode::EndpointOffline,
+            format!("{endpoint} is offline"),
+        )),
+        Err(e) => {
+            tracing::error!(error = %e, "account store failed");
+            Some(refusal(
+                ChainErrorCode::EndpointOffline,
+                format!("{endpoint} is offline"),
+            ))
+        }
+    }
+}

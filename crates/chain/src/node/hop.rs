@@ -1,0 +1,476 @@
+//! `make_tube` (`docs/protocols/chain.md` sections 5.3 and 6): the near side (node 0 dials its
+//! front, every other node dials `from` and presents the hop preamble), the far side (a hop
+//! listener that takes only `to` with `secret_in`, or the endpoint's loopback listener), then
+//! the splice that counts the bytes both ways.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+
+use subtle::ConstantTimeEq;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::task::JoinSet;
+use tokio::time::{Instant, timeout};
+use tube_proto::chain::{
+    ChainRole, ChainSecret, ChainState, FrontMessage, HOP_HELLO_LEN, HubMessage, decode_hop_hello,
+    encode_hop_hello, parse_tunnel_id,
+};
+
+use super::state::Chain;
+use super::{ChainBytes, Node, connect_from};
+
+/// Connections in the preamble check at once, per hop listener.
+const MAX_UNVERIFIED: usize = 8;
+
+/// A `make_tube` from the hub.
+pub(super) struct MakeTube {
+    pub(super) id: u64,
+    pub(super) tunnel_id: String,
+    pub(super) from: Option<String>,
+    pub(super) to: Option<String>,
+    pub(super) secret_in: Option<ChainSecret>,
+    pub(super) secret_out: Option<ChainSecret>,
+}
+
+/// Where the far side of this node's part comes from.
+enum Far {
+    /// The next node dials in from `to` with the preamble (`tunnel`, `secret`).
+    Hop {
+        listener: TcpListener,
+        to: IpAddr,
+        tunnel: [u8; 16],
+        secret: [u8; 32],
+    },
+    /// The endpoint's front connects once `establish_connection` arrived.
+    Local {
+        listener: TcpListener,
+        established: oneshot::Receiver<()>,
+    },
+}
+
+/// Carries out one `make_tube`, answers it, then carries the chain until it ends.
+pub(super) async fn build(node: Arc<Node>, req: MakeTube) {
+    let (token, established) = match node.prepare(&req) {
+        Ok(x) => x,
+        Err(reason) => return node.answer(&req, Err(reason)).await,
+    };
+    let bytes = node.stats.track(&req.tunnel_id);
+    let setup = tokio::select! {
+        r = setup(&node, &req, established) => r,
+        _ = token.cancelled() => Err("chain closed during the build".into()),
+    };
+    let (near, far, port) = match setup {
+        Ok(x) => x,
+        Err(reason) => {
+            tracing::warn!(reason = %reason, "make_tube failed");
+            // The hub closes the chain on every node that heard of it (build failure).
+            return node.answer(&req, Err(reason)).await;
+        }
+    };
+    node.answer(&req, Ok(port)).await;
+    let carried = tokio::select! {
+        r = carry(&node, &req.tunnel_id, near, far, &bytes) => r,
+        _ = token.cancelled() => return,
+    };
+    match carried {
+        Ok(()) => tracing::info!("chain ended"),
+        Err(reason) => tracing::warn!(reason = %reason, "chain failed"),
+    }
+    node.send_hub(HubMessage::RequestCloseTube {
+        tunnel_id: req.tunnel_id.clone(),
+    })
+    .await;
+}
+
+impl Node {
+    /// Records the chain (or checks the one a front asked for or approved) and returns its
+    /// token, plus the endpoint's signal for `establish_connection`.
+    fn prepare(
+        &self,
+        req: &MakeTube,
+    ) -> Result<
+        (
+            tokio_util::sync::CancellationToken,
+            Option<oneshot::Receiver<()>>,
+        ),
+        String,
+    > {
+        let mut st = self.state();
+        let role = match (&req.from, &req.to) {
+            (None, _) => ChainRole::Requester,
+            (Some(_), None) => ChainRole::Endpoint,
+            (Some(_), Some(_)) => ChainRole::Intermediate,
+        };
+        if role == ChainRole::Intermediate {
+            if !self.config.relay {
+                return Err("this node does not relay".into());
+            }
+            if st.chains.contains_key(&req.tunnel_id) {
+                return Err("this node is already part of the chain".into());
+            }
+            if st.chains.len() >= self.config.max_chains {
+                return Err("node at its chain limit".into());
+            }
+            let chain = Chain::new(role, self.token.child_token());
+            st.chains.insert(req.tunnel_id.clone(), chain);
+        }
+        let chain = match st.chains.get_mut(&req.tunnel_id) {
+            Some(c) if c.role == role && !c.building => c,
+            _ => return Err(format!("not a chain this node expects as {role:?}")),
+        };
+        chain.building = true;
+        let established = (role == ChainRole::Endpoint).then(|| {
+            let (tx, rx) = oneshot::channel();
+            chain.established = Some(tx);
+            rx
+        });
+        Ok((chain.token.clone(), established))
+    }
+
+    async fn answer(&self, req: &MakeTube, result: Result<Option<u16>, String>) {
+        let msg = match result {
+            Ok(port) => HubMessage::MakeTubeResult {
+                id: req.id,
+                tunnel_id: req.tunnel_id.clone(),
+                is_allowed: true,
+                port,
+                reason: String::new(),
+            },
+            Err(mut reason) => {
+                reason.truncate(200);
+                HubMessage::MakeTubeResult {
+                    id: req.id,
+                    tunnel_id: req.tunnel_id.clone(),
+                    is_allowed: false,
+                    port: None,
+                    reason,
+                }
+            }
+        };
+        self.send_hub(msg).await;
+    }
+
+    fn set_port(&self, tunnel_id: &str, port: u16) {
+        if let Some(c) = self.state().chains.get_mut(tunnel_id) {
+            c.port = Some(port);
+        }
+    }
+
+    fn refuse_hop(&self, peer: SocketAddr, reason: &str) {
+        self.stats.refused();
+        tracing::warn!(%peer, reason, "hop connection refused");
+    }
+}
+
+/// The near connection, the far side to wait for, and the port to report.
+async fn setup(
+    node: &Node,
+    req: &MakeTube,
+    established: Option<oneshot::Receiver<()>>,
+) -> Result<(TcpStream, Far, Option<u16>), String> {
+    let half = node.config.hop_timeout / 2;
+    let tunnel = parse_tunnel_id(&req.tunnel_id).ok_or("bad tunnel id")?;
+    let near = match (&req.from, &req.secret_out) {
+        (None, _) => {
+            let (tx, rx) = oneshot::channel();
+            {
+                let mut st = node.state();
+                let owner = st.chains.get(&req.tunnel_id).and_then(|c| c.owner);
+                let owner = owner
+                    .filter(|o| st.fronts.contains_key(o))
+                    .ok_or("the requesting front is gone")?;
+                st.listen_waits.insert(req.tunnel_id.clone(), tx);
+                let listen = FrontMessage::Listen {
+                    tunnel_id: req.tunnel_id.clone(),
+                };
+                st.push(owner, listen);
+            }
+            let port = match timeout(half, rx).await {
+                Ok(Ok(port)) => port,
+                _ => {
+                    node.state().listen_waits.remove(&req.tunnel_id);
+                    return Err("the front did not answer listen in time".into());
+                }
+            };
+            let addr = SocketAddr::new(node.api_ip, port);
+            let tcp = timeout(half, TcpStream::connect(addr))
+                .await
+                .map_err(|_| format!("connect to the front's port {port} timed out"))?
+                .map_err(|e| format!("connect to the front's port {port}: {e}"))?;
+            tube_net::tune_tcp(&tcp);
+            node.set_port(&req.tunnel_id, port);
+            tcp
+        }
+        (Some(from), Some(secret)) => {
+            let addr: SocketAddr = from.parse().map_err(|_| "bad from address")?;
+            let secret = secret.to_bytes().ok_or("bad secret_out")?;
+            let mut tcp = timeout(half, connect_from(node.config.bind, addr))
+                .await
+                .map_err(|_| format!("connect to {addr} timed out"))?
+                .map_err(|e| format!("connect to {addr}: {e}"))?;
+            let hello = encode_hop_hello(tunnel, secret);
+            timeout(half, tcp.write_all(&hello))
+                .await
+                .map_err(|_| format!("sending the preamble to {addr} timed out"))?
+                .map_err(|e| format!("sending the preamble to {addr}: {e}"))?;
+            tcp
+        }
+        (Some(_), None) => return Err("make_tube without secret_out".into()),
+    };
+    let (far, port) = match (&req.to, &req.secret_in) {
+        (Some(to), Some(secret)) => {
+            let to: IpAddr = to.parse().map_err(|_| "bad to address")?;
+            let secret = secret.to_bytes().ok_or("bad secret_in")?;
+            let listener = TcpListener::bind(SocketAddr::new(node.config.bind, 0))
+                .await
+                .map_err(|e| format!("hop listener: {e}"))?;
+            let port = listener
+                .local_addr()
+                .map_err(|e| format!("hop listener: {e}"))?
+                .port();
+            let far = Far::Hop {
+                listener,
+                to,
+                tunnel,
+                secret,
+            };
+            (far, Some(port))
+        }
+        (Some(_), None) => return Err("make_tube without secret_in".into()),
+        (None, _) => {
+            let established = established.ok_or("not the endpoint")?;
+            let listener = TcpListener::bind(SocketAddr::new(node.api_ip, 0))
+                .await
+                .map_err(|e| format!("local listener: {e}"))?;
+            let port = listener
+                .local_addr()
+                .map_err(|e| format!("local listener: {e}"))?
+                .port();
+            node.set_port(&req.tunnel_id, port);
+            (
+                Far::Local {
+                    listener,
+                    established,
+                },
+                None,
+            )
+        }
+    };
+    Ok((near, far, port))
+}
+
+/// Waits for the far connection, then splices the two.
+async fn carry(
+    node: &Node,
+    tunnel_id: &str,
+    near: TcpStream,
+    far: Far,
+    bytes: &Arc<ChainBytes>,
+) -> Result<(), String> {
+    let hop_timeout = node.config.hop_timeout;
+    let (far, leftover) = match far {
+        Far::Hop {
+            listener,
+            to,
+            tunnel,
+            secret,
+        } => accept_hop(node, listener, to, tunnel, secret).await?,
+        Far::Local {
+            listener,
+            established,
+        } => {
+            timeout(hop_timeout * 2, established)
+                .await
+                .map_err(|_| "no establish_connection in time")?
+                .map_err(|_| "chain forgotten")?;
+            let deadline = Instant::now() + hop_timeout;
+            loop {
+                let (tcp, peer) = tokio::time::timeout_at(deadline, listener.accept())
+                    .await
+                    .map_err(|_| "the front did not connect in time")?
+                    .map_err(|e| format!("local accept: {e}"))?;
+                if peer.ip().is_loopback() {
+                    tube_net::tune_tcp(&tcp);
+                    break (tcp, Vec::new());
+                }
+                tracing::warn!(%peer, "non-loopback connection to the endpoint's port refused");
+            }
+        }
+    };
+    if let Some(c) = node.state().chains.get_mut(tunnel_id)
+        && c.role == ChainRole::Intermediate
+    {
+        c.state = ChainState::Established;
+    }
+    tracing::info!("hops connected, forwarding");
+    splice(near, far, leftover, bytes)
+        .await
+        .map_err(|e| format!("splice: {e}"))
+}
+
+/// Accepts until a connection from `to` presents the preamble for `tunnel` with `secret`.
+async fn accept_hop(
+    node: &Node,
+    listener: TcpListener,
+    to: IpAddr,
+    tunnel: [u8; 16],
+    secret: [u8; 32],
+) -> Result<(TcpStream, Vec<u8>), String> {
+    let deadline = Instant::now() + node.config.hop_timeout * 2;
+    let read_timeout = node.config.hop_timeout / 2;
+    let mut checks: JoinSet<Checked> = JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep_until(deadline) => {
+                return Err("no valid hop connection in time".into());
+            }
+            accepted = listener.accept() => {
+                let (tcp, peer) = match accepted {
+                    Ok(x) => x,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "hop accept failed");
+                        continue;
+                    }
+                };
+                if peer.ip().to_canonical() != to.to_canonical() {
+                    node.refuse_hop(peer, "unexpected source address");
+                    continue;
+                }
+                if checks.len() >= MAX_UNVERIFIED {
+                    node.refuse_hop(peer, "too many unverified connections");
+                    continue;
+                }
+                checks.spawn(check_preamble(tcp, peer, tunnel, secret, read_timeout));
+            }
+            Some(done) = checks.join_next(), if !checks.is_empty() => match done {
+                Ok(Ok(hop)) => return Ok(hop),
+                Ok(Err((peer, why))) => node.refuse_hop(peer, why),
+                Err(e) => tracing::warn!(error = %e, "preamble check failed"),
+            },
+        }
+    }
+}
+
+/// A verified hop and the bytes after its preamble, or who was refused and why.
+type Checked = Result<(TcpStream, Vec<u8>), (SocketAddr, &'static str)>;
+
+/// Reads the preamble and checks it; returns the bytes that followed it.
+async fn check_preamble(
+    mut tcp: TcpStream,
+    peer: SocketAddr,
+    tunnel: [u8; 16],
+    secret: [u8; 32],
+    read_timeout: std::time::Duration,
+) -> Checked {
+    let mut buf = Vec::with_capacity(4096);
+    let read = async {
+        loop {
+            match decode_hop_hello(&buf) {
+                Err(_) => return Err("bad preamble magic"),
+                Ok(Some(hello)) => return Ok(hello),
+                Ok(None) => {}
+            }
+            if buf.len() == buf.capacity() {
+                buf.reserve(4096);
+            }
+            match tcp.read_buf(&mut buf).await {
+                Ok(0) => return Err("closed before its preamble"),
+                Ok(_) => {}
+                Err(_) => return Err("failed before its preamble"),
+            }
+        }
+    };
+    let (t, s) = match timeout(read_timeout, read).await {
+        Ok(Ok(hello)) => hello,
+        Ok(Err(why)) => return Err((peer, why)),
+        Err(_) => return Err((peer, "no preamble in time")),
+    };
+    let ok = t.ct_eq(&tunnel) & s.ct_eq(&secret);
+    if !bool::from(ok) {
+        return Err((peer, "wrong tunnel or secret"));
+    }
+    tube_net::tune_tcp(&tcp);
+    let leftover = buf.split_off(HOP_HELLO_LEN.min(buf.len()));
+    Ok((tcp, leftover))
+}
+
+/// Copies both ways with half-close; `near` is the requester's side.
+async fn splice(
+    near: TcpStream,
+    far: TcpStream,
+    leftover: Vec<u8>,
+    bytes: &Arc<ChainBytes>,
+) -> io::Result<()> {
+    let mut near = Counted {
+        inner: near,
+        read: bytes.clone(),
+        toward_endpoint: true,
+    };
+    let mut far = Counted {
+        inner: far,
+        read: bytes.clone(),
+        toward_endpoint: false,
+    };
+    if !leftover.is_empty() {
+        near.inner.write_all(&leftover).await?;
+        add(&bytes.toward_requester, leftover.len());
+    }
+    tokio::io::copy_bidirectional(&mut near, &mut far).await?;
+    Ok(())
+}
+
+fn add(counter: &AtomicU64, n: usize) {
+    counter.fetch_add(n as u64, Ordering::Relaxed);
+}
+
+/// A TCP stream that counts the bytes read from it.
+struct Counted {
+    inner: TcpStream,
+    read: Arc<ChainBytes>,
+    /// Whether bytes read here travel towards the endpoint.
+    toward_endpoint: bool,
+}
+
+impl AsyncRead for Counted {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = buf.filled().len().saturating_sub(before);
+        if n > 0 {
+            let c = if self.toward_endpoint {
+                &self.read.toward_endpoint
+            } else {
+                &self.read.toward_requester
+            };
+            add(c, n);
+        }
+        r
+    }
+}
+
+impl AsyncWrite for Counted {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}

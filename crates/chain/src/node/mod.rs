@@ -1,0 +1,607 @@
+//! The node daemon (`tube node`, the seed's "client server"): one TLS session to the hub, a
+//! loopback front API, and the hops of the chains the hub builds through this node.
+//!
+//! [`run`] connects to the hub, registers (first start) or logs in with the stored one-time
+//! password, and persists the password it gets back before using the session. It then serves
+//! the hub's requests (`make_tube`, `close_tube`, `request_connection`,
+//! `establish_connection`) and the fronts' lines (`docs/protocols/chain.md` sections 5 to 8).
+//!
+//! Layout: this file holds the configuration, the errors, the session loop and the shared
+//! state; [`front`] serves one front API connection; [`hop`] carries out `make_tube`
+//! (dials, hop listeners with their IP and secret checks, splicing).
+//!
+//! Not yet here: reconnecting to the hub (a lost session ends [`run`] with an error, after
+//! every chain is closed), TCP keepalive on the hub connection, `logout` on shutdown.
+
+mod front;
+mod hop;
+mod state;
+
+use std::collections::VecDeque;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::mpsc;
+use tokio::time::timeout;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+use tube_net::codec::{HandshakeConn, handshake_conn};
+use tube_net::tokio_rustls::{TlsConnector, client::TlsStream};
+use tube_net::{Fingerprint, tls};
+use tube_proto::chain::{CHAIN_PROTOCOL_VERSION, ChainErrorCode, ChainSecret, HubMessage};
+use tube_proto::frame::Frame;
+
+use crate::accounts::Password;
+use crate::password_file;
+
+use state::State;
+
+type Conn = HandshakeConn<TlsStream<TcpStream>>;
+
+/// What [`run`] needs.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// The hub's address, `host:port`.
+    pub hub: String,
+    /// The hub certificate's pinned fingerprint.
+    pub hub_fingerprint: Fingerprint,
+    /// This node's account name.
+    pub name: String,
+    /// Whether this node accepts to be an intermediate of other nodes' chains.
+    pub relay: bool,
+    /// Address the hub connection, hop listeners and hop dials use (unspecified: any).
+    pub bind: IpAddr,
+    /// Where the password file `node-<name>.password` lives.
+    pub data_dir: PathBuf,
+    /// The build timeout: hop dials, the front's `listen` answer and each preamble read get half
+    /// of it, a hop listener waits twice as long for its valid dialer, the endpoint waits this
+    /// long for its front's connection.
+    pub hop_timeout: Duration,
+    /// Most chains this node takes part in at once (any role).
+    pub max_chains: usize,
+    /// Deadline for connecting (TCP + TLS) and for the answer to `register` / `auth`.
+    pub handshake_timeout: Duration,
+}
+
+impl NodeConfig {
+    /// Defaults: relay on, bind to any address, 10 s hop and handshake timeouts, 16 chains.
+    pub fn new(hub: String, hub_fingerprint: Fingerprint, name: String, data_dir: PathBuf) -> Self {
+        Self {
+            hub,
+            hub_fingerprint,
+            name,
+            relay: true,
+            bind: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            data_dir,
+            hop_timeout: Duration::from_secs(10),
+            max_chains: tube_proto::chain::DEFAULT_MAX_CHAINS_PER_NODE,
+            handshake_timeout: Duration::from_secs(10),
+        }
+    }
+
+    /// The file holding the password for the next login.
+    pub fn password_path(&self) -> PathBuf {
+        self.data_dir.join(format!("node-{}.password", self.name))
+    }
+}
+
+/// Why the node stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// The hub refused us (`auth_result` / `register_result` failure or an `error` message).
+    #[error("error {}: {message}", ChainErrorCode::describe(*.code))]
+    Hub {
+        /// The code number (6001 AUTH_FAILED, 6002 NAME_TAKEN, ...).
+        code: u16,
+        /// The hub's text.
+        message: String,
+    },
+    /// The hub's certificate is not the pinned one.
+    #[error("hub certificate fingerprint does not match {0}")]
+    FingerprintMismatch(Fingerprint),
+    /// TCP or TLS to the hub failed.
+    #[error("connecting to hub {addr}: {message}")]
+    Connect {
+        /// The hub address.
+        addr: String,
+        /// What failed.
+        message: String,
+    },
+    /// The password file could not be read or written.
+    #[error("password file {}: {source}", .path.display())]
+    PasswordFile {
+        /// The file.
+        path: PathBuf,
+        /// The failure (never holds the password).
+        source: std::io::Error,
+    },
+    /// The front API listener is not on a loopback address, or is unusable.
+    #[error("front API: {0}")]
+    Api(String),
+    /// The hub broke the protocol.
+    #[error("hub protocol error: {0}")]
+    Protocol(String),
+    /// The hub session ended; every chain was closed (reconnecting is not implemented yet).
+    #[error("hub connection lost: {0}")]
+    HubLost(String),
+}
+
+impl NodeError {
+    /// Whether retrying cannot help (6001, 6002, 6011, a wrong fingerprint).
+    pub fn is_final(&self) -> bool {
+        match self {
+            NodeError::Hub { code, .. } => matches!(code, 6001 | 6002 | 6011),
+            NodeError::FingerprintMismatch(_)
+            | NodeError::PasswordFile { .. }
+            | NodeError::Api(_) => true,
+            _ => false,
+        }
+    }
+}
+
+/// Counters a running node exposes (clone it before [`run_with_stats`]; tests read it).
+#[derive(Debug, Clone, Default)]
+pub struct NodeStats(Arc<StatsInner>);
+
+#[derive(Debug, Default)]
+struct StatsInner {
+    refused_hops: AtomicU64,
+    chains: Mutex<VecDeque<(String, Arc<ChainBytes>)>>,
+}
+
+/// Bytes one chain carried through this node.
+#[derive(Debug, Default)]
+pub struct ChainBytes {
+    /// Bytes read from the requester's side and written towards the endpoint.
+    pub toward_endpoint: AtomicU64,
+    /// Bytes read from the endpoint's side and written towards the requester.
+    pub toward_requester: AtomicU64,
+}
+
+/// How many chains' byte counts [`NodeStats`] remembers.
+const STATS_CHAINS: usize = 64;
+
+impl NodeStats {
+    /// Hop connections refused (wrong source IP, bad preamble, wrong tunnel or secret, too many
+    /// unverified, too slow).
+    pub fn refused_hops(&self) -> u64 {
+        self.0.refused_hops.load(Ordering::Relaxed)
+    }
+
+    /// `(toward_endpoint, toward_requester)` bytes of a chain (kept for the last 64 chains).
+    pub fn chain_bytes(&self, tunnel_id: &str) -> Option<(u64, u64)> {
+        let chains = lock(&self.0.chains);
+        chains.iter().find(|(t, _)| t == tunnel_id).map(|(_, b)| {
+            (
+                b.toward_endpoint.load(Ordering::Relaxed),
+                b.toward_requester.load(Ordering::Relaxed),
+            )
+        })
+    }
+
+    fn refused(&self) {
+        self.0.refused_hops.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn track(&self, tunnel_id: &str) -> Arc<ChainBytes> {
+        let mut chains = lock(&self.0.chains);
+        if let Some((_, b)) = chains.iter().find(|(t, _)| t == tunnel_id) {
+            return b.clone();
+        }
+        let b = Arc::new(ChainBytes::default());
+        if chains.len() >= STATS_CHAINS {
+            chains.pop_front();
+        }
+        chains.push_back((tunnel_id.to_owned(), b.clone()));
+        b
+    }
+}
+
+/// Runs the node until `shutdown` (then `Ok`) or the hub session ends (an error).
+pub async fn run(
+    api: TcpListener,
+    config: NodeConfig,
+    shutdown: CancellationToken,
+) -> Result<(), NodeError> {
+    run_with_stats(api, config, NodeStats::default(), shutdown).await
+}
+
+/// [`run`], updating `stats` as it goes.
+pub async fn run_with_stats(
+    api: TcpListener,
+    config: NodeConfig,
+    stats: NodeStats,
+    shutdown: CancellationToken,
+) -> Result<(), NodeError> {
+    let api_ip = api
+        .local_addr()
+        .map_err(|e| NodeError::Api(e.to_string()))?
+        .ip();
+    if !api_ip.is_loopback() {
+        return Err(NodeError::Api(format!(
+            "{api_ip} is not a loopback address (the API has no authentication)"
+        )));
+    }
+    let login = async {
+        let mut conn = timeout(config.handshake_timeout, connect(&config))
+            .await
+            .map_err(|_| NodeError::Connect {
+                addr: config.hub.clone(),
+                message: "timed out".into(),
+            })??;
+        login(&config, &mut conn).await?;
+        Ok::<_, NodeError>(conn)
+    };
+    let conn = tokio::select! {
+        r = login => r?,
+        _ = shutdown.cancelled() => return Ok(()),
+    };
+    tracing::info!(hub = %config.hub, name = %config.name, "logged in to the hub");
+    let (sink, stream) = conn.split();
+    let token = shutdown.child_token();
+    let _stop_on_drop = token.clone().drop_guard();
+    let tracker = TaskTracker::new();
+    let (hub_tx, hub_rx) = mpsc::channel(256);
+    tracker.spawn(hub_writer(sink, hub_rx, token.clone()));
+    let node = Arc::new(Node {
+        config,
+        api_ip,
+        hub_tx,
+        state: Mutex::new(State::default()),
+        stats,
+        tracker: tracker.clone(),
+        token: token.clone(),
+        next_id: AtomicU64::new(1),
+    });
+    let result = node.serve(api, stream, &shutdown).await;
+    let reason = match &result {
+        Ok(()) => "node shutting down".to_owned(),
+        Err(_) => "hub connection lost".to_owned(),
+    };
+    if let Err(e) = &result {
+        tracing::warn!(error = %e, "hub session ended, closing every chain");
+    }
+    node.close_all(&reason);
+    token.cancel();
+    tracker.close();
+    let _ = timeout(Duration::from_secs(5), tracker.wait()).await;
+    result
+}
+
+/// What every task of one session shares.
+struct Node {
+    config: NodeConfig,
+    /// The front API's loopback address (node 0 dials its front there; the endpoint listens).
+    api_ip: IpAddr,
+    /// Messages to the hub, written by [`hub_writer`].
+    hub_tx: mpsc::Sender<HubMessage>,
+    state: Mutex<State>,
+    stats: NodeStats,
+    tracker: TaskTracker,
+    /// The session's token; each chain gets a child.
+    token: CancellationToken,
+    /// The node's request ids towards the hub.
+    next_id: AtomicU64,
+}
+
+impl Node {
+    fn state(&self) -> MutexGuard<'_, State> {
+        lock(&self.state)
+    }
+
+    async fn send_hub(&self, msg: HubMessage) {
+        tracing::debug!(kind = msg.kind(), "to hub");
+        // Fails only when the writer is gone, and then the session is ending anyway.
+        let _ = self.hub_tx.send(msg).await;
+    }
+
+    fn spawn<F>(&self, fut: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let token = self.token.clone();
+        self.tracker.spawn(
+            async move {
+                tokio::select! {
+                    _ = fut => {}
+                    _ = token.cancelled() => {}
+                }
+            }
+            .in_current_span(),
+        );
+    }
+
+    async fn serve(
+        self: &Arc<Self>,
+        api: TcpListener,
+        mut stream: SplitStream<Conn>,
+        shutdown: &CancellationToken,
+    ) -> Result<(), NodeError> {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = self.token.cancelled() => {
+                    return Err(NodeError::HubLost("writing to the hub failed".into()));
+                }
+                frame = stream.next() => {
+                    let msg = match frame {
+                        None => return Err(NodeError::HubLost("closed by the hub".into())),
+                        Some(Err(e)) => {
+                            return Err(self.protocol_error(format!("bad frame: {e}")).await);
+                        }
+                        Some(Ok(Frame::Control(b))) => match HubMessage::from_bytes(&b) {
+                            Ok(m) if m.is_from_hub() => m,
+                            Ok(m) => {
+                                let why = format!("{} is not sent by a hub", m.kind());
+                                return Err(self.protocol_error(why).await);
+                            }
+                            Err(e) => return Err(self.protocol_error(e.to_string()).await),
+                        },
+                        Some(Ok(_)) => {
+                            return Err(self.protocol_error("frame other than CONTROL".into()).await);
+                        }
+                    };
+                    self.handle_hub(msg).await?;
+                }
+                accepted = api.accept() => match accepted {
+                    Ok((tcp, peer)) => self.spawn_front(tcp, peer),
+                    Err(e) => tracing::warn!(error = %e, "front API accept failed"),
+                },
+            }
+        }
+    }
+
+    async fn protocol_error(&self, why: String) -> NodeError {
+        tracing::warn!(reason = %why, "hub broke the protocol");
+        self.send_hub(HubMessage::error(
+            ChainErrorCode::ProtocolError,
+            "protocol error",
+        ))
+        .await;
+        NodeError::Protocol(why)
+    }
+
+    async fn handle_hub(self: &Arc<Self>, msg: HubMessage) -> Result<(), NodeError> {
+        tracing::debug!(kind = msg.kind(), "from hub");
+        match msg {
+            HubMessage::RequestTubeResult {
+                id,
+                is_allowed,
+                reason,
+                tunnel_id,
+                hops: _,
+                code,
+            } => self.on_request_tube_result(id, is_allowed, reason, tunnel_id, code),
+            HubMessage::MakeTube {
+                id,
+                tunnel_id,
+                from,
+                to,
+                secret_in,
+                secret_out,
+            } => {
+                let span = tracing::info_span!("make_tube", tunnel_id = %tunnel_id);
+                let req = hop::MakeTube {
+                    id,
+                    tunnel_id,
+                    from,
+                    to,
+                    secret_in,
+                    secret_out,
+                };
+                let node = self.clone();
+                self.spawn(hop::build(node, req).instrument(span));
+            }
+            HubMessage::CloseTube {
+                tunnel_id,
+                reason,
+                code,
+            } => self.close_chain(&tunnel_id, &reason, code),
+            HubMessage::RequestConnection {
+                id,
+                request_user,
+                tunnel_id,
+            } => {
+                self.on_request_connection(id, request_user, tunnel_id)
+                    .await
+            }
+            HubMessage::EstablishConnection {
+                tunnel_id,
+                local_id,
+                endpoint_user,
+            } => self.on_establish(&tunnel_id, local_id, endpoint_user),
+            HubMessage::Error { code, message } => {
+                tracing::warn!(code, message = %message, "error from the hub");
+                if matches!(code, 6009 | 6010 | 6011 | 6013) {
+                    return Err(NodeError::Hub { code, message });
+                }
+            }
+            other => {
+                let why = format!("unexpected {} during the session", other.kind());
+                return Err(self.protocol_error(why).await);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Locks a mutex, going on with the data if a panicking thread poisoned it (every critical
+/// section leaves the state consistent between statements).
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+async fn hub_writer(
+    mut sink: SplitSink<Conn, Frame>,
+    mut rx: mpsc::Receiver<HubMessage>,
+    token: CancellationToken,
+) {
+    loop {
+        let msg = tokio::select! {
+            m = rx.recv() => m,
+            _ = token.cancelled() => None,
+        };
+        let Some(msg) = msg else { break };
+        if let Err(e) = sink.send(Frame::Control(msg.to_bytes())).await {
+            tracing::warn!(error = %e, "writing to the hub failed");
+            token.cancel();
+            break;
+        }
+    }
+    let _ = timeout(Duration::from_secs(1), sink.close()).await;
+}
+
+/// Dials `addr` from `bind` (any local address when `bind` is unspecified).
+async fn connect_from(bind: IpAddr, addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let tcp = if bind.is_unspecified() {
+        TcpStream::connect(addr).await?
+    } else {
+        let socket = if bind.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        socket.bind(SocketAddr::new(bind, 0))?;
+        socket.connect(addr).await?
+    };
+    tube_net::tune_tcp(&tcp);
+    Ok(tcp)
+}
+
+async fn connect(config: &NodeConfig) -> Result<Conn, NodeError> {
+    let err = |message: String| NodeError::Connect {
+        addr: config.hub.clone(),
+        message,
+    };
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host(&config.hub)
+        .await
+        .map_err(|e| err(e.to_string()))?
+        .collect();
+    let addr = addrs
+        .iter()
+        .find(|a| config.bind.is_unspecified() || a.is_ipv4() == config.bind.is_ipv4())
+        .copied()
+        .ok_or_else(|| err("no address of the hub matches --bind".into()))?;
+    let tcp = connect_from(config.bind, addr)
+        .await
+        .map_err(|e| err(e.to_string()))?;
+    let tls_cfg =
+        tls::pinned_client_config(config.hub_fingerprint).map_err(|e| err(e.to_string()))?;
+    let tls = TlsConnector::from(tls_cfg)
+        .connect(tls::server_name(), tcp)
+        .await
+        .map_err(|e| {
+            if e.to_string().contains(tls::PIN_MISMATCH) {
+                NodeError::FingerprintMismatch(config.hub_fingerprint)
+            } else {
+                err(format!("tls: {e}"))
+            }
+        })?;
+    Ok(handshake_conn(tls))
+}
+
+/// `register` or `auth`, then stores the password the hub handed out before returning.
+async fn login(config: &NodeConfig, conn: &mut Conn) -> Result<(), NodeError> {
+    let path = config.password_path();
+    let file_err = |source| NodeError::PasswordFile {
+        path: path.clone(),
+        source,
+    };
+    let stored = password_file::load(&path).map_err(file_err)?;
+    let first = match &stored {
+        None => HubMessage::Register {
+            version: CHAIN_PROTOCOL_VERSION.into(),
+            name: config.name.clone(),
+            relay: config.relay,
+        },
+        Some(p) => HubMessage::Auth {
+            version: CHAIN_PROTOCOL_VERSION.into(),
+            name: config.name.clone(),
+            password: ChainSecret::new(p.expose()),
+            relay: config.relay,
+        },
+    };
+    let lost = |e: String| NodeError::HubLost(e);
+    conn.send(Frame::Control(first.to_bytes()))
+        .await
+        .map_err(|e| lost(e.to_string()))?;
+    let reply = match timeout(config.handshake_timeout, conn.next()).await {
+        Err(_) => return Err(lost("no answer to the login".into())),
+        Ok(None) => return Err(lost("closed before answering the login".into())),
+        Ok(Some(Err(e))) => return Err(NodeError::Protocol(e.to_string())),
+        Ok(Some(Ok(Frame::Control(b)))) => {
+            HubMessage::from_bytes(&b).map_err(|e| NodeError::Protocol(e.to_string()))?
+        }
+        Ok(Some(Ok(_))) => return Err(NodeError::Protocol("frame other than CONTROL".into())),
+    };
+    let fresh = match (reply, stored.is_some()) {
+        (
+            HubMessage::RegisterResult {
+                is_success: true,
+                password: Some(p),
+                ..
+            },
+            false,
+        )
+        | (
+            HubMessage::AuthResult {
+                is_success: true,
+                next_password: Some(p),
+                ..
+            },
+            true,
+        ) => p,
+        (
+            HubMessage::RegisterResult {
+                is_success: false,
+                message,
+                code,
+                ..
+            },
+            false,
+        ) => {
+            return Err(NodeError::Hub {
+                code: code.unwrap_or(ChainErrorCode::NameTaken as u16),
+                message,
+            });
+        }
+        (
+            HubMessage::AuthResult {
+                is_success: false,
+                message,
+                code,
+                ..
+            },
+            true,
+        ) => {
+            return Err(NodeError::Hub {
+                code: code.unwrap_or(ChainErrorCode::AuthFailed as u16),
+                message,
+            });
+        }
+        (HubMessage::Error { code, message }, _) => return Err(NodeError::Hub { code, message }),
+        (other, _) => {
+            return Err(NodeError::Protocol(format!(
+                "unexpected {} in answer to the login",
+                other.kind()
+            )));
+        }
+    };
+    let password: Password = fresh
+        .expose()
+        .parse()
+        .map_err(|_| NodeError::Protocol("the hub sent a malformed password".into()))?;
+    let store_path = path.clone();
+    tokio::task::spawn_blocking(move || password_file::store(&store_path, &password))
+        .await
+        .map_err(|e| file_err(std::io::Error::other(e.to_string())))?
+        .map_err(file_err)?;
+    Ok(())
+}

@@ -1,0 +1,283 @@
+//! The node's shared state (fronts, chains, pending questions) and the hub messages that only
+//! change it: `request_tube_result`, `close_tube`, `request_connection`, `establish_connection`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tube_proto::chain::{
+    ChainErrorCode, ChainRole, ChainState, DEFAULT_APPROVAL_TIMEOUT, DEFAULT_MAX_PENDING_APPROVALS,
+    FrontMessage, HubMessage, MAX_LIST_ITEMS, TubeInfo,
+};
+
+use super::Node;
+
+/// Longest wait for the hub's answer to `request_tube` (approval plus choosing the chain).
+pub(super) const TUBE_ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Default)]
+pub(super) struct State {
+    pub(super) fronts: HashMap<u64, FrontSlot>,
+    pub(super) next_front: u64,
+    pub(super) chains: HashMap<String, Chain>,
+    /// The node's `request_tube` ids awaiting the hub's answer.
+    pub(super) tube_requests: HashMap<u64, TubeRequest>,
+    /// Questions asked to the fronts, by tunnel id.
+    pub(super) approvals: HashMap<String, Approval>,
+    /// Node 0 waiting for its front's `listening`, by tunnel id.
+    pub(super) listen_waits: HashMap<String, oneshot::Sender<u16>>,
+}
+
+pub(super) struct FrontSlot {
+    pub(super) tx: mpsc::Sender<FrontMessage>,
+    pub(super) subscribed: bool,
+}
+
+pub(super) struct TubeRequest {
+    pub(super) front: u64,
+    pub(super) local_id: String,
+    pub(super) endpoint: String,
+}
+
+pub(super) struct Approval {
+    pub(super) hub_id: u64,
+    pub(super) request_user: String,
+}
+
+pub(super) struct Chain {
+    pub(super) role: ChainRole,
+    pub(super) state: ChainState,
+    pub(super) local_id: Option<String>,
+    pub(super) peer: Option<String>,
+    pub(super) port: Option<u16>,
+    /// The front connection that requested or approved it.
+    pub(super) owner: Option<u64>,
+    /// Cancelled when the chain closes: its task drops its sockets and listener.
+    pub(super) token: CancellationToken,
+    /// Whether `make_tube` arrived (a second one is refused).
+    pub(super) building: bool,
+    /// The endpoint's signal that `establish_connection` arrived.
+    pub(super) established: Option<oneshot::Sender<()>>,
+}
+
+impl Chain {
+    pub(super) fn new(role: ChainRole, token: CancellationToken) -> Self {
+        Self {
+            role,
+            state: ChainState::Building,
+            local_id: None,
+            peer: None,
+            port: None,
+            owner: None,
+            token,
+            building: false,
+            established: None,
+        }
+    }
+}
+
+impl State {
+    /// Sends a line to one front; a front whose queue is full misses it (logged).
+    pub(super) fn push(&self, front: u64, msg: FrontMessage) {
+        if let Some(slot) = self.fronts.get(&front)
+            && slot.tx.try_send(msg).is_err()
+        {
+            tracing::warn!(front, "front too slow, message dropped");
+        }
+    }
+
+    /// Sends a line to `owner` and every subscribed front, once each.
+    pub(super) fn notify(&self, owner: Option<u64>, msg: &FrontMessage) {
+        for (id, slot) in &self.fronts {
+            if (Some(*id) == owner || slot.subscribed) && slot.tx.try_send(msg.clone()).is_err() {
+                tracing::warn!(front = id, "front too slow, message dropped");
+            }
+        }
+    }
+
+    pub(super) fn tubes(&self) -> FrontMessage {
+        let items = self
+            .chains
+            .iter()
+            .take(MAX_LIST_ITEMS)
+            .map(|(t, c)| TubeInfo {
+                tunnel_id: t.clone(),
+                role: c.role,
+                state: c.state,
+                local_id: c.local_id.clone(),
+                peer: c.peer.clone(),
+                port: c.port,
+            })
+            .collect();
+        FrontMessage::Tubes { items }
+    }
+
+    pub(super) fn local_id_in_use(&self, local_id: &str) -> bool {
+        self.chains
+            .values()
+            .any(|c| c.role == ChainRole::Requester && c.local_id.as_deref() == Some(local_id))
+            || self.tube_requests.values().any(|r| r.local_id == local_id)
+    }
+}
+
+impl Node {
+    pub(super) fn on_request_tube_result(
+        &self,
+        id: u64,
+        is_allowed: bool,
+        reason: String,
+        tunnel_id: Option<String>,
+        code: Option<u16>,
+    ) {
+        let mut st = self.state();
+        let Some(req) = st.tube_requests.remove(&id) else {
+            tracing::debug!(id, "answer to a forgotten request_tube ignored");
+            return;
+        };
+        if is_allowed && let Some(t) = &tunnel_id {
+            let mut chain = Chain::new(ChainRole::Requester, self.token.child_token());
+            chain.local_id = Some(req.local_id.clone());
+            chain.peer = Some(req.endpoint.clone());
+            chain.owner = Some(req.front);
+            st.chains.insert(t.clone(), chain);
+            tracing::info!(tunnel_id = %t, local_id = %req.local_id, "chain accepted by the hub");
+        }
+        st.push(
+            req.front,
+            FrontMessage::TubeResult {
+                local_id: req.local_id,
+                is_allowed,
+                reason,
+                tunnel_id,
+                code,
+            },
+        );
+    }
+
+    /// Closes a chain: its sockets and listener at once, then `closed` to its fronts.
+    pub(super) fn close_chain(&self, tunnel_id: &str, reason: &str, code: Option<u16>) {
+        let mut st = self.state();
+        st.listen_waits.remove(tunnel_id);
+        let withdrawn = st.approvals.remove(tunnel_id).is_some();
+        let Some(chain) = st.chains.remove(tunnel_id) else {
+            if withdrawn {
+                tracing::info!(%tunnel_id, "connection request withdrawn by the hub");
+            }
+            return;
+        };
+        chain.token.cancel();
+        tracing::info!(%tunnel_id, reason = %reason, "chain closed");
+        let msg = FrontMessage::Closed {
+            tunnel_id: tunnel_id.to_owned(),
+            reason: reason.to_owned(),
+            code,
+        };
+        st.notify(chain.owner, &msg);
+    }
+
+    /// Closes every chain (the session is ending).
+    pub(super) fn close_all(&self, reason: &str) {
+        let ids: Vec<String> = self.state().chains.keys().cloned().collect();
+        for id in ids {
+            self.close_chain(&id, reason, None);
+        }
+        let mut st = self.state();
+        st.approvals.clear();
+        st.listen_waits.clear();
+        st.tube_requests.clear();
+    }
+
+    pub(super) async fn on_request_connection(
+        self: &Arc<Self>,
+        id: u64,
+        request_user: String,
+        tunnel_id: String,
+    ) {
+        let refusal = {
+            let mut st = self.state();
+            let subscribed = st.fronts.values().any(|f| f.subscribed);
+            if !subscribed {
+                Some("no front")
+            } else if st.approvals.len() >= DEFAULT_MAX_PENDING_APPROVALS {
+                Some("too many pending approvals")
+            } else if st.chains.len() >= self.config.max_chains {
+                Some("node at its chain limit")
+            } else if st.approvals.contains_key(&tunnel_id) || st.chains.contains_key(&tunnel_id) {
+                Some("duplicate tunnel id")
+            } else {
+                let msg = FrontMessage::ConnectionRequest {
+                    tunnel_id: tunnel_id.clone(),
+                    request_user: request_user.clone(),
+                };
+                st.notify(None, &msg);
+                st.approvals.insert(
+                    tunnel_id.clone(),
+                    Approval {
+                        hub_id: id,
+                        request_user,
+                    },
+                );
+                None
+            }
+        };
+        if let Some(reason) = refusal {
+            tracing::info!(%tunnel_id, reason, "connection request refused");
+            self.send_hub(HubMessage::RequestConnectionResult {
+                id,
+                tunnel_id,
+                is_allowed: false,
+                reason: reason.into(),
+            })
+            .await;
+            return;
+        }
+        let node = self.clone();
+        self.spawn(async move {
+            tokio::time::sleep(DEFAULT_APPROVAL_TIMEOUT).await;
+            let expired = node.state().approvals.remove(&tunnel_id);
+            if let Some(a) = expired {
+                tracing::info!(%tunnel_id, "no front answered the connection request");
+                node.send_hub(HubMessage::RequestConnectionResult {
+                    id: a.hub_id,
+                    tunnel_id,
+                    is_allowed: false,
+                    reason: "no answer from the front".into(),
+                })
+                .await;
+            }
+        });
+    }
+
+    pub(super) fn on_establish(&self, tunnel_id: &str, local_id: String, endpoint_user: String) {
+        let mut st = self.state();
+        let Some(chain) = st.chains.get_mut(tunnel_id) else {
+            tracing::debug!(%tunnel_id, "establish_connection for an unknown chain ignored");
+            return;
+        };
+        chain.state = ChainState::Established;
+        chain.local_id = Some(local_id.clone());
+        if let Some(tx) = chain.established.take() {
+            let _ = tx.send(());
+        }
+        let (owner, port) = (chain.owner, chain.port);
+        let Some(port) = port else {
+            tracing::warn!(%tunnel_id, "establish_connection before this node's part was built");
+            return;
+        };
+        tracing::info!(%tunnel_id, "chain established");
+        let msg = FrontMessage::Established {
+            tunnel_id: tunnel_id.to_owned(),
+            local_id,
+            endpoint_user,
+            port,
+        };
+        st.notify(owner, &msg);
+    }
+
+    /// The answer a front gets for a request the node refuses itself.
+    pub(super) fn front_error(&self, front: u64, code: ChainErrorCode, message: String) {
+        self.state().push(front, FrontMessage::error(code, message));
+    }
+}

@@ -1,0 +1,409 @@
+//! `tube chain ...`: a command-line front end on the node's local API (`docs/protocols/chain.md`
+//! section 8), so a person can use a chain without writing code.
+//!
+//! - `connect ENDPOINT`: one chain, piped to stdin and stdout (like `nc`; an ssh ProxyCommand).
+//! - `listen ENDPOINT --local ADDR`: a local port; each connection gets its own chain (`ssh -L`).
+//! - `accept --forward ADDR [--allow NAME]...`: the endpoint side; approves requests (the allow
+//!   list, or a yes/no prompt on a terminal) and connects accepted chains to a local service.
+//! - `list`, `close ID`.
+
+use std::collections::HashSet;
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tube_proto::chain::{ChainErrorCode, FrontMessage, LineBuffer, decode_line, encode_line};
+
+/// The node API address `tube node` uses by default.
+pub(crate) const DEFAULT_API: &str = "127.0.0.1:7837";
+
+/// How long the node may take to connect to a port we listen on for it.
+const NODE_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `tube chain`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct ChainArgs {
+    /// The node's local API.
+    #[arg(long, global = true, default_value = DEFAULT_API, env = "TUBE_NODE_API")]
+    api: SocketAddr,
+    #[command(subcommand)]
+    command: ChainCommand,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum ChainCommand {
+    /// Open a chain to ENDPOINT and pipe it to stdin/stdout.
+    Connect {
+        /// The endpoint node's name.
+        endpoint: String,
+    },
+    /// Listen on a local port; every connection gets a new chain to ENDPOINT.
+    Listen {
+        /// The endpoint node's name.
+        endpoint: String,
+        /// Local address to listen on.
+        #[arg(long)]
+        local: SocketAddr,
+    },
+    /// Accept chains to this node and connect them to a local service.
+    Accept {
+        /// The local service (host:port).
+        #[arg(long)]
+        forward: String,
+        /// Requesting node allowed without asking (repeatable). Without any, ask on the
+        /// terminal, or refuse when there is none.
+        #[arg(long)]
+        allow: Vec<String>,
+    },
+    /// List this node's chains.
+    List,
+    /// Close a chain.
+    Close {
+        /// The tunnel id.
+        id: String,
+    },
+}
+
+pub(crate) async fn run(args: ChainArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+    match args.command {
+        ChainCommand::Connect { endpoint } => connect_stdio(args.api, &endpoint, shutdown).await,
+        ChainCommand::Listen { endpoint, local } => {
+            listen(args.api, &endpoint, local, shutdown).await
+        }
+        ChainCommand::Accept { forward, allow } => {
+            accept(args.api, &forward, allow, shutdown).await
+        }
+        ChainCommand::List => list(args.api).await,
+        ChainCommand::Close { id } => close(args.api, id).await,
+    }
+}
+
+/// One connection to the node's API.
+struct Front {
+    rd: OwnedReadHalf,
+    wr: OwnedWriteHalf,
+    lines: LineBuffer,
+    pending: Vec<u8>,
+}
+
+impl Front {
+    async fn connect(api: SocketAddr) -> anyhow::Result<Self> {
+        let s = TcpStream::connect(api).await.with_context(|| {
+            format!("error: cannot reach the node API at {api} (is `tube node` running?)")
+        })?;
+        let (rd, wr) = s.into_split();
+        Ok(Self {
+            rd,
+            wr,
+            lines: LineBuffer::default(),
+            pending: Vec::new(),
+        })
+    }
+
+    async fn send(&mut self, m: &FrontMessage) -> anyhow::Result<()> {
+        self.wr
+            .write_all(&encode_line(m))
+            .await
+            .context("error: node API connection lost")
+    }
+
+    /// The next message from the node; an error when the node closes the connection.
+    async fn recv(&mut self) -> anyhow::Result<FrontMessage> {
+        loop {
+            let mut input: &[u8] = &self.pending;
+            let line = self.lines.poll_line(&mut input);
+            let used = self.pending.len() - input.len();
+            self.pending.drain(..used);
+            match line {
+                Ok(Some(l)) => match decode_line(&l) {
+                    Ok(m) => return Ok(m),
+                    Err(e) => anyhow::bail!("error: the node sent an invalid message: {e}"),
+                },
+                Ok(None) => {}
+                Err(e) => anyhow::bail!("error: the node sent an over-long line: {e}"),
+            }
+            let mut buf = [0u8; 8192];
+            let n = self
+                .rd
+                .read(&mut buf)
+                .await
+                .context("error: node API connection lost")?;
+            if n == 0 {
+                anyhow::bail!("error: the node closed the API connection");
+            }
+            self.pending.extend_from_slice(&buf[..n]);
+        }
+    }
+}
+
+fn refusal(code: Option<u16>, reason: &str) -> anyhow::Error {
+    match code {
+        Some(c) => anyhow::anyhow!("error {}: {reason}", ChainErrorCode::describe(c)),
+        None => anyhow::anyhow!("error: {reason}"),
+    }
+}
+
+/// Requests a chain to `endpoint`; returns the API connection (which owns the chain: keep it
+/// open) and the chain's near end.
+async fn open_chain(api: SocketAddr, endpoint: &str) -> anyhow::Result<(Front, TcpStream, String)> {
+    let mut f = Front::connect(api).await?;
+    let local_id = random_id();
+    f.send(&FrontMessage::RequestTube {
+        endpoint_name: endpoint.into(),
+        local_id: local_id.clone(),
+    })
+    .await?;
+    // The node asks us to listen (seed 000, section 2: the front listens, node 0 connects).
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .context("error: cannot listen on 127.0.0.1")?;
+    let mut near: Option<TcpStream> = None;
+    loop {
+        match f.recv().await? {
+            FrontMessage::TubeResult {
+                is_allowed: false,
+                reason,
+                code,
+                ..
+            } => return Err(refusal(code, &reason)),
+            FrontMessage::TubeResult { .. } => {}
+            FrontMessage::Listen { tunnel_id } => {
+                let port = listener.local_addr()?.port();
+                f.send(&FrontMessage::Listening { tunnel_id, port }).await?;
+                let (s, _) = tokio::time::timeout(NODE_CONNECT_TIMEOUT, listener.accept())
+                    .await
+                    .context("error: the node did not connect to the chain's near end")??;
+                let _ = s.set_nodelay(true);
+                near = Some(s);
+            }
+            FrontMessage::Established { tunnel_id, .. } => {
+                let s = near
+                    .take()
+                    .context("error: chain established before the node connected")?;
+                return Ok((f, s, tunnel_id));
+            }
+            FrontMessage::Closed { reason, code, .. } => return Err(refusal(code, &reason)),
+            FrontMessage::Error { code, message } => return Err(refusal(Some(code), &message)),
+            _ => {}
+        }
+    }
+}
+
+async fn connect_stdio(
+    api: SocketAddr,
+    endpoint: &str,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let (mut f, chain, tunnel_id) = open_chain(api, endpoint).await?;
+    tracing::info!(%tunnel_id, %endpoint, "chain established");
+    let (mut rd, mut wr) = chain.into_split();
+    let up = async {
+        let mut stdin = tokio::io::stdin();
+        let _ = tokio::io::copy(&mut stdin, &mut wr).await;
+        let _ = wr.shutdown().await;
+        // Keep waiting for the other direction.
+        std::future::pending::<()>().await;
+    };
+    let down = async {
+        let mut stdout = tokio::io::stdout();
+        let r = tokio::io::copy(&mut rd, &mut stdout).await;
+        let _ = stdout.flush().await;
+        r
+    };
+    tokio::select! {
+        r = down => { r.context("error: chain connection failed")?; }
+        _ = up => {}
+        m = f.recv() => {
+            if let Ok(FrontMessage::Closed { reason, code, .. }) = m {
+                return Err(refusal(code, &reason));
+            }
+        }
+        _ = shutdown.cancelled() => {}
+    }
+    Ok(())
+}
+
+async fn listen(
+    api: SocketAddr,
+    endpoint: &str,
+    local: SocketAddr,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let l = TcpListener::bind(local)
+        .await
+        .with_context(|| format!("error: cannot listen on {local}"))?;
+    println!("listening local {}", l.local_addr()?);
+    let tracker = tokio_util::task::TaskTracker::new();
+    loop {
+        let (mut user, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = l.accept() => r?,
+        };
+        let endpoint = endpoint.to_string();
+        let stop = shutdown.clone();
+        tracker.spawn(async move {
+            match open_chain(api, &endpoint).await {
+                Ok((_front, mut chain, tunnel_id)) => {
+                    tracing::info!(%peer, %tunnel_id, "chain established");
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut user, &mut chain) => {}
+                        _ = stop.cancelled() => {}
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(%peer, error = %format!("{e:#}"), "no chain for this connection")
+                }
+            }
+        });
+    }
+    tracker.close();
+    tracker.wait().await;
+    Ok(())
+}
+
+async fn accept(
+    api: SocketAddr,
+    forward: &str,
+    allow: Vec<String>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let mut f = Front::connect(api).await?;
+    f.send(&FrontMessage::Subscribe {}).await?;
+    let allow: HashSet<String> = allow.into_iter().collect();
+    let interactive = allow.is_empty() && std::io::stdin().is_terminal();
+    let mut approved: HashSet<String> = HashSet::new();
+    let tracker = tokio_util::task::TaskTracker::new();
+    let mut stdin = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    loop {
+        let msg = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            m = f.recv() => m?,
+        };
+        match msg {
+            FrontMessage::ConnectionRequest {
+                tunnel_id,
+                request_user,
+            } => {
+                let yes = if allow.contains(&request_user) {
+                    true
+                } else if interactive {
+                    eprint!("allow a chain from {request_user}? [y/N] ");
+                    matches!(stdin.next_line().await, Ok(Some(a)) if a.trim().eq_ignore_ascii_case("y"))
+                } else {
+                    false
+                };
+                let reason = if yes {
+                    String::new()
+                } else {
+                    format!("{request_user} is not allowed")
+                };
+                tracing::info!(%tunnel_id, %request_user, allowed = yes, "connection request");
+                if yes {
+                    approved.insert(tunnel_id.clone());
+                }
+                f.send(&FrontMessage::Approve {
+                    tunnel_id,
+                    is_allowed: yes,
+                    reason,
+                })
+                .await?;
+            }
+            FrontMessage::Established {
+                tunnel_id,
+                port,
+                endpoint_user: _,
+                ..
+            } if approved.remove(&tunnel_id) => {
+                let forward = forward.to_string();
+                let stop = shutdown.clone();
+                tracker.spawn(async move {
+                    let far = TcpStream::connect(("127.0.0.1", port)).await;
+                    let service = TcpStream::connect(&forward).await;
+                    match (far, service) {
+                        (Ok(mut far), Ok(mut service)) => {
+                            let _ = (far.set_nodelay(true), service.set_nodelay(true));
+                            println!("chain {tunnel_id} {forward}");
+                            tokio::select! {
+                                _ = tokio::io::copy_bidirectional(&mut far, &mut service) => {}
+                                _ = stop.cancelled() => {}
+                            }
+                        }
+                        (Err(e), _) => tracing::warn!(%tunnel_id, error = %e, "cannot reach the chain's far end"),
+                        (_, Err(e)) => tracing::warn!(%tunnel_id, %forward, error = %e, "cannot reach the local service"),
+                    }
+                });
+            }
+            FrontMessage::Closed {
+                tunnel_id, reason, ..
+            } => tracing::info!(%tunnel_id, %reason, "chain closed"),
+            _ => {}
+        }
+    }
+    tracker.close();
+    tracker.wait().await;
+    Ok(())
+}
+
+async fn list(api: SocketAddr) -> anyhow::Result<()> {
+    let mut f = Front::connect(api).await?;
+    f.send(&FrontMessage::List {}).await?;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), f.recv())
+            .await
+            .context("error: the node did not answer")??
+        {
+            FrontMessage::Tubes { items } => {
+                for t in items {
+                    let role = serde_json::to_value(t.role)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_owned))
+                        .unwrap_or_default();
+                    let state = serde_json::to_value(t.state)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_owned))
+                        .unwrap_or_default();
+                    println!(
+                        "{} {role} {state} {} {}",
+                        t.tunnel_id,
+                        t.peer.as_deref().unwrap_or("-"),
+                        t.port.map(|p| p.to_string()).unwrap_or_else(|| "-".into())
+                    );
+                }
+                return Ok(());
+            }
+            FrontMessage::Error { code, message } => return Err(refusal(Some(code), &message)),
+            _ => {}
+        }
+    }
+}
+
+async fn close(api: SocketAddr, id: String) -> anyhow::Result<()> {
+    let mut f = Front::connect(api).await?;
+    f.send(&FrontMessage::RequestCloseTube {
+        local_id: None,
+        tunnel_id: Some(id.clone()),
+    })
+    .await?;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), f.recv())
+            .await
+            .context("error: the node did not answer")??
+        {
+            FrontMessage::Closed { tunnel_id, .. } if tunnel_id == id => return Ok(()),
+            FrontMessage::Error { code, message } => return Err(refusal(Some(code), &message)),
+            _ => {}
+        }
+    }
+}
+
+fn random_id() -> String {
+    let mut b = [0u8; 8];
+    // Only needs to be unique among this node's open chains; zeros are still a valid id.
+    let _ = getrandom::fill(&mut b);
+    format!("cli-{}", hex::encode(b))
+}
