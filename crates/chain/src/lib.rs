@@ -3,7 +3,7 @@
 //! (`tube node`) that registers with the hub, logs in with rotating one-time passwords and
 //! carries its hops of the chains the hub asks for.
 //!
-//! The pieces (all but the hub without any network):
+//! The pieces (the first four without any network):
 //!
 //! - [`plan`]: which nodes a new chain goes through (pure; randomness comes from the caller).
 //! - [`build`]: the hub's state machine that builds one chain node by node, node 0 first, and
@@ -16,7 +16,6 @@
 //! - [`node`]: the node daemon (`tube node`): its hub session and rotating password, the
 //!   loopback front API, and the hops it carries (dial, checked listen, splice).
 //!
-//! The hub is the first service with IO; the node service comes next.
 
 pub mod accounts;
 pub mod build;
@@ -28,4 +27,11 @@ pub mod plan;
 pub use accounts::{
     AccountError, AccountStore, InvalidPassword, MemoryAccounts, Password, SqliteAccounts,
 };
+/// TCP keepalive on the hub connection, at both ends (chain.md section 2): a peer that vanished
+/// without a FIN is noticed within about 30 s.
+pub(crate) fn hub_keepalive(tcp: &tokio::net::TcpStream) {
+    use std::time::Duration;
+    tube_net::keepalive(tcp, Duration::from_secs(15), Duration::from_secs(5), 3);
+}
+
 pub use plan::{Candidate, Plan, PlanError, PlanRequest};

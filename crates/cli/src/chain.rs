@@ -215,17 +215,29 @@ async fn connect_stdio(
         let _ = stdout.flush().await;
         r
     };
-    tokio::select! {
-        r = down => { r.context("error: chain connection failed")?; }
-        _ = up => {}
-        m = f.recv() => {
-            if let Ok(FrontMessage::Closed { reason, code, .. }) = m {
-                return Err(refusal(code, &reason));
+    tokio::pin!(up, down);
+    // The node's `closed` can arrive before the last bytes: the chain's end of stream decides,
+    // and `closed` only explains a chain that broke.
+    let mut closed: Option<anyhow::Error> = None;
+    loop {
+        tokio::select! {
+            r = &mut down => {
+                return match r {
+                    Ok(_) => Ok(()),
+                    Err(e) => Err(closed.unwrap_or_else(|| {
+                        anyhow::anyhow!("error: chain connection failed: {e}")
+                    })),
+                };
             }
+            _ = &mut up => {}
+            m = f.recv(), if closed.is_none() => match m {
+                Ok(FrontMessage::Closed { reason, code, .. }) => closed = Some(refusal(code, &reason)),
+                Ok(_) => {}
+                Err(e) => closed = Some(e),
+            },
+            _ = shutdown.cancelled() => return Ok(()),
         }
-        _ = shutdown.cancelled() => {}
     }
-    Ok(())
 }
 
 async fn listen(

@@ -5,6 +5,7 @@
 mod chain;
 mod config;
 mod expose;
+mod hub;
 mod logging;
 mod relay;
 
@@ -39,6 +40,10 @@ enum Command {
     Token(relay::TokenArgs),
     /// Expose local services through a relay (the agent).
     Expose(expose::ExposeArgs),
+    /// Run a chain hub: nodes log in here and it builds chains through them.
+    Hub(hub::HubArgs),
+    /// Run a chain node: the per-user daemon with its local front API.
+    Node(hub::NodeArgs),
     /// Use a chain through a node's local API: connect, listen, accept, list, close.
     Chain(chain::ChainArgs),
 }
@@ -63,6 +68,8 @@ fn main() -> ExitCode {
             Command::Relay(args) => relay::run(args, shutdown).await,
             Command::Token(args) => relay::token(args),
             Command::Expose(args) => expose::run(args, shutdown).await,
+            Command::Hub(args) => hub::run_hub(args, shutdown).await,
+            Command::Node(args) => hub::run_node(args, shutdown).await,
             Command::Chain(args) => chain::run(args, shutdown).await,
         }
     });

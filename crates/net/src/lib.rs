@@ -26,6 +26,27 @@ pub fn tune_tcp(stream: &tokio::net::TcpStream) {
     let _ = stream.set_nodelay(true);
 }
 
+/// Turns on TCP keepalive: the first probe after `idle` without traffic, then every
+/// `interval`, and the connection fails after `retries` unanswered probes (where the OS lets
+/// the count be set). A peer that vanished without a FIN is then noticed within about
+/// `idle + interval * retries`.
+pub fn keepalive(
+    stream: &tokio::net::TcpStream,
+    idle: std::time::Duration,
+    interval: std::time::Duration,
+    retries: u32,
+) {
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(idle)
+        .with_interval(interval);
+    #[cfg(any(target_os = "linux", target_os = "macos", target_os = "freebsd"))]
+    let ka = ka.with_retries(retries);
+    #[cfg(not(any(target_os = "linux", target_os = "macos", target_os = "freebsd")))]
+    let _ = retries;
+    // Without keepalive a dead peer is still found by the next write; not fatal.
+    let _ = socket2::SockRef::from(stream).set_tcp_keepalive(&ka);
+}
+
 /// Closes a TCP socket with a reset (RST) instead of an orderly FIN, so the other end sees an
 /// error rather than a clean end of stream.
 pub fn abort_tcp(stream: tokio::net::TcpStream) {

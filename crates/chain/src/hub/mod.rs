@@ -7,9 +7,8 @@
 //! Layout: this module (config, [`Hub`], the accept loop, the timer task, shutdown),
 //! `session` (one node connection: TLS, login, reader and writer), `state` (nodes and chains
 //! under one mutex, synchronous). Accounts live behind [`crate::AccountStore`].
-//!
-//! Not here yet: TCP keepalive on node connections (chain.md section 2).
 
+pub mod admin;
 mod session;
 mod state;
 
@@ -116,7 +115,7 @@ impl Shared {
     }
 }
 
-/// A read-only view of a running hub, for tests and an admin API.
+/// A read-only view of a running hub, for tests and the admin API.
 #[derive(Debug, Clone)]
 pub struct HubState {
     shared: Arc<Shared>,

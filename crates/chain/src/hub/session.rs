@@ -81,6 +81,7 @@ async fn login(
 ) -> Option<LoggedIn> {
     let deadline = Instant::now() + shared.config.handshake_timeout;
     tube_net::tune_tcp(&tcp);
+    crate::hub_keepalive(&tcp);
     let tls = match timeout_at(deadline, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {

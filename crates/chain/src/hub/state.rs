@@ -69,7 +69,7 @@ impl Chain {
 }
 
 /// A chain as [`super::HubState::chains`] reports it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct ChainInfo {
     /// The chain's tunnel id.
     pub tunnel_id: String,

@@ -184,7 +184,12 @@ impl Node {
     ) {
         let refusal = {
             let st = self.state();
-            if st.local_id_in_use(&local_id) {
+            if !self.online() {
+                Some((
+                    ChainErrorCode::NotAuthenticated,
+                    "no hub session (reconnecting)",
+                ))
+            } else if st.local_id_in_use(&local_id) {
                 Some((ChainErrorCode::ProtocolError, "local_id already in use"))
             } else if st.chains.len() + st.tube_requests.len() >= self.config.max_chains {
                 Some((ChainErrorCode::Limit, "node at its chain limit"))
@@ -293,7 +298,7 @@ impl Node {
                 .map(|(t, _)| t.clone())
                 .collect()
         };
-        if self.token.is_cancelled() {
+        if self.token.is_cancelled() || !self.online() {
             return;
         }
         for tunnel_id in owned {

@@ -16,6 +16,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 use tokio::task::JoinSet;
 use tokio::time::{Instant, timeout};
+use tokio_util::sync::CancellationToken;
 use tube_proto::chain::{
     ChainRole, ChainSecret, ChainState, FrontMessage, HOP_HELLO_LEN, HubMessage, decode_hop_hello,
     encode_hop_hello, parse_tunnel_id,
@@ -73,10 +74,11 @@ pub(super) async fn build(node: Arc<Node>, req: MakeTube) {
         }
     };
     node.answer(&req, Ok(port)).await;
-    let carried = tokio::select! {
-        r = carry(&node, &req.tunnel_id, near, far, &bytes) => r,
-        _ = token.cancelled() => return,
-    };
+    let carried = carry(&node, &req.tunnel_id, near, far, &bytes, &token).await;
+    if token.is_cancelled() {
+        // Closed by the hub (or the session ended): nothing to report.
+        return;
+    }
     match carried {
         Ok(()) => tracing::info!("chain ended"),
         Err(reason) => tracing::warn!(reason = %reason, "chain failed"),
@@ -271,36 +273,43 @@ async fn carry(
     near: TcpStream,
     far: Far,
     bytes: &Arc<ChainBytes>,
+    token: &CancellationToken,
 ) -> Result<(), String> {
     let hop_timeout = node.config.hop_timeout;
-    let (far, leftover) = match far {
-        Far::Hop {
-            listener,
-            to,
-            tunnel,
-            secret,
-        } => accept_hop(node, listener, to, tunnel, secret).await?,
-        Far::Local {
-            listener,
-            established,
-        } => {
-            timeout(hop_timeout * 2, established)
-                .await
-                .map_err(|_| "no establish_connection in time")?
-                .map_err(|_| "chain forgotten")?;
-            let deadline = Instant::now() + hop_timeout;
-            loop {
-                let (tcp, peer) = tokio::time::timeout_at(deadline, listener.accept())
+    let far = async {
+        match far {
+            Far::Hop {
+                listener,
+                to,
+                tunnel,
+                secret,
+            } => accept_hop(node, listener, to, tunnel, secret).await,
+            Far::Local {
+                listener,
+                established,
+            } => {
+                timeout(hop_timeout * 2, established)
                     .await
-                    .map_err(|_| "the front did not connect in time")?
-                    .map_err(|e| format!("local accept: {e}"))?;
-                if peer.ip().is_loopback() {
-                    tube_net::tune_tcp(&tcp);
-                    break (tcp, Vec::new());
+                    .map_err(|_| "no establish_connection in time")?
+                    .map_err(|_| "chain forgotten")?;
+                let deadline = Instant::now() + hop_timeout;
+                loop {
+                    let (tcp, peer) = tokio::time::timeout_at(deadline, listener.accept())
+                        .await
+                        .map_err(|_| "the front did not connect in time")?
+                        .map_err(|e| format!("local accept: {e}"))?;
+                    if peer.ip().is_loopback() {
+                        tube_net::tune_tcp(&tcp);
+                        break Ok((tcp, Vec::new()));
+                    }
+                    tracing::warn!(%peer, "non-loopback connection to the endpoint's port refused");
                 }
-                tracing::warn!(%peer, "non-loopback connection to the endpoint's port refused");
             }
         }
+    };
+    let (far, leftover) = tokio::select! {
+        r = far => r?,
+        _ = token.cancelled() => return Err("chain closed".into()),
     };
     if let Some(c) = node.state().chains.get_mut(tunnel_id)
         && c.role == ChainRole::Intermediate
@@ -308,7 +317,7 @@ async fn carry(
         c.state = ChainState::Established;
     }
     tracing::info!("hops connected, forwarding");
-    splice(near, far, leftover, bytes)
+    splice(near, far, leftover, bytes, token)
         .await
         .map_err(|e| format!("splice: {e}"))
 }
@@ -399,12 +408,15 @@ async fn check_preamble(
     Ok((tcp, leftover))
 }
 
-/// Copies both ways with half-close; `near` is the requester's side.
+/// Copies both ways with half-close; `near` is the requester's side. On a failure (a reset, an
+/// error, the chain closed by the hub) both connections are closed with a reset, so neither end mistakes a broken chain
+/// for a clean end of stream.
 async fn splice(
     near: TcpStream,
     far: TcpStream,
     leftover: Vec<u8>,
     bytes: &Arc<ChainBytes>,
+    token: &CancellationToken,
 ) -> io::Result<()> {
     let mut near = Counted {
         inner: near,
@@ -416,12 +428,22 @@ async fn splice(
         read: bytes.clone(),
         toward_endpoint: false,
     };
+    let mut result = Ok(());
     if !leftover.is_empty() {
-        near.inner.write_all(&leftover).await?;
+        result = near.inner.write_all(&leftover).await;
         add(&bytes.toward_requester, leftover.len());
     }
-    tokio::io::copy_bidirectional(&mut near, &mut far).await?;
-    Ok(())
+    if result.is_ok() {
+        result = tokio::select! {
+            r = tokio::io::copy_bidirectional(&mut near, &mut far) => r.map(|_| ()),
+            _ = token.cancelled() => Err(io::Error::other("chain closed")),
+        };
+    }
+    if result.is_err() {
+        tube_net::abort_tcp(near.inner);
+        tube_net::abort_tcp(far.inner);
+    }
+    result
 }
 
 fn add(counter: &AtomicU64, n: usize) {

@@ -10,8 +10,8 @@
 //! state; [`front`] serves one front API connection; [`hop`] carries out `make_tube`
 //! (dials, hop listeners with their IP and secret checks, splicing).
 //!
-//! Not yet here: reconnecting to the hub (a lost session ends [`run`] with an error, after
-//! every chain is closed), TCP keepalive on the hub connection, `logout` on shutdown.
+//! A lost hub session closes every chain and is followed by a new one after a backoff; the
+//! front API keeps serving meanwhile. Shutdown sends `logout`.
 
 mod front;
 mod hop;
@@ -35,6 +35,7 @@ use tracing::Instrument;
 use tube_net::codec::{HandshakeConn, handshake_conn};
 use tube_net::tokio_rustls::{TlsConnector, client::TlsStream};
 use tube_net::{Fingerprint, tls};
+use tube_proto::backoff::{Backoff, BackoffConfig};
 use tube_proto::chain::{CHAIN_PROTOCOL_VERSION, ChainErrorCode, ChainSecret, HubMessage};
 use tube_proto::frame::Frame;
 
@@ -68,10 +69,14 @@ pub struct NodeConfig {
     pub max_chains: usize,
     /// Deadline for connecting (TCP + TLS) and for the answer to `register` / `auth`.
     pub handshake_timeout: Duration,
+    /// Delays between hub sessions (chain.md section 4.1: 1 s doubling to 60 s, jitter,
+    /// forever).
+    pub reconnect: BackoffConfig,
 }
 
 impl NodeConfig {
-    /// Defaults: relay on, bind to any address, 10 s hop and handshake timeouts, 16 chains.
+    /// Defaults: relay on, bind to any address, 10 s hop and handshake timeouts, 16 chains,
+    /// reconnect forever (1 s doubling to 60 s).
     pub fn new(hub: String, hub_fingerprint: Fingerprint, name: String, data_dir: PathBuf) -> Self {
         Self {
             hub,
@@ -83,6 +88,13 @@ impl NodeConfig {
             hop_timeout: Duration::from_secs(10),
             max_chains: tube_proto::chain::DEFAULT_MAX_CHAINS_PER_NODE,
             handshake_timeout: Duration::from_secs(10),
+            reconnect: BackoffConfig {
+                initial: Duration::from_secs(1),
+                max: Duration::from_secs(60),
+                factor: 2.0,
+                max_attempts: 0,
+                jitter: 0.2,
+            },
         }
     }
 
@@ -128,7 +140,7 @@ pub enum NodeError {
     /// The hub broke the protocol.
     #[error("hub protocol error: {0}")]
     Protocol(String),
-    /// The hub session ended; every chain was closed (reconnecting is not implemented yet).
+    /// The hub session ended; every chain was closed (the node reconnects).
     #[error("hub connection lost: {0}")]
     HubLost(String),
 }
@@ -204,7 +216,7 @@ impl NodeStats {
     }
 }
 
-/// Runs the node until `shutdown` (then `Ok`) or the hub session ends (an error).
+/// Runs the node until `shutdown` (then `Ok`) or a final refusal (an error).
 pub async fn run(
     api: TcpListener,
     config: NodeConfig,
@@ -214,6 +226,12 @@ pub async fn run(
 }
 
 /// [`run`], updating `stats` as it goes.
+///
+/// The front API serves from the start and across hub sessions (a `request_tube` without a
+/// session is refused with 6010). A session that ends for any reason but a final one (6001,
+/// 6002, 6011, a wrong fingerprint, an unusable password file) closes every chain and is
+/// followed by a new one after the reconnect backoff; the backoff starts over after every
+/// session that logged in. On shutdown the node sends `logout` and waits briefly for its answer.
 pub async fn run_with_stats(
     api: TcpListener,
     config: NodeConfig,
@@ -229,65 +247,66 @@ pub async fn run_with_stats(
             "{api_ip} is not a loopback address (the API has no authentication)"
         )));
     }
-    let login = async {
-        let mut conn = timeout(config.handshake_timeout, connect(&config))
-            .await
-            .map_err(|_| NodeError::Connect {
-                addr: config.hub.clone(),
-                message: "timed out".into(),
-            })??;
-        login(&config, &mut conn).await?;
-        Ok::<_, NodeError>(conn)
-    };
-    let conn = tokio::select! {
-        r = login => r?,
-        _ = shutdown.cancelled() => return Ok(()),
-    };
-    tracing::info!(hub = %config.hub, name = %config.name, "logged in to the hub");
-    let (sink, stream) = conn.split();
     let token = shutdown.child_token();
     let _stop_on_drop = token.clone().drop_guard();
     let tracker = TaskTracker::new();
-    let (hub_tx, hub_rx) = mpsc::channel(256);
-    tracker.spawn(hub_writer(sink, hub_rx, token.clone()));
+    let mut backoff = Backoff::new(config.reconnect);
     let node = Arc::new(Node {
         config,
         api_ip,
-        hub_tx,
+        hub: Mutex::new(None),
         state: Mutex::new(State::default()),
         stats,
         tracker: tracker.clone(),
         token: token.clone(),
         next_id: AtomicU64::new(1),
     });
-    let result = node.serve(api, stream, &shutdown).await;
-    let reason = match &result {
-        Ok(()) => "node shutting down".to_owned(),
-        Err(_) => "hub connection lost".to_owned(),
+    tracker.spawn(node.clone().accept_fronts(api));
+    let result = loop {
+        let (logged_in, r) = node.session(&shutdown).await;
+        let e = match r {
+            Ok(()) => break Ok(()),
+            Err(e) if e.is_final() => break Err(e),
+            Err(e) => e,
+        };
+        if logged_in {
+            backoff.reset();
+        }
+        let Some(delay) = backoff.next_delay(random_u64()) else {
+            break Err(e);
+        };
+        tracing::warn!(error = %e, retry_in = ?delay, "hub session ended, reconnecting");
+        tokio::select! {
+            _ = shutdown.cancelled() => break Ok(()),
+            _ = tokio::time::sleep(delay) => {}
+        }
     };
-    if let Err(e) = &result {
-        tracing::warn!(error = %e, "hub session ended, closing every chain");
-    }
-    node.close_all(&reason);
     token.cancel();
     tracker.close();
     let _ = timeout(Duration::from_secs(5), tracker.wait()).await;
     result
 }
 
-/// What every task of one session shares.
+fn random_u64() -> u64 {
+    let mut b = [0u8; 8];
+    // Jitter only spreads reconnects out; zeros still give a valid delay.
+    let _ = getrandom::fill(&mut b);
+    u64::from_le_bytes(b)
+}
+
+/// What every task of the node shares, across hub sessions.
 struct Node {
     config: NodeConfig,
     /// The front API's loopback address (node 0 dials its front there; the endpoint listens).
     api_ip: IpAddr,
-    /// Messages to the hub, written by [`hub_writer`].
-    hub_tx: mpsc::Sender<HubMessage>,
+    /// Messages to the hub, written by [`hub_writer`]; `None` between sessions.
+    hub: Mutex<Option<mpsc::Sender<HubMessage>>>,
     state: Mutex<State>,
     stats: NodeStats,
     tracker: TaskTracker,
-    /// The session's token; each chain gets a child.
+    /// Cancelled when the node stops; each chain gets a child.
     token: CancellationToken,
-    /// The node's request ids towards the hub.
+    /// The node's request ids towards the hub (one counter for the whole process).
     next_id: AtomicU64,
 }
 
@@ -296,10 +315,21 @@ impl Node {
         lock(&self.state)
     }
 
+    /// Whether a hub session is up.
+    fn online(&self) -> bool {
+        lock(&self.hub).is_some()
+    }
+
     async fn send_hub(&self, msg: HubMessage) {
-        tracing::debug!(kind = msg.kind(), "to hub");
-        // Fails only when the writer is gone, and then the session is ending anyway.
-        let _ = self.hub_tx.send(msg).await;
+        let tx = lock(&self.hub).clone();
+        match tx {
+            Some(tx) => {
+                tracing::debug!(kind = msg.kind(), "to hub");
+                // Fails only when the writer is gone, and then the session is ending anyway.
+                let _ = tx.send(msg).await;
+            }
+            None => tracing::debug!(kind = msg.kind(), "no hub session, message dropped"),
+        }
     }
 
     fn spawn<F>(&self, fut: F)
@@ -318,16 +348,85 @@ impl Node {
         );
     }
 
+    async fn accept_fronts(self: Arc<Self>, api: TcpListener) {
+        loop {
+            let accepted = tokio::select! {
+                _ = self.token.cancelled() => return,
+                a = api.accept() => a,
+            };
+            match accepted {
+                Ok((tcp, peer)) => self.spawn_front(tcp, peer),
+                Err(e) => {
+                    // Out of descriptors, typically: back off a moment instead of spinning.
+                    tracing::warn!(error = %e, "front API accept failed");
+                    tokio::select! {
+                        _ = self.token.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// One hub session: connect, log in, serve until it ends. Says whether it logged in.
+    async fn session(
+        self: &Arc<Self>,
+        shutdown: &CancellationToken,
+    ) -> (bool, Result<(), NodeError>) {
+        let config = &self.config;
+        let login = async {
+            let mut conn = timeout(config.handshake_timeout, connect(config))
+                .await
+                .map_err(|_| NodeError::Connect {
+                    addr: config.hub.clone(),
+                    message: "timed out".into(),
+                })??;
+            login(config, &mut conn).await?;
+            Ok::<_, NodeError>(conn)
+        };
+        let conn = tokio::select! {
+            r = login => match r {
+                Ok(c) => c,
+                Err(e) => return (false, Err(e)),
+            },
+            _ = shutdown.cancelled() => return (false, Ok(())),
+        };
+        tracing::info!(hub = %config.hub, name = %config.name, "logged in to the hub");
+        let (sink, stream) = conn.split();
+        let (hub_tx, hub_rx) = mpsc::channel(256);
+        // Not a child of the node's token: on shutdown the writer still has to send `logout`.
+        let session = CancellationToken::new();
+        let writer = tokio::spawn(hub_writer(sink, hub_rx, session.clone()));
+        *lock(&self.hub) = Some(hub_tx.clone());
+        let result = self.serve(stream, &session, shutdown).await;
+        *lock(&self.hub) = None;
+        let reason = match &result {
+            Ok(()) => "node shutting down",
+            Err(_) => "hub connection lost",
+        };
+        self.close_all(reason);
+        if result.is_ok() {
+            // `logout` was sent by `serve`; let the writer flush it.
+            drop(hub_tx);
+            let _ = timeout(Duration::from_secs(2), writer).await;
+        } else {
+            session.cancel();
+            drop(hub_tx);
+            let _ = writer.await;
+        }
+        (true, result)
+    }
+
     async fn serve(
         self: &Arc<Self>,
-        api: TcpListener,
         mut stream: SplitStream<Conn>,
+        session: &CancellationToken,
         shutdown: &CancellationToken,
     ) -> Result<(), NodeError> {
         loop {
             tokio::select! {
-                _ = shutdown.cancelled() => return Ok(()),
-                _ = self.token.cancelled() => {
+                _ = shutdown.cancelled() => return self.logout(&mut stream).await,
+                _ = session.cancelled() => {
                     return Err(NodeError::HubLost("writing to the hub failed".into()));
                 }
                 frame = stream.next() => {
@@ -350,12 +449,29 @@ impl Node {
                     };
                     self.handle_hub(msg).await?;
                 }
-                accepted = api.accept() => match accepted {
-                    Ok((tcp, peer)) => self.spawn_front(tcp, peer),
-                    Err(e) => tracing::warn!(error = %e, "front API accept failed"),
-                },
             }
         }
+    }
+
+    /// Sends `logout` and waits up to 2 s for `logout_result` (the hub then closes the
+    /// session and its chains; without an answer the node closes anyway).
+    async fn logout(&self, stream: &mut SplitStream<Conn>) -> Result<(), NodeError> {
+        self.send_hub(HubMessage::Logout {}).await;
+        let answered = async {
+            while let Some(Ok(frame)) = stream.next().await {
+                if let Frame::Control(b) = frame
+                    && let Ok(HubMessage::LogoutResult { .. }) = HubMessage::from_bytes(&b)
+                {
+                    return true;
+                }
+            }
+            false
+        };
+        match timeout(Duration::from_secs(2), answered).await {
+            Ok(true) => tracing::info!("logged out of the hub"),
+            _ => tracing::warn!("no answer to logout, closing"),
+        }
+        Ok(())
     }
 
     async fn protocol_error(&self, why: String) -> NodeError {
@@ -403,7 +519,7 @@ impl Node {
                 tunnel_id,
                 reason,
                 code,
-            } => self.close_chain(&tunnel_id, &reason, code),
+            } => self.close_chain(&tunnel_id, &reason, code, code.is_some()),
             HubMessage::RequestConnection {
                 id,
                 request_user,
@@ -475,6 +591,13 @@ async fn connect_from(bind: IpAddr, addr: SocketAddr) -> std::io::Result<TcpStre
     Ok(tcp)
 }
 
+/// Connects to the hub from `--bind`, with TCP keepalive (chain.md section 2).
+async fn connect_hub(bind: IpAddr, addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let tcp = connect_from(bind, addr).await?;
+    crate::hub_keepalive(&tcp);
+    Ok(tcp)
+}
+
 async fn connect(config: &NodeConfig) -> Result<Conn, NodeError> {
     let err = |message: String| NodeError::Connect {
         addr: config.hub.clone(),
@@ -489,7 +612,7 @@ async fn connect(config: &NodeConfig) -> Result<Conn, NodeError> {
         .find(|a| config.bind.is_unspecified() || a.is_ipv4() == config.bind.is_ipv4())
         .copied()
         .ok_or_else(|| err("no address of the hub matches --bind".into()))?;
-    let tcp = connect_from(config.bind, addr)
+    let tcp = connect_hub(config.bind, addr)
         .await
         .map_err(|e| err(e.to_string()))?;
     let tls_cfg =

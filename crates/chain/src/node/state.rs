@@ -14,6 +14,9 @@ use tube_proto::chain::{
 
 use super::Node;
 
+/// How long a chain closed without a failure may keep splicing (see [`Node::close_chain`]).
+pub(super) const DRAIN: Duration = Duration::from_secs(2);
+
 /// Longest wait for the hub's answer to `request_tube` (approval plus choosing the chain).
 pub(super) const TUBE_ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -156,8 +159,18 @@ impl Node {
         );
     }
 
-    /// Closes a chain: its sockets and listener at once, then `closed` to its fronts.
-    pub(super) fn close_chain(&self, tunnel_id: &str, reason: &str, code: Option<u16>) {
+    /// Closes a chain and tells its fronts `closed`. With `abort` (a failure: the hub sent a
+    /// code, or the session is ending) its sockets and listener close at once, with a reset;
+    /// otherwise (a node asked, typically because its splice ended) a splice still running
+    /// gets [`DRAIN`] to pass on what is in flight, since the end of stream travels hop by hop
+    /// and the hub's `close_tube` can overtake it.
+    pub(super) fn close_chain(
+        &self,
+        tunnel_id: &str,
+        reason: &str,
+        code: Option<u16>,
+        abort: bool,
+    ) {
         let mut st = self.state();
         st.listen_waits.remove(tunnel_id);
         let withdrawn = st.approvals.remove(tunnel_id).is_some();
@@ -167,7 +180,15 @@ impl Node {
             }
             return;
         };
-        chain.token.cancel();
+        if abort {
+            chain.token.cancel();
+        } else {
+            let token = chain.token;
+            self.spawn(async move {
+                tokio::time::sleep(DRAIN).await;
+                token.cancel();
+            });
+        }
         tracing::info!(%tunnel_id, reason = %reason, "chain closed");
         let msg = FrontMessage::Closed {
             tunnel_id: tunnel_id.to_owned(),
@@ -181,7 +202,7 @@ impl Node {
     pub(super) fn close_all(&self, reason: &str) {
         let ids: Vec<String> = self.state().chains.keys().cloned().collect();
         for id in ids {
-            self.close_chain(&id, reason, None);
+            self.close_chain(&id, reason, None, true);
         }
         let mut st = self.state();
         st.approvals.clear();
