@@ -11,6 +11,7 @@
 //! - [`accounts`]: the hub's node accounts and their rotating passwords, behind the
 //!   [`AccountStore`] trait (SQLite on disk, or in memory).
 //! - [`password_file`]: the node's copy of its next password, written privately and atomically.
+//! - [`front`]: a client of a node's front API (what `tube chain` and the tests use).
 //! - [`hub`]: the hub service (`tube hub`): node sessions over TLS, logins, approvals, and
 //!   driving [`build`] for each chain.
 //! - [`node`]: the node daemon (`tube node`): its hub session and rotating password, the
@@ -19,6 +20,7 @@
 
 pub mod accounts;
 pub mod build;
+pub mod front;
 pub mod hub;
 pub mod node;
 pub mod password_file;

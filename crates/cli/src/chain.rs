@@ -13,11 +13,11 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::Context;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
-use tube_proto::chain::{ChainErrorCode, FrontMessage, LineBuffer, decode_line, encode_line};
+use tube_chain::front::FrontClient;
+use tube_proto::chain::{ChainErrorCode, FrontMessage};
 
 /// The node API address `tube node` uses by default.
 pub(crate) const DEFAULT_API: &str = "127.0.0.1:7837";
@@ -83,61 +83,29 @@ pub(crate) async fn run(args: ChainArgs, shutdown: CancellationToken) -> anyhow:
     }
 }
 
-/// One connection to the node's API.
-struct Front {
-    rd: OwnedReadHalf,
-    wr: OwnedWriteHalf,
-    lines: LineBuffer,
-    pending: Vec<u8>,
-}
+/// One connection to the node's API, with the CLI's error texts.
+struct Front(FrontClient);
 
 impl Front {
     async fn connect(api: SocketAddr) -> anyhow::Result<Self> {
-        let s = TcpStream::connect(api).await.with_context(|| {
+        FrontClient::connect(api).await.map(Front).with_context(|| {
             format!("error: cannot reach the node API at {api} (is `tube node` running?)")
-        })?;
-        let (rd, wr) = s.into_split();
-        Ok(Self {
-            rd,
-            wr,
-            lines: LineBuffer::default(),
-            pending: Vec::new(),
         })
     }
 
     async fn send(&mut self, m: &FrontMessage) -> anyhow::Result<()> {
-        self.wr
-            .write_all(&encode_line(m))
+        self.0
+            .send(m)
             .await
             .context("error: node API connection lost")
     }
 
     /// The next message from the node; an error when the node closes the connection.
     async fn recv(&mut self) -> anyhow::Result<FrontMessage> {
-        loop {
-            let mut input: &[u8] = &self.pending;
-            let line = self.lines.poll_line(&mut input);
-            let used = self.pending.len() - input.len();
-            self.pending.drain(..used);
-            match line {
-                Ok(Some(l)) => match decode_line(&l) {
-                    Ok(m) => return Ok(m),
-                    Err(e) => anyhow::bail!("error: the node sent an invalid message: {e}"),
-                },
-                Ok(None) => {}
-                Err(e) => anyhow::bail!("error: the node sent an over-long line: {e}"),
-            }
-            let mut buf = [0u8; 8192];
-            let n = self
-                .rd
-                .read(&mut buf)
-                .await
-                .context("error: node API connection lost")?;
-            if n == 0 {
-                anyhow::bail!("error: the node closed the API connection");
-            }
-            self.pending.extend_from_slice(&buf[..n]);
-        }
+        self.0
+            .recv()
+            .await
+            .map_err(|e| anyhow::anyhow!("error: {e}"))
     }
 }
 

@@ -166,6 +166,17 @@ pub struct NodeStats(Arc<StatsInner>);
 struct StatsInner {
     refused_hops: AtomicU64,
     chains: Mutex<VecDeque<(String, Arc<ChainBytes>)>>,
+    /// Successful logins so far, and whether a session is up now.
+    sessions: tokio::sync::watch::Sender<SessionCount>,
+}
+
+/// What [`NodeStats::sessions`] reports.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SessionCount {
+    /// Hub sessions that logged in since the node started.
+    pub logins: u64,
+    /// Whether a hub session is up now.
+    pub online: bool,
 }
 
 /// Bytes one chain carried through this node.
@@ -196,6 +207,20 @@ impl NodeStats {
                 b.toward_requester.load(Ordering::Relaxed),
             )
         })
+    }
+
+    /// Watches the node's hub sessions (a test waits on it instead of sleeping).
+    pub fn sessions(&self) -> tokio::sync::watch::Receiver<SessionCount> {
+        self.0.sessions.subscribe()
+    }
+
+    fn set_online(&self, online: bool) {
+        self.0.sessions.send_modify(|s| {
+            if online {
+                s.logins += 1;
+            }
+            s.online = online;
+        });
     }
 
     fn refused(&self) {
@@ -396,10 +421,15 @@ impl Node {
         let (hub_tx, hub_rx) = mpsc::channel(256);
         // Not a child of the node's token: on shutdown the writer still has to send `logout`.
         let session = CancellationToken::new();
+        // If this future is dropped (the node's task aborted), the writer and the connection go
+        // with it.
+        let _close_on_drop = session.clone().drop_guard();
         let writer = tokio::spawn(hub_writer(sink, hub_rx, session.clone()));
         *lock(&self.hub) = Some(hub_tx.clone());
+        self.stats.set_online(true);
         let result = self.serve(stream, &session, shutdown).await;
         *lock(&self.hub) = None;
+        self.stats.set_online(false);
         let reason = match &result {
             Ok(()) => "node shutting down",
             Err(_) => "hub connection lost",

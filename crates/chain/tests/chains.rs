@@ -1,0 +1,727 @@
+//! Chains end to end, in one process: a real hub (TLS, SQLite accounts) and real nodes, each
+//! bound to its own loopback address (127.0.0.2, .3, ...) so the hop IP checks are real, driven
+//! through their front APIs. Covers seed 000's build order and issue 4's list: a 64 MiB echo
+//! through two intermediates with per-node byte counters, refusals, an intermediate killed
+//! mid-transfer, strangers at a hop port, password rotation across restarts and crashes,
+//! logout, and concurrent chains.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tube_chain::SqliteAccounts;
+use tube_chain::front::FrontClient;
+use tube_chain::hub::{Hub, HubConfig, HubState};
+use tube_chain::node::{NodeConfig, NodeError, NodeStats};
+use tube_net::codec::handshake_conn;
+use tube_net::tokio_rustls::TlsConnector;
+use tube_net::{Fingerprint, Identity, tls};
+use tube_proto::chain::{
+    CHAIN_PROTOCOL_VERSION, FrontMessage, HubMessage, encode_hop_hello, parse_tunnel_id,
+};
+use tube_proto::frame::Frame;
+use tube_testkit::{deadline, echo_server, ended, init_tracing, read_hash, write_pattern};
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+/// A hub on 127.0.0.1 port 0 with its accounts in a temp dir.
+struct TestHub {
+    identity: Identity,
+    task: Option<JoinHandle<Result<(), tube_chain::hub::HubError>>>,
+    addr: SocketAddr,
+    fingerprint: Fingerprint,
+    state: HubState,
+    shutdown: CancellationToken,
+    dir: Option<tempfile::TempDir>,
+}
+
+impl TestHub {
+    /// Stops the hub (nodes get 6013) and starts it again on the same address, certificate
+    /// and account database.
+    async fn restart(mut self) -> TestHub {
+        self.shutdown.cancel();
+        if let Some(t) = self.task.take() {
+            deadline(LIMIT, t)
+                .await
+                .expect("hub task")
+                .expect("hub ran");
+        }
+        let listener = TcpListener::bind(self.addr).await.expect("rebind hub");
+        let dir = self.dir.take().expect("dir");
+        run_hub(dir, self.identity.clone(), listener, 0)
+    }
+}
+
+impl Drop for TestHub {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+async fn start_hub(intermediates: usize) -> TestHub {
+    init_tracing();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let identity = Identity::generate(&["localhost"]).expect("identity");
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind hub");
+    run_hub(dir, identity, listener, intermediates)
+}
+
+/// Runs a hub on `listener` with the accounts in `dir` (a restart passes the same ones).
+fn run_hub(
+    dir: tempfile::TempDir,
+    identity: Identity,
+    listener: TcpListener,
+    intermediates: usize,
+) -> TestHub {
+    let accounts = SqliteAccounts::open(&dir.path().join("nodes.sqlite3")).expect("accounts");
+    let fingerprint = identity.fingerprint();
+    let mut config = HubConfig::new(identity, Arc::new(accounts));
+    config.intermediates = intermediates;
+    config.hop_timeout = Duration::from_secs(5);
+    config.approval_timeout = Duration::from_secs(10);
+    let addr = listener.local_addr().expect("addr");
+    let config_identity = config.identity.clone();
+    let hub = Hub::new(config);
+    let state = hub.state();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(hub.run(listener, shutdown.clone()));
+    TestHub {
+        identity: config_identity,
+        task: Some(task),
+        addr,
+        fingerprint,
+        state,
+        shutdown,
+        dir: Some(dir),
+    }
+}
+
+/// A node on 127.0.0.`octet`, its front API on 127.0.0.1 port 0.
+struct TestNode {
+    api: SocketAddr,
+    stats: NodeStats,
+    shutdown: CancellationToken,
+    task: JoinHandle<Result<(), NodeError>>,
+}
+
+impl Drop for TestNode {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+fn ip(octet: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, 0, 0, octet))
+}
+
+fn node_config(hub: &TestHub, name: &str, octet: u8, dir: &Path) -> NodeConfig {
+    let mut c = NodeConfig::new(
+        hub.addr.to_string(),
+        hub.fingerprint,
+        name.into(),
+        dir.to_path_buf(),
+    );
+    c.bind = ip(octet);
+    c.hop_timeout = Duration::from_secs(5);
+    c
+}
+
+async fn spawn_node(config: NodeConfig) -> TestNode {
+    let api = TcpListener::bind("127.0.0.1:0").await.expect("bind api");
+    let addr = api.local_addr().expect("addr");
+    let stats = NodeStats::default();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(tube_chain::node::run_with_stats(
+        api,
+        config,
+        stats.clone(),
+        shutdown.clone(),
+    ));
+    TestNode {
+        api: addr,
+        stats,
+        shutdown,
+        task,
+    }
+}
+
+/// Starts a node and waits until it is logged in.
+async fn start_node(hub: &TestHub, name: &str, octet: u8, dir: &Path) -> TestNode {
+    let node = spawn_node(node_config(hub, name, octet, dir)).await;
+    node.online().await;
+    node
+}
+
+impl TestNode {
+    async fn online(&self) {
+        let mut w = self.stats.sessions();
+        deadline(LIMIT, w.wait_for(|s| s.online))
+            .await
+            .expect("node logged in");
+    }
+
+    /// Graceful stop (sends `logout`); returns how `run` ended.
+    async fn stop(mut self) -> Result<(), NodeError> {
+        self.shutdown.cancel();
+        deadline(LIMIT, &mut self.task).await.expect("node task")
+    }
+
+    /// Like a killed process: every task and socket of the node goes at once, no `logout`.
+    async fn kill(mut self) {
+        self.task.abort();
+        let _ = (&mut self.task).await;
+    }
+}
+
+/// An endpoint front: subscribes, answers every request with `allow`, and connects each
+/// established chain to `forward`. Returns once the subscription is active.
+async fn endpoint_front(api: SocketAddr, allow: bool, forward: SocketAddr) -> JoinHandle<()> {
+    let mut f = FrontClient::connect(api).await.expect("front");
+    f.send(&FrontMessage::Subscribe {}).await.expect("send");
+    loop {
+        if let FrontMessage::Tubes { .. } = f.recv().await.expect("subscribed") {
+            break;
+        }
+    }
+    tokio::spawn(async move {
+        while let Ok(m) = f.recv().await {
+            match m {
+                FrontMessage::ConnectionRequest { tunnel_id, .. } => {
+                    let reason = if allow { "" } else { "not you" };
+                    let a = FrontMessage::Approve {
+                        tunnel_id,
+                        is_allowed: allow,
+                        reason: reason.into(),
+                    };
+                    if f.send(&a).await.is_err() {
+                        return;
+                    }
+                }
+                FrontMessage::Established { port, .. } => {
+                    tokio::spawn(async move {
+                        let far = TcpStream::connect(("127.0.0.1", port)).await;
+                        let service = TcpStream::connect(forward).await;
+                        if let (Ok(mut far), Ok(mut service)) = (far, service) {
+                            let _ = tokio::io::copy_bidirectional(&mut far, &mut service).await;
+                        }
+                    });
+                }
+                _ => {}
+            }
+        }
+    })
+}
+
+/// A chain refused or closed before it was up: its code and reason.
+#[derive(Debug)]
+struct Refused {
+    code: Option<u16>,
+    reason: String,
+}
+
+/// Requests a chain to `endpoint` as node 0's front: listens when told, returns the API
+/// connection (it owns the chain), the chain's near end and the tunnel id.
+async fn open_chain(
+    api: SocketAddr,
+    endpoint: &str,
+    local_id: &str,
+) -> Result<(FrontClient, TcpStream, String), Refused> {
+    let mut f = FrontClient::connect(api).await.expect("front");
+    let req = FrontMessage::RequestTube {
+        endpoint_name: endpoint.into(),
+        local_id: local_id.into(),
+    };
+    f.send(&req).await.expect("send");
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let mut near = None;
+    loop {
+        match f.recv().await.expect("front message") {
+            FrontMessage::TubeResult {
+                is_allowed: false,
+                reason,
+                code,
+                ..
+            }
+            | FrontMessage::Closed { reason, code, .. } => return Err(Refused { code, reason }),
+            FrontMessage::Listen { tunnel_id } => {
+                let port = listener.local_addr().expect("addr").port();
+                f.send(&FrontMessage::Listening { tunnel_id, port })
+                    .await
+                    .expect("send");
+                near = Some(listener.accept().await.expect("node connects").0);
+            }
+            FrontMessage::Established { tunnel_id, .. } => {
+                let near = near.take().expect("node 0 connected before established");
+                return Ok((f, near, tunnel_id));
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Sends `size` bytes through `chain` (to an echo service) and checks they come back intact.
+async fn echo_through(chain: TcpStream, size: usize, seed: u64) {
+    let (mut rd, mut wr) = chain.into_split();
+    let writer = tokio::spawn(async move {
+        let h = write_pattern(&mut wr, size, seed).await;
+        wr.shutdown().await.expect("half-close");
+        h
+    });
+    let (n, got) = read_hash(&mut rd).await;
+    let sent = writer.await.expect("writer");
+    assert_eq!(n, size, "bytes echoed");
+    assert_eq!(got, sent, "echo differs from what was sent");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chain_through_two_intermediates_carries_64_mib_byte_exact() {
+    deadline(LIMIT, async {
+        let hub = start_hub(2).await;
+        let dirs: Vec<_> = (0..5).map(|_| tempfile::tempdir().expect("dir")).collect();
+        let names = ["a", "b", "c", "d", "e"];
+        let mut nodes = Vec::new();
+        for (i, name) in names.iter().enumerate() {
+            nodes.push(start_node(&hub, name, 2 + i as u8, dirs[i].path()).await);
+        }
+        let echo = echo_server().await;
+        let _front = endpoint_front(nodes[4].api, true, echo.addr).await;
+        let (_owner, near, tunnel_id) = open_chain(nodes[0].api, "e", "web")
+            .await
+            .expect("chain up");
+
+        let chains = hub.state.chains();
+        let chain = chains
+            .iter()
+            .find(|c| c.tunnel_id == tunnel_id)
+            .expect("hub knows the chain");
+        assert_eq!(chain.state, "established");
+        assert_eq!(chain.nodes.len(), 4, "node 0, two intermediates, endpoint");
+        assert_eq!(chain.nodes.first().map(String::as_str), Some("a"));
+        assert_eq!(chain.nodes.last().map(String::as_str), Some("e"));
+
+        const SIZE: usize = 64 << 20;
+        echo_through(near, SIZE, 7).await;
+
+        // Every node of the chain carried every byte both ways; the one left out none.
+        for (i, name) in names.iter().enumerate() {
+            let counted = nodes[i].stats.chain_bytes(&tunnel_id);
+            if chain.nodes.iter().any(|n| n == name) {
+                let (toward_endpoint, toward_requester) = counted.expect("counted");
+                assert_eq!(toward_endpoint, SIZE as u64, "{name} toward the endpoint");
+                assert_eq!(toward_requester, SIZE as u64, "{name} toward the requester");
+            } else {
+                assert_eq!(counted, None, "{name} is not on the chain");
+            }
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn refusals_carry_their_codes() {
+    deadline(LIMIT, async {
+        let hub = start_hub(0).await;
+        let (da, de, dz) = (
+            tempfile::tempdir().unwrap(),
+            tempfile::tempdir().unwrap(),
+            tempfile::tempdir().unwrap(),
+        );
+        let a = start_node(&hub, "a", 2, da.path()).await;
+        let e = start_node(&hub, "e", 3, de.path()).await;
+        let echo = echo_server().await;
+
+        // No front subscribed at the endpoint: refused at once.
+        let r = open_chain(a.api, "e", "x1").await.expect_err("no front");
+        assert_eq!(r.code, Some(6005), "{r:?}");
+
+        // The endpoint's front says no.
+        let front = endpoint_front(e.api, false, echo.addr).await;
+        let r = open_chain(a.api, "e", "x2").await.expect_err("denied");
+        assert_eq!(r.code, Some(6005), "{r:?}");
+        assert!(r.reason.contains("not you"), "{r:?}");
+        front.abort();
+
+        // Nobody by that name.
+        let r = open_chain(a.api, "nobody", "x3")
+            .await
+            .expect_err("unknown");
+        assert_eq!(r.code, Some(6003), "{r:?}");
+
+        // An account without a session: offline.
+        let z = start_node(&hub, "z", 4, dz.path()).await;
+        z.stop().await.expect("clean stop");
+        let r = open_chain(a.api, "z", "x4").await.expect_err("offline");
+        assert_eq!(r.code, Some(6004), "{r:?}");
+
+        // Nothing is left on the hub, and the requester has no chain.
+        assert!(hub.state.chains().is_empty());
+        drop(e);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn killing_an_intermediate_closes_both_ends() {
+    deadline(LIMIT, async {
+        let hub = start_hub(1).await;
+        let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().expect("dir")).collect();
+        let a = start_node(&hub, "a", 2, dirs[0].path()).await;
+        let b = start_node(&hub, "b", 3, dirs[1].path()).await;
+        let e = start_node(&hub, "e", 4, dirs[2].path()).await;
+        // The endpoint side is the test itself, so it can watch its end too.
+        let service = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let _front = endpoint_front(e.api, true, service.local_addr().unwrap()).await;
+        let (_owner, mut near, tunnel_id) = open_chain(a.api, "e", "k").await.expect("chain");
+        let (mut far, _) = service.accept().await.unwrap();
+        assert_eq!(
+            hub.state.chains()[0].nodes,
+            vec!["a".to_string(), "b".into(), "e".into()]
+        );
+
+        // Traffic flows both ways, then the intermediate dies mid-transfer.
+        near.write_all(b"ping").await.unwrap();
+        let mut buf = [0u8; 4];
+        far.read_exact(&mut buf).await.unwrap();
+        far.write_all(b"pong").await.unwrap();
+        near.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"pong");
+        near.write_all(&[1u8; 1000]).await.unwrap();
+        b.kill().await;
+
+        // Both ends see their connection end (reads drain what was in flight, then stop).
+        for s in [&mut near, &mut far] {
+            let mut sink = vec![0u8; 4096];
+            deadline(Duration::from_secs(10), async {
+                while let Ok(n) = s.read(&mut sink).await
+                    && n > 0
+                {}
+            })
+            .await;
+        }
+        // The hub forgot the chain, and so did both remaining nodes.
+        poll_until(|| hub.state.chains().is_empty()).await;
+        for api in [a.api, e.api] {
+            let mut f2 = FrontClient::connect(api).await.unwrap();
+            f2.send(&FrontMessage::List {}).await.unwrap();
+            loop {
+                if let FrontMessage::Tubes { items } = f2.recv().await.unwrap() {
+                    assert!(items.iter().all(|t| t.tunnel_id != tunnel_id), "{items:?}");
+                    break;
+                }
+            }
+        }
+    })
+    .await;
+}
+
+/// Waits (polling the hub's state, which has no change events) until `cond` holds.
+async fn poll_until(cond: impl Fn() -> bool) {
+    deadline(Duration::from_secs(20), async {
+        while !cond() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+}
+
+/// A node whose every step the test scripts, speaking the real hub protocol over TLS.
+struct ScriptedNode {
+    conn: tube_net::codec::HandshakeConn<tube_net::tokio_rustls::client::TlsStream<TcpStream>>,
+}
+
+async fn connect_from(bind: IpAddr, addr: SocketAddr) -> TcpStream {
+    let s = TcpSocket::new_v4().unwrap();
+    s.bind(SocketAddr::new(bind, 0)).unwrap();
+    s.connect(addr).await.expect("connect")
+}
+
+impl ScriptedNode {
+    async fn register(hub: &TestHub, name: &str, octet: u8) -> Self {
+        let tcp = connect_from(ip(octet), hub.addr).await;
+        let cfg = tls::pinned_client_config(hub.fingerprint).unwrap();
+        let tls = TlsConnector::from(cfg)
+            .connect(tls::server_name(), tcp)
+            .await
+            .expect("tls");
+        let mut node = Self {
+            conn: handshake_conn(tls),
+        };
+        node.send(HubMessage::Register {
+            version: CHAIN_PROTOCOL_VERSION.into(),
+            name: name.into(),
+            relay: false,
+        })
+        .await;
+        match node.recv().await {
+            HubMessage::RegisterResult {
+                is_success: true, ..
+            } => node,
+            other => panic!("register failed: {other:?}"),
+        }
+    }
+
+    async fn send(&mut self, m: HubMessage) {
+        self.conn
+            .send(Frame::Control(m.to_bytes()))
+            .await
+            .expect("send");
+    }
+
+    async fn recv(&mut self) -> HubMessage {
+        match self.conn.next().await {
+            Some(Ok(Frame::Control(b))) => HubMessage::from_bytes(&b).expect("hub message"),
+            other => panic!("hub connection: {other:?}"),
+        }
+    }
+}
+
+/// Reads until the peer closes; true if it did within 10 s.
+async fn closed_by_peer(s: &mut TcpStream) -> bool {
+    ended(s, Duration::from_secs(10)).await.is_some()
+}
+
+#[tokio::test]
+async fn hop_port_refuses_strangers_and_wrong_secrets_then_takes_the_right_hop() {
+    deadline(LIMIT, async {
+        let hub = start_hub(0).await;
+        let da = tempfile::tempdir().unwrap();
+        let a = start_node(&hub, "a", 2, da.path()).await;
+        let mut s = ScriptedNode::register(&hub, "s", 7).await;
+
+        let chain =
+            tokio::spawn(async move { open_chain(a.api, "s", "hop").await.map(|c| (c, a)) });
+        let (id, tunnel_id) = match s.recv().await {
+            HubMessage::RequestConnection { id, tunnel_id, .. } => (id, tunnel_id),
+            other => panic!("expected request_connection, got {other:?}"),
+        };
+        s.send(HubMessage::RequestConnectionResult {
+            id,
+            tunnel_id: tunnel_id.clone(),
+            is_allowed: true,
+            reason: String::new(),
+        })
+        .await;
+        let (id, from, secret) = match s.recv().await {
+            HubMessage::MakeTube {
+                id,
+                from: Some(from),
+                to: None,
+                secret_out: Some(secret),
+                ..
+            } => (id, from.parse::<SocketAddr>().unwrap(), secret),
+            other => panic!("expected make_tube as endpoint, got {other:?}"),
+        };
+        let tunnel = parse_tunnel_id(&tunnel_id).unwrap();
+        let secret = secret.to_bytes().unwrap();
+
+        // 1. The right preamble from the wrong address: closed.
+        let mut stranger = connect_from(ip(9), from).await;
+        let _ = stranger.write_all(&encode_hop_hello(tunnel, secret)).await;
+        assert!(
+            closed_by_peer(&mut stranger).await,
+            "stranger's connection closed"
+        );
+        // 2. The right address with a wrong secret: closed.
+        let mut forged = connect_from(ip(7), from).await;
+        let mut wrong = secret;
+        wrong[0] ^= 1;
+        forged
+            .write_all(&encode_hop_hello(tunnel, wrong))
+            .await
+            .unwrap();
+        assert!(closed_by_peer(&mut forged).await, "wrong secret closed");
+        // 3. The right hop still gets in, and carries bytes.
+        let mut hop = connect_from(ip(7), from).await;
+        hop.write_all(&encode_hop_hello(tunnel, secret))
+            .await
+            .unwrap();
+        hop.write_all(b"hello from the endpoint").await.unwrap();
+        s.send(HubMessage::MakeTubeResult {
+            id,
+            tunnel_id: tunnel_id.clone(),
+            is_allowed: true,
+            port: None,
+            reason: String::new(),
+        })
+        .await;
+        let ((_owner, mut near, up_id), a) = chain.await.unwrap().expect("chain up");
+        assert_eq!(up_id, tunnel_id);
+        let mut buf = [0u8; 23];
+        near.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"hello from the endpoint");
+        near.write_all(b"and back").await.unwrap();
+        let mut back = [0u8; 8];
+        hop.read_exact(&mut back).await.unwrap();
+        assert_eq!(&back, b"and back");
+        assert_eq!(a.stats.refused_hops(), 2, "both bad connections counted");
+    })
+    .await;
+}
+
+fn read_password(config: &NodeConfig) -> String {
+    std::fs::read_to_string(config.password_path()).expect("password file")
+}
+
+#[tokio::test]
+async fn rotated_passwords_survive_restarts_and_a_crash_before_storing() {
+    deadline(LIMIT, async {
+        let hub = start_hub(0).await;
+        let dir = tempfile::tempdir().unwrap();
+        let config = node_config(&hub, "r", 2, dir.path());
+
+        // First start registers and stores password 1.
+        spawn_node(config.clone()).await.online_then_stop().await;
+        let p1 = read_password(&config);
+        // A restart logs in with 1 and stores 2.
+        spawn_node(config.clone()).await.online_then_stop().await;
+        let p2 = read_password(&config);
+        assert_ne!(p1, p2, "each login rotates the password");
+
+        // Crash right after the hub rotated: the node logs in with 2, the hub issues 3, and
+        // the node dies before storing it (the file still holds 2).
+        spawn_node(config.clone()).await.online_then_stop().await;
+        let p3 = read_password(&config);
+        assert_ne!(p3, p2);
+        std::fs::write(config.password_path(), &p2).unwrap();
+        // It can still log in with 2 (the hub keeps the previous password until the new one is
+        // used), and gets 4.
+        spawn_node(config.clone()).await.online_then_stop().await;
+        let p4 = read_password(&config);
+        assert!(p4 != p2 && p4 != p3);
+        // The next normal restart uses 4 (and gets 5): from then on 2 is void too.
+        spawn_node(config.clone()).await.online_then_stop().await;
+        let p5 = read_password(&config);
+
+        // Every used or voided password is refused for good, as final (4 stays valid, as the
+        // previous one, until 5 is used).
+        for old in [&p1, &p2, &p3] {
+            std::fs::write(config.password_path(), old).unwrap();
+            let node = spawn_node(config.clone()).await;
+            let err = deadline(LIMIT, node.task_result())
+                .await
+                .expect_err("refused");
+            assert!(
+                matches!(err, NodeError::Hub { code: 6001, .. }),
+                "expected 6001, got {err}"
+            );
+            assert!(err.is_final());
+        }
+        // The current one still works.
+        std::fs::write(config.password_path(), &p5).unwrap();
+        spawn_node(config.clone()).await.online_then_stop().await;
+    })
+    .await;
+}
+
+impl TestNode {
+    async fn online_then_stop(self) {
+        self.online().await;
+        self.stop().await.expect("clean stop");
+    }
+
+    async fn task_result(mut self) -> Result<(), NodeError> {
+        (&mut self.task).await.expect("node task")
+    }
+}
+
+#[tokio::test]
+async fn logout_ends_the_session_and_its_chains() {
+    deadline(LIMIT, async {
+        let hub = start_hub(0).await;
+        let (da, de) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let a = start_node(&hub, "a", 2, da.path()).await;
+        let e = start_node(&hub, "e", 3, de.path()).await;
+        let echo = echo_server().await;
+        let _front = endpoint_front(e.api, true, echo.addr).await;
+        let (mut owner, mut near, tunnel_id) = open_chain(a.api, "e", "l").await.expect("chain");
+        assert_eq!(hub.state.online(), vec!["a".to_string(), "e".into()]);
+
+        e.stop().await.expect("logout and stop");
+        assert_eq!(hub.state.online(), vec!["a".to_string()], "e logged out");
+        // Node 0's front is told, and its end of the chain closes.
+        loop {
+            if let FrontMessage::Closed { tunnel_id: t, .. } = owner.recv().await.unwrap() {
+                assert_eq!(t, tunnel_id);
+                break;
+            }
+        }
+        assert!(closed_by_peer(&mut near).await);
+        assert!(hub.state.chains().is_empty());
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_chains_between_several_pairs() {
+    deadline(LIMIT, async {
+        let hub = start_hub(1).await;
+        let dirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().expect("dir")).collect();
+        let names = ["a", "b", "c", "d"];
+        let mut nodes = Vec::new();
+        for (i, name) in names.iter().enumerate() {
+            nodes.push(start_node(&hub, name, 2 + i as u8, dirs[i].path()).await);
+        }
+        let echo = echo_server().await;
+        let mut fronts = Vec::new();
+        for n in &nodes {
+            fronts.push(endpoint_front(n.api, true, echo.addr).await);
+        }
+        // Twelve chains at once: every ordered pair of distinct nodes.
+        let mut transfers = Vec::new();
+        let mut k = 0u64;
+        for (i, from) in nodes.iter().enumerate() {
+            for (j, to) in names.iter().enumerate() {
+                if i == j {
+                    continue;
+                }
+                k += 1;
+                let api = from.api;
+                let to = to.to_string();
+                transfers.push(tokio::spawn(async move {
+                    let local_id = format!("c{k}");
+                    let (_owner, near, _) = open_chain(api, &to, &local_id).await.expect("chain");
+                    echo_through(near, 2 << 20, k).await;
+                }));
+            }
+        }
+        for t in transfers {
+            t.await.expect("transfer intact");
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn nodes_reconnect_after_a_hub_restart_and_chains_work_again() {
+    deadline(LIMIT, async {
+        let hub = start_hub(0).await;
+        let (da, de) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let mut nodes = Vec::new();
+        for (name, octet, dir) in [("a", 2, &da), ("e", 3, &de)] {
+            let mut c = node_config(&hub, name, octet, dir.path());
+            c.reconnect.initial = Duration::from_millis(50);
+            let n = spawn_node(c).await;
+            n.online().await;
+            nodes.push(n);
+        }
+        let hub = hub.restart().await;
+        for n in &nodes {
+            let mut w = n.stats.sessions();
+            deadline(LIMIT, w.wait_for(|s| s.logins >= 2 && s.online))
+                .await
+                .expect("logged in again");
+        }
+        let echo = echo_server().await;
+        let _front = endpoint_front(nodes[1].api, true, echo.addr).await;
+        let (_owner, near, _) = open_chain(nodes[0].api, "e", "again").await.expect("chain");
+        echo_through(near, 1 << 20, 3).await;
+        assert_eq!(hub.state.online(), vec!["a".to_string(), "e".into()]);
+    })
+    .await;
+}

@@ -1,0 +1,523 @@
+//! Chains on the real `tube` binary: a `tube hub`, four `tube node`s on distinct loopback
+//! addresses, `tube chain accept` on the endpoint and `tube chain connect` on the requester
+//! piping bytes byte-exact through two intermediates to an echo server; the stdout contract
+//! lines of hub and nodes; the one-line refusals of `connect` (unknown node, no front); and a
+//! node refusing a front API that is not on loopback.
+//!
+//! Every test runs under a deadline and synchronises on events (stdout contract lines, log
+//! lines on stderr, process exits); the only retry loop is `connect` while the endpoint's
+//! `accept` has not subscribed yet, which prints nothing. Processes are killed when their
+//! handle drops.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, ChildStdout, Command};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tube_testkit::*;
+
+const TUBE: &str = env!("CARGO_BIN_EXE_tube");
+
+/// Deadline of every test body (generous: a 2-core machine may be compiling meanwhile).
+const LIMIT: Duration = Duration::from_secs(120);
+
+/// How long one expected stdout or stderr line may take.
+const LINE_LIMIT: Duration = Duration::from_secs(30);
+
+/// How many times `connect` is retried while the endpoint has no subscribed front yet.
+const CONNECT_ATTEMPTS: usize = 200;
+
+/// Bytes piped through the chain.
+const PAYLOAD: usize = 4 << 20;
+
+/// A `tube` process killed on drop (`kill_on_drop`): stdout read line by line (or raw),
+/// stderr collected continuously in the background so the child never blocks on a full
+/// pipe, with a watch channel ticking at every new stderr line.
+struct Proc {
+    child: Child,
+    out: tokio::io::Lines<BufReader<ChildStdout>>,
+    err: Arc<Mutex<String>>,
+    /// Ticks at every stderr line; closed once the child's stderr ends (it exited).
+    err_seen: watch::Receiver<usize>,
+    err_task: Option<JoinHandle<()>>,
+}
+
+impl Proc {
+    /// Starts `tube args...` with stdin from /dev/null.
+    fn spawn(args: &[&str]) -> Self {
+        Self::spawn_with(args, Stdio::null())
+    }
+
+    /// Starts `tube args...` with `RUST_LOG=info` and the given stdin.
+    fn spawn_with(args: &[&str], stdin: Stdio) -> Self {
+        let mut child = Command::new(TUBE)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(stdin)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn tube");
+        let out = BufReader::new(child.stdout.take().expect("stdout")).lines();
+        let stderr = child.stderr.take().expect("stderr");
+        let err = Arc::new(Mutex::new(String::new()));
+        let (tick, err_seen) = watch::channel(0usize);
+        let sink = err.clone();
+        let err_task = tokio::spawn(async move {
+            let mut r = BufReader::new(stderr);
+            let mut line = Vec::new();
+            loop {
+                line.clear();
+                match r.read_until(b'\n', &mut line).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {
+                        sink.lock()
+                            .expect("stderr lock")
+                            .push_str(&String::from_utf8_lossy(&line));
+                        tick.send_modify(|n| *n += 1);
+                    }
+                }
+            }
+            // Dropping `tick` closes the channel: waiters learn that stderr ended.
+        });
+        Self {
+            child,
+            out,
+            err,
+            err_seen,
+            err_task: Some(err_task),
+        }
+    }
+
+    /// The next stdout line, or `None` once the process closed its stdout (it exited).
+    async fn next_line(&mut self) -> Option<String> {
+        match tokio::time::timeout(LINE_LIMIT, self.out.next_line()).await {
+            Ok(r) => r.expect("read stdout"),
+            Err(_) => panic!(
+                "no stdout line within {LINE_LIMIT:?}; stderr so far:\n{}",
+                self.stderr_now()
+            ),
+        }
+    }
+
+    /// The next stdout line; the test fails if the process ends first.
+    async fn line(&mut self) -> String {
+        match self.next_line().await {
+            Some(l) => l,
+            None => panic!("stdout ended; stderr:\n{}", self.wait_stderr().await),
+        }
+    }
+
+    /// What the process wrote on stderr so far.
+    fn stderr_now(&self) -> String {
+        self.err.lock().expect("stderr lock").clone()
+    }
+
+    /// Waits for a stderr line containing `needle`: `Ok(line)`, or `Err(all of stderr)` if
+    /// the process closed its stderr (exited) without writing one.
+    async fn stderr_line(&mut self, needle: &str) -> Result<String, String> {
+        let wait = async {
+            loop {
+                // Mark everything up to now as seen before looking, so no line is missed.
+                self.err_seen.borrow_and_update();
+                let found = self
+                    .stderr_now()
+                    .lines()
+                    .find(|l| l.contains(needle))
+                    .map(str::to_owned);
+                if let Some(l) = found {
+                    return Ok(l);
+                }
+                if self.err_seen.changed().await.is_err() {
+                    // Stderr ended; read what arrived with the last tick.
+                    let all = self.stderr_now();
+                    return match all.lines().find(|l| l.contains(needle)) {
+                        Some(l) => Ok(l.to_owned()),
+                        None => Err(all),
+                    };
+                }
+            }
+        };
+        match tokio::time::timeout(LINE_LIMIT, wait).await {
+            Ok(r) => r,
+            Err(_) => panic!(
+                "no stderr line with {needle:?} within {LINE_LIMIT:?}; stderr so far:\n{}",
+                self.stderr_now()
+            ),
+        }
+    }
+
+    /// Waits for the process to exit; its status and all of its stderr.
+    async fn wait_exit(&mut self) -> (ExitStatus, String) {
+        let status = match tokio::time::timeout(LINE_LIMIT, self.child.wait()).await {
+            Ok(s) => s.expect("wait for tube"),
+            Err(_) => panic!(
+                "tube did not exit within {LINE_LIMIT:?}; stderr so far:\n{}",
+                self.stderr_now()
+            ),
+        };
+        if let Some(t) = self.err_task.take() {
+            let _ = t.await;
+        }
+        (status, self.stderr_now())
+    }
+
+    /// Waits for the process to exit and returns all of its stderr.
+    async fn wait_stderr(&mut self) -> String {
+        self.wait_exit().await.1
+    }
+
+    /// SIGTERM, the way an operator stops it; waits for the exit and returns every stdout
+    /// line it had not read yet.
+    async fn stop(&mut self) -> Vec<String> {
+        if let Some(pid) = self.child.id() {
+            let _ = Command::new("kill").arg(pid.to_string()).status().await;
+        }
+        let mut rest = Vec::new();
+        while let Some(l) = self.next_line().await {
+            rest.push(l);
+        }
+        self.wait_exit().await;
+        rest
+    }
+}
+
+/// The rest of `line` after `prefix`.
+fn field(line: &str, prefix: &str) -> String {
+    line.strip_prefix(prefix)
+        .unwrap_or_else(|| panic!("expected {prefix:?}, got {line:?}"))
+        .to_string()
+}
+
+/// Checks `line` is one of the hub's and node's stdout contract lines: `listening control
+/// <addr>`, `listening api <addr>` (a real port) or `fingerprint sha256:<64 hex>`.
+fn assert_contract_line(line: &str) {
+    if let Some(addr) = line
+        .strip_prefix("listening control ")
+        .or_else(|| line.strip_prefix("listening api "))
+    {
+        let a: SocketAddr = addr
+            .parse()
+            .unwrap_or_else(|e| panic!("not an address ({e}) in {line:?}"));
+        assert_ne!(a.port(), 0, "the real port, not 0: {line:?}");
+    } else if let Some(hex) = line.strip_prefix("fingerprint sha256:") {
+        assert!(
+            hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()),
+            "64 hex digits: {line:?}"
+        );
+    } else {
+        panic!("not a contract line on stdout: {line:?}");
+    }
+}
+
+/// A canonical tunnel id: lowercase hyphenated UUID (8-4-4-4-12).
+fn is_uuid(s: &str) -> bool {
+    let groups: Vec<&str> = s.split('-').collect();
+    groups.iter().map(|g| g.len()).eq([8, 4, 4, 4, 12])
+        && groups.iter().all(|g| {
+            g.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        })
+}
+
+/// The last non-empty line of `text`.
+fn last_line(text: &str) -> &str {
+    text.trim_end().lines().last().unwrap_or_default()
+}
+
+/// A running `tube hub` and what it printed.
+struct Hub {
+    proc: Proc,
+    control: String,
+    fingerprint: String,
+}
+
+impl Hub {
+    async fn start(dir: &Path) -> Self {
+        let d = dir.to_str().expect("utf-8 dir");
+        let mut proc = Proc::spawn(&["hub", "--listen", "127.0.0.1:0", "--data-dir", d]);
+        let first = proc.line().await;
+        assert_contract_line(&first);
+        let control = field(&first, "listening control ");
+        assert!(control.starts_with("127.0.0.1:"), "{control}");
+        let second = proc.line().await;
+        assert_contract_line(&second);
+        let fingerprint = field(&second, "fingerprint ");
+        Self {
+            proc,
+            control,
+            fingerprint,
+        }
+    }
+}
+
+/// A running `tube node`, its front API address and its data dir.
+struct Node {
+    proc: Proc,
+    api: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Node {
+    /// Starts `tube node --name name --bind bind` on `hub`, with a front API on
+    /// 127.0.0.1:0 and its own data dir, and reads its `listening api` line.
+    async fn start(hub: &Hub, name: &str, bind: &str) -> Self {
+        let dir = tempfile::tempdir().expect("node data dir");
+        let d = dir.path().to_str().expect("utf-8 dir");
+        let mut proc = Proc::spawn(&[
+            "node",
+            "--hub",
+            &hub.control,
+            "--hub-fingerprint",
+            &hub.fingerprint,
+            "--name",
+            name,
+            "--bind",
+            bind,
+            "--api",
+            "127.0.0.1:0",
+            "--data-dir",
+            d,
+        ]);
+        let line = proc.line().await;
+        assert_contract_line(&line);
+        let api = field(&line, "listening api ");
+        assert!(api.starts_with("127.0.0.1:"), "{name}: {api}");
+        Self {
+            proc,
+            api,
+            _dir: dir,
+        }
+    }
+
+    /// Waits until the node has logged in to the hub (its log line on stderr).
+    async fn logged_in(&mut self) {
+        if let Err(err) = self.proc.stderr_line("logged in to the hub").await {
+            panic!("the node ended before logging in; stderr:\n{err}");
+        }
+    }
+}
+
+/// Starts the hub's nodes `names[i]` bound to `binds[i]` and waits until all are logged in.
+async fn nodes(hub: &Hub, names: &[&str], binds: &[&str]) -> Vec<Node> {
+    let mut ns = Vec::new();
+    for (name, bind) in names.iter().zip(binds) {
+        ns.push(Node::start(hub, name, bind).await);
+    }
+    for n in &mut ns {
+        n.logged_in().await;
+    }
+    ns
+}
+
+/// Runs `tube chain --api api args...` with stdin from /dev/null to its end.
+async fn chain(api: &str, args: &[&str]) -> std::process::Output {
+    let run = Command::new(TUBE)
+        .args(["chain", "--api", api])
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    match tokio::time::timeout(LINE_LIMIT, run).await {
+        Ok(out) => out.expect("run tube chain"),
+        Err(_) => panic!("tube chain {args:?} did not finish within {LINE_LIMIT:?}"),
+    }
+}
+
+/// `tube chain --api api list`: its stdout lines.
+async fn list(api: &str) -> Vec<String> {
+    let out = chain(api, &["list"]).await;
+    assert!(
+        out.status.success(),
+        "tube chain list failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .expect("utf-8 list")
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Stops `proc` with SIGTERM and checks every stdout line it printed after the ones already
+/// read is a contract line too.
+async fn stop_checking_contract(proc: &mut Proc) {
+    for line in proc.stop().await {
+        assert_contract_line(&line);
+    }
+}
+
+#[tokio::test]
+async fn chain_cli_connect_echoes_bytes_through_two_intermediates() {
+    deadline(LIMIT, async {
+        let hub_dir = tempfile::tempdir().expect("hub data dir");
+        let mut hub = Hub::start(hub_dir.path()).await;
+        let mut ns = nodes(
+            &hub,
+            &["n2", "n3", "n4", "n5"],
+            &["127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"],
+        )
+        .await;
+        let apis: Vec<String> = ns.iter().map(|n| n.api.clone()).collect();
+
+        let svc = echo_server().await;
+        let forward = svc.addr.to_string();
+        let mut accept = Proc::spawn(&[
+            "chain",
+            "--api",
+            &apis[3],
+            "accept",
+            "--forward",
+            &forward,
+            "--allow",
+            "n2",
+        ]);
+
+        // `accept` prints nothing once subscribed: retry while the endpoint has no front.
+        // The chain is open (and held open by the still-open stdin) once `connect` logs
+        // `chain established`.
+        let mut attempts = 0;
+        let mut conn = loop {
+            attempts += 1;
+            let mut c = Proc::spawn_with(
+                &["chain", "--api", &apis[0], "connect", "n5"],
+                Stdio::piped(),
+            );
+            match c.stderr_line("chain established").await {
+                Ok(_) => break c,
+                Err(_) => {
+                    let (status, err) = c.wait_exit().await;
+                    let last = last_line(&err);
+                    assert!(
+                        !status.success()
+                            && last.starts_with("error 6005 DENIED")
+                            && last.contains("no front"),
+                        "connect failed otherwise than `no front` ({status}):\n{err}"
+                    );
+                    assert!(
+                        attempts < CONNECT_ATTEMPTS,
+                        "accept never subscribed after {attempts} connects; accept's stderr:\n{}",
+                        accept.stderr_now()
+                    );
+                }
+            }
+        };
+
+        let line = accept.line().await;
+        let parts: Vec<&str> = line.split(' ').collect();
+        assert!(
+            parts.len() == 3 && parts[0] == "chain" && is_uuid(parts[1]) && parts[2] == forward,
+            "expected `chain <uuid> {forward}`, got {line:?}"
+        );
+        let id = parts[1].to_string();
+
+        // The chain goes through both other nodes: each node lists it with its role.
+        for (api, role) in
+            apis.iter()
+                .zip(["requester", "intermediate", "intermediate", "endpoint"])
+        {
+            let lines = list(api).await;
+            assert!(
+                lines
+                    .iter()
+                    .any(|l| l.starts_with(&format!("{id} {role} "))),
+                "the node at {api} lists {id} as {role}: {lines:?}"
+            );
+        }
+
+        let mut stdin = conn.child.stdin.take().expect("connect's stdin");
+        let write = async move {
+            let h = write_pattern(&mut stdin, PAYLOAD, 0x7b0e_c4a1).await;
+            // Closing stdin ends the upstream direction; the echo server then ends its side.
+            drop(stdin);
+            h
+        };
+        let read = read_hash(conn.out.get_mut());
+        let (sent, (n, got)) = tokio::join!(write, read);
+        assert_eq!(n, PAYLOAD, "every byte came back");
+        assert_eq!(got, sent, "the echoed bytes are byte-exact (sha256)");
+        let (status, err) = conn.wait_exit().await;
+        assert!(
+            status.success(),
+            "connect exits 0 at the chain's end: {status}\n{err}"
+        );
+
+        // Nothing but contract lines on the servers' stdout, up to their exit.
+        drop(accept);
+        for n in &mut ns {
+            stop_checking_contract(&mut n.proc).await;
+        }
+        stop_checking_contract(&mut hub.proc).await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn chain_cli_refusals_print_one_error_line() {
+    deadline(LIMIT, async {
+        let hub_dir = tempfile::tempdir().expect("hub data dir");
+        let mut hub = Hub::start(hub_dir.path()).await;
+        let mut ns = nodes(&hub, &["n2", "n3"], &["127.0.0.2", "127.0.0.3"]).await;
+        let api = ns[0].api.clone();
+
+        for (endpoint, want) in [
+            ("nobody", "error 6003 UNKNOWN_NODE"),
+            // Online, but nothing runs `tube chain accept` there.
+            ("n3", "error 6005 DENIED"),
+        ] {
+            let out = chain(&api, &["connect", endpoint]).await;
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                !out.status.success(),
+                "connect {endpoint} fails: {}\n{err}",
+                out.status
+            );
+            assert!(out.stdout.is_empty(), "nothing on stdout: {:?}", out.stdout);
+            let last = last_line(&err);
+            assert!(
+                last.starts_with(want),
+                "connect {endpoint}: {want}...: {err}"
+            );
+            let errors = err.lines().filter(|l| l.starts_with("error")).count();
+            assert_eq!(errors, 1, "one error line: {err}");
+        }
+
+        for n in &mut ns {
+            stop_checking_contract(&mut n.proc).await;
+        }
+        stop_checking_contract(&mut hub.proc).await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn node_refuses_a_non_loopback_api() {
+    deadline(LIMIT, async {
+        let dir = tempfile::tempdir().expect("node data dir");
+        let zeros = format!("sha256:{}", "0".repeat(64));
+        let run = Command::new(TUBE)
+            .args(["node", "--hub", "127.0.0.1:1", "--hub-fingerprint", &zeros])
+            .args(["--name", "n2", "--api", "0.0.0.0:0", "--data-dir"])
+            .arg(dir.path())
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output();
+        let out = run.await.expect("run tube node");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "exits non-zero: {}", out.status);
+        assert!(out.stdout.is_empty(), "no contract line: {:?}", out.stdout);
+        let last = last_line(&err);
+        assert!(
+            last.starts_with("error") && last.contains("loopback"),
+            "one error line about loopback: {err}"
+        );
+    })
+    .await;
+}
