@@ -7,7 +7,7 @@
 //! `establish_connection`) and the fronts' lines (`docs/protocols/chain.md` sections 5 to 8).
 //!
 //! Layout: this file holds the configuration, the errors, the session loop and the shared
-//! state; [`front`] serves one front API connection; [`hop`] carries out `make_tube`
+//! state; `front` serves one front API connection; `hop` carries out `make_tube`
 //! (dials, hop listeners with their IP and secret checks, splicing).
 //!
 //! A lost hub session closes every chain and is followed by a new one after a backoff; the
