@@ -13,6 +13,7 @@
 //! - [`ratelimit`]: keyed token-bucket rate limits (seed 001, section 5.2).
 //! - [`cidr`]: address ranges for tunnel allow-lists.
 //! - [`chain`]: the chain service's codecs (seed 000): hub messages, front API, hop preamble.
+//! - [`mailbox`]: the mailbox root packets (seed 003).
 //! - [`time`]: RFC 3339 timestamps.
 
 pub mod backoff;
@@ -23,6 +24,7 @@ pub mod flow;
 pub mod frame;
 pub mod heartbeat;
 pub mod lifecycle;
+pub mod mailbox;
 pub mod ratelimit;
 pub mod time;
 
