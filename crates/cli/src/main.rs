@@ -7,6 +7,7 @@ mod config;
 mod expose;
 mod hub;
 mod logging;
+mod mailbox;
 mod relay;
 
 use std::path::PathBuf;
@@ -44,6 +45,10 @@ enum Command {
     Hub(hub::HubArgs),
     /// Run a chain node: the per-user daemon with its local front API.
     Node(hub::NodeArgs),
+    /// Run a mailbox peer: keeps messages for its clients in RAM and pushes them.
+    Peer(mailbox::PeerArgs),
+    /// The mailbox client: init, id, listen, fetch, send, code, contacts.
+    Msg(mailbox::MsgArgs),
     /// Use a chain through a node's local API: connect, listen, accept, list, close.
     Chain(chain::ChainArgs),
 }
@@ -70,6 +75,8 @@ fn main() -> ExitCode {
             Command::Expose(args) => expose::run(args, shutdown).await,
             Command::Hub(args) => hub::run_hub(args, shutdown).await,
             Command::Node(args) => hub::run_node(args, shutdown).await,
+            Command::Peer(args) => mailbox::run_peer(args, shutdown).await,
+            Command::Msg(args) => mailbox::run_msg(args, shutdown).await,
             Command::Chain(args) => chain::run(args, shutdown).await,
         }
     });

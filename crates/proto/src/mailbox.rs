@@ -382,9 +382,7 @@ mod tests {
                 cert: Bytes::from_static(b"\x30\x82certificate"),
             },
             Packet::Challenge { nonce: [7; 32] },
-            Packet::Proof {
-                signature: [9; 64],
-            },
+            Packet::Proof { signature: [9; 64] },
             Packet::Deliver {
                 to: [1; 32],
                 id: [2; 16],
@@ -439,7 +437,10 @@ mod tests {
     fn a_huge_length_is_refused_from_the_header() {
         let mut buf = BytesMut::from(&[8u8, 0xff, 0xff, 0xff, 0xff][..]);
         assert_eq!(decode(&mut buf), Err(PacketError::TooLong(u32::MAX)));
-        assert!(buf.capacity() < 1024, "nothing reserved for the claimed length");
+        assert!(
+            buf.capacity() < 1024,
+            "nothing reserved for the claimed length"
+        );
     }
 
     #[test]
@@ -455,8 +456,14 @@ mod tests {
             (&[2, 0, 0, 0, 0], PacketError::Malformed("register")),
             (&[2, 0, 0, 0, 1, 0], PacketError::Malformed("register")),
             (&[2, 0, 0, 0, 2, 0, 0], PacketError::Malformed("register")),
-            (&[2, 0, 0, 0, 3, 0, 2, 1], PacketError::Malformed("register")),
-            (&[2, 0, 0, 0, 4, 0, 1, 1, 1], PacketError::Malformed("register")),
+            (
+                &[2, 0, 0, 0, 3, 0, 2, 1],
+                PacketError::Malformed("register"),
+            ),
+            (
+                &[2, 0, 0, 0, 4, 0, 1, 1, 1],
+                PacketError::Malformed("register"),
+            ),
             (&[13, 0, 0, 0, 2, 0, 0], PacketError::Malformed("cert")),
             (&[3, 0, 0, 0, 1, 0], PacketError::Malformed("challenge")),
             (&[4, 0, 0, 0, 0], PacketError::Malformed("proof")),
@@ -467,8 +474,14 @@ mod tests {
             (&[11, 0, 0, 0, 5], PacketError::Malformed("queue_end")),
             (&[12, 0, 0, 0, 31], PacketError::Malformed("cert_request")),
             (&[15, 0, 0, 0, 3], PacketError::Malformed("error")),
-            (&[15, 0, 0, 0, 5, 0x1b, 0x59, 0, 2, b'x'], PacketError::Malformed("error")),
-            (&[15, 0, 0, 0, 6, 0x1b, 0x59, 0, 2, 0xff, 0xfe], PacketError::Malformed("error")),
+            (
+                &[15, 0, 0, 0, 5, 0x1b, 0x59, 0, 2, b'x'],
+                PacketError::Malformed("error"),
+            ),
+            (
+                &[15, 0, 0, 0, 6, 0x1b, 0x59, 0, 2, 0xff, 0xfe],
+                PacketError::Malformed("error"),
+            ),
         ];
         for (bytes, want) in cases {
             // Pad so the payload is complete where the header says it is.
@@ -493,7 +506,10 @@ mod tests {
 
     #[test]
     fn error_codes_have_names() {
-        assert_eq!(MailboxError::name(MailboxError::QueueFull as u16), "QUEUE_FULL");
+        assert_eq!(
+            MailboxError::name(MailboxError::QueueFull as u16),
+            "QUEUE_FULL"
+        );
         assert_eq!(MailboxError::name(1), "UNKNOWN");
         let long = "é".repeat(MAX_ERROR_TEXT);
         let Packet::Error { message, .. } = Packet::error(MailboxError::Protocol, long) else {

@@ -1,0 +1,380 @@
+//! `tube peer` and `tube msg ...`: the mailbox service and its client (seed 003). The logic
+//! lives in `tube-mailbox`; this file parses flags, keeps the client's data dir (identity,
+//! contacts, the last peer used) and prints the contract lines.
+
+use std::io::Read as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio_util::sync::CancellationToken;
+use tube_mailbox::client::{self, Address, ClientConfig, Inbox, Opened, PeerAddr, Received};
+use tube_mailbox::contacts::Contacts;
+use tube_mailbox::crypto::Identity;
+use tube_mailbox::peer::{Peer, PeerConfig};
+
+/// The peer's default address.
+const DEFAULT_PEER_LISTEN: &str = "0.0.0.0:7839";
+
+/// The file in a client's data dir that remembers its own peer.
+const PEER_FILE: &str = "mailbox-peer";
+
+/// Flags of `tube peer`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct PeerArgs {
+    /// Address clients connect to.
+    #[arg(long, env = "TUBE_LISTEN", default_value = DEFAULT_PEER_LISTEN)]
+    listen: SocketAddr,
+    /// Serve TLS 1.3 with a certificate from the data dir (created on first start); clients
+    /// then put the printed fingerprint in the peer address (`host:port/<fingerprint>`).
+    #[arg(long)]
+    tls: bool,
+    /// Data dir for the TLS certificate (nothing else is ever written).
+    #[arg(long, env = "TUBE_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Messages queued per recipient at most.
+    #[arg(long, default_value_t = 1000)]
+    max_queue_messages: usize,
+    /// Bytes queued per recipient at most.
+    #[arg(long, default_value_t = 8 << 20)]
+    max_queue_bytes: usize,
+    /// Bytes queued for all recipients together at most.
+    #[arg(long, default_value_t = 256 << 20)]
+    max_total_bytes: usize,
+    /// Age after which an unfetched message is dropped.
+    #[arg(long, value_parser = crate::parse_duration, default_value = "7d")]
+    max_age: Duration,
+    /// A connection silent this long is closed.
+    #[arg(long, value_parser = crate::parse_duration, default_value = "5m")]
+    idle_timeout: Duration,
+    /// Registrations per minute, per source address and per fingerprint.
+    #[arg(long, default_value_t = 30)]
+    registrations_per_minute: u32,
+    /// Deliveries per minute, per source address and per recipient.
+    #[arg(long, default_value_t = 600)]
+    deliveries_per_minute: u32,
+}
+
+/// `tube msg`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct MsgArgs {
+    /// Data dir: the identity, contacts and the last peer used.
+    #[arg(long, global = true, env = "TUBE_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Deadline for each answer from a peer.
+    #[arg(long, global = true, value_parser = crate::parse_duration, default_value = "5s")]
+    timeout: Duration,
+    #[command(subcommand)]
+    command: MsgCommand,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum MsgCommand {
+    /// Create this client's identity (an Ed25519 key and a self-signed certificate).
+    Init,
+    /// Print this client's address for others: `<fingerprint>@<peer>`.
+    Id {
+        /// This client's peer, `host:port` or `host:port/<peer fingerprint>` for TLS.
+        #[arg(long)]
+        peer: String,
+    },
+    /// Register with the peer, print queued and pushed messages, acknowledge them.
+    Listen {
+        /// This client's peer.
+        #[arg(long)]
+        peer: String,
+        /// One JSON object per message.
+        #[arg(long)]
+        json: bool,
+        /// Keepalive interval.
+        #[arg(long, value_parser = crate::parse_duration, default_value = "2m")]
+        keepalive: Duration,
+    },
+    /// Print the queued messages, acknowledge them, exit.
+    Fetch {
+        /// This client's peer.
+        #[arg(long)]
+        peer: String,
+        /// One JSON object per message.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send a message (TEXT, or standard input) to ADDRESS; exits 0 once its peer stored it.
+    Send {
+        /// The recipient's address.
+        #[arg(long)]
+        to: String,
+        /// This client's own peer, for replies [default: the last one used].
+        #[arg(long)]
+        peer: Option<String>,
+        /// The text; read from standard input when absent.
+        text: Option<String>,
+    },
+    /// Show the 6-digit verification code with a correspondent.
+    Code {
+        /// The correspondent's address (or fingerprint).
+        #[arg(long)]
+        with: String,
+    },
+    /// List known correspondents.
+    Contacts,
+}
+
+pub(crate) async fn run_peer(args: PeerArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let mut config = PeerConfig {
+        max_queue_messages: args.max_queue_messages,
+        max_queue_bytes: args.max_queue_bytes,
+        max_total_bytes: args.max_total_bytes,
+        max_age: args.max_age,
+        idle_timeout: args.idle_timeout,
+        register_limit: tube_proto::ratelimit::RateLimit::per_minute(args.registrations_per_minute),
+        deliver_limit: tube_proto::ratelimit::RateLimit::per_minute(args.deliveries_per_minute),
+        ..PeerConfig::default()
+    };
+    if args.tls {
+        let dir = crate::data_dir(args.data_dir)?;
+        let (identity, _) =
+            tube_net::Identity::load_or_create(&dir, "peer").with_context(|| {
+                format!("error: loading the peer certificate from {}", dir.display())
+            })?;
+        config.tls = Some(identity);
+    }
+    let fingerprint = config.tls.as_ref().map(|i| i.fingerprint());
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("error: cannot listen on {}", args.listen))?;
+    println!("listening peer {}", listener.local_addr()?);
+    if let Some(fp) = fingerprint {
+        println!("fingerprint {fp}");
+    }
+    Peer::new(config).run(listener, shutdown).await?;
+    Ok(())
+}
+
+fn identity(dir: &Path) -> anyhow::Result<Identity> {
+    if !dir.join(tube_mailbox::crypto::KEY_FILE).exists() {
+        anyhow::bail!(
+            "error: no identity in {} (run `tube msg init --data-dir {}` first)",
+            dir.display(),
+            dir.display()
+        );
+    }
+    let (id, _) = Identity::load_or_create(dir)
+        .with_context(|| format!("error: loading the identity from {}", dir.display()))?;
+    Ok(id)
+}
+
+fn peer_addr(s: &str) -> anyhow::Result<PeerAddr> {
+    s.parse().map_err(|e| anyhow::anyhow!("error: --peer: {e}"))
+}
+
+/// Remembers our peer for `send` (client side; the peer itself writes nothing).
+fn remember_peer(dir: &Path, peer: &PeerAddr) -> anyhow::Result<()> {
+    tube_net::files::write_private_atomic(&dir.join(PEER_FILE), peer.to_string().as_bytes())
+        .with_context(|| format!("error: writing {}", dir.join(PEER_FILE).display()))
+}
+
+fn print(m: &Received, json: bool) {
+    if json {
+        if let Ok(line) = serde_json::to_string(m) {
+            println!("{line}");
+        }
+    } else {
+        // One line per message: newlines in the text would break that contract.
+        println!("{} {}", m.from, m.text.replace(['\n', '\r'], " "));
+    }
+}
+
+pub(crate) async fn run_msg(args: MsgArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let dir = crate::data_dir(args.data_dir)?;
+    let cfg = ClientConfig {
+        timeout: args.timeout,
+        ..ClientConfig::default()
+    };
+    match args.command {
+        MsgCommand::Init => {
+            std::fs::create_dir_all(&dir)
+                .with_context(|| format!("error: cannot create {}", dir.display()))?;
+            let (id, created) = Identity::load_or_create(&dir)
+                .with_context(|| format!("error: creating the identity in {}", dir.display()))?;
+            if !created {
+                eprintln!("identity already exists in {}", dir.display());
+            }
+            println!("fingerprint {}", hex::encode(id.fingerprint()));
+            Ok(())
+        }
+        MsgCommand::Id { peer } => {
+            let id = identity(&dir)?;
+            let peer = peer_addr(&peer)?;
+            remember_peer(&dir, &peer)?;
+            let address = Address {
+                client: id.fingerprint(),
+                peer,
+            };
+            println!("{address}");
+            Ok(())
+        }
+        MsgCommand::Fetch { peer, json } => {
+            let id = identity(&dir)?;
+            let peer = peer_addr(&peer)?;
+            remember_peer(&dir, &peer)?;
+            let mut contacts = Contacts::load(&dir)?;
+            let mut inbox = Inbox::open(&peer, &id, cfg).await?;
+            inbox.fetch().await?;
+            while let Some((seq, received_ms, blob)) = inbox.next().await? {
+                handle(&id, &mut contacts, received_ms, &blob, json)?;
+                inbox.ack(seq).await?;
+            }
+            inbox.close().await;
+            Ok(())
+        }
+        MsgCommand::Listen {
+            peer,
+            json,
+            keepalive,
+        } => {
+            let id = identity(&dir)?;
+            let peer = peer_addr(&peer)?;
+            remember_peer(&dir, &peer)?;
+            let mut contacts = Contacts::load(&dir)?;
+            let cfg = ClientConfig { keepalive, ..cfg };
+            listen(&peer, &id, &mut contacts, cfg, json, shutdown).await
+        }
+        MsgCommand::Send { to, peer, text } => {
+            let id = identity(&dir)?;
+            let own = match peer {
+                Some(p) => peer_addr(&p)?,
+                None => {
+                    let saved = std::fs::read_to_string(dir.join(PEER_FILE)).map_err(|_| {
+                        anyhow::anyhow!("error: pass --peer (this client's own peer, for replies)")
+                    })?;
+                    peer_addr(saved.trim())?
+                }
+            };
+            let to: Address = to
+                .parse()
+                .map_err(|e| anyhow::anyhow!("error: --to: {e}"))?;
+            let text = match text {
+                Some(t) => t,
+                None => {
+                    let mut s = String::new();
+                    std::io::stdin()
+                        .take(64 * 1024 + 1)
+                        .read_to_string(&mut s)
+                        .context("error: reading the message from standard input")?;
+                    s.trim_end_matches('\n').to_owned()
+                }
+            };
+            let me = Address {
+                client: id.fingerprint(),
+                peer: own,
+            };
+            let mut contacts = Contacts::load(&dir)?;
+            client::send(&id, &me, &mut contacts, &to, &text, &cfg).await?;
+            Ok(())
+        }
+        MsgCommand::Code { with } => {
+            let id = identity(&dir)?;
+            let contacts = Contacts::load(&dir)?;
+            let fp = with.split('@').next().unwrap_or_default();
+            let fp: [u8; 32] = hex::decode(fp)
+                .ok()
+                .and_then(|v| v.try_into().ok())
+                .context("error: --with: expected an address or a fingerprint")?;
+            let Some(contact) = contacts.get(&fp) else {
+                anyhow::bail!("error: not a contact yet: send or receive a message first");
+            };
+            if contact.tampered {
+                anyhow::bail!("error: the code exchange with this contact was tampered with");
+            }
+            match contacts.code(&id.fingerprint(), &fp) {
+                Some(code) => {
+                    println!("{code}");
+                    Ok(())
+                }
+                None => anyhow::bail!(
+                    "error: no code yet: it needs one message each way (then one more from whoever wrote first)"
+                ),
+            }
+        }
+        MsgCommand::Contacts => {
+            let id = identity(&dir)?;
+            let contacts = Contacts::load(&dir)?;
+            for (fp, c) in contacts.iter() {
+                let code = hex::decode(fp)
+                    .ok()
+                    .and_then(|v| <[u8; 32]>::try_from(v).ok())
+                    .and_then(|fp| contacts.code(&id.fingerprint(), &fp))
+                    .unwrap_or_else(|| "------".into());
+                println!("{} {code}", c.address);
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Opens one message and prints it; replays and forgeries are reported on stderr only.
+fn handle(
+    id: &Identity,
+    contacts: &mut Contacts,
+    received_ms: u64,
+    blob: &[u8],
+    json: bool,
+) -> anyhow::Result<()> {
+    match client::open(id, contacts, received_ms, blob)? {
+        Opened::New(m) => print(&m, json),
+        Opened::Replay => tracing::warn!("a message was received twice (replay), dropped"),
+        Opened::Invalid(why) => tracing::warn!(reason = %why, "an invalid message was dropped"),
+    }
+    Ok(())
+}
+
+/// One registered session of `listen`; returns only with an error.
+async fn listen_once(
+    peer: &PeerAddr,
+    id: &Identity,
+    contacts: &mut Contacts,
+    cfg: &ClientConfig,
+    json: bool,
+) -> anyhow::Result<()> {
+    let mut inbox = Inbox::open(peer, id, cfg.clone()).await?;
+    tracing::info!(peer = %peer, "registered, listening");
+    inbox.fetch().await?;
+    loop {
+        if let Some((seq, received_ms, blob)) = inbox.next().await? {
+            handle(id, contacts, received_ms, &blob, json)?;
+            inbox.ack(seq).await?;
+        }
+    }
+}
+
+/// Registers, prints the backlog and pushes, acknowledging each; on a lost connection it
+/// registers again with backoff (1 s doubling to 30 s).
+async fn listen(
+    peer: &PeerAddr,
+    id: &Identity,
+    contacts: &mut Contacts,
+    cfg: ClientConfig,
+    json: bool,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let mut delay = Duration::from_secs(1);
+    loop {
+        let r = tokio::select! {
+            r = listen_once(peer, id, contacts, &cfg, json) => r,
+            _ = shutdown.cancelled() => return Ok(()),
+        };
+        if let Err(e) = r {
+            if let Some(client::ClientError::Refused { .. }) = e.downcast_ref() {
+                return Err(e);
+            }
+            tracing::warn!(error = %format!("{e:#}"), retry_in = ?delay, "peer connection lost");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = shutdown.cancelled() => return Ok(()),
+        }
+        delay = (delay * 2).min(Duration::from_secs(30));
+    }
+}

@@ -1,0 +1,506 @@
+//! The mailbox client (`tube msg`): registering with one's own peer (with proof of
+//! possession, retried, then "peer unavailable"), sending sealed messages to a correspondent's
+//! peer, and receiving (fetch, or listen with keepalives and pushes) with replay detection.
+//!
+//! An address is `<client fingerprint hex>@<peer host:port>`, with `/<peer certificate
+//! fingerprint hex>` appended when the peer speaks TLS.
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use futures_util::{SinkExt, StreamExt};
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpStream;
+use tokio::time::timeout;
+use tube_net::tls;
+use tube_net::tokio_rustls::TlsConnector;
+use tube_proto::mailbox::{Fingerprint, MAX_BLOB, MailboxError, MessageId, Packet, proof_message};
+
+use crate::contacts::{CodeFields, Contacts, ContactsError};
+use crate::crypto::{self, Identity};
+use crate::wire::{self, Conn, Stream};
+
+/// Where a peer is and, for TLS, which certificate it must present.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerAddr {
+    /// `host:port`.
+    pub host: String,
+    /// The peer's TLS certificate fingerprint; `None` for plain TCP.
+    pub tls: Option<tube_net::Fingerprint>,
+}
+
+impl fmt::Display for PeerAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.tls {
+            None => write!(f, "{}", self.host),
+            Some(fp) => write!(f, "{}/{}", self.host, hex::encode(fp.as_bytes())),
+        }
+    }
+}
+
+impl FromStr for PeerAddr {
+    type Err = ClientError;
+
+    /// `host:port`, or `host:port/<64 hex>` (also `sha256:<64 hex>`) for TLS.
+    fn from_str(s: &str) -> Result<Self, ClientError> {
+        let bad =
+            || ClientError::BadAddress(format!("{s:?} is not host:port[/<peer fingerprint>]"));
+        let (host, tls) = match s.split_once('/') {
+            None => (s, None),
+            Some((h, fp)) => (
+                h,
+                Some(fp.parse::<tube_net::Fingerprint>().map_err(|_| bad())?),
+            ),
+        };
+        if host.is_empty() || !host.contains(':') {
+            return Err(bad());
+        }
+        Ok(Self {
+            host: host.to_owned(),
+            tls,
+        })
+    }
+}
+
+/// A client's address: who (certificate fingerprint) and where (its serving peer).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Address {
+    /// SHA-256 of the client's certificate.
+    pub client: Fingerprint,
+    /// The peer that serves it.
+    pub peer: PeerAddr,
+}
+
+impl fmt::Display for Address {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}@{}", hex::encode(self.client), self.peer)
+    }
+}
+
+impl FromStr for Address {
+    type Err = ClientError;
+
+    fn from_str(s: &str) -> Result<Self, ClientError> {
+        let bad = || ClientError::BadAddress(format!("{s:?} is not <64 hex>@host:port"));
+        let (fp, peer) = s.split_once('@').ok_or_else(bad)?;
+        let client: Fingerprint = hex::decode(fp)
+            .ok()
+            .and_then(|v| v.try_into().ok())
+            .ok_or_else(bad)?;
+        Ok(Self {
+            client,
+            peer: peer.parse()?,
+        })
+    }
+}
+
+/// Client settings.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// Deadline for connecting and for each answer.
+    pub timeout: Duration,
+    /// Registration attempts before "peer unavailable".
+    pub register_attempts: u32,
+    /// How often `listen` sends a keepalive (seed: every couple of minutes).
+    pub keepalive: Duration,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        Self {
+            timeout: Duration::from_secs(5),
+            register_attempts: 3,
+            keepalive: Duration::from_secs(120),
+        }
+    }
+}
+
+/// Why a client operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// No answer, or no connection, after the retries.
+    #[error("peer unavailable: {0}")]
+    Unavailable(String),
+    /// The peer refused with a code.
+    #[error("error {code} {}: {message}", MailboxError::name(*.code))]
+    Refused {
+        /// The code (7001...).
+        code: u16,
+        /// The peer's text.
+        message: String,
+    },
+    /// The peer broke the protocol, or a certificate did not match its fingerprint.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// An address could not be parsed.
+    #[error("bad address: {0}")]
+    BadAddress(String),
+    /// The message is too long.
+    #[error("message too long ({0} bytes sealed; at most {MAX_BLOB})")]
+    TooLong(usize),
+    /// Sealing failed.
+    #[error("encryption: {0}")]
+    Crypto(String),
+    /// The contacts file.
+    #[error(transparent)]
+    Contacts(#[from] ContactsError),
+}
+
+/// Connects to `peer` (TCP, then TLS with the pinned certificate when it has one).
+pub async fn connect(peer: &PeerAddr, limit: Duration) -> Result<Conn, ClientError> {
+    let unavailable = |e: String| ClientError::Unavailable(format!("{}: {e}", peer.host));
+    let tcp = timeout(limit, TcpStream::connect(&peer.host))
+        .await
+        .map_err(|_| unavailable("connect timed out".into()))?
+        .map_err(|e| unavailable(e.to_string()))?;
+    let _ = tcp.set_nodelay(true);
+    let stream = match peer.tls {
+        None => Stream::Plain(tcp),
+        Some(fp) => {
+            let cfg = tls::pinned_client_config(fp).map_err(|e| unavailable(e.to_string()))?;
+            let tls = timeout(
+                limit,
+                TlsConnector::from(cfg).connect(tls::server_name(), tcp),
+            )
+            .await
+            .map_err(|_| unavailable("tls handshake timed out".into()))?
+            .map_err(|e| unavailable(format!("tls: {e}")))?;
+            Stream::Client(Box::new(tls))
+        }
+    };
+    Ok(wire::conn(stream))
+}
+
+/// Sends `p` and waits for the next packet that is not a keepalive.
+async fn request(conn: &mut Conn, p: Packet, limit: Duration) -> Result<Packet, ClientError> {
+    conn.send(p)
+        .await
+        .map_err(|e| ClientError::Unavailable(e.to_string()))?;
+    next(conn, limit).await
+}
+
+async fn next(conn: &mut Conn, limit: Duration) -> Result<Packet, ClientError> {
+    loop {
+        match timeout(limit, conn.next()).await {
+            Err(_) => return Err(ClientError::Unavailable("no answer in time".into())),
+            Ok(None) => return Err(ClientError::Unavailable("connection closed".into())),
+            Ok(Some(Err(e))) => return Err(ClientError::Protocol(e.to_string())),
+            Ok(Some(Ok(Packet::Keepalive))) => {}
+            Ok(Some(Ok(Packet::Error { code, message }))) => {
+                return Err(ClientError::Refused { code, message });
+            }
+            Ok(Some(Ok(p))) => return Ok(p),
+        }
+    }
+}
+
+/// One registration: `register`, sign the challenge, `OK`.
+async fn register_once(
+    peer: &PeerAddr,
+    id: &Identity,
+    limit: Duration,
+) -> Result<Conn, ClientError> {
+    let mut conn = connect(peer, limit).await?;
+    let cert = Bytes::copy_from_slice(id.cert());
+    let nonce = match request(&mut conn, Packet::Register { cert }, limit).await? {
+        Packet::Challenge { nonce } => nonce,
+        other => {
+            return Err(ClientError::Protocol(format!(
+                "expected a challenge, got type {}",
+                other.kind()
+            )));
+        }
+    };
+    let signature = id.sign(&proof_message(&nonce, &id.fingerprint()));
+    match request(&mut conn, Packet::Proof { signature }, limit).await? {
+        Packet::Ok => Ok(conn),
+        other => Err(ClientError::Protocol(format!(
+            "expected OK, got type {}",
+            other.kind()
+        ))),
+    }
+}
+
+/// Registers with our own peer, retrying when no answer comes in time; after
+/// `register_attempts` failures, [`ClientError::Unavailable`]. Refusals are not retried.
+pub async fn register(
+    peer: &PeerAddr,
+    id: &Identity,
+    cfg: &ClientConfig,
+) -> Result<Conn, ClientError> {
+    let mut last = String::new();
+    for attempt in 1..=cfg.register_attempts.max(1) {
+        match register_once(peer, id, cfg.timeout).await {
+            Ok(c) => return Ok(c),
+            Err(ClientError::Unavailable(e)) => {
+                tracing::warn!(attempt, error = %e, "registration got no answer");
+                last = e;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(ClientError::Unavailable(last))
+}
+
+/// The sealed part of a message.
+#[derive(Debug, Serialize, Deserialize)]
+struct Inner {
+    /// The sender's address, for replies.
+    from: String,
+    sent_ms: u64,
+    text: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    commit: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    nonce: Option<String>,
+}
+
+fn aad(id: &MessageId, to: &Fingerprint) -> Vec<u8> {
+    let mut a = b"tube-mailbox message v1\0".to_vec();
+    a.extend_from_slice(id);
+    a.extend_from_slice(to);
+    a
+}
+
+/// Sends `text` to `to`: fetches its certificate from its peer (checked against the
+/// fingerprint), seals it to that certificate from us, delivers it, and returns once the
+/// peer has stored it.
+pub async fn send(
+    me: &Identity,
+    my_address: &Address,
+    contacts: &mut Contacts,
+    to: &Address,
+    text: &str,
+    cfg: &ClientConfig,
+) -> Result<(), ClientError> {
+    let mut conn = connect(&to.peer, cfg.timeout).await?;
+    let cert = match contacts
+        .get(&to.client)
+        .and_then(|c| hex::decode(&c.cert).ok())
+    {
+        Some(c) => c,
+        None => {
+            let req = Packet::CertRequest {
+                fingerprint: to.client,
+            };
+            match request(&mut conn, req, cfg.timeout).await? {
+                Packet::Cert { cert } if crypto::fingerprint(&cert) == to.client => cert.to_vec(),
+                Packet::Cert { .. } => {
+                    return Err(ClientError::Protocol(
+                        "the peer sent a certificate that does not match the address".into(),
+                    ));
+                }
+                other => {
+                    return Err(ClientError::Protocol(format!(
+                        "expected a certificate, got type {}",
+                        other.kind()
+                    )));
+                }
+            }
+        }
+    };
+    contacts.upsert(&cert, &to.to_string())?;
+    let CodeFields { commit, nonce } = contacts.outgoing(&to.client)?;
+    let inner = Inner {
+        from: my_address.to_string(),
+        sent_ms: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0),
+        text: text.to_owned(),
+        commit,
+        nonce,
+    };
+    let plain = serde_json::to_vec(&inner).map_err(|e| ClientError::Crypto(e.to_string()))?;
+    let mut id = [0u8; 16];
+    getrandom::fill(&mut id).map_err(|e| ClientError::Crypto(e.to_string()))?;
+    let sealed = crypto::seal(me, &cert, &aad(&id, &to.client), &plain)
+        .map_err(|e| ClientError::Crypto(e.to_string()))?;
+    let mut blob = BytesMut::with_capacity(18 + me.cert().len() + sealed.len());
+    blob.put_slice(&id);
+    blob.put_u16(u16::try_from(me.cert().len()).unwrap_or(u16::MAX));
+    blob.put_slice(me.cert());
+    blob.put_slice(&sealed);
+    if blob.len() > MAX_BLOB {
+        return Err(ClientError::TooLong(blob.len()));
+    }
+    let deliver = Packet::Deliver {
+        to: to.client,
+        id,
+        blob: blob.freeze(),
+    };
+    match request(&mut conn, deliver, cfg.timeout).await? {
+        Packet::Stored { id: got } if got == id => Ok(()),
+        other => Err(ClientError::Protocol(format!(
+            "expected stored, got type {}",
+            other.kind()
+        ))),
+    }
+}
+
+/// A message received and opened.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Received {
+    /// The sender's address (its fingerprint is checked against its certificate).
+    pub from: String,
+    /// The text.
+    pub text: String,
+    /// When the sender sent it (its clock), Unix ms.
+    pub sent_ms: u64,
+    /// When our peer stored it, Unix ms.
+    pub received_ms: u64,
+}
+
+/// What became of one queued message.
+#[derive(Debug)]
+pub enum Opened {
+    /// A new message.
+    New(Received),
+    /// Already received once (a replay): dropped.
+    Replay,
+    /// It failed to open or verify (tampered, forged, malformed): dropped.
+    Invalid(String),
+}
+
+/// Opens one message blob addressed to `me`, and records it with its sender.
+pub fn open(
+    me: &Identity,
+    contacts: &mut Contacts,
+    received_ms: u64,
+    blob: &[u8],
+) -> Result<Opened, ClientError> {
+    let invalid = |why: &str| Ok(Opened::Invalid(why.to_owned()));
+    let Some((id, rest)) = blob.split_first_chunk::<16>() else {
+        return invalid("too short");
+    };
+    let Some((len, rest)) = rest.split_first_chunk::<2>() else {
+        return invalid("too short");
+    };
+    let len = u16::from_be_bytes(*len) as usize;
+    if rest.len() < len {
+        return invalid("truncated certificate");
+    }
+    let (cert, sealed) = rest.split_at(len);
+    let plain = match crypto::open(me, cert, &aad(id, &me.fingerprint()), sealed) {
+        Ok(p) => p,
+        Err(_) => {
+            return invalid("does not open (tampered, or not from the certificate it carries)");
+        }
+    };
+    let Ok(inner) = serde_json::from_slice::<Inner>(&plain) else {
+        return invalid("malformed content");
+    };
+    let from_fp = crypto::fingerprint(cert);
+    match inner.from.parse::<Address>() {
+        Ok(a) if a.client == from_fp => {}
+        _ => return invalid("sender address does not match its certificate"),
+    }
+    contacts.upsert(cert, &inner.from)?;
+    let fields = CodeFields {
+        commit: inner.commit,
+        nonce: inner.nonce,
+    };
+    if !contacts.incoming(&from_fp, id, &fields)? {
+        return Ok(Opened::Replay);
+    }
+    Ok(Opened::New(Received {
+        from: inner.from,
+        text: inner.text,
+        sent_ms: inner.sent_ms,
+        received_ms,
+    }))
+}
+
+/// A registered connection to our own peer, receiving.
+#[derive(Debug)]
+pub struct Inbox {
+    conn: Conn,
+    cfg: ClientConfig,
+}
+
+impl Inbox {
+    /// Registers with `peer`.
+    pub async fn open(
+        peer: &PeerAddr,
+        me: &Identity,
+        cfg: ClientConfig,
+    ) -> Result<Self, ClientError> {
+        let conn = register(peer, me, &cfg).await?;
+        Ok(Self { conn, cfg })
+    }
+
+    /// Asks for the queue. Then [`Inbox::next`] yields the queued messages, `None` at the end
+    /// of the backlog, then pushed ones.
+    pub async fn fetch(&mut self) -> Result<(), ClientError> {
+        self.conn
+            .send(Packet::Fetch)
+            .await
+            .map_err(|e| ClientError::Unavailable(e.to_string()))
+    }
+
+    /// The next message `(seq, received_ms, blob)`, or `None` for the end of the fetched
+    /// backlog. Sends keepalives while waiting; an error when the peer goes away.
+    pub async fn next(&mut self) -> Result<Option<(u64, u64, Bytes)>, ClientError> {
+        loop {
+            let p = tokio::select! {
+                p = self.conn.next() => p,
+                _ = tokio::time::sleep(self.cfg.keepalive) => {
+                    self.conn
+                        .send(Packet::Keepalive)
+                        .await
+                        .map_err(|e| ClientError::Unavailable(e.to_string()))?;
+                    continue;
+                }
+            };
+            match p {
+                None => return Err(ClientError::Unavailable("connection closed".into())),
+                Some(Err(e)) => return Err(ClientError::Protocol(e.to_string())),
+                Some(Ok(Packet::Message {
+                    seq,
+                    received_ms,
+                    blob,
+                })) => {
+                    return Ok(Some((seq, received_ms, blob)));
+                }
+                Some(Ok(Packet::QueueEnd { .. })) => return Ok(None),
+                Some(Ok(Packet::Keepalive)) => {}
+                Some(Ok(Packet::Error { code, message })) => {
+                    return Err(ClientError::Refused { code, message });
+                }
+                Some(Ok(other)) => {
+                    return Err(ClientError::Protocol(format!(
+                        "unexpected packet type {}",
+                        other.kind()
+                    )));
+                }
+            }
+        }
+    }
+
+    /// Tells the peer every message up to `seq` is processed.
+    pub async fn ack(&mut self, seq: u64) -> Result<(), ClientError> {
+        self.conn
+            .send(Packet::Ack { seq })
+            .await
+            .map_err(|e| ClientError::Unavailable(e.to_string()))
+    }
+
+    /// Sends a keepalive and waits for the peer's echo.
+    pub async fn ping(&mut self) -> Result<(), ClientError> {
+        self.conn
+            .send(Packet::Keepalive)
+            .await
+            .map_err(|e| ClientError::Unavailable(e.to_string()))?;
+        match timeout(self.cfg.timeout, self.conn.next()).await {
+            Ok(Some(Ok(Packet::Keepalive))) => Ok(()),
+            _ => Err(ClientError::Unavailable("no keepalive answer".into())),
+        }
+    }
+
+    /// Closes the connection, flushing what was sent.
+    pub async fn close(mut self) {
+        let _ = timeout(self.cfg.timeout, self.conn.close()).await;
+    }
+}

@@ -1,0 +1,18 @@
+//! Mailbox (seed 003, "you send to my peer, I send to yours"): peers (`tube peer`) that keep
+//! messages for their registered clients in RAM only and push them over live connections, and
+//! the client (`tube msg`) whose messages are end-to-end encrypted and authenticated.
+//!
+//! - [`crypto`]: client identities (an Ed25519 key and a self-signed certificate, known by the
+//!   SHA-256 of the certificate), sealing and opening messages, the 6-digit verification code.
+//! - [`wire`]: the packet codec adapter and the plain-or-TLS transport.
+//! - [`peer`]: the peer service: registrations, RAM queues, pushes, limits.
+//! - [`client`]: registering, sending, fetching and listening; addresses.
+//! - [`contacts`]: the client's correspondents, replay detection and the code exchange.
+//!
+//! The wire format is `tube_proto::mailbox`, specified in `docs/protocols/mailbox.md`.
+
+pub mod client;
+pub mod contacts;
+pub mod crypto;
+pub mod peer;
+pub mod wire;
