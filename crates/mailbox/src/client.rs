@@ -186,13 +186,21 @@ async fn next(conn: &mut Conn, limit: Duration) -> Result<Packet, ClientError> {
         match timeout(limit, conn.next()).await {
             Err(_) => return Err(ClientError::Unavailable("no answer in time".into())),
             Ok(None) => return Err(ClientError::Unavailable("connection closed".into())),
-            Ok(Some(Err(e))) => return Err(ClientError::Protocol(e.to_string())),
+            Ok(Some(Err(e))) => return Err(wire_error(e)),
             Ok(Some(Ok(Packet::Keepalive))) => {}
             Ok(Some(Ok(Packet::Error { code, message }))) => {
                 return Err(ClientError::Refused { code, message });
             }
             Ok(Some(Ok(p))) => return Ok(p),
         }
+    }
+}
+
+/// A lost or reset connection is the peer being unavailable; garbage is a protocol error.
+fn wire_error(e: wire::WireError) -> ClientError {
+    match e {
+        wire::WireError::Io(e) => ClientError::Unavailable(e.to_string()),
+        wire::WireError::Packet(e) => ClientError::Protocol(e.to_string()),
     }
 }
 
@@ -456,7 +464,7 @@ impl Inbox {
             };
             match p {
                 None => return Err(ClientError::Unavailable("connection closed".into())),
-                Some(Err(e)) => return Err(ClientError::Protocol(e.to_string())),
+                Some(Err(e)) => return Err(wire_error(e)),
                 Some(Ok(Packet::Message {
                     seq,
                     received_ms,

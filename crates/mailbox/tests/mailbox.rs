@@ -1,0 +1,455 @@
+//! Mailbox end to end, in one process: two real peers on 127.0.0.1 port 0 and three clients
+//! with real identities (seed 003 and issue 5): push and fetch, offline delivery in order and
+//! exactly once, one peer down, registration retries, queue limits, a forged registration, a
+//! tampered and a replayed message, a peer restart, rate limits, and TLS.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tube_mailbox::client::{self, Address, ClientConfig, ClientError, Inbox, Opened, PeerAddr};
+use tube_mailbox::contacts::Contacts;
+use tube_mailbox::crypto::Identity;
+use tube_mailbox::peer::{Peer, PeerConfig, PeerState};
+use tube_proto::mailbox::{MailboxError, Packet, proof_message};
+use tube_testkit::{deadline, init_tracing};
+
+const LIMIT: Duration = Duration::from_secs(30);
+
+struct TestPeer {
+    addr: PeerAddr,
+    state: PeerState,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for TestPeer {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+impl TestPeer {
+    async fn stop(mut self) -> SocketAddr {
+        self.shutdown.cancel();
+        let _ = (&mut self.task).await;
+        self.addr.host.parse().expect("addr")
+    }
+}
+
+async fn start_peer_on(listener: TcpListener, config: PeerConfig) -> TestPeer {
+    init_tracing();
+    let addr = listener.local_addr().expect("addr");
+    let tls = config.tls.as_ref().map(|i| i.fingerprint());
+    let peer = Peer::new(config);
+    let state = peer.state();
+    let shutdown = CancellationToken::new();
+    let stop = shutdown.clone();
+    let task = tokio::spawn(async move {
+        let _ = peer.run(listener, stop).await;
+    });
+    TestPeer {
+        addr: PeerAddr {
+            host: addr.to_string(),
+            tls,
+        },
+        state,
+        shutdown,
+        task,
+    }
+}
+
+async fn start_peer(config: PeerConfig) -> TestPeer {
+    start_peer_on(TcpListener::bind("127.0.0.1:0").await.unwrap(), config).await
+}
+
+/// A client: identity, contacts in a temp dir, and its address at `peer`.
+struct TestClient {
+    id: Identity,
+    contacts: Contacts,
+    address: Address,
+    _dir: tempfile::TempDir,
+}
+
+fn client(peer: &TestPeer) -> TestClient {
+    let dir = tempfile::tempdir().unwrap();
+    let (id, _) = Identity::load_or_create(dir.path()).unwrap();
+    let contacts = Contacts::load(dir.path()).unwrap();
+    let address = Address {
+        client: id.fingerprint(),
+        peer: peer.addr.clone(),
+    };
+    TestClient {
+        id,
+        contacts,
+        address,
+        _dir: dir,
+    }
+}
+
+fn cfg() -> ClientConfig {
+    ClientConfig {
+        timeout: Duration::from_secs(2),
+        ..ClientConfig::default()
+    }
+}
+
+impl TestClient {
+    async fn inbox(&self) -> Inbox {
+        Inbox::open(&self.address.peer, &self.id, cfg())
+            .await
+            .expect("register")
+    }
+
+    async fn send(&mut self, to: &Address, text: &str) -> Result<(), ClientError> {
+        client::send(
+            &self.id,
+            &self.address,
+            &mut self.contacts,
+            to,
+            text,
+            &cfg(),
+        )
+        .await
+    }
+
+    /// Fetches the backlog, opens and acknowledges it; returns the texts.
+    async fn fetch(&mut self) -> Vec<String> {
+        let mut inbox = self.inbox().await;
+        inbox.fetch().await.unwrap();
+        let mut texts = Vec::new();
+        while let Some((seq, ms, blob)) = inbox.next().await.unwrap() {
+            texts.push(self.open(ms, &blob));
+            inbox.ack(seq).await.unwrap();
+        }
+        inbox.ping().await.unwrap(); // the acks are processed before the next request
+        inbox.close().await;
+        texts
+    }
+
+    fn open(&mut self, ms: u64, blob: &[u8]) -> String {
+        match client::open(&self.id, &mut self.contacts, ms, blob).unwrap() {
+            Opened::New(m) => m.text,
+            other => panic!("expected a new message, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn offline_recipients_get_their_messages_in_order_exactly_once() {
+    deadline(LIMIT, async {
+        let (p1, p2) = (
+            start_peer(PeerConfig::default()).await,
+            start_peer(PeerConfig::default()).await,
+        );
+        let mut a = client(&p1);
+        let mut b = client(&p2);
+        let mut c = client(&p2);
+        // b registers once so its peer knows it, then goes offline.
+        assert!(b.fetch().await.is_empty());
+        for i in 0..20 {
+            a.send(&b.address, &format!("a{i}")).await.expect("stored");
+        }
+        c.send(&b.address, "from c").await.expect("stored");
+        assert_eq!(p2.state.queued().0, 21);
+        let got = b.fetch().await;
+        let mut want: Vec<String> = (0..20).map(|i| format!("a{i}")).collect();
+        want.push("from c".into());
+        assert_eq!(got, want, "in order");
+        assert_eq!(
+            p2.state.queued(),
+            (0, 0),
+            "acknowledged messages are forgotten"
+        );
+        assert!(b.fetch().await.is_empty(), "exactly once");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_listening_client_gets_pushes_without_asking() {
+    deadline(LIMIT, async {
+        let p = start_peer(PeerConfig::default()).await;
+        let mut a = client(&p);
+        let mut b = client(&p);
+        let mut inbox = b.inbox().await;
+        inbox.fetch().await.unwrap();
+        assert!(inbox.next().await.unwrap().is_none(), "empty backlog");
+        a.send(&b.address, "pushed").await.unwrap();
+        let (seq, ms, blob) = inbox.next().await.unwrap().expect("a push");
+        assert_eq!(b.open(ms, &blob), "pushed");
+        inbox.ack(seq).await.unwrap();
+        inbox.ping().await.unwrap();
+        assert_eq!(p.state.queued().0, 0);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn with_one_peer_down_you_can_still_send_but_not_receive() {
+    deadline(LIMIT, async {
+        let (p1, p2) = (
+            start_peer(PeerConfig::default()).await,
+            start_peer(PeerConfig::default()).await,
+        );
+        let mut a = client(&p1);
+        let mut b = client(&p2);
+        assert!(a.fetch().await.is_empty());
+        assert!(b.fetch().await.is_empty());
+        // a's peer goes down: a can still send to b (b's peer is up) ...
+        p1.stop().await;
+        a.send(&b.address, "still here")
+            .await
+            .expect("b's peer is up");
+        assert_eq!(b.fetch().await, vec!["still here".to_string()]);
+        // ... but cannot receive, and b cannot send to a.
+        let err = Inbox::open(&a.address.peer, &a.id, cfg())
+            .await
+            .expect_err("own peer down");
+        assert!(matches!(err, ClientError::Unavailable(_)), "{err}");
+        assert!(err.to_string().starts_with("peer unavailable"));
+        let err = b
+            .send(&a.address, "lost?")
+            .await
+            .expect_err("a's peer down");
+        assert!(matches!(err, ClientError::Unavailable(_)), "{err}");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn registration_is_retried_then_the_peer_is_unavailable() {
+    deadline(LIMIT, async {
+        // Accepts connections and never answers.
+        let mute = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let peer = PeerAddr {
+            host: mute.local_addr().unwrap().to_string(),
+            tls: None,
+        };
+        let counter = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = mute.accept().await {
+                held.push(s);
+                if held.len() == 3 {
+                    return held.len();
+                }
+            }
+            held.len()
+        });
+        let id = Identity::generate().unwrap();
+        let cfg = ClientConfig {
+            timeout: Duration::from_millis(300),
+            register_attempts: 3,
+            ..ClientConfig::default()
+        };
+        let err = client::register(&peer, &id, &cfg)
+            .await
+            .expect_err("no answer");
+        assert!(matches!(err, ClientError::Unavailable(_)), "{err}");
+        assert_eq!(counter.await.unwrap(), 3, "three attempts");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_full_queue_refuses_with_a_clear_error() {
+    deadline(LIMIT, async {
+        let p = start_peer(PeerConfig {
+            max_queue_messages: 3,
+            ..PeerConfig::default()
+        })
+        .await;
+        let mut a = client(&p);
+        let mut b = client(&p);
+        assert!(b.fetch().await.is_empty());
+        for i in 0..3 {
+            a.send(&b.address, &format!("m{i}")).await.unwrap();
+        }
+        let err = a.send(&b.address, "one too many").await.expect_err("full");
+        assert!(
+            matches!(err, ClientError::Refused { code, .. } if code == MailboxError::QueueFull as u16),
+            "{err}"
+        );
+        assert!(err.to_string().starts_with("error 7004 QUEUE_FULL"));
+        assert_eq!(p.state.counters().1, 1, "counted");
+        // Nothing was dropped: the three are there, and the queue takes more once read.
+        assert_eq!(b.fetch().await, vec!["m0", "m1", "m2"]);
+        a.send(&b.address, "room again").await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn registering_someone_elses_certificate_is_refused() {
+    deadline(LIMIT, async {
+        let p = start_peer(PeerConfig::default()).await;
+        let victim = Identity::generate().unwrap();
+        let thief = Identity::generate().unwrap();
+        let mut conn = client::connect(&p.addr, LIMIT).await.unwrap();
+        conn.send(Packet::Register {
+            cert: Bytes::copy_from_slice(victim.cert()),
+        })
+        .await
+        .unwrap();
+        let Some(Ok(Packet::Challenge { nonce })) = conn.next().await else {
+            panic!("expected a challenge");
+        };
+        // The thief signs with its own key: the proof does not verify.
+        let signature = thief.sign(&proof_message(&nonce, &victim.fingerprint()));
+        conn.send(Packet::Proof { signature }).await.unwrap();
+        match conn.next().await {
+            Some(Ok(Packet::Error { code, .. })) => assert_eq!(code, MailboxError::BadProof as u16),
+            other => panic!("expected BAD_PROOF, got {other:?}"),
+        }
+        assert!(conn.next().await.is_none(), "connection closed");
+        assert_eq!(p.state.clients(), 0, "nobody registered");
+    })
+    .await;
+}
+
+/// Delivers a raw blob for `to` and returns the peer's answer.
+async fn deliver_raw(peer: &PeerAddr, to: [u8; 32], id: [u8; 16], blob: Bytes) -> Packet {
+    let mut conn = client::connect(peer, LIMIT).await.unwrap();
+    conn.send(Packet::Deliver { to, id, blob }).await.unwrap();
+    conn.next().await.unwrap().unwrap()
+}
+
+#[tokio::test]
+async fn tampered_and_replayed_messages_are_dropped() {
+    deadline(LIMIT, async {
+        let p = start_peer(PeerConfig::default()).await;
+        let mut a = client(&p);
+        let mut b = client(&p);
+        let mut inbox = b.inbox().await;
+        inbox.fetch().await.unwrap();
+        assert!(inbox.next().await.unwrap().is_none());
+        a.send(&b.address, "original").await.unwrap();
+        let (seq, ms, blob) = inbox.next().await.unwrap().unwrap();
+        assert_eq!(b.open(ms, &blob), "original");
+        inbox.ack(seq).await.unwrap();
+
+        // The peer (or anyone) replays the same blob: opened fine, but known.
+        let answer = deliver_raw(&p.addr, b.address.client, [9; 16], blob.clone()).await;
+        assert!(matches!(answer, Packet::Stored { .. }));
+        let (seq, ms, replay) = inbox.next().await.unwrap().unwrap();
+        assert!(matches!(
+            client::open(&b.id, &mut b.contacts, ms, &replay).unwrap(),
+            Opened::Replay
+        ));
+        inbox.ack(seq).await.unwrap();
+
+        // A flipped bit anywhere in the sealed part: refused.
+        for pos in [blob.len() - 1, blob.len() - 40, blob.len() / 2] {
+            let mut bad = blob.to_vec();
+            bad[pos] ^= 0x01;
+            deliver_raw(&p.addr, b.address.client, [8; 16], Bytes::from(bad)).await;
+            let (seq, ms, got) = inbox.next().await.unwrap().unwrap();
+            assert!(
+                matches!(
+                    client::open(&b.id, &mut b.contacts, ms, &got).unwrap(),
+                    Opened::Invalid(_)
+                ),
+                "flip at {pos}"
+            );
+            inbox.ack(seq).await.unwrap();
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_restarted_peer_forgets_everything_and_clients_register_again() {
+    deadline(LIMIT, async {
+        let p = start_peer(PeerConfig::default()).await;
+        let mut a = client(&p);
+        let mut b = client(&p);
+        assert!(b.fetch().await.is_empty());
+        a.send(&b.address, "lost in the restart").await.unwrap();
+        let addr = p.stop().await;
+        let p = start_peer_on(TcpListener::bind(addr).await.unwrap(), PeerConfig::default()).await;
+        assert_eq!(p.state.clients(), 0);
+        // b is unknown until it registers again ...
+        let err = a.send(&b.address, "too early").await.expect_err("unknown");
+        assert!(
+            matches!(err, ClientError::Refused { code, .. } if code == MailboxError::UnknownRecipient as u16),
+            "{err}"
+        );
+        // ... and then gets only what came after.
+        assert!(b.fetch().await.is_empty(), "the queue did not survive");
+        a.send(&b.address, "after").await.unwrap();
+        assert_eq!(b.fetch().await, vec!["after"]);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn registrations_and_deliveries_are_rate_limited() {
+    deadline(LIMIT, async {
+        let p = start_peer(PeerConfig {
+            register_limit: tube_proto::ratelimit::RateLimit::per_minute(2),
+            deliver_limit: tube_proto::ratelimit::RateLimit::per_minute(3),
+            ..PeerConfig::default()
+        })
+        .await;
+        let mut a = client(&p);
+        let b = client(&p);
+        b.inbox().await.close().await;
+        a.inbox().await.close().await;
+        // The third registration from this address within the minute.
+        let err = Inbox::open(&b.address.peer, &b.id, cfg()).await.expect_err("limited");
+        assert!(
+            matches!(err, ClientError::Refused { code, .. } if code == MailboxError::RateLimited as u16),
+            "{err}"
+        );
+        for i in 0..3 {
+            a.send(&b.address, &format!("{i}")).await.unwrap();
+        }
+        let err = a.send(&b.address, "fourth").await.expect_err("limited");
+        assert!(err.to_string().starts_with("error 7005 RATE_LIMITED"), "{err}");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn over_tls_with_a_pinned_peer_and_matching_codes() {
+    deadline(LIMIT, async {
+        let tls = tube_net::Identity::generate(&["localhost"]).unwrap();
+        let p = start_peer(PeerConfig {
+            tls: Some(tls),
+            ..PeerConfig::default()
+        })
+        .await;
+        let mut a = client(&p);
+        let mut b = client(&p);
+        assert!(a.fetch().await.is_empty());
+        assert!(b.fetch().await.is_empty());
+        // a writes first (commits), b answers (reveals), a writes again (reveals).
+        a.send(&b.address, "hello").await.unwrap();
+        assert_eq!(b.fetch().await, vec!["hello"]);
+        b.send(&a.address, "hi").await.unwrap();
+        assert_eq!(a.fetch().await, vec!["hi"]);
+        a.send(&b.address, "code?").await.unwrap();
+        assert_eq!(b.fetch().await, vec!["code?"]);
+        let code_a = a
+            .contacts
+            .code(&a.id.fingerprint(), &b.id.fingerprint())
+            .expect("a's code");
+        let code_b = b
+            .contacts
+            .code(&b.id.fingerprint(), &a.id.fingerprint())
+            .expect("b's code");
+        assert_eq!(code_a, code_b);
+        assert_eq!(code_a.len(), 6);
+        assert!(code_a.bytes().all(|c| c.is_ascii_digit()));
+
+        // A wrong pin is refused.
+        let mut wrong = p.addr.clone();
+        wrong.tls = Some(tube_net::Identity::generate(&["x"]).unwrap().fingerprint());
+        let err = client::connect(&wrong, LIMIT).await.expect_err("pin");
+        assert!(matches!(err, ClientError::Unavailable(_)));
+    })
+    .await;
+}
