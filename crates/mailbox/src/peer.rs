@@ -220,22 +220,7 @@ impl Peer {
         let tracker = TaskTracker::new();
         tracker.spawn(sweeper(shared.clone(), shutdown.clone()));
         let mut next_conn = 0u64;
-        loop {
-            let accepted = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                a = listener.accept() => a,
-            };
-            let (tcp, addr) = match accepted {
-                Ok(x) => x,
-                Err(e) => {
-                    // Typically out of descriptors: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => break,
-                        _ = tokio::time::sleep(Duration::from_millis(50)) => continue,
-                    }
-                }
-            };
+        while let Some((tcp, addr)) = tube_net::accept(&listener, &shutdown, "peer").await {
             let open = shared.connections.load(Ordering::Relaxed);
             if open >= shared.config.max_connections as u64 {
                 tracing::warn!(%addr, "connection limit reached, closing");

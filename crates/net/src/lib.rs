@@ -47,6 +47,33 @@ pub fn keepalive(
     let _ = socket2::SockRef::from(stream).set_tcp_keepalive(&ka);
 }
 
+/// Accepts the next connection on `listener`, or `None` once `stop` is cancelled. Accept
+/// errors (typically running out of file descriptors) are logged with `what` and retried after
+/// 50 ms, so a listener survives them without spinning.
+pub async fn accept(
+    listener: &tokio::net::TcpListener,
+    stop: &tokio_util::sync::CancellationToken,
+    what: &str,
+) -> Option<(tokio::net::TcpStream, std::net::SocketAddr)> {
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = stop.cancelled() => return None,
+            r = listener.accept() => r,
+        };
+        match accepted {
+            Ok(x) => return Some(x),
+            Err(e) => {
+                tracing::warn!(error = %e, listener = what, "accept failed");
+                tokio::select! {
+                    _ = stop.cancelled() => return None,
+                    _ = tokio::time::sleep(std::time::Duration::from_millis(50)) => {}
+                }
+            }
+        }
+    }
+}
+
 /// Closes a TCP socket with a reset (RST) instead of an orderly FIN, so the other end sees an
 /// error rather than a clean end of stream.
 pub fn abort_tcp(stream: tokio::net::TcpStream) {

@@ -190,22 +190,7 @@ impl Relay {
         ));
         let tracker = TaskTracker::new();
         tracker.spawn(sweep_leases(shared.clone(), shutdown.clone()));
-        loop {
-            let accepted = tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => break,
-                r = listener.accept() => r,
-            };
-            let (tcp, peer) = match accepted {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "control accept failed");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => break,
-                        _ = tokio::time::sleep(Duration::from_millis(50)) => continue,
-                    }
-                }
-            };
+        while let Some((tcp, peer)) = tube_net::accept(&listener, &shutdown, "control").await {
             let Ok(permit) = handshakes.clone().try_acquire_owned() else {
                 tracing::warn!(%peer, "too many handshakes in progress, closing");
                 drop(tcp);

@@ -9,7 +9,6 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -43,23 +42,7 @@ pub(crate) async fn accept_loop(
         allowed: allow,
         counters,
     } = run;
-    loop {
-        let accepted = tokio::select! {
-            biased;
-            _ = token.cancelled() => break,
-            r = listener.accept() => r,
-        };
-        let (tcp, peer) = match accepted {
-            Ok(x) => x,
-            Err(e) => {
-                // Out of descriptors or a transient error: back off briefly, keep serving.
-                tracing::warn!(error = %e, "accept failed");
-                tokio::select! {
-                    _ = token.cancelled() => break,
-                    _ = tokio::time::sleep(Duration::from_millis(50)) => continue,
-                }
-            }
-        };
+    while let Some((tcp, peer)) = tube_net::accept(&listener, &token, "tunnel").await {
         if token.is_cancelled() {
             tube_net::abort_tcp(tcp);
             break;

@@ -175,22 +175,7 @@ impl Hub {
         if let Ok(addr) = listener.local_addr() {
             tracing::info!(%addr, fingerprint = %shared.config.identity.fingerprint(), "hub listening");
         }
-        loop {
-            let accepted = tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => break,
-                r = listener.accept() => r,
-            };
-            let (tcp, peer) = match accepted {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => break,
-                        _ = tokio::time::sleep(Duration::from_millis(50)) => continue,
-                    }
-                }
-            };
+        while let Some((tcp, peer)) = tube_net::accept(&listener, &shutdown, "hub").await {
             let Ok(permit) = handshakes.clone().try_acquire_owned() else {
                 tracing::warn!(%peer, "too many logins in progress, closing");
                 drop(tcp);

@@ -374,22 +374,8 @@ impl Node {
     }
 
     async fn accept_fronts(self: Arc<Self>, api: TcpListener) {
-        loop {
-            let accepted = tokio::select! {
-                _ = self.token.cancelled() => return,
-                a = api.accept() => a,
-            };
-            match accepted {
-                Ok((tcp, peer)) => self.spawn_front(tcp, peer),
-                Err(e) => {
-                    // Out of descriptors, typically: back off a moment instead of spinning.
-                    tracing::warn!(error = %e, "front API accept failed");
-                    tokio::select! {
-                        _ = self.token.cancelled() => return,
-                        _ = tokio::time::sleep(Duration::from_millis(50)) => {}
-                    }
-                }
-            }
+        while let Some((tcp, peer)) = tube_net::accept(&api, &self.token, "api").await {
+            self.spawn_front(tcp, peer);
         }
     }
 
