@@ -30,6 +30,9 @@ pub(crate) struct PeerArgs {
     /// then put the printed fingerprint in the peer address (`host:port/<fingerprint>`).
     #[arg(long)]
     tls: bool,
+    /// Admin HTTP address: /healthz, /metrics (counts only).
+    #[arg(long, env = "TUBE_ADMIN")]
+    admin: Option<SocketAddr>,
     /// Data dir for the TLS certificate (nothing else is ever written).
     #[arg(long, env = "TUBE_DATA_DIR")]
     data_dir: Option<PathBuf>,
@@ -144,11 +147,33 @@ pub(crate) async fn run_peer(args: PeerArgs, shutdown: CancellationToken) -> any
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("error: cannot listen on {}", args.listen))?;
+    let admin = match args.admin {
+        Some(a) => Some(
+            tokio::net::TcpListener::bind(a)
+                .await
+                .with_context(|| format!("error: cannot listen on {a} (admin)"))?,
+        ),
+        None => None,
+    };
     println!("listening peer {}", listener.local_addr()?);
+    if let Some(a) = &admin {
+        println!("listening admin {}", a.local_addr()?);
+    }
     if let Some(fp) = fingerprint {
         println!("fingerprint {fp}");
     }
-    Peer::new(config).run(listener, shutdown).await?;
+    let peer = Peer::new(config);
+    let admin_task = admin.map(|l| {
+        tokio::spawn(tube_mailbox::admin::serve(
+            l,
+            peer.state(),
+            shutdown.clone(),
+        ))
+    });
+    peer.run(listener, shutdown).await?;
+    if let Some(t) = admin_task {
+        let _ = t.await;
+    }
     Ok(())
 }
 

@@ -1,7 +1,8 @@
 //! Mailbox on the real `tube` binary: two `tube peer`s (one plain, one TLS), `tube msg init`,
 //! `id`, `send`, `fetch` and `code` between two clients, with the command-line contract lines;
 //! and proof that the peer process writes nothing to disk while it serves traffic
-//! (`/proc/PID/io` `write_bytes` stays 0 and it holds no regular file open).
+//! (`/proc/PID/io` `write_bytes` stays 0 and it holds no regular file open); `tube msg
+//! listen` printing pushes and coming back after its peer restarts; the peer's `/metrics`.
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -16,8 +17,12 @@ const LIMIT: Duration = Duration::from_secs(120);
 /// Starts `tube peer` and returns it with its stdout lines until the listener line (and the
 /// fingerprint line with `--tls`).
 async fn peer(extra: &[&str]) -> (Child, Vec<String>) {
+    peer_on("127.0.0.1:0", extra).await
+}
+
+async fn peer_on(listen: &str, extra: &[&str]) -> (Child, Vec<String>) {
     let mut child = Command::new(TUBE)
-        .args(["peer", "--listen", "127.0.0.1:0"])
+        .args(["peer", "--listen", listen])
         .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -26,7 +31,7 @@ async fn peer(extra: &[&str]) -> (Child, Vec<String>) {
         .spawn()
         .expect("spawn peer");
     let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-    let want = if extra.contains(&"--tls") { 2 } else { 1 };
+    let want = 1 + usize::from(extra.contains(&"--tls")) + usize::from(extra.contains(&"--admin"));
     let mut got = Vec::new();
     while got.len() < want {
         got.push(lines.next_line().await.expect("read").expect("a line"));
@@ -166,6 +171,92 @@ async fn two_clients_exchange_messages_and_the_peer_writes_nothing_to_disk() {
         );
         assert_eq!(open_regular_files(pid), Vec::<String>::new());
         drop((plain, tls));
+    })
+    .await;
+}
+
+/// `GET path` over HTTP/1.0; returns the body.
+async fn http_get(addr: &str, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("admin");
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn listen_prints_pushes_and_comes_back_after_its_peer_restarts() {
+    deadline(LIMIT, async {
+        let (p, lines) = peer(&["--admin", "127.0.0.1:0"]).await;
+        let addr = lines[0].strip_prefix("listening peer ").unwrap().to_owned();
+        let admin = lines[1]
+            .strip_prefix("listening admin ")
+            .expect("admin line")
+            .to_owned();
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        for d in [&a, &b] {
+            assert!(msg(d.path(), &["init"]).await.0);
+        }
+        let (_, addr_b, _) = msg(b.path(), &["id", "--peer", &addr]).await;
+        let (_, addr_a, _) = msg(a.path(), &["id", "--peer", &addr]).await;
+        let (addr_a, addr_b) = (addr_a.trim().to_owned(), addr_b.trim().to_owned());
+
+        let mut listen = Command::new(TUBE)
+            .args([
+                "msg",
+                "listen",
+                "--peer",
+                &addr,
+                "--keepalive",
+                "1s",
+                "--data-dir",
+            ])
+            .arg(b.path())
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn listen");
+        let mut out = BufReader::new(listen.stdout.take().unwrap()).lines();
+        let mut err = BufReader::new(listen.stderr.take().unwrap()).lines();
+        let registered =
+            async |err: &mut tokio::io::Lines<BufReader<tokio::process::ChildStderr>>| {
+                while let Some(l) = err.next_line().await.unwrap() {
+                    if l.contains("registered, listening") {
+                        return;
+                    }
+                }
+                panic!("listen exited");
+            };
+        registered(&mut err).await;
+        assert!(msg(a.path(), &["send", "--to", &addr_b, "one"]).await.0);
+        assert_eq!(
+            out.next_line().await.unwrap().unwrap(),
+            format!("{addr_a} one")
+        );
+        let metrics = http_get(&admin, "/metrics").await;
+        assert!(
+            metrics.contains("tube_peer_messages_stored_total 1"),
+            "{metrics}"
+        );
+        assert!(metrics.contains("tube_peer_queued_messages 0"), "{metrics}");
+
+        // The peer restarts on the same address: listen registers again by itself.
+        drop(p);
+        let (_p2, _) = peer_on(&addr, &[]).await;
+        registered(&mut err).await;
+        assert!(msg(a.path(), &["send", "--to", &addr_b, "two"]).await.0);
+        assert_eq!(
+            out.next_line().await.unwrap().unwrap(),
+            format!("{addr_a} two")
+        );
     })
     .await;
 }

@@ -6,11 +6,13 @@
 //!   SHA-256 of the certificate), sealing and opening messages, the 6-digit verification code.
 //! - [`wire`]: the packet codec adapter and the plain-or-TLS transport.
 //! - [`peer`]: the peer service: registrations, RAM queues, pushes, limits.
+//! - [`admin`]: the peer's `/healthz` and `/metrics`.
 //! - [`client`]: registering, sending, fetching and listening; addresses.
 //! - [`contacts`]: the client's correspondents, replay detection and the code exchange.
 //!
 //! The wire format is `tube_proto::mailbox`, specified in `docs/protocols/mailbox.md`.
 
+pub mod admin;
 pub mod client;
 pub mod contacts;
 pub mod crypto;

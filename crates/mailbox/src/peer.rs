@@ -599,3 +599,63 @@ fn handle(shared: &Shared, s: &mut Session, packet: Packet) -> Next {
         ),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inner(config: &PeerConfig) -> Inner {
+        Inner {
+            clients: HashMap::new(),
+            total_bytes: 0,
+            reg_ip: KeyedLimiter::new(config.register_limit, 8),
+            reg_fp: KeyedLimiter::new(config.register_limit, 8),
+            del_ip: KeyedLimiter::new(config.deliver_limit, 8),
+            del_fp: KeyedLimiter::new(config.deliver_limit, 8),
+            expired: 0,
+            delivered: 0,
+            refused_full: 0,
+        }
+    }
+
+    #[test]
+    fn messages_older_than_max_age_are_dropped_and_counted() {
+        let config = PeerConfig::default();
+        let mut st = inner(&config);
+        let t0 = Instant::now();
+        let fp = [1u8; 32];
+        let mut queue = VecDeque::new();
+        for (i, age_days) in [(1u64, 8u64), (2, 7), (3, 1)] {
+            queue.push_back(Queued {
+                seq: i,
+                received_ms: 0,
+                at: t0 + Duration::from_secs((8 - age_days) * 24 * 3600),
+                blob: Bytes::from(vec![0u8; 10]),
+            });
+        }
+        st.clients.insert(
+            fp,
+            Client {
+                cert: Bytes::new(),
+                queue,
+                bytes: 30,
+                next_seq: 4,
+                live: None,
+            },
+        );
+        st.total_bytes = 30;
+        // Eight days after t0: the first is 8 days old (dropped), the second exactly 7 (kept).
+        expire(
+            &mut st,
+            &fp,
+            t0 + Duration::from_secs(8 * 24 * 3600),
+            config.max_age,
+        );
+        let c = &st.clients[&fp];
+        assert_eq!(
+            c.queue.iter().map(|m| m.seq).collect::<Vec<_>>(),
+            vec![2, 3]
+        );
+        assert_eq!((c.bytes, st.total_bytes, st.expired), (20, 20, 1));
+    }
+}
