@@ -54,7 +54,13 @@ impl TestHub {
         }
         let listener = TcpListener::bind(self.addr).await.expect("rebind hub");
         let dir = self.dir.take().expect("dir");
-        run_hub(dir, self.identity.clone(), listener, 0)
+        run_hub(
+            dir,
+            self.identity.clone(),
+            listener,
+            0,
+            Duration::from_secs(5),
+        )
     }
 }
 
@@ -65,11 +71,16 @@ impl Drop for TestHub {
 }
 
 async fn start_hub(intermediates: usize) -> TestHub {
+    start_hub_with(intermediates, Duration::from_secs(5)).await
+}
+
+/// A hub whose nodes get `hop_timeout` to answer each `make_tube`.
+async fn start_hub_with(intermediates: usize, hop_timeout: Duration) -> TestHub {
     init_tracing();
     let dir = tempfile::tempdir().expect("tempdir");
     let identity = Identity::generate(&["localhost"]).expect("identity");
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind hub");
-    run_hub(dir, identity, listener, intermediates)
+    run_hub(dir, identity, listener, intermediates, hop_timeout)
 }
 
 /// Runs a hub on `listener` with the accounts in `dir` (a restart passes the same ones).
@@ -78,12 +89,13 @@ fn run_hub(
     identity: Identity,
     listener: TcpListener,
     intermediates: usize,
+    hop_timeout: Duration,
 ) -> TestHub {
     let accounts = SqliteAccounts::open(&dir.path().join("nodes.sqlite3")).expect("accounts");
     let fingerprint = identity.fingerprint();
     let mut config = HubConfig::new(identity, Arc::new(accounts));
     config.intermediates = intermediates;
-    config.hop_timeout = Duration::from_secs(5);
+    config.hop_timeout = hop_timeout;
     config.approval_timeout = Duration::from_secs(10);
     let addr = listener.local_addr().expect("addr");
     let config_identity = config.identity.clone();
@@ -225,13 +237,21 @@ struct Refused {
     reason: String,
 }
 
+/// What the hub said when it accepted a chain: its hop count and, when shorter than wanted,
+/// why.
+#[derive(Debug)]
+struct Accepted {
+    hops: Option<u8>,
+    reason: String,
+}
+
 /// Requests a chain to `endpoint` as node 0's front: listens when told, returns the API
-/// connection (it owns the chain), the chain's near end and the tunnel id.
+/// connection (it owns the chain), the chain's near end, the tunnel id and the acceptance.
 async fn open_chain(
     api: SocketAddr,
     endpoint: &str,
     local_id: &str,
-) -> Result<(FrontClient, TcpStream, String), Refused> {
+) -> Result<(FrontClient, TcpStream, String, Accepted), Refused> {
     let mut f = FrontClient::connect(api).await.expect("front");
     let req = FrontMessage::RequestTube {
         endpoint_name: endpoint.into(),
@@ -240,6 +260,7 @@ async fn open_chain(
     f.send(&req).await.expect("send");
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let mut near = None;
+    let mut accepted = None;
     loop {
         match f.recv().await.expect("front message") {
             FrontMessage::TubeResult {
@@ -249,6 +270,9 @@ async fn open_chain(
                 ..
             }
             | FrontMessage::Closed { reason, code, .. } => return Err(Refused { code, reason }),
+            FrontMessage::TubeResult { hops, reason, .. } => {
+                accepted = Some(Accepted { hops, reason });
+            }
             FrontMessage::Listen { tunnel_id } => {
                 let port = listener.local_addr().expect("addr").port();
                 f.send(&FrontMessage::Listening { tunnel_id, port })
@@ -258,7 +282,8 @@ async fn open_chain(
             }
             FrontMessage::Established { tunnel_id, .. } => {
                 let near = near.take().expect("node 0 connected before established");
-                return Ok((f, near, tunnel_id));
+                let accepted = accepted.take().expect("tube_result before established");
+                return Ok((f, near, tunnel_id, accepted));
             }
             _ => {}
         }
@@ -291,9 +316,11 @@ async fn chain_through_two_intermediates_carries_64_mib_byte_exact() {
         }
         let echo = echo_server().await;
         let _front = endpoint_front(nodes[4].api, true, echo.addr).await;
-        let (_owner, near, tunnel_id) = open_chain(nodes[0].api, "e", "web")
+        let (_owner, near, tunnel_id, accepted) = open_chain(nodes[0].api, "e", "web")
             .await
             .expect("chain up");
+        assert_eq!(accepted.hops, Some(3), "two intermediates");
+        assert_eq!(accepted.reason, "", "as many intermediates as wanted");
 
         let chains = hub.state.chains();
         let chain = chains
@@ -377,7 +404,7 @@ async fn killing_an_intermediate_closes_both_ends() {
         // The endpoint side is the test itself, so it can watch its end too.
         let service = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let _front = endpoint_front(e.api, true, service.local_addr().unwrap()).await;
-        let (_owner, mut near, tunnel_id) = open_chain(a.api, "e", "k").await.expect("chain");
+        let (_owner, mut near, tunnel_id, _) = open_chain(a.api, "e", "k").await.expect("chain");
         let (mut far, _) = service.accept().await.unwrap();
         assert_eq!(
             hub.state.chains()[0].nodes,
@@ -404,30 +431,35 @@ async fn killing_an_intermediate_closes_both_ends() {
             })
             .await;
         }
-        // The hub forgot the chain, and so did both remaining nodes.
-        poll_until(|| hub.state.chains().is_empty()).await;
+        // Both remaining nodes forget the chain (a node only does on the hub's close_tube, so
+        // by then the hub has forgotten it too).
         for api in [a.api, e.api] {
-            let mut f2 = FrontClient::connect(api).await.unwrap();
-            f2.send(&FrontMessage::List {}).await.unwrap();
-            loop {
-                if let FrontMessage::Tubes { items } = f2.recv().await.unwrap() {
-                    assert!(items.iter().all(|t| t.tunnel_id != tunnel_id), "{items:?}");
-                    break;
-                }
-            }
+            wait_gone(api, &tunnel_id).await;
         }
+        assert!(hub.state.chains().is_empty());
     })
     .await;
 }
 
-/// Waits (polling the hub's state, which has no change events) until `cond` holds.
-async fn poll_until(cond: impl Fn() -> bool) {
-    deadline(Duration::from_secs(20), async {
-        while !cond() {
-            tokio::time::sleep(Duration::from_millis(10)).await;
+/// Returns once the node at `api` no longer has `tunnel_id`: subscribes (the answer is a
+/// snapshot) and, if the chain is in it, waits for its `closed` push.
+async fn wait_gone(api: SocketAddr, tunnel_id: &str) {
+    let mut f = FrontClient::connect(api).await.unwrap();
+    f.send(&FrontMessage::Subscribe {}).await.unwrap();
+    let present = loop {
+        if let FrontMessage::Tubes { items } = f.recv().await.unwrap() {
+            break items.iter().any(|t| t.tunnel_id == tunnel_id);
         }
-    })
-    .await;
+    };
+    if present {
+        loop {
+            if let FrontMessage::Closed { tunnel_id: t, .. } = f.recv().await.unwrap()
+                && t == tunnel_id
+            {
+                return;
+            }
+        }
+    }
 }
 
 /// A node whose every step the test scripts, speaking the real hub protocol over TLS.
@@ -442,7 +474,7 @@ async fn connect_from(bind: IpAddr, addr: SocketAddr) -> TcpStream {
 }
 
 impl ScriptedNode {
-    async fn register(hub: &TestHub, name: &str, octet: u8) -> Self {
+    async fn register(hub: &TestHub, name: &str, octet: u8, relay: bool) -> Self {
         let tcp = connect_from(ip(octet), hub.addr).await;
         let cfg = tls::pinned_client_config(hub.fingerprint).unwrap();
         let tls = TlsConnector::from(cfg)
@@ -455,7 +487,7 @@ impl ScriptedNode {
         node.send(HubMessage::Register {
             version: CHAIN_PROTOCOL_VERSION.into(),
             name: name.into(),
-            relay: false,
+            relay,
         })
         .await;
         match node.recv().await {
@@ -492,7 +524,7 @@ async fn hop_port_refuses_strangers_and_wrong_secrets_then_takes_the_right_hop()
         let hub = start_hub(0).await;
         let da = tempfile::tempdir().unwrap();
         let a = start_node(&hub, "a", 2, da.path()).await;
-        let mut s = ScriptedNode::register(&hub, "s", 7).await;
+        let mut s = ScriptedNode::register(&hub, "s", 7, false).await;
 
         let chain =
             tokio::spawn(async move { open_chain(a.api, "s", "hop").await.map(|c| (c, a)) });
@@ -550,7 +582,7 @@ async fn hop_port_refuses_strangers_and_wrong_secrets_then_takes_the_right_hop()
             reason: String::new(),
         })
         .await;
-        let ((_owner, mut near, up_id), a) = chain.await.unwrap().expect("chain up");
+        let ((_owner, mut near, up_id, _), a) = chain.await.unwrap().expect("chain up");
         assert_eq!(up_id, tunnel_id);
         let mut buf = [0u8; 23];
         near.read_exact(&mut buf).await.unwrap();
@@ -639,7 +671,7 @@ async fn logout_ends_the_session_and_its_chains() {
         let e = start_node(&hub, "e", 3, de.path()).await;
         let echo = echo_server().await;
         let _front = endpoint_front(e.api, true, echo.addr).await;
-        let (mut owner, mut near, tunnel_id) = open_chain(a.api, "e", "l").await.expect("chain");
+        let (mut owner, mut near, tunnel_id, _) = open_chain(a.api, "e", "l").await.expect("chain");
         assert_eq!(hub.state.online(), vec!["a".to_string(), "e".into()]);
 
         e.stop().await.expect("logout and stop");
@@ -685,7 +717,8 @@ async fn concurrent_chains_between_several_pairs() {
                 let to = to.to_string();
                 transfers.push(tokio::spawn(async move {
                     let local_id = format!("c{k}");
-                    let (_owner, near, _) = open_chain(api, &to, &local_id).await.expect("chain");
+                    let (_owner, near, _, _) =
+                        open_chain(api, &to, &local_id).await.expect("chain");
                     echo_through(near, 2 << 20, k).await;
                 }));
             }
@@ -719,9 +752,100 @@ async fn nodes_reconnect_after_a_hub_restart_and_chains_work_again() {
         }
         let echo = echo_server().await;
         let _front = endpoint_front(nodes[1].api, true, echo.addr).await;
-        let (_owner, near, _) = open_chain(nodes[0].api, "e", "again").await.expect("chain");
+        let (_owner, near, _, _) = open_chain(nodes[0].api, "e", "again").await.expect("chain");
         echo_through(near, 1 << 20, 3).await;
         assert_eq!(hub.state.online(), vec!["a".to_string(), "e".into()]);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn with_fewer_relays_online_the_chain_is_shorter_and_says_so() {
+    deadline(LIMIT, async {
+        let hub = start_hub(2).await;
+        let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().expect("dir")).collect();
+        let a = start_node(&hub, "a", 2, dirs[0].path()).await;
+        let _b = start_node(&hub, "b", 3, dirs[1].path()).await;
+        let e = start_node(&hub, "e", 4, dirs[2].path()).await;
+        let echo = echo_server().await;
+        let _front = endpoint_front(e.api, true, echo.addr).await;
+        let (_owner, near, _, accepted) = open_chain(a.api, "e", "short").await.expect("chain");
+        assert_eq!(accepted.hops, Some(2), "one intermediate");
+        assert!(
+            accepted
+                .reason
+                .contains("only 1 intermediate(s) available (2 wanted)"),
+            "{accepted:?}"
+        );
+        echo_through(near, 1 << 20, 5).await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_failed_build_is_torn_down_everywhere_and_leaves_nothing_listening() {
+    deadline(LIMIT, async {
+        // One relay, scripted: it refuses its first make_tube and ignores its second.
+        let hub = start_hub_with(1, Duration::from_secs(1)).await;
+        let (da, de) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let a = start_node(&hub, "a", 2, da.path()).await;
+        let e = start_node(&hub, "e", 3, de.path()).await;
+        let mut s = ScriptedNode::register(&hub, "s", 7, true).await;
+        let echo = echo_server().await;
+        let _front = endpoint_front(e.api, true, echo.addr).await;
+
+        for (attempt, want) in [(0, 6006u16), (1, 6007)] {
+            let api = a.api;
+            let chain =
+                tokio::spawn(async move { open_chain(api, "e", &format!("f{attempt}")).await });
+            let (id, tunnel_id, from) = match s.recv().await {
+                HubMessage::MakeTube {
+                    id,
+                    tunnel_id,
+                    from: Some(from),
+                    to: Some(_),
+                    ..
+                } => (id, tunnel_id, from),
+                other => panic!("expected make_tube as intermediate, got {other:?}"),
+            };
+            // Node 0 was built first and listens for s.
+            assert_eq!(*a.stats.listeners().borrow(), 1, "node 0's hop listener");
+            if attempt == 0 {
+                s.send(HubMessage::MakeTubeResult {
+                    id,
+                    tunnel_id: tunnel_id.clone(),
+                    is_allowed: false,
+                    port: None,
+                    reason: "cannot connect".into(),
+                })
+                .await;
+            } // else: no answer at all, the hub's 1 s step timeout fires.
+            let refused = chain.await.unwrap().expect_err("the build failed");
+            assert_eq!(refused.code, Some(want), "{refused:?}");
+            // The scripted node is told too.
+            match s.recv().await {
+                HubMessage::CloseTube {
+                    tunnel_id: t, code, ..
+                } => {
+                    assert_eq!(t, tunnel_id);
+                    assert_eq!(code, Some(want));
+                }
+                other => panic!("expected close_tube, got {other:?}"),
+            }
+            // Every node forgot it, node 0's hop listener is gone, and so is the hub's chain.
+            for api in [a.api, e.api] {
+                wait_gone(api, &tunnel_id).await;
+            }
+            let mut open = a.stats.listeners();
+            deadline(LIMIT, open.wait_for(|n| *n == 0)).await.unwrap();
+            assert!(
+                TcpStream::connect(from.parse::<SocketAddr>().unwrap())
+                    .await
+                    .is_err(),
+                "nothing listens on {from} any more"
+            );
+            assert!(hub.state.chains().is_empty());
+        }
     })
     .await;
 }

@@ -139,7 +139,20 @@ async fn open_chain(api: SocketAddr, endpoint: &str) -> anyhow::Result<(Front, T
                 code,
                 ..
             } => return Err(refusal(code, &reason)),
-            FrontMessage::TubeResult { .. } => {}
+            FrontMessage::TubeResult {
+                tunnel_id,
+                hops,
+                reason,
+                ..
+            } => {
+                let intermediates = hops.map(|h| h.saturating_sub(1));
+                if reason.is_empty() {
+                    tracing::info!(?tunnel_id, ?intermediates, %endpoint, "chain accepted, building");
+                } else {
+                    // The hub found fewer relaying nodes than it wanted: say so.
+                    tracing::warn!(?tunnel_id, ?intermediates, %endpoint, "{reason}");
+                }
+            }
             FrontMessage::Listen { tunnel_id } => {
                 let port = listener.local_addr()?.port();
                 f.send(&FrontMessage::Listening { tunnel_id, port }).await?;
@@ -254,6 +267,15 @@ async fn accept(
 ) -> anyhow::Result<()> {
     let mut f = Front::connect(api).await?;
     f.send(&FrontMessage::Subscribe {}).await?;
+    // The node answers a subscription with its chains: from then on requests reach us.
+    loop {
+        match f.recv().await? {
+            FrontMessage::Tubes { .. } => break,
+            FrontMessage::Error { code, message } => return Err(refusal(Some(code), &message)),
+            _ => {}
+        }
+    }
+    tracing::info!(%api, %forward, "accepting chains");
     let allow: HashSet<String> = allow.into_iter().collect();
     let interactive = allow.is_empty() && std::io::stdin().is_terminal();
     let mut approved: HashSet<String> = HashSet::new();
@@ -364,6 +386,16 @@ async fn list(api: SocketAddr) -> anyhow::Result<()> {
 
 async fn close(api: SocketAddr, id: String) -> anyhow::Result<()> {
     let mut f = Front::connect(api).await?;
+    // `closed` goes to a chain's owner and to subscribers: subscribe first to hear it.
+    f.send(&FrontMessage::Subscribe {}).await?;
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(10), f.recv())
+            .await
+            .context("error: the node did not answer")??;
+        if let FrontMessage::Tubes { .. } = m {
+            break;
+        }
+    }
     f.send(&FrontMessage::RequestCloseTube {
         local_id: None,
         tunnel_id: Some(id.clone()),

@@ -5,9 +5,7 @@
 //! node refusing a front API that is not on loopback.
 //!
 //! Every test runs under a deadline and synchronises on events (stdout contract lines, log
-//! lines on stderr, process exits); the only retry loop is `connect` while the endpoint's
-//! `accept` has not subscribed yet, which prints nothing. Processes are killed when their
-//! handle drops.
+//! lines on stderr, process exits). Processes are killed when their handle drops.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -28,9 +26,6 @@ const LIMIT: Duration = Duration::from_secs(120);
 
 /// How long one expected stdout or stderr line may take.
 const LINE_LIMIT: Duration = Duration::from_secs(30);
-
-/// How many times `connect` is retried while the endpoint has no subscribed front yet.
-const CONNECT_ATTEMPTS: usize = 200;
 
 /// Bytes piped through the chain.
 const PAYLOAD: usize = 4 << 20;
@@ -55,9 +50,14 @@ impl Proc {
 
     /// Starts `tube args...` with `RUST_LOG=info` and the given stdin.
     fn spawn_with(args: &[&str], stdin: Stdio) -> Self {
+        Self::spawn_logging(args, stdin, "info")
+    }
+
+    /// Starts `tube args...` with `RUST_LOG=level` and the given stdin.
+    fn spawn_logging(args: &[&str], stdin: Stdio, level: &str) -> Self {
         let mut child = Command::new(TUBE)
             .args(args)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", level)
             .stdin(stdin)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -240,8 +240,13 @@ struct Hub {
 
 impl Hub {
     async fn start(dir: &Path) -> Self {
+        Self::start_logging(dir, "info").await
+    }
+
+    async fn start_logging(dir: &Path, level: &str) -> Self {
         let d = dir.to_str().expect("utf-8 dir");
-        let mut proc = Proc::spawn(&["hub", "--listen", "127.0.0.1:0", "--data-dir", d]);
+        let args = ["hub", "--listen", "127.0.0.1:0", "--data-dir", d];
+        let mut proc = Proc::spawn_logging(&args, Stdio::null(), level);
         let first = proc.line().await;
         assert_contract_line(&first);
         let control = field(&first, "listening control ");
@@ -268,23 +273,31 @@ impl Node {
     /// Starts `tube node --name name --bind bind` on `hub`, with a front API on
     /// 127.0.0.1:0 and its own data dir, and reads its `listening api` line.
     async fn start(hub: &Hub, name: &str, bind: &str) -> Self {
+        Self::start_logging(hub, name, bind, "info").await
+    }
+
+    async fn start_logging(hub: &Hub, name: &str, bind: &str, level: &str) -> Self {
         let dir = tempfile::tempdir().expect("node data dir");
         let d = dir.path().to_str().expect("utf-8 dir");
-        let mut proc = Proc::spawn(&[
-            "node",
-            "--hub",
-            &hub.control,
-            "--hub-fingerprint",
-            &hub.fingerprint,
-            "--name",
-            name,
-            "--bind",
-            bind,
-            "--api",
-            "127.0.0.1:0",
-            "--data-dir",
-            d,
-        ]);
+        let mut proc = Proc::spawn_logging(
+            &[
+                "node",
+                "--hub",
+                &hub.control,
+                "--hub-fingerprint",
+                &hub.fingerprint,
+                "--name",
+                name,
+                "--bind",
+                bind,
+                "--api",
+                "127.0.0.1:0",
+                "--data-dir",
+                d,
+            ],
+            Stdio::null(),
+            level,
+        );
         let line = proc.line().await;
         assert_contract_line(&line);
         let api = field(&line, "listening api ");
@@ -380,35 +393,19 @@ async fn chain_cli_connect_echoes_bytes_through_two_intermediates() {
             "n2",
         ]);
 
-        // `accept` prints nothing once subscribed: retry while the endpoint has no front.
-        // The chain is open (and held open by the still-open stdin) once `connect` logs
-        // `chain established`.
-        let mut attempts = 0;
-        let mut conn = loop {
-            attempts += 1;
-            let mut c = Proc::spawn_with(
-                &["chain", "--api", &apis[0], "connect", "n5"],
-                Stdio::piped(),
-            );
-            match c.stderr_line("chain established").await {
-                Ok(_) => break c,
-                Err(_) => {
-                    let (status, err) = c.wait_exit().await;
-                    let last = last_line(&err);
-                    assert!(
-                        !status.success()
-                            && last.starts_with("error 6005 DENIED")
-                            && last.contains("no front"),
-                        "connect failed otherwise than `no front` ({status}):\n{err}"
-                    );
-                    assert!(
-                        attempts < CONNECT_ATTEMPTS,
-                        "accept never subscribed after {attempts} connects; accept's stderr:\n{}",
-                        accept.stderr_now()
-                    );
-                }
-            }
-        };
+        // `accept` logs once its subscription is active. The chain is open (and held open by
+        // the still-open stdin) once `connect` logs `chain established`.
+        accept
+            .stderr_line("accepting chains")
+            .await
+            .expect("accept subscribed");
+        let mut conn = Proc::spawn_with(
+            &["chain", "--api", &apis[0], "connect", "n5"],
+            Stdio::piped(),
+        );
+        if let Err(err) = conn.stderr_line("chain established").await {
+            panic!("connect failed:\n{err}");
+        }
 
         let line = accept.line().await;
         let parts: Vec<&str> = line.split(' ').collect();
@@ -518,6 +515,139 @@ async fn node_refuses_a_non_loopback_api() {
             last.starts_with("error") && last.contains("loopback"),
             "one error line about loopback: {err}"
         );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn chain_cli_listen_gives_each_connection_a_chain_and_close_ends_one() {
+    deadline(LIMIT, async {
+        // Trace logging everywhere: afterwards no log may hold a node's password.
+        let hub_dir = tempfile::tempdir().expect("hub data dir");
+        let mut hub = Hub::start_logging(hub_dir.path(), "trace").await;
+        let mut ns = Vec::new();
+        for (name, bind) in [
+            ("n2", "127.0.0.2"),
+            ("n3", "127.0.0.3"),
+            ("n4", "127.0.0.4"),
+        ] {
+            ns.push(Node::start_logging(&hub, name, bind, "trace").await);
+        }
+        for n in &mut ns {
+            n.logged_in().await;
+        }
+        let svc = echo_server().await;
+        let forward = svc.addr.to_string();
+        let mut accept = Proc::spawn(&[
+            "chain",
+            "--api",
+            &ns[2].api,
+            "accept",
+            "--forward",
+            &forward,
+            "--allow",
+            "n2",
+        ]);
+        accept
+            .stderr_line("accepting chains")
+            .await
+            .expect("accept subscribed");
+
+        let mut listen = Proc::spawn(&[
+            "chain",
+            "--api",
+            &ns[0].api,
+            "listen",
+            "n4",
+            "--local",
+            "127.0.0.1:0",
+        ]);
+        let local = field(&listen.line().await, "listening local ");
+        // Two users of the local port: two chains, each carrying its own bytes.
+        let mut users = Vec::new();
+        for i in 0..2u8 {
+            let mut u = tokio::net::TcpStream::connect(&local)
+                .await
+                .expect("local port");
+            assert_eq!(roundtrip(&mut u, &[i; 1000]).await, vec![i; 1000]);
+            users.push(u);
+            accept.line().await; // `chain <id> <forward>` for each
+        }
+        let chains: Vec<String> = list(&ns[0].api)
+            .await
+            .into_iter()
+            .filter(|l| l.contains(" requester established "))
+            .collect();
+        assert_eq!(chains.len(), 2, "{chains:?}");
+
+        // `close` ends exactly one of them: the other still echoes.
+        let id = chains[0].split(' ').next().expect("id").to_string();
+        let out = chain(&ns[0].api, &["close", &id]).await;
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let left = list(&ns[0].api).await;
+        assert!(left.iter().all(|l| !l.starts_with(&id)), "{left:?}");
+        let mut closed = 0;
+        for u in &mut users {
+            // The open chain echoes; the closed one ends (EOF or reset) instead.
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut back = [0u8; 10];
+            let echoed = match u.write_all(b"still here").await {
+                Ok(()) => u.read_exact(&mut back).await.is_ok(),
+                Err(_) => false,
+            };
+            if echoed {
+                assert_eq!(&back, b"still here");
+            } else {
+                closed += 1;
+            }
+        }
+        assert_eq!(
+            closed, 1,
+            "exactly the closed chain's user saw its connection end"
+        );
+
+        // Closing an unknown chain is one error line with its code.
+        let out = chain(&ns[0].api, &["close", &id]).await;
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(
+            last_line(&err).starts_with("error 6012 UNKNOWN_TUNNEL"),
+            "{err}"
+        );
+
+        // No log line, at trace level, holds any node's current password.
+        drop((listen, accept, users));
+        let mut logs = Vec::new();
+        let mut passwords = Vec::new();
+        for (n, name) in ns.iter_mut().zip(["n2", "n3", "n4"]) {
+            let path = n._dir.path().join(format!("node-{name}.password"));
+            passwords.push(
+                std::fs::read_to_string(path)
+                    .expect("password file")
+                    .trim()
+                    .to_owned(),
+            );
+            n.proc.stop().await;
+            logs.push(n.proc.stderr_now());
+        }
+        hub.proc.stop().await;
+        logs.push(hub.proc.stderr_now());
+        assert!(
+            logs.iter()
+                .all(|l| l.contains("TRACE") || l.contains("DEBUG")),
+            "trace logs on"
+        );
+        for p in &passwords {
+            assert_eq!(p.len(), 64);
+            assert!(
+                logs.iter().all(|l| !l.contains(p.as_str())),
+                "a password reached a log"
+            );
+        }
     })
     .await;
 }

@@ -644,6 +644,10 @@ pub enum FrontMessage {
         /// On refusal, the [`ChainErrorCode`] number (optional).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         code: Option<u16>,
+        /// When accepted, the hub's `hops` (intermediates + 1); optional, since 1.0 fronts
+        /// ignore it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        hops: Option<u8>,
     },
     /// Node to front: a node asks for a chain to this one; answer with `approve`.
     ConnectionRequest {
@@ -795,9 +799,13 @@ impl FrontMessage {
                 reason,
                 tunnel_id,
                 code: _,
+                hops,
             } => {
                 check_local_id("local_id", local_id)?;
                 check_max("reason", reason, MAX_REASON_LEN)?;
+                if let Some(h) = hops {
+                    check_range("hops", u64::from(*h), 1, u64::from(MAX_HOPS))?;
+                }
                 match tunnel_id {
                     Some(t) => check_tunnel_id("tunnel_id", t),
                     None if *is_allowed => Err(FieldError::new("tunnel_id", FieldProblem::Missing)),
@@ -1574,6 +1582,15 @@ mod tests {
                 reason: String::new(),
                 tunnel_id: Some(TID.into()),
                 code: None,
+                hops: None,
+            },
+            FrontMessage::TubeResult {
+                local_id: "web".into(),
+                is_allowed: true,
+                reason: "only 1 intermediate online (2 wanted)".into(),
+                tunnel_id: Some(TID.into()),
+                code: None,
+                hops: Some(2),
             },
             FrontMessage::ConnectionRequest {
                 tunnel_id: TID.into(),
@@ -2418,6 +2435,7 @@ mod tests {
                 reason: String::new(),
                 tunnel_id: None,
                 code: None,
+                hops: None,
             })
         );
     }

@@ -461,13 +461,23 @@ impl State {
             }
         };
         let hop_count = u8::try_from(hops.len() - 1).unwrap_or(u8::MAX);
+        // Fewer relaying nodes online than asked for: the chain is shorter, and says so.
+        let intermediates = hops.len().saturating_sub(2);
+        let reason = if intermediates < config.intermediates {
+            format!(
+                "only {intermediates} intermediate(s) available ({} wanted)",
+                config.intermediates
+            )
+        } else {
+            String::new()
+        };
         send(
             &self.nodes,
             &requester,
             HubMessage::RequestTubeResult {
                 id: rid,
                 is_allowed: true,
-                reason: String::new(),
+                reason,
                 tunnel_id: Some(tunnel_id.clone()),
                 hops: hop_count,
                 code: None,

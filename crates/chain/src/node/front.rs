@@ -21,6 +21,9 @@ use super::state::{Chain, FrontSlot, TUBE_ANSWER_TIMEOUT, TubeRequest};
 /// Lines queued for one front before it counts as too slow.
 const FRONT_QUEUE: usize = 256;
 
+/// Front API connections at once; more are closed at once.
+const MAX_FRONTS: usize = 64;
+
 /// Longest time one line may take to write to a front.
 const FRONT_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -29,6 +32,10 @@ impl Node {
         let (tx, rx) = mpsc::channel(FRONT_QUEUE);
         let id = {
             let mut st = self.state();
+            if st.fronts.len() >= MAX_FRONTS {
+                tracing::warn!(%peer, "too many front API connections, closing");
+                return;
+            }
             st.next_front += 1;
             let id = st.next_front;
             st.fronts.insert(
@@ -204,6 +211,7 @@ impl Node {
                 reason: reason.into(),
                 tunnel_id: None,
                 code: Some(code as u16),
+                hops: None,
             };
             return self.state().push(id, msg);
         }
@@ -235,6 +243,7 @@ impl Node {
                     reason: "no answer from the hub".into(),
                     tunnel_id: None,
                     code: Some(ChainErrorCode::Timeout as u16),
+                    hops: None,
                 };
                 st.push(req.front, msg);
             }

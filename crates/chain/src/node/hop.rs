@@ -7,8 +7,9 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use subtle::ConstantTimeEq;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
@@ -16,14 +17,13 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 use tokio::task::JoinSet;
 use tokio::time::{Instant, timeout};
-use tokio_util::sync::CancellationToken;
 use tube_proto::chain::{
     ChainRole, ChainSecret, ChainState, FrontMessage, HOP_HELLO_LEN, HubMessage, decode_hop_hello,
     encode_hop_hello, parse_tunnel_id,
 };
 
-use super::state::Chain;
-use super::{ChainBytes, Node, connect_from};
+use super::state::{Chain, Closing};
+use super::{ChainBytes, ListenerGuard, Node, connect_from};
 
 /// Connections in the preamble check at once, per hop listener.
 const MAX_UNVERIFIED: usize = 8;
@@ -46,24 +46,26 @@ enum Far {
         to: IpAddr,
         tunnel: [u8; 16],
         secret: [u8; 32],
+        _open: ListenerGuard,
     },
     /// The endpoint's front connects once `establish_connection` arrived.
     Local {
         listener: TcpListener,
         established: oneshot::Receiver<()>,
+        _open: ListenerGuard,
     },
 }
 
 /// Carries out one `make_tube`, answers it, then carries the chain until it ends.
 pub(super) async fn build(node: Arc<Node>, req: MakeTube) {
-    let (token, established) = match node.prepare(&req) {
+    let (closing, established) = match node.prepare(&req) {
         Ok(x) => x,
         Err(reason) => return node.answer(&req, Err(reason)).await,
     };
     let bytes = node.stats.track(&req.tunnel_id);
     let setup = tokio::select! {
         r = setup(&node, &req, established) => r,
-        _ = token.cancelled() => Err("chain closed during the build".into()),
+        _ = closing.closed() => Err("chain closed during the build".into()),
     };
     let (near, far, port) = match setup {
         Ok(x) => x,
@@ -74,8 +76,8 @@ pub(super) async fn build(node: Arc<Node>, req: MakeTube) {
         }
     };
     node.answer(&req, Ok(port)).await;
-    let carried = carry(&node, &req.tunnel_id, near, far, &bytes, &token).await;
-    if token.is_cancelled() {
+    let carried = carry(&node, &req.tunnel_id, near, far, &bytes, &closing).await;
+    if closing.is_closed() {
         // Closed by the hub (or the session ended): nothing to report.
         return;
     }
@@ -92,16 +94,7 @@ pub(super) async fn build(node: Arc<Node>, req: MakeTube) {
 impl Node {
     /// Records the chain (or checks the one a front asked for or approved) and returns its
     /// token, plus the endpoint's signal for `establish_connection`.
-    fn prepare(
-        &self,
-        req: &MakeTube,
-    ) -> Result<
-        (
-            tokio_util::sync::CancellationToken,
-            Option<oneshot::Receiver<()>>,
-        ),
-        String,
-    > {
+    fn prepare(&self, req: &MakeTube) -> Result<(Closing, Option<oneshot::Receiver<()>>), String> {
         let mut st = self.state();
         let role = match (&req.from, &req.to) {
             (None, _) => ChainRole::Requester,
@@ -131,7 +124,7 @@ impl Node {
             chain.established = Some(tx);
             rx
         });
-        Ok((chain.token.clone(), established))
+        Ok((chain.closing.clone(), established))
     }
 
     async fn answer(&self, req: &MakeTube, result: Result<Option<u16>, String>) {
@@ -240,6 +233,7 @@ async fn setup(
                 to,
                 tunnel,
                 secret,
+                _open: node.stats.listener_opened(),
             };
             (far, Some(port))
         }
@@ -258,6 +252,7 @@ async fn setup(
                 Far::Local {
                     listener,
                     established,
+                    _open: node.stats.listener_opened(),
                 },
                 None,
             )
@@ -273,7 +268,7 @@ async fn carry(
     near: TcpStream,
     far: Far,
     bytes: &Arc<ChainBytes>,
-    token: &CancellationToken,
+    closing: &Closing,
 ) -> Result<(), String> {
     let hop_timeout = node.config.hop_timeout;
     let far = async {
@@ -283,10 +278,12 @@ async fn carry(
                 to,
                 tunnel,
                 secret,
+                _open,
             } => accept_hop(node, listener, to, tunnel, secret).await,
             Far::Local {
                 listener,
                 established,
+                _open,
             } => {
                 timeout(hop_timeout * 2, established)
                     .await
@@ -309,7 +306,7 @@ async fn carry(
     };
     let (far, leftover) = tokio::select! {
         r = far => r?,
-        _ = token.cancelled() => return Err("chain closed".into()),
+        _ = closing.closed() => return Err("chain closed".into()),
     };
     if let Some(c) = node.state().chains.get_mut(tunnel_id)
         && c.role == ChainRole::Intermediate
@@ -317,7 +314,7 @@ async fn carry(
         c.state = ChainState::Established;
     }
     tracing::info!("hops connected, forwarding");
-    splice(near, far, leftover, bytes, token)
+    splice(near, far, leftover, bytes, closing)
         .await
         .map_err(|e| format!("splice: {e}"))
 }
@@ -408,25 +405,35 @@ async fn check_preamble(
     Ok((tcp, leftover))
 }
 
+/// How long a splice whose stream is already ending may go on after its chain was closed
+/// without a failure: the end of stream travels hop by hop, and the hub's `close_tube` can
+/// overtake the last bytes.
+const DRAIN: Duration = Duration::from_secs(2);
+
 /// Copies both ways with half-close; `near` is the requester's side. On a failure (a reset, an
-/// error, the chain closed by the hub) both connections are closed with a reset, so neither end mistakes a broken chain
-/// for a clean end of stream.
+/// error, the chain closed) both connections are closed with a reset, so neither end mistakes
+/// a broken chain for a clean end of stream. A close that is not a failure, arriving after an
+/// end of stream passed this node, lets the copy finish for up to [`DRAIN`] first (when the
+/// first node finishes cleanly, every node has seen at least one end of stream).
 async fn splice(
     near: TcpStream,
     far: TcpStream,
     leftover: Vec<u8>,
     bytes: &Arc<ChainBytes>,
-    token: &CancellationToken,
+    closing: &Closing,
 ) -> io::Result<()> {
+    let eof = Arc::new(AtomicBool::new(false));
     let mut near = Counted {
         inner: near,
         read: bytes.clone(),
         toward_endpoint: true,
+        eof: eof.clone(),
     };
     let mut far = Counted {
         inner: far,
         read: bytes.clone(),
         toward_endpoint: false,
+        eof: eof.clone(),
     };
     let mut result = Ok(());
     if !leftover.is_empty() {
@@ -434,9 +441,20 @@ async fn splice(
         add(&bytes.toward_requester, leftover.len());
     }
     if result.is_ok() {
+        let copy = tokio::io::copy_bidirectional(&mut near, &mut far);
+        tokio::pin!(copy);
         result = tokio::select! {
-            r = tokio::io::copy_bidirectional(&mut near, &mut far) => r.map(|_| ()),
-            _ = token.cancelled() => Err(io::Error::other("chain closed")),
+            r = &mut copy => r.map(|_| ()),
+            _ = closing.closed() => {
+                if !closing.aborted() && eof.load(Ordering::SeqCst) {
+                    match timeout(DRAIN, &mut copy).await {
+                        Ok(r) => r.map(|_| ()),
+                        Err(_) => Err(io::Error::other("chain closed")),
+                    }
+                } else {
+                    Err(io::Error::other("chain closed"))
+                }
+            }
         };
     }
     if result.is_err() {
@@ -456,6 +474,8 @@ struct Counted {
     read: Arc<ChainBytes>,
     /// Whether bytes read here travel towards the endpoint.
     toward_endpoint: bool,
+    /// Set when either side's end of stream was read.
+    eof: Arc<AtomicBool>,
 }
 
 impl AsyncRead for Counted {
@@ -467,6 +487,9 @@ impl AsyncRead for Counted {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         let n = buf.filled().len().saturating_sub(before);
+        if n == 0 && matches!(r, Poll::Ready(Ok(()))) && buf.remaining() > 0 {
+            self.eof.store(true, Ordering::SeqCst);
+        }
         if n > 0 {
             let c = if self.toward_endpoint {
                 &self.read.toward_endpoint

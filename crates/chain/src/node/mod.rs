@@ -168,6 +168,18 @@ struct StatsInner {
     chains: Mutex<VecDeque<(String, Arc<ChainBytes>)>>,
     /// Successful logins so far, and whether a session is up now.
     sessions: tokio::sync::watch::Sender<SessionCount>,
+    /// Hop and endpoint listeners open now.
+    listeners: tokio::sync::watch::Sender<usize>,
+}
+
+/// Counts one open listener in [`NodeStats::listeners`] while it lives.
+#[derive(Debug)]
+pub(crate) struct ListenerGuard(NodeStats);
+
+impl Drop for ListenerGuard {
+    fn drop(&mut self) {
+        self.0.0.listeners.send_modify(|n| *n = n.saturating_sub(1));
+    }
 }
 
 /// What [`NodeStats::sessions`] reports.
@@ -212,6 +224,16 @@ impl NodeStats {
     /// Watches the node's hub sessions (a test waits on it instead of sleeping).
     pub fn sessions(&self) -> tokio::sync::watch::Receiver<SessionCount> {
         self.0.sessions.subscribe()
+    }
+
+    /// Watches how many hop and endpoint listeners are open (none once every chain is gone).
+    pub fn listeners(&self) -> tokio::sync::watch::Receiver<usize> {
+        self.0.listeners.subscribe()
+    }
+
+    fn listener_opened(&self) -> ListenerGuard {
+        self.0.listeners.send_modify(|n| *n += 1);
+        ListenerGuard(self.clone())
     }
 
     fn set_online(&self, online: bool) {
@@ -508,9 +530,9 @@ impl Node {
                 is_allowed,
                 reason,
                 tunnel_id,
-                hops: _,
+                hops,
                 code,
-            } => self.on_request_tube_result(id, is_allowed, reason, tunnel_id, code),
+            } => self.on_request_tube_result(id, is_allowed, reason, tunnel_id, code, hops),
             HubMessage::MakeTube {
                 id,
                 tunnel_id,

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
@@ -13,9 +14,6 @@ use tube_proto::chain::{
 };
 
 use super::Node;
-
-/// How long a chain closed without a failure may keep splicing (see [`Node::close_chain`]).
-pub(super) const DRAIN: Duration = Duration::from_secs(2);
 
 /// Longest wait for the hub's answer to `request_tube` (approval plus choosing the chain).
 pub(super) const TUBE_ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
@@ -57,12 +55,44 @@ pub(super) struct Chain {
     pub(super) port: Option<u16>,
     /// The front connection that requested or approved it.
     pub(super) owner: Option<u64>,
-    /// Cancelled when the chain closes: its task drops its sockets and listener.
-    pub(super) token: CancellationToken,
+    /// Tells the chain's task to close.
+    pub(super) closing: Closing,
     /// Whether `make_tube` arrived (a second one is refused).
     pub(super) building: bool,
     /// The endpoint's signal that `establish_connection` arrived.
     pub(super) established: Option<oneshot::Sender<()>>,
+}
+
+/// How a chain's task is told to close: a token, and whether the close is a failure.
+#[derive(Debug, Clone)]
+pub(super) struct Closing {
+    token: CancellationToken,
+    abort: Arc<AtomicBool>,
+}
+
+impl Closing {
+    /// Closes the chain; `abort` for a failure (no draining).
+    pub(super) fn close(&self, abort: bool) {
+        if abort {
+            self.abort.store(true, Ordering::SeqCst);
+        }
+        self.token.cancel();
+    }
+
+    /// Resolves once the chain is closed.
+    pub(super) async fn closed(&self) {
+        self.token.cancelled().await;
+    }
+
+    /// Whether the chain is closed.
+    pub(super) fn is_closed(&self) -> bool {
+        self.token.is_cancelled()
+    }
+
+    /// Whether the close was a failure.
+    pub(super) fn aborted(&self) -> bool {
+        self.abort.load(Ordering::SeqCst)
+    }
 }
 
 impl Chain {
@@ -74,7 +104,10 @@ impl Chain {
             peer: None,
             port: None,
             owner: None,
-            token,
+            closing: Closing {
+                token,
+                abort: Arc::new(AtomicBool::new(false)),
+            },
             building: false,
             established: None,
         }
@@ -133,6 +166,7 @@ impl Node {
         reason: String,
         tunnel_id: Option<String>,
         code: Option<u16>,
+        hops: u8,
     ) {
         let mut st = self.state();
         let Some(req) = st.tube_requests.remove(&id) else {
@@ -155,15 +189,15 @@ impl Node {
                 reason,
                 tunnel_id,
                 code,
+                hops: (is_allowed && hops > 0).then_some(hops),
             },
         );
     }
 
     /// Closes a chain and tells its fronts `closed`. With `abort` (a failure: the hub sent a
     /// code, or the session is ending) its sockets and listener close at once, with a reset;
-    /// otherwise (a node asked, typically because its splice ended) a splice still running
-    /// gets [`DRAIN`] to pass on what is in flight, since the end of stream travels hop by hop
-    /// and the hub's `close_tube` can overtake it.
+    /// otherwise (a node or front asked) too, unless the chain's stream is already ending on
+    /// its own, which the splice then lets finish (see `hop::DRAIN`).
     pub(super) fn close_chain(
         &self,
         tunnel_id: &str,
@@ -180,15 +214,7 @@ impl Node {
             }
             return;
         };
-        if abort {
-            chain.token.cancel();
-        } else {
-            let token = chain.token;
-            self.spawn(async move {
-                tokio::time::sleep(DRAIN).await;
-                token.cancel();
-            });
-        }
+        chain.closing.close(abort);
         tracing::info!(%tunnel_id, reason = %reason, "chain closed");
         let msg = FrontMessage::Closed {
             tunnel_id: tunnel_id.to_owned(),
