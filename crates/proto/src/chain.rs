@@ -1584,14 +1584,6 @@ mod tests {
                 code: None,
                 hops: None,
             },
-            FrontMessage::TubeResult {
-                local_id: "web".into(),
-                is_allowed: true,
-                reason: "only 1 intermediate online (2 wanted)".into(),
-                tunnel_id: Some(TID.into()),
-                code: None,
-                hops: Some(2),
-            },
             FrontMessage::ConnectionRequest {
                 tunnel_id: TID.into(),
                 request_user: "node0".into(),
@@ -1621,6 +1613,14 @@ mod tests {
                 }],
             },
             FrontMessage::error(ChainErrorCode::UnknownTunnel, "no chain with local_id web"),
+            FrontMessage::TubeResult {
+                local_id: "web".into(),
+                is_allowed: true,
+                reason: "only 1 intermediate online (2 wanted)".into(),
+                tunnel_id: Some(TID.into()),
+                code: None,
+                hops: Some(2),
+            },
         ]
     }
 
@@ -2689,15 +2689,17 @@ mod tests {
                 any::<bool>(),
                 arb_text(),
                 arb_tid(),
-                arb_code()
+                arb_code(),
+                proptest::option::of(1u8..=MAX_HOPS)
             )
-                .prop_map(|(local_id, is_allowed, reason, tid, code)| {
+                .prop_map(|(local_id, is_allowed, reason, tid, code, hops)| {
                     FrontMessage::TubeResult {
                         local_id,
                         is_allowed,
                         reason,
                         tunnel_id: Some(tid).filter(|_| is_allowed),
                         code,
+                        hops,
                     }
                 }),
             (arb_tid(), arb_name()).prop_map(|(tunnel_id, request_user)| {
