@@ -13,6 +13,7 @@ use tube_mailbox::client::{self, Address, ClientConfig, Inbox, Opened, PeerAddr,
 use tube_mailbox::contacts::Contacts;
 use tube_mailbox::crypto::Identity;
 use tube_mailbox::peer::{Peer, PeerConfig};
+use tube_proto::mailbox::MailboxError;
 
 /// The peer's default address.
 const DEFAULT_PEER_LISTEN: &str = "0.0.0.0:7839";
@@ -206,8 +207,14 @@ fn print(m: &Received, json: bool) {
             println!("{line}");
         }
     } else {
-        // One line per message: newlines in the text would break that contract.
-        println!("{} {}", m.from, m.text.replace(['\n', '\r'], " "));
+        // One line per message, and nothing a sender could use to drive the terminal:
+        // newlines and every other control character (escape sequences) become spaces.
+        let text: String = m
+            .text
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .collect();
+        println!("{} {text}", m.from);
     }
 }
 
@@ -391,7 +398,16 @@ async fn listen(
             _ = shutdown.cancelled() => return Ok(()),
         };
         if let Err(e) = r {
-            if let Some(client::ClientError::Refused { .. }) = e.downcast_ref() {
+            // A refusal is final unless it is about load (rate limit, busy, restarting).
+            if let Some(client::ClientError::Refused { code, .. }) = e.downcast_ref()
+                && ![
+                    MailboxError::RateLimited,
+                    MailboxError::Busy,
+                    MailboxError::ShuttingDown,
+                ]
+                .iter()
+                .any(|m| *m as u16 == *code)
+            {
                 return Err(e);
             }
             tracing::warn!(error = %format!("{e:#}"), retry_in = ?delay, "peer connection lost");

@@ -405,7 +405,12 @@ pub fn open(
         Ok(a) if a.client == from_fp => {}
         _ => return invalid("sender address does not match its certificate"),
     }
-    contacts.upsert(cert, &inner.from)?;
+    match contacts.upsert(cert, &inner.from) {
+        Ok(()) => {}
+        // A full contact list must not wedge the queue: drop the stranger's message.
+        Err(ContactsError::Full) => return invalid("contact list full"),
+        Err(e) => return Err(e.into()),
+    }
     let fields = CodeFields {
         commit: inner.commit,
         nonce: inner.nonce,

@@ -224,3 +224,83 @@ impl Contacts {
 fn decode32(h: &str) -> Option<[u8; 32]> {
     hex::decode(h).ok()?.try_into().ok()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::Identity;
+
+    struct Side {
+        id: Identity,
+        contacts: Contacts,
+        _dir: tempfile::TempDir,
+    }
+
+    fn side() -> Side {
+        let dir = tempfile::tempdir().unwrap();
+        Side {
+            id: Identity::generate().unwrap(),
+            contacts: Contacts::load(dir.path()).unwrap(),
+            _dir: dir,
+        }
+    }
+
+    /// `from` writes message `n` to `to`: its code fields travel, `to` records them.
+    fn write(from: &mut Side, to: &mut Side, n: u8) -> bool {
+        from.contacts.upsert(to.id.cert(), "to").unwrap();
+        let fields = from.contacts.outgoing(&to.id.fingerprint()).unwrap();
+        to.contacts.upsert(from.id.cert(), "from").unwrap();
+        to.contacts
+            .incoming(&from.id.fingerprint(), &[n; 16], &fields)
+            .unwrap()
+    }
+
+    fn code(s: &Side, other: &Side) -> Option<String> {
+        s.contacts
+            .code(&s.id.fingerprint(), &other.id.fingerprint())
+    }
+
+    #[test]
+    fn the_code_appears_after_commit_reply_reveal_and_matches() {
+        let (mut a, mut b) = (side(), side());
+        // a writes first: only a commitment goes out.
+        let first = a.contacts.outgoing(&b.id.fingerprint()).unwrap();
+        assert_eq!(first, CodeFields::default(), "not a contact yet: nothing");
+        assert!(write(&mut a, &mut b, 1));
+        assert_eq!((code(&a, &b), code(&b, &a)), (None, None));
+        // b answers and reveals (a's value is fixed by its commitment).
+        assert!(write(&mut b, &mut a, 2));
+        assert_eq!(code(&b, &a), None, "b's nonce is out, a's is not yet");
+        assert_eq!(code(&a, &b), None, "a has not revealed its nonce yet");
+        // a's next message reveals its nonce, checked against its commitment.
+        assert!(write(&mut a, &mut b, 3));
+        let (ca, cb) = (code(&a, &b).unwrap(), code(&b, &a).unwrap());
+        assert_eq!(ca, cb);
+        assert_eq!(ca.len(), 6);
+        // Kept across a reload.
+        let reloaded = Contacts::load(a._dir.path()).unwrap();
+        assert_eq!(
+            reloaded.code(&a.id.fingerprint(), &b.id.fingerprint()),
+            Some(ca)
+        );
+    }
+
+    #[test]
+    fn a_replayed_id_is_refused_and_a_nonce_that_breaks_its_commitment_is_flagged() {
+        let (mut a, mut b) = (side(), side());
+        assert!(write(&mut a, &mut b, 1));
+        assert!(!write(&mut a, &mut b, 1), "same id again: a replay");
+        // Someone reveals a nonce that is not the one a committed to.
+        let forged = CodeFields {
+            commit: None,
+            nonce: Some(hex::encode([7u8; 32])),
+        };
+        assert!(
+            b.contacts
+                .incoming(&a.id.fingerprint(), &[2; 16], &forged)
+                .unwrap()
+        );
+        assert!(b.contacts.get(&a.id.fingerprint()).unwrap().tampered);
+        assert_eq!(code(&b, &a), None, "no code once tampered");
+    }
+}

@@ -453,3 +453,93 @@ async fn over_tls_with_a_pinned_peer_and_matching_codes() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn byte_limits_per_recipient_and_overall_refuse_too() {
+    deadline(LIMIT, async {
+        for per_recipient in [true, false] {
+            let config = if per_recipient {
+                PeerConfig {
+                    max_queue_bytes: 3000,
+                    ..PeerConfig::default()
+                }
+            } else {
+                PeerConfig {
+                    max_total_bytes: 3000,
+                    ..PeerConfig::default()
+                }
+            };
+            let p = start_peer(config).await;
+            let mut a = client(&p);
+            let (mut b, mut c) = (client(&p), client(&p));
+            assert!(b.fetch().await.is_empty());
+            assert!(c.fetch().await.is_empty());
+            let mut stored = 0;
+            let err = loop {
+                match a.send(&b.address, "a message of some length").await {
+                    Ok(()) => stored += 1,
+                    Err(e) => break e,
+                }
+                assert!(stored < 100, "the byte limit never applied");
+            };
+            assert!(stored >= 1);
+            assert!(
+                err.to_string().starts_with("error 7004 QUEUE_FULL"),
+                "{err}"
+            );
+            assert!(p.state.queued().1 <= 3000);
+            // Per recipient, c still has room; overall, c is refused as well.
+            let to_c = a.send(&c.address, "for c").await;
+            assert_eq!(to_c.is_ok(), per_recipient, "{to_c:?}");
+            // Nothing stored was lost.
+            assert_eq!(b.fetch().await.len(), stored);
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_waiting_inbox_sends_keepalives() {
+    deadline(LIMIT, async {
+        init_tracing();
+        // A scripted peer: registration, an empty backlog, then it expects keepalives.
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let peer = PeerAddr {
+            host: l.local_addr().unwrap().to_string(),
+            tls: None,
+        };
+        let server = tokio::spawn(async move {
+            let (tcp, _) = l.accept().await.unwrap();
+            let mut conn = tube_mailbox::wire::conn(tube_mailbox::wire::Stream::Plain(tcp));
+            let mut expect = |p: Option<Result<Packet, _>>, kind: u8| match p {
+                Some(Ok(p)) if p.kind() == kind => {}
+                other => panic!("expected packet type {kind}, got {other:?}"),
+            };
+            expect(conn.next().await, 2);
+            conn.send(Packet::Challenge { nonce: [1; 32] })
+                .await
+                .unwrap();
+            expect(conn.next().await, 4);
+            conn.send(Packet::Ok).await.unwrap();
+            expect(conn.next().await, 7);
+            conn.send(Packet::QueueEnd { count: 0 }).await.unwrap();
+            for _ in 0..2 {
+                expect(conn.next().await, 10);
+                conn.send(Packet::Keepalive).await.unwrap();
+            }
+        });
+        let id = Identity::generate().unwrap();
+        let cfg = ClientConfig {
+            keepalive: Duration::from_millis(50),
+            ..cfg()
+        };
+        let mut inbox = Inbox::open(&peer, &id, cfg).await.unwrap();
+        inbox.fetch().await.unwrap();
+        assert!(inbox.next().await.unwrap().is_none());
+        // Waiting for messages, the inbox keeps the connection alive until the peer leaves.
+        let err = inbox.next().await.expect_err("the scripted peer hung up");
+        assert!(matches!(err, ClientError::Unavailable(_)), "{err}");
+        server.await.expect("two keepalives, answered");
+    })
+    .await;
+}
