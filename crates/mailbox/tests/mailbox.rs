@@ -511,7 +511,7 @@ async fn a_waiting_inbox_sends_keepalives() {
         let server = tokio::spawn(async move {
             let (tcp, _) = l.accept().await.unwrap();
             let mut conn = tube_mailbox::wire::conn(tube_mailbox::wire::Stream::Plain(tcp));
-            let mut expect = |p: Option<Result<Packet, _>>, kind: u8| match p {
+            let expect = |p: Option<Result<Packet, _>>, kind: u8| match p {
                 Some(Ok(p)) if p.kind() == kind => {}
                 other => panic!("expected packet type {kind}, got {other:?}"),
             };
