@@ -9,14 +9,11 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::Stdio;
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, ChildStdout, Command};
-use tokio::sync::watch;
-use tokio::task::JoinHandle;
+use tokio::process::Command;
+use tube_testkit::proc::{LINE_LIMIT, Proc};
 use tube_testkit::*;
 
 const TUBE: &str = env!("CARGO_BIN_EXE_tube");
@@ -24,168 +21,12 @@ const TUBE: &str = env!("CARGO_BIN_EXE_tube");
 /// Deadline of every test body (generous: a 2-core machine may be compiling meanwhile).
 const LIMIT: Duration = Duration::from_secs(120);
 
-/// How long one expected stdout or stderr line may take.
-const LINE_LIMIT: Duration = Duration::from_secs(30);
-
 /// Bytes piped through the chain.
 const PAYLOAD: usize = 4 << 20;
 
-/// A `tube` process killed on drop (`kill_on_drop`): stdout read line by line (or raw),
-/// stderr collected continuously in the background so the child never blocks on a full
-/// pipe, with a watch channel ticking at every new stderr line.
-struct Proc {
-    child: Child,
-    out: tokio::io::Lines<BufReader<ChildStdout>>,
-    err: Arc<Mutex<String>>,
-    /// Ticks at every stderr line; closed once the child's stderr ends (it exited).
-    err_seen: watch::Receiver<usize>,
-    err_task: Option<JoinHandle<()>>,
-}
-
-impl Proc {
-    /// Starts `tube args...` with stdin from /dev/null.
-    fn spawn(args: &[&str]) -> Self {
-        Self::spawn_with(args, Stdio::null())
-    }
-
-    /// Starts `tube args...` with `RUST_LOG=info` and the given stdin.
-    fn spawn_with(args: &[&str], stdin: Stdio) -> Self {
-        Self::spawn_logging(args, stdin, "info")
-    }
-
-    /// Starts `tube args...` with `RUST_LOG=level` and the given stdin.
-    fn spawn_logging(args: &[&str], stdin: Stdio, level: &str) -> Self {
-        let mut child = Command::new(TUBE)
-            .args(args)
-            .env("RUST_LOG", level)
-            .stdin(stdin)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("spawn tube");
-        let out = BufReader::new(child.stdout.take().expect("stdout")).lines();
-        let stderr = child.stderr.take().expect("stderr");
-        let err = Arc::new(Mutex::new(String::new()));
-        let (tick, err_seen) = watch::channel(0usize);
-        let sink = err.clone();
-        let err_task = tokio::spawn(async move {
-            let mut r = BufReader::new(stderr);
-            let mut line = Vec::new();
-            loop {
-                line.clear();
-                match r.read_until(b'\n', &mut line).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) => {
-                        sink.lock()
-                            .expect("stderr lock")
-                            .push_str(&String::from_utf8_lossy(&line));
-                        tick.send_modify(|n| *n += 1);
-                    }
-                }
-            }
-            // Dropping `tick` closes the channel: waiters learn that stderr ended.
-        });
-        Self {
-            child,
-            out,
-            err,
-            err_seen,
-            err_task: Some(err_task),
-        }
-    }
-
-    /// The next stdout line, or `None` once the process closed its stdout (it exited).
-    async fn next_line(&mut self) -> Option<String> {
-        match tokio::time::timeout(LINE_LIMIT, self.out.next_line()).await {
-            Ok(r) => r.expect("read stdout"),
-            Err(_) => panic!(
-                "no stdout line within {LINE_LIMIT:?}; stderr so far:\n{}",
-                self.stderr_now()
-            ),
-        }
-    }
-
-    /// The next stdout line; the test fails if the process ends first.
-    async fn line(&mut self) -> String {
-        match self.next_line().await {
-            Some(l) => l,
-            None => panic!("stdout ended; stderr:\n{}", self.wait_stderr().await),
-        }
-    }
-
-    /// What the process wrote on stderr so far.
-    fn stderr_now(&self) -> String {
-        self.err.lock().expect("stderr lock").clone()
-    }
-
-    /// Waits for a stderr line containing `needle`: `Ok(line)`, or `Err(all of stderr)` if
-    /// the process closed its stderr (exited) without writing one.
-    async fn stderr_line(&mut self, needle: &str) -> Result<String, String> {
-        let wait = async {
-            loop {
-                // Mark everything up to now as seen before looking, so no line is missed.
-                self.err_seen.borrow_and_update();
-                let found = self
-                    .stderr_now()
-                    .lines()
-                    .find(|l| l.contains(needle))
-                    .map(str::to_owned);
-                if let Some(l) = found {
-                    return Ok(l);
-                }
-                if self.err_seen.changed().await.is_err() {
-                    // Stderr ended; read what arrived with the last tick.
-                    let all = self.stderr_now();
-                    return match all.lines().find(|l| l.contains(needle)) {
-                        Some(l) => Ok(l.to_owned()),
-                        None => Err(all),
-                    };
-                }
-            }
-        };
-        match tokio::time::timeout(LINE_LIMIT, wait).await {
-            Ok(r) => r,
-            Err(_) => panic!(
-                "no stderr line with {needle:?} within {LINE_LIMIT:?}; stderr so far:\n{}",
-                self.stderr_now()
-            ),
-        }
-    }
-
-    /// Waits for the process to exit; its status and all of its stderr.
-    async fn wait_exit(&mut self) -> (ExitStatus, String) {
-        let status = match tokio::time::timeout(LINE_LIMIT, self.child.wait()).await {
-            Ok(s) => s.expect("wait for tube"),
-            Err(_) => panic!(
-                "tube did not exit within {LINE_LIMIT:?}; stderr so far:\n{}",
-                self.stderr_now()
-            ),
-        };
-        if let Some(t) = self.err_task.take() {
-            let _ = t.await;
-        }
-        (status, self.stderr_now())
-    }
-
-    /// Waits for the process to exit and returns all of its stderr.
-    async fn wait_stderr(&mut self) -> String {
-        self.wait_exit().await.1
-    }
-
-    /// SIGTERM, the way an operator stops it; waits for the exit and returns every stdout
-    /// line it had not read yet.
-    async fn stop(&mut self) -> Vec<String> {
-        if let Some(pid) = self.child.id() {
-            let _ = Command::new("kill").arg(pid.to_string()).status().await;
-        }
-        let mut rest = Vec::new();
-        while let Some(l) = self.next_line().await {
-            rest.push(l);
-        }
-        self.wait_exit().await;
-        rest
-    }
+/// Starts `tube args...` with `RUST_LOG=level` and `stdin`.
+fn tube(args: &[&str], stdin: Stdio, level: &str) -> Proc {
+    Proc::spawn(TUBE, args, &[("RUST_LOG", level)], stdin)
 }
 
 /// The rest of `line` after `prefix`.
@@ -246,7 +87,7 @@ impl Hub {
     async fn start_logging(dir: &Path, level: &str) -> Self {
         let d = dir.to_str().expect("utf-8 dir");
         let args = ["hub", "--listen", "127.0.0.1:0", "--data-dir", d];
-        let mut proc = Proc::spawn_logging(&args, Stdio::null(), level);
+        let mut proc = tube(&args, Stdio::null(), level);
         let first = proc.line().await;
         assert_contract_line(&first);
         let control = field(&first, "listening control ");
@@ -279,7 +120,7 @@ impl Node {
     async fn start_logging(hub: &Hub, name: &str, bind: &str, level: &str) -> Self {
         let dir = tempfile::tempdir().expect("node data dir");
         let d = dir.path().to_str().expect("utf-8 dir");
-        let mut proc = Proc::spawn_logging(
+        let mut proc = tube(
             &[
                 "node",
                 "--hub",
@@ -382,16 +223,20 @@ async fn chain_cli_connect_echoes_bytes_through_two_intermediates() {
 
         let svc = echo_server().await;
         let forward = svc.addr.to_string();
-        let mut accept = Proc::spawn(&[
-            "chain",
-            "--api",
-            &apis[3],
-            "accept",
-            "--forward",
-            &forward,
-            "--allow",
-            "n2",
-        ]);
+        let mut accept = tube(
+            &[
+                "chain",
+                "--api",
+                &apis[3],
+                "accept",
+                "--forward",
+                &forward,
+                "--allow",
+                "n2",
+            ],
+            Stdio::null(),
+            "info",
+        );
 
         // `accept` logs once its subscription is active. The chain is open (and held open by
         // the still-open stdin) once `connect` logs `chain established`.
@@ -399,9 +244,10 @@ async fn chain_cli_connect_echoes_bytes_through_two_intermediates() {
             .stderr_line("accepting chains")
             .await
             .expect("accept subscribed");
-        let mut conn = Proc::spawn_with(
+        let mut conn = tube(
             &["chain", "--api", &apis[0], "connect", "n5"],
             Stdio::piped(),
+            "info",
         );
         if let Err(err) = conn.stderr_line("chain established").await {
             panic!("connect failed:\n{err}");
@@ -538,30 +384,38 @@ async fn chain_cli_listen_gives_each_connection_a_chain_and_close_ends_one() {
         }
         let svc = echo_server().await;
         let forward = svc.addr.to_string();
-        let mut accept = Proc::spawn(&[
-            "chain",
-            "--api",
-            &ns[2].api,
-            "accept",
-            "--forward",
-            &forward,
-            "--allow",
-            "n2",
-        ]);
+        let mut accept = tube(
+            &[
+                "chain",
+                "--api",
+                &ns[2].api,
+                "accept",
+                "--forward",
+                &forward,
+                "--allow",
+                "n2",
+            ],
+            Stdio::null(),
+            "info",
+        );
         accept
             .stderr_line("accepting chains")
             .await
             .expect("accept subscribed");
 
-        let mut listen = Proc::spawn(&[
-            "chain",
-            "--api",
-            &ns[0].api,
-            "listen",
-            "n4",
-            "--local",
-            "127.0.0.1:0",
-        ]);
+        let mut listen = tube(
+            &[
+                "chain",
+                "--api",
+                &ns[0].api,
+                "listen",
+                "n4",
+                "--local",
+                "127.0.0.1:0",
+            ],
+            Stdio::null(),
+            "info",
+        );
         let local = field(&listen.line().await, "listening local ");
         // Two users of the local port: two chains, each carrying its own bytes.
         let mut users = Vec::new();

@@ -8,115 +8,19 @@
 
 use std::path::Path;
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::process::{Child, ChildStdout, Command};
-use tokio::task::JoinHandle;
+use tokio::process::Command;
+use tube_testkit::proc::Proc;
 use tube_testkit::*;
 
 const TUBE: &str = env!("CARGO_BIN_EXE_tube");
 
 /// Deadline of every test body.
 const LIMIT: Duration = Duration::from_secs(60);
-
-/// How long one expected stdout line may take.
-const LINE_LIMIT: Duration = Duration::from_secs(20);
-
-/// A `tube` process killed on drop: stdout read line by line, stderr collected in the
-/// background (so a chatty `RUST_LOG=trace` never fills the pipe and stalls it).
-struct Proc {
-    child: Child,
-    out: tokio::io::Lines<BufReader<ChildStdout>>,
-    err: Arc<Mutex<Vec<u8>>>,
-    err_task: Option<JoinHandle<()>>,
-}
-
-impl Proc {
-    /// Starts `tube args...` with `RUST_LOG=info` unless `env` says otherwise.
-    fn spawn(args: &[&str], env: &[(&str, &str)]) -> Self {
-        let mut child = Command::new(TUBE)
-            .args(args)
-            .env("RUST_LOG", "info")
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("spawn tube");
-        let out = BufReader::new(child.stdout.take().expect("stdout")).lines();
-        let mut stderr = child.stderr.take().expect("stderr");
-        let err = Arc::new(Mutex::new(Vec::new()));
-        let sink = err.clone();
-        let err_task = tokio::spawn(async move {
-            let mut buf = vec![0u8; 16 * 1024];
-            while let Ok(n) = stderr.read(&mut buf).await {
-                if n == 0 {
-                    break;
-                }
-                sink.lock()
-                    .expect("stderr lock")
-                    .extend_from_slice(&buf[..n]);
-            }
-        });
-        Self {
-            child,
-            out,
-            err,
-            err_task: Some(err_task),
-        }
-    }
-
-    /// The next stdout line, or `None` once the process closed its stdout (it exited).
-    async fn next_line(&mut self) -> Option<String> {
-        match tokio::time::timeout(LINE_LIMIT, self.out.next_line()).await {
-            Ok(r) => r.expect("read stdout"),
-            Err(_) => panic!(
-                "no stdout line within {LINE_LIMIT:?}; stderr so far:\n{}",
-                self.stderr_now()
-            ),
-        }
-    }
-
-    /// The next stdout line; the test fails if the process ends first.
-    async fn line(&mut self) -> String {
-        match self.next_line().await {
-            Some(l) => l,
-            None => panic!("stdout ended; stderr:\n{}", self.wait_stderr().await),
-        }
-    }
-
-    /// What the process wrote on stderr so far.
-    fn stderr_now(&self) -> String {
-        String::from_utf8_lossy(&self.err.lock().expect("stderr lock")).into_owned()
-    }
-
-    /// Waits for the process to exit and returns all of its stderr.
-    async fn wait_stderr(&mut self) -> String {
-        let _ = self.child.wait().await;
-        if let Some(t) = self.err_task.take() {
-            let _ = t.await;
-        }
-        self.stderr_now()
-    }
-
-    /// SIGTERM, the way an operator stops it; returns all of its stderr.
-    async fn stop(&mut self) -> String {
-        if let Some(pid) = self.child.id() {
-            let _ = Command::new("kill").arg(pid.to_string()).status().await;
-        }
-        self.wait_stderr().await
-    }
-
-    /// SIGKILL: the process gets no chance to clean up.
-    async fn kill(&mut self) {
-        self.child.kill().await.expect("kill tube");
-    }
-}
 
 /// The rest of `line` after `prefix`.
 fn field(line: &str, prefix: &str) -> String {
@@ -144,7 +48,7 @@ impl Relay {
 
     /// Starts `tube <args>` (a relay command line) and reads its contract lines.
     async fn start_args(args: &[&str], env: &[(&str, &str)]) -> Self {
-        let mut proc = Proc::spawn(args, env);
+        let mut proc = Proc::spawn(TUBE, args, env, Stdio::null());
         let control = field(&proc.line().await, "listening control ");
         let mut next = proc.line().await;
         let admin = if args.contains(&"--admin") {
@@ -209,7 +113,7 @@ fn expose(
         fp,
     ];
     args.extend_from_slice(extra);
-    Proc::spawn(&args, env)
+    Proc::spawn(TUBE, &args, env, Stdio::null())
 }
 
 /// Fast reconnects, never giving up.
@@ -351,7 +255,7 @@ async fn restart_relay(port: u16, dir: &Path) -> (Proc, String) {
     let ds = dir.to_str().expect("utf-8 dir");
     let args = ["relay", "--listen", &listen, "--data-dir", ds];
     for _ in 0..100 {
-        let mut p = Proc::spawn(&args, &[]);
+        let mut p = Proc::spawn(TUBE, &args, &[], Stdio::null());
         match p.next_line().await {
             Some(l) => {
                 assert_eq!(l, format!("listening control {listen}"), "the same port");
@@ -613,7 +517,8 @@ async fn json_logs_have_the_seed_fields() {
             .unwrap_or_else(|| panic!("the tunnel of {public} in {tunnels}"))
             .to_string();
 
-        let err = relay.proc.stop().await;
+        relay.proc.stop().await;
+        let err = relay.proc.stderr_now();
         let mut with_id = 0;
         for line in err.lines() {
             let v: Value = serde_json::from_str(line)
@@ -781,8 +686,10 @@ async fn secrets_never_reach_the_logs() {
         );
         let (public, _) = tunnel_line(&agent.line().await);
         user_roundtrip(&public, b"nothing secret here").await;
-        let agent_err = agent.stop().await;
-        let relay_err = relay.proc.stop().await;
+        agent.stop().await;
+        let agent_err = agent.stderr_now();
+        relay.proc.stop().await;
+        let relay_err = relay.proc.stderr_now();
         assert!(
             agent_err.contains("TRACE") && relay_err.contains("TRACE"),
             "both logged at trace level"

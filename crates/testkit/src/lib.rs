@@ -1,8 +1,10 @@
-//! Helpers for tube's tests only: start a relay and agents in-process on 127.0.0.1 port 0,
+//! Helpers for tube's tests only (and [`proc`] for tests of the binary): start a relay and agents in-process on 127.0.0.1 port 0,
 //! echo servers, a deadline around every test body, and a per-test log subscriber.
 //!
 //! Everything started here stops when its handle is dropped or `stop`ped, so tests clean up
 //! even when they fail.
+
+pub mod proc;
 
 use std::future::Future;
 use std::net::SocketAddr;
