@@ -59,6 +59,10 @@ enum ChainCommand {
         /// terminal, or refuse when there is none.
         #[arg(long)]
         allow: Vec<String>,
+        /// Ask on standard input (one y/N answer per line) for every request not allowed by
+        /// `--allow`, even when standard input is not a terminal.
+        #[arg(long)]
+        ask: bool,
     },
     /// List this node's chains.
     List,
@@ -75,9 +79,11 @@ pub(crate) async fn run(args: ChainArgs, shutdown: CancellationToken) -> anyhow:
         ChainCommand::Listen { endpoint, local } => {
             listen(args.api, &endpoint, local, shutdown).await
         }
-        ChainCommand::Accept { forward, allow } => {
-            accept(args.api, &forward, allow, shutdown).await
-        }
+        ChainCommand::Accept {
+            forward,
+            allow,
+            ask,
+        } => accept(args.api, &forward, allow, ask, shutdown).await,
         ChainCommand::List => list(args.api).await,
         ChainCommand::Close { id } => close(args.api, id).await,
     }
@@ -263,6 +269,7 @@ async fn accept(
     api: SocketAddr,
     forward: &str,
     allow: Vec<String>,
+    ask: bool,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let mut f = Front::connect(api).await?;
@@ -277,7 +284,7 @@ async fn accept(
     }
     tracing::info!(%api, %forward, "accepting chains");
     let allow: HashSet<String> = allow.into_iter().collect();
-    let interactive = allow.is_empty() && std::io::stdin().is_terminal();
+    let interactive = ask || (allow.is_empty() && std::io::stdin().is_terminal());
     let mut approved: HashSet<String> = HashSet::new();
     let tracker = tokio_util::task::TaskTracker::new();
     let mut stdin = tokio::io::BufReader::new(tokio::io::stdin()).lines();
@@ -294,7 +301,7 @@ async fn accept(
                 let yes = if allow.contains(&request_user) {
                     true
                 } else if interactive {
-                    eprint!("allow a chain from {request_user}? [y/N] ");
+                    eprintln!("allow a chain from {request_user}? [y/N]");
                     matches!(stdin.next_line().await, Ok(Some(a)) if a.trim().eq_ignore_ascii_case("y"))
                 } else {
                     false

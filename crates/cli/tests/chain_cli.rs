@@ -341,6 +341,80 @@ async fn chain_cli_refusals_print_one_error_line() {
 }
 
 #[tokio::test]
+async fn chain_cli_accept_asks_and_follows_the_answers() {
+    deadline(LIMIT, async {
+        let hub_dir = tempfile::tempdir().expect("hub data dir");
+        let mut hub = Hub::start(hub_dir.path()).await;
+        let mut ns = nodes(&hub, &["n2", "n3"], &["127.0.0.2", "127.0.0.3"]).await;
+        let svc = echo_server().await;
+        let forward = svc.addr.to_string();
+        // Not in any --allow list: each request is asked on stdin, one answer per line.
+        let mut accept = tube(
+            &[
+                "chain",
+                "--api",
+                &ns[1].api,
+                "accept",
+                "--forward",
+                &forward,
+                "--ask",
+            ],
+            Stdio::piped(),
+            "info",
+        );
+        {
+            use tokio::io::AsyncWriteExt;
+            let mut stdin = accept.child.stdin.take().expect("accept's stdin");
+            stdin.write_all(b"y\nn\n").await.expect("answers");
+        }
+        accept
+            .stderr_line("accepting chains")
+            .await
+            .expect("accept subscribed");
+
+        // Yes: the chain carries bytes (no relay is online: the hub says the chain is direct).
+        let mut conn = tube(
+            &["chain", "--api", &ns[0].api, "connect", "n3"],
+            Stdio::piped(),
+            "info",
+        );
+        conn.stderr_line("chain established")
+            .await
+            .expect("first: yes");
+        let warned = conn
+            .stderr_line("intermediate(s) available")
+            .await
+            .expect("said so");
+        assert!(warned.contains("only 0"), "{warned}");
+        {
+            use tokio::io::AsyncWriteExt;
+            let mut stdin = conn.child.stdin.take().expect("connect's stdin");
+            stdin.write_all(b"ping\n").await.expect("write");
+        }
+        assert_eq!(conn.line().await, "ping");
+        accept
+            .stderr_line("allow a chain from n2?")
+            .await
+            .expect("asked");
+        drop(conn);
+
+        // No: refused with the front's words.
+        let out = chain(&ns[0].api, &["connect", "n3"]).await;
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(last_line(&err).starts_with("error 6005 DENIED"), "{err}");
+        assert!(last_line(&err).contains("n2 is not allowed"), "{err}");
+
+        drop(accept);
+        for n in &mut ns {
+            stop_checking_contract(&mut n.proc).await;
+        }
+        stop_checking_contract(&mut hub.proc).await;
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn node_refuses_a_non_loopback_api() {
     deadline(LIMIT, async {
         let dir = tempfile::tempdir().expect("node data dir");
