@@ -118,7 +118,7 @@ mod tests {
     #[test]
     fn every_example_config_parses_and_converts() {
         let files = examples();
-        assert_eq!(files.len(), 2, "relay.toml and agent.toml: {files:?}");
+        assert_eq!(files.len(), 3, "relay, agent and longpoll: {files:?}");
         for f in files {
             let name = f
                 .file_name()
@@ -132,6 +132,9 @@ mod tests {
                 let c: AgentFile = load(&f).unwrap();
                 assert!(!c.tunnel.is_empty(), "{name} shows tunnels");
                 crate::expose::from_file_only(c).unwrap_or_else(|e| panic!("{name}: {e:#}"));
+            } else if name.starts_with("longpoll") {
+                let c: crate::longpoll::LongpollFile = load(&f).unwrap();
+                crate::longpoll::from_file_only(c).unwrap_or_else(|e| panic!("{name}: {e:#}"));
             } else {
                 panic!("unexpected example {name}");
             }

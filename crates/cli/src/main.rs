@@ -7,6 +7,7 @@ mod config;
 mod expose;
 mod hub;
 mod logging;
+mod longpoll;
 mod mailbox;
 mod relay;
 
@@ -51,6 +52,8 @@ enum Command {
     Msg(mailbox::MsgArgs),
     /// Use a chain through a node's local API: connect, listen, accept, list, close.
     Chain(chain::ChainArgs),
+    /// Run the HTTP long-poll proxy: clients that only speak HTTP reach packet backends.
+    Longpoll(longpoll::LongpollArgs),
 }
 
 fn main() -> ExitCode {
@@ -78,6 +81,7 @@ fn main() -> ExitCode {
             Command::Peer(args) => mailbox::run_peer(args, shutdown).await,
             Command::Msg(args) => mailbox::run_msg(args, shutdown).await,
             Command::Chain(args) => chain::run(args, shutdown).await,
+            Command::Longpoll(args) => longpoll::run(args, shutdown).await,
         }
     });
     match result {

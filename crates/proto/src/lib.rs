@@ -14,6 +14,7 @@
 //! - [`cidr`]: address ranges for tunnel allow-lists.
 //! - [`chain`]: the chain service's codecs (seed 000): hub messages, front API, hop preamble.
 //! - [`mailbox`]: the mailbox root packets (seed 003).
+//! - [`longpoll`]: the long-poll proxy's headers (seed 004).
 //! - [`time`]: RFC 3339 timestamps.
 
 pub mod backoff;
@@ -24,6 +25,7 @@ pub mod flow;
 pub mod frame;
 pub mod heartbeat;
 pub mod lifecycle;
+pub mod longpoll;
 pub mod mailbox;
 pub mod ratelimit;
 pub mod time;
