@@ -228,7 +228,7 @@ pub(crate) async fn run(args: LongpollArgs, shutdown: CancellationToken) -> anyh
     if let Some(a) = &admin {
         println!("listening admin {}", a.local_addr()?);
     }
-    tracing::info!(backends = ?proxy, "long-poll proxy started");
+    tracing::info!(?proxy, "long-poll proxy started");
     let serve_admin = async {
         match admin {
             Some(l) => proxy.run_admin(l).await,

@@ -47,8 +47,9 @@ pub struct Longpoll {
 
 impl std::fmt::Debug for Longpoll {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Backend URLs may carry credentials: only their number is shown.
         f.debug_struct("Longpoll")
-            .field("backends", &self.shared.config.backends)
+            .field("backends", &self.shared.config.backends.len())
             .finish()
     }
 }

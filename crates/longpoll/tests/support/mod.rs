@@ -152,7 +152,7 @@ pub async fn wait_packets(script: &Script, n: usize) -> Vec<Seen> {
         }
     })
     .await
-    .unwrap_or_else(|_| panic!("backend did not see {n} packets: {:?}", packets(script)))
+    .unwrap_or_else(|_| panic!("backend saw {} packets, not {n}", packets(script).len()))
 }
 
 type BackendState = (String, Arc<Script>, CancellationToken);
