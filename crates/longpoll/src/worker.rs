@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tube_proto::longpoll::{self as h, RequestType};
 
-use crate::backends::{Answer, passthrough};
+use crate::backends::{Answer, CallError, passthrough};
 use crate::buffer::Packet;
 use crate::state::{Shared, Signals};
 
@@ -161,6 +161,17 @@ async fn call_with_failover(
             }
             Ok(answer) => {
                 tracing::warn!(backend = i, status = %answer.status, "backend failed");
+            }
+            Err(e @ CallError::TooLarge(_)) => {
+                // The backend answered, but with more than the proxy will hold: a final answer
+                // (refused and counted by the caller), not a reason to ask again.
+                tracing::warn!(backend = i, error = %e, "backend answer dropped");
+                shared.backends.succeeded(i);
+                return Some(Answer {
+                    status: StatusCode::PAYLOAD_TOO_LARGE,
+                    headers: HeaderMap::new(),
+                    body: Bytes::new(),
+                });
             }
             Err(e) => tracing::warn!(backend = i, error = %e, "backend failed"),
         }

@@ -530,6 +530,25 @@ async fn over_the_limits_the_client_gets_413_429_and_503() {
 }
 
 #[tokio::test]
+async fn refused_and_oversized_backend_answers_drop_that_packet_only() {
+    let b = Backend::start("a").await;
+    let mut c = config(&[&b]);
+    c.max_body = 1000;
+    c.poll_timeout = Duration::from_millis(200);
+    let p = Proxy::start(c).await;
+    let token = login(&p, "alice", None).await;
+    assert_eq!(poll(&p, &token, &[], "refuse me").await.body, "");
+    assert_eq!(poll(&p, &token, &[], "big answer").await.body, "");
+    let got = poll(&p, &token, &[], "fine").await;
+    assert_eq!(
+        got.body, "echo:fine",
+        "the client's later packets still flow"
+    );
+    assert_eq!(p.metric("tube_longpoll_packets_refused_total").await, 2.0);
+    assert_eq!(p.metric("tube_longpoll_backend_failures_total").await, 0.0);
+}
+
+#[tokio::test]
 async fn a_debug_server_gets_packets_addressed_to_it_and_answers() {
     let b = Backend::start("a").await;
     let mut c = config(&[&b]);

@@ -269,6 +269,9 @@ async fn handle(
             if body.starts_with(b"quiet") {
                 return status(StatusCode::OK, "");
             }
+            if body.starts_with(b"big") {
+                return echo(&name, Bytes::from(vec![b'b'; 4096]), &from);
+            }
             if body.starts_with(b"refuse") {
                 return status(StatusCode::BAD_REQUEST, "refused");
             }

@@ -1,0 +1,324 @@
+#!/usr/bin/env bash
+# bench/compare.sh: the relay benchmark suite (docs/performance.md). Direct loopback, tube
+# (relay + agent, TLS 1.3), rathole and bore (both plain TCP), side by side in one run: each
+# round runs every test on every system one after the other (A B C D), so all see the same
+# machine state; the summary takes medians over the rounds.
+#
+# Figures: bulk throughput with 1 and 8 streams (tube-loadgen, and iperf3 when installed),
+# 64-byte round trip p50/p99 over one connection, new connections per second at concurrency 50
+# with p50/p99 connect-to-first-byte, CPU seconds of server + client per GiB carried, and the
+# resident memory of server + client idle and holding 1,000 and 10,000 idle user connections.
+#
+# rathole and bore are installed with `cargo install --root $TOOLS` (their code never enters
+# this repository); a system whose install fails is left out with a note.
+#
+# Env knobs:
+#   ROUNDS    rounds (default 5)
+#   BYTES     bytes per throughput run (default 1 GiB)
+#   COUNT     timed round trips per rtt run (default 20000)
+#   CONNS     connections per connrate run (default 2000), CONC their concurrency (default 50)
+#   IDLE      idle connection counts for the memory test (default "1000 10000")
+#   SYSTEMS   systems to run (default "direct tube rathole bore")
+#   TOOLS     where rathole and bore get installed (default bench/.tools)
+#   OUT       results file (default bench/out/compare-<date>.jsonl)
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+
+ROUNDS=${ROUNDS:-5}
+BYTES=${BYTES:-1073741824}
+COUNT=${COUNT:-20000}
+CONNS=${CONNS:-2000}
+CONC=${CONC:-50}
+IDLE=${IDLE:-"1000 10000"}
+SYSTEMS=${SYSTEMS:-"direct tube rathole bore"}
+TOOLS=${TOOLS:-$ROOT/bench/.tools}
+mkdir -p bench/out
+OUT=${OUT:-bench/out/compare-$(date +%Y%m%d-%H%M%S).jsonl}
+WAIT_SECS=30
+RTT_SIZE=64
+
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" || true
+
+echo "building (release)..." >&2
+cargo build --release -p tube-cli -p tube-loadgen >&2
+BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release
+TUBE=$BIN/tube
+LOADGEN=$BIN/tube-loadgen
+
+have_system() { [[ " $SYSTEMS " == *" $1 "* ]]; }
+drop_system() {
+    echo "note: $1 left out: $2" >&2
+    SYSTEMS=$(echo " $SYSTEMS " | sed "s/ $1 / /; s/^ *//; s/ *$//")
+}
+
+# The competitors, built from crates.io into $TOOLS (a few minutes the first time).
+if have_system rathole && [[ ! -x $TOOLS/bin/rathole ]]; then
+    echo "installing rathole into $TOOLS..." >&2
+    # rathole's lock file pins a `time` that no longer builds on current Rust: resolve afresh.
+    cargo install --root "$TOOLS" rathole >&2 || drop_system rathole "cargo install failed"
+fi
+if have_system bore && [[ ! -x $TOOLS/bin/bore ]]; then
+    echo "installing bore into $TOOLS..." >&2
+    cargo install --root "$TOOLS" --locked bore-cli >&2 || drop_system bore "cargo install failed"
+fi
+IPERF=$(command -v iperf3 || true)
+if [[ -z $IPERF && $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+    (apt-get install -y -qq iperf3 >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq iperf3; }) >&2 || true
+    IPERF=$(command -v iperf3 || true)
+fi
+
+TMP=$(mktemp -d "${TMPDIR:-/tmp}/tube-compare.XXXXXX")
+PIDS=()
+cleanup() {
+    local pid
+    for pid in "${PIDS[@]}"; do
+        kill "$pid" 2>/dev/null || true
+    done
+    for pid in "${PIDS[@]}"; do
+        wait "$pid" 2>/dev/null || true
+    done
+    rm -rf "$TMP"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# start NAME CMD...: runs CMD in the background, stdout to $TMP/NAME.out, stderr to .err.
+start() {
+    local name=$1
+    shift
+    "$@" >"$TMP/$name.out" 2>"$TMP/$name.err" &
+    PIDS+=("$!")
+    eval "PID_$name=$!"
+}
+
+# wait_lines NAME N: waits (bounded) until NAME has printed N stdout lines; dies if it exited.
+wait_lines() {
+    local name=$1 n=$2 pidvar="PID_$1" i
+    for ((i = 0; i < WAIT_SECS * 10; i++)); do
+        [[ $(wc -l <"$TMP/$name.out") -ge $n ]] && return 0
+        if ! kill -0 "${!pidvar}" 2>/dev/null; then
+            echo "error: $name exited before printing $n lines; its stderr:" >&2
+            cat "$TMP/$name.err" >&2
+            exit 1
+        fi
+        sleep 0.1
+    done
+    echo "error: $name printed no $n lines within ${WAIT_SECS}s; its stderr:" >&2
+    cat "$TMP/$name.err" >&2
+    exit 1
+}
+
+# wait_echo ADDR WHAT: waits (bounded) until an echo round trip through ADDR works.
+wait_echo() {
+    local i
+    for ((i = 0; i < WAIT_SECS * 4; i++)); do
+        if "$LOADGEN" --timeout 2 rtt --addr "$1" --count 1 --size 8 >/dev/null 2>&1; then
+            return 0
+        fi
+        sleep 0.25
+    done
+    echo "error: no echo through $2 ($1) within ${WAIT_SECS}s" >&2
+    exit 1
+}
+
+field() { sed -n "$2p" "$TMP/$1.out" | awk -v w="$3" '{ print $w }'; }
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+start sink "$LOADGEN" sink --listen 127.0.0.1:0
+start echo "$LOADGEN" echo --listen 127.0.0.1:0
+wait_lines sink 1
+wait_lines echo 1
+SINK=$(field sink 1 3)
+ECHO=$(field echo 1 3)
+declare -A SINK_OF ECHO_OF PROCS_OF IPERF_OF
+SINK_OF[direct]=$SINK
+ECHO_OF[direct]=$ECHO
+PROCS_OF[direct]=""
+if [[ -n $IPERF ]]; then
+    IPERF_PORT=$(free_port)
+    start iperf "$IPERF" -s -B 127.0.0.1 -p "$IPERF_PORT"
+    IPERF_OF[direct]=127.0.0.1:$IPERF_PORT
+fi
+# Every tunnel carries the sink, the echo server and (if present) the iperf3 server.
+LOCALS=("$SINK" "$ECHO")
+[[ -n $IPERF ]] && LOCALS+=("127.0.0.1:$IPERF_PORT")
+
+if have_system tube; then
+    start relay "$TUBE" relay --listen 127.0.0.1:0 --data-dir "$TMP/relay"
+    wait_lines relay 2
+    CONTROL=$(field relay 1 3)
+    FINGERPRINT=$(field relay 2 2)
+    TOKEN=$("$TUBE" token --subject bench --data-dir "$TMP/relay")
+    start agent "$TUBE" expose "${LOCALS[@]}" --relay "$CONTROL" --token "$TOKEN" \
+        --fingerprint "$FINGERPRINT"
+    wait_lines agent "${#LOCALS[@]}"
+    SINK_OF[tube]=$(field agent 1 2)
+    ECHO_OF[tube]=$(field agent 2 2)
+    [[ -n $IPERF ]] && IPERF_OF[tube]=$(field agent 3 2)
+    PROCS_OF[tube]="$PID_relay $PID_agent"
+fi
+
+if have_system rathole; then
+    RH_CONTROL=$(free_port)
+    {
+        echo "[server]"
+        echo "bind_addr = \"127.0.0.1:$RH_CONTROL\""
+    } >"$TMP/rathole-server.toml"
+    {
+        echo "[client]"
+        echo "remote_addr = \"127.0.0.1:$RH_CONTROL\""
+    } >"$TMP/rathole-client.toml"
+    names=(sink echo iperf)
+    for i in "${!LOCALS[@]}"; do
+        port=$(free_port)
+        printf '[server.services.%s]\ntoken = "bench"\nbind_addr = "127.0.0.1:%s"\n' \
+            "${names[$i]}" "$port" >>"$TMP/rathole-server.toml"
+        printf '[client.services.%s]\ntoken = "bench"\nlocal_addr = "%s"\n' \
+            "${names[$i]}" "${LOCALS[$i]}" >>"$TMP/rathole-client.toml"
+        case ${names[$i]} in
+            sink) SINK_OF[rathole]=127.0.0.1:$port ;;
+            echo) ECHO_OF[rathole]=127.0.0.1:$port ;;
+            iperf) IPERF_OF[rathole]=127.0.0.1:$port ;;
+        esac
+    done
+    start rathole_server "$TOOLS/bin/rathole" --server "$TMP/rathole-server.toml"
+    start rathole_client "$TOOLS/bin/rathole" --client "$TMP/rathole-client.toml"
+    wait_echo "${ECHO_OF[rathole]}" rathole
+    PROCS_OF[rathole]="$PID_rathole_server $PID_rathole_client"
+fi
+
+if have_system bore; then
+    # bore's control port is fixed at 7835.
+    start bore_server "$TOOLS/bin/bore" server --bind-addr 127.0.0.1 --min-port 30000 --max-port 60000
+    sleep 0.5
+    procs="$PID_bore_server"
+    names=(sink echo iperf)
+    for i in "${!LOCALS[@]}"; do
+        port=$(free_port)
+        local_port=${LOCALS[$i]##*:}
+        start "bore_${names[$i]}" "$TOOLS/bin/bore" local "$local_port" --local-host 127.0.0.1 \
+            --to 127.0.0.1 --port "$port"
+        pidvar="PID_bore_${names[$i]}"
+        procs="$procs ${!pidvar}"
+        case ${names[$i]} in
+            sink) SINK_OF[bore]=127.0.0.1:$port ;;
+            echo) ECHO_OF[bore]=127.0.0.1:$port ;;
+            iperf) IPERF_OF[bore]=127.0.0.1:$port ;;
+        esac
+    done
+    wait_echo "${ECHO_OF[bore]}" bore
+    PROCS_OF[bore]=$procs
+fi
+
+{
+    echo "date:    $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')"
+    for s in $SYSTEMS; do
+        echo "$s: sink ${SINK_OF[$s]}, echo ${ECHO_OF[$s]}, iperf3 ${IPERF_OF[$s]:-none}, processes ${PROCS_OF[$s]:-none}"
+    done
+    echo "rounds $ROUNDS, bytes $BYTES, count $COUNT, conns $CONNS at $CONC; results in $OUT"
+} >&2
+
+# cpu_ticks PIDS...: user + system clock ticks used so far by these processes.
+cpu_ticks() {
+    local total=0 pid t
+    for pid in "$@"; do
+        t=$(awk '{ print $14 + $15 }' "/proc/$pid/stat")
+        total=$((total + t))
+    done
+    echo "$total"
+}
+# rss_kib PIDS...: resident memory of these processes together.
+rss_kib() {
+    local total=0 pid t
+    for pid in "$@"; do
+        t=$(awk '/^VmRSS/ { print $2 }' "/proc/$pid/status")
+        total=$((total + t))
+    done
+    echo "$total"
+}
+TICKS=$(getconf CLK_TCK)
+
+# record SYSTEM ROUND CMD...: runs one test, tags its JSON line with the system, the round and
+# the CPU seconds its tunnel processes used meanwhile, and appends it to $OUT.
+record() {
+    local system=$1 round=$2 line before after
+    shift 2
+    # shellcheck disable=SC2086
+    before=$(cpu_ticks ${PROCS_OF[$system]})
+    if ! line=$("$@") || [[ $line != "{"* ]]; then
+        echo "error: $system round $round failed: $*" >&2
+        exit 1
+    fi
+    # shellcheck disable=SC2086
+    after=$(cpu_ticks ${PROCS_OF[$system]})
+    local cpu
+    cpu=$(python3 -c "print(($after - $before) / $TICKS)")
+    echo "{\"system\":\"$system\",\"round\":$round,\"cpu_s\":$cpu,${line#\{}" | tee -a "$OUT" >&2
+}
+
+# iperf_json ADDR STREAMS: one iperf3 run of BYTES, as a one-line JSON result.
+iperf_json() {
+    "$IPERF" -c "${1%:*}" -p "${1##*:}" -n "$BYTES" -P "$2" -J |
+        python3 -c 'import json,sys; r=json.load(sys.stdin); e=r["end"]; print(json.dumps({"test":"iperf3","streams":int(sys.argv[1]),"gbit_s":e["sum_received"]["bits_per_second"]/1e9,"bytes":e["sum_received"]["bytes"]}, separators=(",",":")))' "$2"
+}
+
+: >"$OUT"
+for ((round = 1; round <= ROUNDS; round++)); do
+    echo "round $round/$ROUNDS" >&2
+    for streams in 1 8; do
+        for s in $SYSTEMS; do
+            record "$s" "$round" "$LOADGEN" throughput --addr "${SINK_OF[$s]}" --bytes "$BYTES" --streams "$streams"
+        done
+        if [[ -n $IPERF ]]; then
+            for s in $SYSTEMS; do
+                record "$s" "$round" iperf_json "${IPERF_OF[$s]}" "$streams"
+            done
+        fi
+    done
+    for s in $SYSTEMS; do
+        record "$s" "$round" "$LOADGEN" rtt --addr "${ECHO_OF[$s]}" --count "$COUNT" --size "$RTT_SIZE"
+    done
+    if "$LOADGEN" connrate --help >/dev/null 2>&1; then
+        for s in $SYSTEMS; do
+            record "$s" "$round" "$LOADGEN" connrate --addr "${ECHO_OF[$s]}" --connections "$CONNS" \
+                --concurrency "$CONC" --size "$RTT_SIZE"
+        done
+    fi
+done
+
+# Idle connections: resident memory of each system's processes before and while holding N.
+if "$LOADGEN" idle --help >/dev/null 2>&1; then
+    for n in $IDLE; do
+        for s in $SYSTEMS; do
+            [[ $s == direct ]] && continue
+            # shellcheck disable=SC2086
+            before=$(rss_kib ${PROCS_OF[$s]})
+            mkfifo "$TMP/idle.in"
+            "$LOADGEN" idle --addr "${ECHO_OF[$s]}" --connections "$n" <"$TMP/idle.in" >"$TMP/idle.out" 2>"$TMP/idle.err" &
+            idle_pid=$!
+            exec {hold}>"$TMP/idle.in"
+            for ((i = 0; i < WAIT_SECS * 10; i++)); do
+                [[ -s $TMP/idle.out ]] && break
+                kill -0 "$idle_pid" 2>/dev/null || break
+                sleep 0.1
+            done
+            if [[ ! -s $TMP/idle.out ]]; then
+                echo "error: idle $n through $s:" >&2
+                cat "$TMP/idle.err" >&2
+                exit 1
+            fi
+            # shellcheck disable=SC2086
+            during=$(rss_kib ${PROCS_OF[$s]})
+            exec {hold}>&-
+            wait "$idle_pid" || true
+            rm -f "$TMP/idle.in" "$TMP/idle.out"
+            echo "{\"system\":\"$s\",\"round\":0,\"test\":\"idle\",\"connections\":$n,\"rss_before_kib\":$before,\"rss_during_kib\":$during}" | tee -a "$OUT" >&2
+        done
+    done
+fi
+
+python3 bench/summary.py "$OUT"
+echo "results: $OUT"
