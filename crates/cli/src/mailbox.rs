@@ -31,6 +31,14 @@ pub(crate) struct PeerArgs {
     /// then put the printed fingerprint in the peer address (`host:port/<fingerprint>`).
     #[arg(long)]
     tls: bool,
+    /// HTTP address serving the backend contract of `tube longpoll` (its --backend URL), so
+    /// that clients limited to HTTP reach this peer through the proxy (`tube msg --via`).
+    #[arg(long, env = "TUBE_HTTP")]
+    http: Option<SocketAddr>,
+    /// How long the HTTP backend holds an empty fetch open waiting for a message; keep it under
+    /// the proxy's --backend-timeout (60 s by default).
+    #[arg(long, value_parser = crate::parse_duration, default_value = "20s")]
+    http_hold: Duration,
     /// Admin HTTP address: /healthz, /metrics (counts only).
     #[arg(long, env = "TUBE_ADMIN")]
     admin: Option<SocketAddr>,
@@ -69,6 +77,15 @@ pub(crate) struct MsgArgs {
     /// Deadline for each answer from a peer.
     #[arg(long, global = true, value_parser = crate::parse_duration, default_value = "5s")]
     timeout: Duration,
+    /// Reach this client's own peer through the long-poll proxy at URL (`http://host:port`,
+    /// a `tube longpoll` whose backend is the peer's --http) instead of TCP: listen, fetch,
+    /// and send to clients of the same peer. --peer still names the peer, for the address.
+    #[arg(long, global = true, env = "TUBE_VIA", value_name = "URL")]
+    via: Option<String>,
+    /// Limit of one HTTP request to the proxy with --via, held ones included; keep it above
+    /// the proxy's --poll-timeout (25 s by default).
+    #[arg(long, global = true, value_parser = crate::parse_duration, default_value = "30s")]
+    via_timeout: Duration,
     #[command(subcommand)]
     command: MsgCommand,
 }
@@ -134,8 +151,14 @@ pub(crate) async fn run_peer(args: PeerArgs, shutdown: CancellationToken) -> any
         idle_timeout: args.idle_timeout,
         register_limit: tube_proto::ratelimit::RateLimit::per_minute(args.registrations_per_minute),
         deliver_limit: tube_proto::ratelimit::RateLimit::per_minute(args.deliveries_per_minute),
+        http_hold: args.http_hold,
         ..PeerConfig::default()
     };
+    if args.http_hold.is_zero() || args.http_hold >= Duration::from_secs(60) {
+        anyhow::bail!(
+            "error: --http-hold must be between 0 and 60 s (the proxy's backend timeout)"
+        );
+    }
     if args.tls {
         let dir = crate::data_dir(args.data_dir)?;
         let (identity, _) =
@@ -148,6 +171,14 @@ pub(crate) async fn run_peer(args: PeerArgs, shutdown: CancellationToken) -> any
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("error: cannot listen on {}", args.listen))?;
+    let http = match args.http {
+        Some(a) => Some(
+            tokio::net::TcpListener::bind(a)
+                .await
+                .with_context(|| format!("error: cannot listen on {a} (http)"))?,
+        ),
+        None => None,
+    };
     let admin = match args.admin {
         Some(a) => Some(
             tokio::net::TcpListener::bind(a)
@@ -157,6 +188,9 @@ pub(crate) async fn run_peer(args: PeerArgs, shutdown: CancellationToken) -> any
         None => None,
     };
     println!("listening peer {}", listener.local_addr()?);
+    if let Some(h) = &http {
+        println!("listening http {}", h.local_addr()?);
+    }
     if let Some(a) = &admin {
         println!("listening admin {}", a.local_addr()?);
     }
@@ -171,8 +205,10 @@ pub(crate) async fn run_peer(args: PeerArgs, shutdown: CancellationToken) -> any
             shutdown.clone(),
         ))
     });
+    let http_task =
+        http.map(|l| tokio::spawn(tube_mailbox::http::serve(l, peer.state(), shutdown.clone())));
     peer.run(listener, shutdown).await?;
-    if let Some(t) = admin_task {
+    for t in [admin_task, http_task].into_iter().flatten() {
         let _ = t.await;
     }
     Ok(())
@@ -220,8 +256,15 @@ fn print(m: &Received, json: bool) {
 
 pub(crate) async fn run_msg(args: MsgArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     let dir = crate::data_dir(args.data_dir)?;
+    if let Some(url) = &args.via
+        && !url.starts_with("http://")
+    {
+        anyhow::bail!("error: --via: expected an http:// URL, got {url:?}");
+    }
     let cfg = ClientConfig {
         timeout: args.timeout,
+        via: args.via,
+        via_timeout: args.via_timeout,
         ..ClientConfig::default()
     };
     match args.command {

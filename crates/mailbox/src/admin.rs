@@ -1,6 +1,7 @@
 //! The peer's admin HTTP listener (`tube peer --admin ADDR`): `/healthz` and `/metrics`
-//! (Prometheus text: clients, queued messages and bytes, stored, refused and expired
-//! messages). It shows counts only, never fingerprints; bind it to loopback.
+//! (Prometheus text: clients, HTTP sessions and held fetches, queued messages and bytes,
+//! stored, refused and expired messages). It shows counts only, never fingerprints; bind it
+//! to loopback.
 
 use std::fmt::Write as _;
 
@@ -47,6 +48,18 @@ async fn metrics(State(s): State<PeerState>) -> impl IntoResponse {
         "gauge",
         "Registered clients.",
         s.clients() as u64,
+    );
+    metric(
+        "tube_peer_http_sessions",
+        "gauge",
+        "Live HTTP sessions (tokens) of clients behind a long-poll proxy.",
+        s.http_tokens() as u64,
+    );
+    metric(
+        "tube_peer_http_held",
+        "gauge",
+        "HTTP fetches held open waiting for a message.",
+        s.http_held() as u64,
     );
     metric(
         "tube_peer_queued_messages",

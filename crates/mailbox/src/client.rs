@@ -4,22 +4,30 @@
 //!
 //! An address is `<client fingerprint hex>@<peer host:port>`, with `/<peer certificate
 //! fingerprint hex>` appended when the peer speaks TLS.
+//!
+//! With [`ClientConfig::via`] the client reaches its own peer through a long-poll proxy
+//! (`via`, `docs/protocols/longpoll.md` section 7) instead of TCP; the private `link` module
+//! hides which (and holds the [`Inbox`]), so registering, sending and receiving are written
+//! once.
 
 use std::fmt;
 use std::str::FromStr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bytes::{BufMut, Bytes, BytesMut};
-use futures_util::{SinkExt, StreamExt};
+use bytes::{BufMut, BytesMut};
+use futures_util::SinkExt;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 use tube_net::tls;
 use tube_net::tokio_rustls::TlsConnector;
-use tube_proto::mailbox::{Fingerprint, MAX_BLOB, MailboxError, MessageId, Packet, proof_message};
+use tube_proto::mailbox::{Fingerprint, MAX_BLOB, MailboxError, MessageId, Packet};
 
 use crate::contacts::{CodeFields, Contacts, ContactsError};
 use crate::crypto::{self, Identity};
+pub use crate::link::Inbox;
+use crate::link::{self, Chan, Link, register_link};
+use crate::via::ViaConfig;
 use crate::wire::{self, Conn, Stream};
 
 /// Where a peer is and, for TLS, which certificate it must present.
@@ -103,8 +111,14 @@ pub struct ClientConfig {
     pub timeout: Duration,
     /// Registration attempts before "peer unavailable".
     pub register_attempts: u32,
-    /// How often `listen` sends a keepalive (seed: every couple of minutes).
+    /// How often `listen` sends a keepalive (seed: every couple of minutes). A keepalive still
+    /// unanswered when the next is due means the peer is unavailable.
     pub keepalive: Duration,
+    /// Reach our own peer through this long-poll proxy (`http://host:port`) instead of TCP.
+    /// Deliveries to clients of other peers still go over TCP to their peer.
+    pub via: Option<String>,
+    /// Limit of one HTTP request to the proxy, held ones included (above its 25 s poll).
+    pub via_timeout: Duration,
 }
 
 impl Default for ClientConfig {
@@ -113,6 +127,18 @@ impl Default for ClientConfig {
             timeout: Duration::from_secs(5),
             register_attempts: 3,
             keepalive: Duration::from_secs(120),
+            via: None,
+            via_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl ClientConfig {
+    pub(crate) fn via_config(&self) -> ViaConfig {
+        ViaConfig {
+            request_timeout: self.via_timeout,
+            connect_timeout: self.timeout,
+            attempts: self.register_attempts,
         }
     }
 }
@@ -173,83 +199,14 @@ pub async fn connect(peer: &PeerAddr, limit: Duration) -> Result<Conn, ClientErr
     Ok(wire::conn(stream))
 }
 
-/// Sends `p` and waits for the next packet that is not a keepalive.
-async fn request(conn: &mut Conn, p: Packet, limit: Duration) -> Result<Packet, ClientError> {
-    conn.send(p)
-        .await
-        .map_err(|e| ClientError::Unavailable(e.to_string()))?;
-    next(conn, limit).await
-}
-
-async fn next(conn: &mut Conn, limit: Duration) -> Result<Packet, ClientError> {
-    loop {
-        match timeout(limit, conn.next()).await {
-            Err(_) => return Err(ClientError::Unavailable("no answer in time".into())),
-            Ok(None) => return Err(ClientError::Unavailable("connection closed".into())),
-            Ok(Some(Err(e))) => return Err(wire_error(e)),
-            Ok(Some(Ok(Packet::Keepalive))) => {}
-            Ok(Some(Ok(Packet::Error { code, message }))) => {
-                return Err(ClientError::Refused { code, message });
-            }
-            Ok(Some(Ok(p))) => return Ok(p),
-        }
-    }
-}
-
-/// A lost or reset connection is the peer being unavailable; garbage is a protocol error.
-fn wire_error(e: wire::WireError) -> ClientError {
-    match e {
-        wire::WireError::Io(e) => ClientError::Unavailable(e.to_string()),
-        wire::WireError::Packet(e) => ClientError::Protocol(e.to_string()),
-    }
-}
-
-/// One registration: `register`, sign the challenge, `OK`.
-async fn register_once(
-    peer: &PeerAddr,
-    id: &Identity,
-    limit: Duration,
-) -> Result<Conn, ClientError> {
-    let mut conn = connect(peer, limit).await?;
-    let cert = Bytes::copy_from_slice(id.cert());
-    let nonce = match request(&mut conn, Packet::Register { cert }, limit).await? {
-        Packet::Challenge { nonce } => nonce,
-        other => {
-            return Err(ClientError::Protocol(format!(
-                "expected a challenge, got type {}",
-                other.kind()
-            )));
-        }
-    };
-    let signature = id.sign(&proof_message(&nonce, &id.fingerprint()));
-    match request(&mut conn, Packet::Proof { signature }, limit).await? {
-        Packet::Ok => Ok(conn),
-        other => Err(ClientError::Protocol(format!(
-            "expected OK, got type {}",
-            other.kind()
-        ))),
-    }
-}
-
-/// Registers with our own peer, retrying when no answer comes in time; after
+/// Registers with our own peer over TCP, retrying when no answer comes in time; after
 /// `register_attempts` failures, [`ClientError::Unavailable`]. Refusals are not retried.
 pub async fn register(
     peer: &PeerAddr,
     id: &Identity,
     cfg: &ClientConfig,
 ) -> Result<Conn, ClientError> {
-    let mut last = String::new();
-    for attempt in 1..=cfg.register_attempts.max(1) {
-        match register_once(peer, id, cfg.timeout).await {
-            Ok(c) => return Ok(c),
-            Err(ClientError::Unavailable(e)) => {
-                tracing::warn!(attempt, error = %e, "registration got no answer");
-                last = e;
-            }
-            Err(e) => return Err(e),
-        }
-    }
-    Err(ClientError::Unavailable(last))
+    link::register_tcp(peer, id, cfg).await
 }
 
 /// The sealed part of a message.
@@ -274,7 +231,8 @@ fn aad(id: &MessageId, to: &Fingerprint) -> Vec<u8> {
 
 /// Sends `text` to `to`: fetches its certificate from its peer (checked against the
 /// fingerprint), seals it to that certificate from us, delivers it, and returns once the
-/// peer has stored it.
+/// peer has stored it. With [`ClientConfig::via`] and `to` on our own peer, all of it goes
+/// through the proxy (registered first: HTTP packets need a token); otherwise over TCP.
 pub async fn send(
     me: &Identity,
     my_address: &Address,
@@ -283,7 +241,11 @@ pub async fn send(
     text: &str,
     cfg: &ClientConfig,
 ) -> Result<(), ClientError> {
-    let mut conn = connect(&to.peer, cfg.timeout).await?;
+    let link = match &cfg.via {
+        Some(_) if to.peer == my_address.peer => register_link(&my_address.peer, me, cfg).await?,
+        _ => Link::Tcp(connect(&to.peer, cfg.timeout).await?),
+    };
+    let mut chan = Chan::new(link);
     let cert = match contacts
         .get(&to.client)
         .and_then(|c| hex::decode(&c.cert).ok())
@@ -293,7 +255,7 @@ pub async fn send(
             let req = Packet::CertRequest {
                 fingerprint: to.client,
             };
-            match request(&mut conn, req, cfg.timeout).await? {
+            match chan.request(req, cfg.timeout).await? {
                 Packet::Cert { cert } if crypto::fingerprint(&cert) == to.client => cert.to_vec(),
                 Packet::Cert { .. } => {
                     return Err(ClientError::Protocol(
@@ -339,7 +301,11 @@ pub async fn send(
         id,
         blob: blob.freeze(),
     };
-    match request(&mut conn, deliver, cfg.timeout).await? {
+    let stored = chan.request(deliver, cfg.timeout).await;
+    if let Link::Tcp(conn) = &mut chan.link {
+        let _ = timeout(cfg.timeout, conn.close()).await;
+    }
+    match stored? {
         Packet::Stored { id: got } if got == id => Ok(()),
         other => Err(ClientError::Protocol(format!(
             "expected stored, got type {}",
@@ -424,96 +390,4 @@ pub fn open(
         sent_ms: inner.sent_ms,
         received_ms,
     }))
-}
-
-/// A registered connection to our own peer, receiving.
-#[derive(Debug)]
-pub struct Inbox {
-    conn: Conn,
-    cfg: ClientConfig,
-}
-
-impl Inbox {
-    /// Registers with `peer`.
-    pub async fn open(
-        peer: &PeerAddr,
-        me: &Identity,
-        cfg: ClientConfig,
-    ) -> Result<Self, ClientError> {
-        let conn = register(peer, me, &cfg).await?;
-        Ok(Self { conn, cfg })
-    }
-
-    /// Asks for the queue. Then [`Inbox::next`] yields the queued messages, `None` at the end
-    /// of the backlog, then pushed ones.
-    pub async fn fetch(&mut self) -> Result<(), ClientError> {
-        self.conn
-            .send(Packet::Fetch)
-            .await
-            .map_err(|e| ClientError::Unavailable(e.to_string()))
-    }
-
-    /// The next message `(seq, received_ms, blob)`, or `None` for the end of the fetched
-    /// backlog. Sends keepalives while waiting; an error when the peer goes away.
-    pub async fn next(&mut self) -> Result<Option<(u64, u64, Bytes)>, ClientError> {
-        loop {
-            let p = tokio::select! {
-                p = self.conn.next() => p,
-                _ = tokio::time::sleep(self.cfg.keepalive) => {
-                    self.conn
-                        .send(Packet::Keepalive)
-                        .await
-                        .map_err(|e| ClientError::Unavailable(e.to_string()))?;
-                    continue;
-                }
-            };
-            match p {
-                None => return Err(ClientError::Unavailable("connection closed".into())),
-                Some(Err(e)) => return Err(wire_error(e)),
-                Some(Ok(Packet::Message {
-                    seq,
-                    received_ms,
-                    blob,
-                })) => {
-                    return Ok(Some((seq, received_ms, blob)));
-                }
-                Some(Ok(Packet::QueueEnd { .. })) => return Ok(None),
-                Some(Ok(Packet::Keepalive)) => {}
-                Some(Ok(Packet::Error { code, message })) => {
-                    return Err(ClientError::Refused { code, message });
-                }
-                Some(Ok(other)) => {
-                    return Err(ClientError::Protocol(format!(
-                        "unexpected packet type {}",
-                        other.kind()
-                    )));
-                }
-            }
-        }
-    }
-
-    /// Tells the peer every message up to `seq` is processed.
-    pub async fn ack(&mut self, seq: u64) -> Result<(), ClientError> {
-        self.conn
-            .send(Packet::Ack { seq })
-            .await
-            .map_err(|e| ClientError::Unavailable(e.to_string()))
-    }
-
-    /// Sends a keepalive and waits for the peer's echo.
-    pub async fn ping(&mut self) -> Result<(), ClientError> {
-        self.conn
-            .send(Packet::Keepalive)
-            .await
-            .map_err(|e| ClientError::Unavailable(e.to_string()))?;
-        match timeout(self.cfg.timeout, self.conn.next()).await {
-            Ok(Some(Ok(Packet::Keepalive))) => Ok(()),
-            _ => Err(ClientError::Unavailable("no keepalive answer".into())),
-        }
-    }
-
-    /// Closes the connection, flushing what was sent.
-    pub async fn close(mut self) {
-        let _ = timeout(self.cfg.timeout, self.conn.close()).await;
-    }
 }

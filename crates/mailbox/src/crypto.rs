@@ -9,6 +9,8 @@
 //!   is refused before anything else trusts it.
 //! - [`seal`] / [`open`]: HPKE (RFC 9180) in Auth mode, DHKEM(X25519, HKDF-SHA256),
 //!   HKDF-SHA256, ChaCha20Poly1305, one message at a time (the recipient may be offline).
+//! - [`sign_http_proof`] / [`verify_http_proof`]: the proof of possession of a registration
+//!   over HTTP, bound to a time instead of a peer's challenge.
 //! - [`commit`], [`check_commit`], [`verification_code`]: the code two people compare to rule
 //!   out a man in the middle, with a commit-reveal so that the middle cannot grind for a match.
 //!
@@ -25,6 +27,7 @@ use hpke::kem::X25519HkdfSha256;
 use hpke::{Deserializable, Kem as _, OpModeR, OpModeS, Serializable};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
+use tube_proto::mailbox::http_proof_message;
 
 /// File name of the identity key (64 hex digits of the Ed25519 seed and a newline, mode 0600).
 pub const KEY_FILE: &str = "mailbox-identity.key";
@@ -265,6 +268,23 @@ pub fn verify(cert_der: &[u8], msg: &[u8], sig: &[u8]) -> Result<(), CryptoError
     data.extend_from_slice(msg);
     key.verify_strict(&data, &Signature::from_bytes(&sig))
         .map_err(|_| CryptoError::BadSignature)
+}
+
+/// The HTTP registration proof (`longpoll.md` section 7): [`Identity::sign`] over
+/// `"tube-mailbox http register v1\0" || time_ms || SHA-256(cert)`, with the signing context
+/// of every tube signature. `time_ms` is the signer's clock (Unix ms); the peer bounds it.
+pub fn sign_http_proof(id: &Identity, time_ms: u64) -> [u8; 64] {
+    id.sign(&http_proof_message(time_ms, &id.fingerprint()))
+}
+
+/// Checks an HTTP registration proof made by [`sign_http_proof`] for `cert_der` (which must
+/// be a well-formed self-signed Ed25519 certificate). The caller checks the time window.
+pub fn verify_http_proof(cert_der: &[u8], time_ms: u64, sig: &[u8; 64]) -> Result<(), CryptoError> {
+    verify(
+        cert_der,
+        &http_proof_message(time_ms, &fingerprint(cert_der)),
+        sig,
+    )
 }
 
 /// Encrypts `plaintext` to the holder of `recipient_cert`, authenticated as `sender`.
@@ -882,6 +902,27 @@ mod tests {
         // The context prefix: a plain Ed25519 signature of the message does not pass.
         let plain = alice().key.sign(b"hello").to_bytes();
         assert!(verify(alice().cert(), b"hello", &plain).is_err());
+    }
+
+    #[test]
+    fn http_proofs_bind_time_and_certificate() {
+        let sig = sign_http_proof(alice(), 1_700_000_000_000);
+        verify_http_proof(alice().cert(), 1_700_000_000_000, &sig).unwrap();
+        // Another time, another certificate, a flipped bit: refused.
+        assert!(verify_http_proof(alice().cert(), 1_700_000_000_001, &sig).is_err());
+        assert!(verify_http_proof(bob().cert(), 1_700_000_000_000, &sig).is_err());
+        let mut bad = sig;
+        bad[0] ^= 1;
+        assert!(verify_http_proof(alice().cert(), 1_700_000_000_000, &bad).is_err());
+        // Not interchangeable with the TCP challenge proof.
+        let nonce = [0u8; 32];
+        let tcp = alice().sign(&tube_proto::mailbox::proof_message(
+            &nonce,
+            &alice().fingerprint(),
+        ));
+        assert!(verify_http_proof(alice().cert(), 0, &tcp).is_err());
+        // Garbage as a certificate never panics.
+        assert!(verify_http_proof(b"not a certificate", 0, &sig).is_err());
     }
 
     #[test]

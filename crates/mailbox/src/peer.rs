@@ -6,12 +6,14 @@
 //! Nothing about clients or messages is ever written to disk: a restart forgets every queue
 //! and registration (seed). Every queue is bounded (count, bytes, age per recipient, and bytes
 //! overall); a full queue refuses the delivery with 7004, nothing is dropped silently.
+//!
+//! This file is the TCP side (accept loop, one task per connection); the state and the
+//! operations it shares with the HTTP backend (`http`) are in `registry`.
 
-use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
@@ -22,9 +24,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tube_net::tokio_rustls::TlsAcceptor;
 use tube_proto::mailbox::{Fingerprint, MailboxError, Packet, proof_message};
-use tube_proto::ratelimit::{KeyedLimiter, RateLimit};
+use tube_proto::ratelimit::RateLimit;
 
 use crate::crypto;
+use crate::registry::{Fetched, Fetcher, Live, Shared, Source, Via};
 use crate::wire::{self, Stream};
 
 /// What a peer takes. [`PeerConfig::default`] gives the documented defaults.
@@ -50,8 +53,12 @@ pub struct PeerConfig {
     pub handshake_timeout: Duration,
     /// Registrations per source address and per fingerprint.
     pub register_limit: RateLimit,
-    /// Deliveries per source address and per recipient.
+    /// Deliveries per source address and per recipient (over HTTP: per sending client, as
+    /// every request comes from the proxy's address).
     pub deliver_limit: RateLimit,
+    /// How long the HTTP backend holds an empty fetch open waiting for a message; keep it
+    /// under the proxy's backend timeout (60 s by default).
+    pub http_hold: Duration,
 }
 
 impl Default for PeerConfig {
@@ -68,6 +75,7 @@ impl Default for PeerConfig {
             handshake_timeout: Duration::from_secs(10),
             register_limit: RateLimit::per_minute(30),
             deliver_limit: RateLimit::per_minute(600),
+            http_hold: Duration::from_secs(20),
         }
     }
 }
@@ -76,60 +84,9 @@ impl Default for PeerConfig {
 /// messages stay queued until acknowledged).
 const OUTBOX: usize = 1024;
 
-/// Keys the rate limiters track at most, each.
-const LIMITER_KEYS: usize = 65_536;
-
-struct Queued {
-    seq: u64,
-    received_ms: u64,
-    at: Instant,
-    blob: Bytes,
-}
-
-struct Client {
-    cert: Bytes,
-    queue: VecDeque<Queued>,
-    bytes: usize,
-    next_seq: u64,
-    /// The registered connection that receives pushes once it has fetched.
-    live: Option<Live>,
-}
-
-struct Live {
-    conn: u64,
-    tx: mpsc::Sender<Packet>,
-    kill: CancellationToken,
-    listening: bool,
-}
-
-struct Inner {
-    clients: HashMap<Fingerprint, Client>,
-    total_bytes: usize,
-    reg_ip: KeyedLimiter<IpAddr>,
-    reg_fp: KeyedLimiter<Fingerprint>,
-    del_ip: KeyedLimiter<IpAddr>,
-    del_fp: KeyedLimiter<Fingerprint>,
-    expired: u64,
-    delivered: u64,
-    refused_full: u64,
-}
-
-struct Shared {
-    config: PeerConfig,
-    inner: Mutex<Inner>,
-    connections: AtomicU64,
-}
-
-impl Shared {
-    fn lock(&self) -> MutexGuard<'_, Inner> {
-        // Every critical section leaves the maps consistent; keep serving after a panic.
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
 /// Counters of a running peer (tests and the admin view).
 #[derive(Clone)]
-pub struct PeerState(Arc<Shared>);
+pub struct PeerState(pub(crate) Arc<Shared>);
 
 impl std::fmt::Debug for PeerState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -157,6 +114,19 @@ impl PeerState {
         let st = self.0.lock();
         (st.delivered, st.refused_full, st.expired)
     }
+
+    /// HTTP fetches held open right now (the HTTP backend's long polls).
+    pub fn http_held(&self) -> usize {
+        self.0
+            .config
+            .max_connections
+            .saturating_sub(self.0.held.available_permits())
+    }
+
+    /// Live HTTP tokens of all clients.
+    pub fn http_tokens(&self) -> usize {
+        self.0.lock().tokens
+    }
 }
 
 /// A peer built from its config.
@@ -181,23 +151,8 @@ pub enum PeerError {
 impl Peer {
     /// A peer with `config`, not yet serving.
     pub fn new(config: PeerConfig) -> Self {
-        let inner = Inner {
-            clients: HashMap::new(),
-            total_bytes: 0,
-            reg_ip: KeyedLimiter::new(config.register_limit, LIMITER_KEYS),
-            reg_fp: KeyedLimiter::new(config.register_limit, LIMITER_KEYS),
-            del_ip: KeyedLimiter::new(config.deliver_limit, LIMITER_KEYS),
-            del_fp: KeyedLimiter::new(config.deliver_limit, LIMITER_KEYS),
-            expired: 0,
-            delivered: 0,
-            refused_full: 0,
-        };
         Self {
-            shared: Arc::new(Shared {
-                config,
-                inner: Mutex::new(inner),
-                connections: AtomicU64::new(0),
-            }),
+            shared: Arc::new(Shared::new(config)),
         }
     }
 
@@ -242,49 +197,15 @@ impl Peer {
     }
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
-/// Drops expired messages once a minute (they are also dropped whenever a queue is touched).
+/// Sweeps once a minute (expired messages are also dropped whenever a queue is touched).
 async fn sweeper(shared: Arc<Shared>, shutdown: CancellationToken) {
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(Duration::from_secs(60)) => {}
         }
-        let now = Instant::now();
-        let mut st = shared.lock();
-        let fps: Vec<Fingerprint> = st.clients.keys().copied().collect();
-        for fp in fps {
-            expire(&mut st, &fp, now, shared.config.max_age);
-        }
-        st.reg_ip.prune(now);
-        st.reg_fp.prune(now);
-        st.del_ip.prune(now);
-        st.del_fp.prune(now);
+        shared.sweep(Instant::now());
     }
-}
-
-fn expire(st: &mut Inner, fp: &Fingerprint, now: Instant, max_age: Duration) {
-    let Some(c) = st.clients.get_mut(fp) else {
-        return;
-    };
-    let mut freed = 0;
-    let mut n = 0;
-    while let Some(m) = c.queue.front()
-        && now.duration_since(m.at) > max_age
-    {
-        freed += m.blob.len();
-        n += 1;
-        c.queue.pop_front();
-    }
-    c.bytes -= freed;
-    st.total_bytes -= freed;
-    st.expired += n;
 }
 
 /// Per-connection state.
@@ -410,7 +331,6 @@ fn send(s: &Session, p: Packet) -> Next {
 }
 
 fn handle(shared: &Shared, s: &mut Session, packet: Packet) -> Next {
-    let config = &shared.config;
     let now = Instant::now();
     match packet {
         Packet::Register { cert } => {
@@ -433,95 +353,23 @@ fn handle(shared: &Shared, s: &mut Session, packet: Packet) -> Next {
             if crypto::verify(&cert, &proof_message(&nonce, &fp), &signature).is_err() {
                 return Next::Close(MailboxError::BadProof, "the proof does not verify".into());
             }
-            let mut st = shared.lock();
-            if let Err(wait) = st.reg_fp.check(&fp, now) {
-                let why = format!("too many registrations, retry in {}s", wait.as_secs() + 1);
-                drop(st);
-                return send(s, Packet::error(MailboxError::RateLimited, why));
-            }
-            if !st.clients.contains_key(&fp) && st.clients.len() >= config.max_clients {
-                drop(st);
-                return send(s, Packet::error(MailboxError::Busy, "client limit reached"));
-            }
-            let c = st.clients.entry(fp).or_insert_with(|| Client {
-                cert: cert.clone(),
-                queue: VecDeque::new(),
-                bytes: 0,
-                next_seq: 1,
-                live: None,
-            });
-            // The newest connection of a client wins; an older one is closed.
-            if let Some(old) = c.live.replace(Live {
+            let live = Live {
                 conn: s.id,
                 tx: s.tx.clone(),
                 kill: s.kill.clone(),
                 listening: false,
-            }) && old.conn != s.id
-            {
-                old.kill.cancel();
+            };
+            match shared.register(fp, cert, now, Via::Tcp(live)) {
+                Ok(()) => {
+                    s.registered = Some(fp);
+                    send(s, Packet::Ok)
+                }
+                Err(refusal) => send(s, refusal),
             }
-            drop(st);
-            s.registered = Some(fp);
-            tracing::debug!(client = %hex::encode(&fp[..8]), "registered");
-            send(s, Packet::Ok)
         }
         Packet::Deliver { to, id, blob } => {
-            let mut st = shared.lock();
-            let limited = st
-                .del_ip
-                .check(&s.addr, now)
-                .and_then(|()| st.del_fp.check(&to, now));
-            if let Err(wait) = limited {
-                drop(st);
-                let why = format!("too many deliveries, retry in {}s", wait.as_secs() + 1);
-                return send(s, Packet::error(MailboxError::RateLimited, why));
-            }
-            expire(&mut st, &to, now, config.max_age);
-            let total = st.total_bytes;
-            let Some(c) = st.clients.get_mut(&to) else {
-                drop(st);
-                return send(
-                    s,
-                    Packet::error(MailboxError::UnknownRecipient, "no such recipient here"),
-                );
-            };
-            let full = c.queue.len() >= config.max_queue_messages
-                || c.bytes + blob.len() > config.max_queue_bytes
-                || total + blob.len() > config.max_total_bytes;
-            if full {
-                st.refused_full += 1;
-                drop(st);
-                return send(
-                    s,
-                    Packet::error(MailboxError::QueueFull, "the recipient's queue is full"),
-                );
-            }
-            let seq = c.next_seq;
-            c.next_seq += 1;
-            let received_ms = now_ms();
-            let size = blob.len();
-            c.bytes += size;
-            let push = Packet::Message {
-                seq,
-                received_ms,
-                blob: blob.clone(),
-            };
-            c.queue.push_back(Queued {
-                seq,
-                received_ms,
-                at: now,
-                blob,
-            });
-            if let Some(l) = &c.live
-                && l.listening
-                && l.tx.try_send(push).is_err()
-            {
-                l.kill.cancel();
-            }
-            st.total_bytes += size;
-            st.delivered += 1;
-            drop(st);
-            send(s, Packet::Stored { id })
+            let answer = shared.deliver(Source::Addr(s.addr), to, id, blob, now, None);
+            send(s, answer)
         }
         Packet::Fetch => {
             let Some(fp) = s.registered else {
@@ -530,32 +378,20 @@ fn handle(shared: &Shared, s: &mut Session, packet: Packet) -> Next {
                     Packet::error(MailboxError::NotRegistered, "register first"),
                 );
             };
-            let mut st = shared.lock();
-            expire(&mut st, &fp, now, config.max_age);
-            let Some(c) = st.clients.get_mut(&fp) else {
-                return Next::Close(MailboxError::NotRegistered, "registration lost".into());
+            let who = Fetcher::Tcp {
+                conn: s.id,
+                tx: &s.tx,
             };
-            // Under the lock, so no push can come between the backlog and the live stream.
-            let mut count = 0u32;
-            for m in &c.queue {
-                let p = Packet::Message {
-                    seq: m.seq,
-                    received_ms: m.received_ms,
-                    blob: m.blob.clone(),
-                };
-                if s.tx.try_send(p).is_err() {
+            match shared.fetch(&fp, now, who) {
+                Fetched::Backlog(count) => send(s, Packet::QueueEnd { count }),
+                Fetched::Overflow => {
                     s.kill.cancel();
-                    return Next::Go;
+                    Next::Go
                 }
-                count += 1;
+                Fetched::Unknown => {
+                    Next::Close(MailboxError::NotRegistered, "registration lost".into())
+                }
             }
-            if let Some(l) = &mut c.live
-                && l.conn == s.id
-            {
-                l.listening = true;
-            }
-            drop(st);
-            send(s, Packet::QueueEnd { count })
         }
         Packet::Ack { seq } => {
             let Some(fp) = s.registered else {
@@ -564,98 +400,14 @@ fn handle(shared: &Shared, s: &mut Session, packet: Packet) -> Next {
                     Packet::error(MailboxError::NotRegistered, "register first"),
                 );
             };
-            let mut st = shared.lock();
-            let mut freed = 0;
-            if let Some(c) = st.clients.get_mut(&fp) {
-                while let Some(m) = c.queue.front()
-                    && m.seq <= seq
-                {
-                    freed += m.blob.len();
-                    c.queue.pop_front();
-                }
-                c.bytes -= freed;
-            }
-            st.total_bytes -= freed;
+            shared.ack(&fp, seq);
             Next::Go
         }
         Packet::Keepalive => send(s, Packet::Keepalive),
-        Packet::CertRequest { fingerprint } => {
-            let cert = shared
-                .lock()
-                .clients
-                .get(&fingerprint)
-                .map(|c| c.cert.clone());
-            match cert {
-                Some(cert) => send(s, Packet::Cert { cert }),
-                None => send(
-                    s,
-                    Packet::error(MailboxError::UnknownRecipient, "no such recipient here"),
-                ),
-            }
-        }
+        Packet::CertRequest { fingerprint } => send(s, shared.cert(&fingerprint)),
         other => Next::Close(
             MailboxError::Protocol,
             format!("packet type {} is not sent by clients", other.kind()),
         ),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn inner(config: &PeerConfig) -> Inner {
-        Inner {
-            clients: HashMap::new(),
-            total_bytes: 0,
-            reg_ip: KeyedLimiter::new(config.register_limit, 8),
-            reg_fp: KeyedLimiter::new(config.register_limit, 8),
-            del_ip: KeyedLimiter::new(config.deliver_limit, 8),
-            del_fp: KeyedLimiter::new(config.deliver_limit, 8),
-            expired: 0,
-            delivered: 0,
-            refused_full: 0,
-        }
-    }
-
-    #[test]
-    fn messages_older_than_max_age_are_dropped_and_counted() {
-        let config = PeerConfig::default();
-        let mut st = inner(&config);
-        let t0 = Instant::now();
-        let fp = [1u8; 32];
-        let mut queue = VecDeque::new();
-        for (i, age_days) in [(1u64, 8u64), (2, 7), (3, 1)] {
-            queue.push_back(Queued {
-                seq: i,
-                received_ms: 0,
-                at: t0 + Duration::from_secs((8 - age_days) * 24 * 3600),
-                blob: Bytes::from(vec![0u8; 10]),
-            });
-        }
-        st.clients.insert(
-            fp,
-            Client {
-                cert: Bytes::new(),
-                queue,
-                bytes: 30,
-                next_seq: 4,
-                live: None,
-            },
-        );
-        st.total_bytes = 30;
-        // Eight days after t0: the first is 8 days old (dropped), the second exactly 7 (kept).
-        expire(
-            &mut st,
-            &fp,
-            t0 + Duration::from_secs(8 * 24 * 3600),
-            config.max_age,
-        );
-        let c = &st.clients[&fp];
-        assert_eq!(
-            c.queue.iter().map(|m| m.seq).collect::<Vec<_>>(),
-            vec![2, 3]
-        );
-        assert_eq!((c.bytes, st.total_bytes, st.expired), (20, 20, 1));
     }
 }

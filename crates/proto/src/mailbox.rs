@@ -103,6 +103,14 @@ pub enum Packet {
         /// A short text, at most [`MAX_ERROR_TEXT`] bytes of UTF-8.
         message: String,
     },
+    /// 16, client -> peer over HTTP (`longpoll.md` section 7): follows [`Packet::Register`] in
+    /// a registration body, proving possession without a challenge round trip.
+    HttpProof {
+        /// The client's clock, Unix milliseconds (the peer accepts 2 minutes either way).
+        time_ms: u64,
+        /// Ed25519 signature over [`http_proof_message`].
+        signature: [u8; 64],
+    },
 }
 
 /// Error codes carried by [`Packet::Error`].
@@ -156,6 +164,18 @@ pub fn proof_message(nonce: &[u8; 32], fingerprint: &Fingerprint) -> Vec<u8> {
 
 const PROOF_TAG: &[u8] = b"tube-mailbox register v1\0";
 
+/// What the signature of a [`Packet::HttpProof`] covers: a domain tag, the client's time and
+/// the SHA-256 fingerprint of the certificate being registered.
+pub fn http_proof_message(time_ms: u64, fingerprint: &Fingerprint) -> Vec<u8> {
+    let mut m = Vec::with_capacity(HTTP_PROOF_TAG.len() + 40);
+    m.extend_from_slice(HTTP_PROOF_TAG);
+    m.extend_from_slice(&time_ms.to_be_bytes());
+    m.extend_from_slice(fingerprint);
+    m
+}
+
+const HTTP_PROOF_TAG: &[u8] = b"tube-mailbox http register v1\0";
+
 /// Why bytes are not a packet.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PacketError {
@@ -188,6 +208,7 @@ impl Packet {
             Packet::CertRequest { .. } => 12,
             Packet::Cert { .. } => 13,
             Packet::Error { .. } => 15,
+            Packet::HttpProof { .. } => 16,
         }
     }
 
@@ -245,6 +266,10 @@ pub fn encode(packet: &Packet, dst: &mut BytesMut) {
             dst.put_u16(u16::try_from(message.len()).unwrap_or(u16::MAX));
             dst.put_slice(message.as_bytes());
         }
+        Packet::HttpProof { time_ms, signature } => {
+            dst.put_u64(*time_ms);
+            dst.put_slice(signature);
+        }
     }
     let len = u32::try_from(dst.len() - start - HEADER_LEN).unwrap_or(u32::MAX);
     dst[start + 1..start + HEADER_LEN].copy_from_slice(&len.to_be_bytes());
@@ -262,7 +287,7 @@ pub fn decode(src: &mut BytesMut) -> Result<Option<Packet>, PacketError> {
     let Some(&kind) = src.first() else {
         return Ok(None);
     };
-    if !(1..=13).contains(&kind) && kind != 15 {
+    if !matches!(kind, 1..=13 | 15 | 16) {
         return Err(PacketError::UnknownType(kind));
     }
     if src.len() < HEADER_LEN {
@@ -366,6 +391,16 @@ fn parse(kind: u8, mut p: Bytes) -> Result<Packet, PacketError> {
                 String::from_utf8(p.to_vec()).map_err(|_| PacketError::Malformed("error"))?;
             Packet::Error { code, message }
         }
+        16 => {
+            if p.len() != 8 + 64 {
+                return Err(PacketError::Malformed("http_proof"));
+            }
+            let time_ms = p.get_u64();
+            Packet::HttpProof {
+                time_ms,
+                signature: fixed(&p, "http_proof")?,
+            }
+        }
         other => return Err(PacketError::UnknownType(other)),
     })
 }
@@ -405,6 +440,10 @@ mod tests {
                 cert: Bytes::from_static(b"der"),
             },
             Packet::error(MailboxError::QueueFull, "queue full"),
+            Packet::HttpProof {
+                time_ms: 1_700_000_000_000,
+                signature: [5; 64],
+            },
         ]
     }
 
@@ -416,6 +455,23 @@ mod tests {
             cert: Bytes::from_static(b"ABC"),
         });
         assert_eq!(&reg[..], &[2, 0, 0, 0, 5, 0, 3, b'A', b'B', b'C']);
+        // Type 16 (tube, HTTP registration): [unix ms u64][signature 64].
+        let proof = to_bytes(&Packet::HttpProof {
+            time_ms: 0x0102_0304_0506_0708,
+            signature: [0xaa; 64],
+        });
+        let mut want = vec![16, 0, 0, 0, 72, 1, 2, 3, 4, 5, 6, 7, 8];
+        want.extend_from_slice(&[0xaa; 64]);
+        assert_eq!(&proof[..], &want[..]);
+    }
+
+    #[test]
+    fn http_proof_message_layout() {
+        let m = http_proof_message(0x0102_0304_0506_0708, &[9; 32]);
+        let mut want = b"tube-mailbox http register v1\0".to_vec();
+        want.extend_from_slice(&[1, 2, 3, 4, 5, 6, 7, 8]);
+        want.extend_from_slice(&[9; 32]);
+        assert_eq!(m, want);
     }
 
     #[test]
@@ -448,7 +504,9 @@ mod tests {
         let cases: &[(&[u8], PacketError)] = &[
             (&[0], PacketError::UnknownType(0)),
             (&[14, 0, 0, 0, 0], PacketError::UnknownType(14)),
-            (&[16], PacketError::UnknownType(16)),
+            (&[17], PacketError::UnknownType(17)),
+            (&[16, 0, 0, 0, 71], PacketError::Malformed("http_proof")),
+            (&[16, 0, 0, 0, 73], PacketError::Malformed("http_proof")),
             (&[255], PacketError::UnknownType(255)),
             (&[1, 0, 0, 0, 1, 0], PacketError::Malformed("ok")),
             (&[7, 0, 0, 0, 1, 0], PacketError::Malformed("fetch")),
@@ -530,6 +588,15 @@ mod tests {
             let p = Packet::Message { seq, received_ms: ms, blob: Bytes::from(blob) };
             let mut buf = BytesMut::from(&to_bytes(&p)[..]);
             prop_assert_eq!(decode(&mut buf), Ok(Some(p)));
+        }
+
+        #[test]
+        fn http_proofs_round_trip(time_ms: u64, sig in proptest::collection::vec(any::<u8>(), 64)) {
+            let signature: [u8; 64] = sig.try_into().expect("64 bytes");
+            let p = Packet::HttpProof { time_ms, signature };
+            let mut buf = BytesMut::from(&to_bytes(&p)[..]);
+            prop_assert_eq!(decode(&mut buf), Ok(Some(p)));
+            prop_assert!(buf.is_empty());
         }
     }
 }
