@@ -580,6 +580,12 @@ async fn a_debug_server_gets_packets_addressed_to_it_and_answers() {
     );
     // Nothing of this reached the backend.
     assert!(b.packets().is_empty());
+    // A backend that grants less than was asked decides: no Accept-Debug, no debug server.
+    login(&p, "debugnarrow", Some("Accept-Debug")).await;
+    assert_eq!(
+        poll(&p, &alice, &[("To", "debugnarrow")], "x").await.status,
+        403
+    );
     // Clients cannot address each other, nor nobody.
     assert_eq!(poll(&p, &alice, &[("To", "carol")], "x").await.status, 403);
     assert_eq!(poll(&p, &alice, &[("To", "nobody")], "x").await.status, 404);
