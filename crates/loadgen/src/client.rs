@@ -1,5 +1,6 @@
 //! The `throughput` and `rtt` clients: drive a sink or echo server and measure. They return
-//! numbers; printing them is `main`'s job.
+//! numbers; printing them is `main`'s job. The connect and percentile helpers here are shared
+//! with [`crate::conns`].
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -147,7 +148,8 @@ async fn round_trip(
     Ok(())
 }
 
-async fn connect(addr: &str, step: Duration) -> anyhow::Result<TcpStream> {
+/// Connects to `addr` within `step`.
+pub(crate) async fn connect(addr: &str, step: Duration) -> anyhow::Result<TcpStream> {
     within(
         step,
         &format!("connecting to {addr}"),
@@ -156,20 +158,23 @@ async fn connect(addr: &str, step: Duration) -> anyhow::Result<TcpStream> {
     .await
 }
 
-/// Percentiles by nearest rank over the sorted samples; `samples` must not be empty.
+/// Percentiles by nearest rank over the samples; `samples` must not be empty.
 fn summarise(mut samples: Vec<Duration>) -> Rtt {
     samples.sort_unstable();
-    let us = |d: Duration| d.as_secs_f64() * 1e6;
-    let rank = |p: f64| {
-        let i = (p * samples.len() as f64).ceil() as usize;
-        us(samples[i.clamp(1, samples.len()) - 1])
-    };
-    let mean = samples.iter().map(|d| us(*d)).sum::<f64>() / samples.len() as f64;
+    let us = |d: &Duration| d.as_secs_f64() * 1e6;
+    let mean = samples.iter().map(us).sum::<f64>() / samples.len() as f64;
     Rtt {
-        p50_us: rank(0.50),
-        p99_us: rank(0.99),
+        p50_us: nearest_rank(&samples, 0.50).unwrap_or(0.0),
+        p99_us: nearest_rank(&samples, 0.99).unwrap_or(0.0),
         mean_us: mean,
     }
+}
+
+/// The `p` quantile (0..=1) of `sorted` by nearest rank, in microseconds; `None` if empty.
+pub(crate) fn nearest_rank(sorted: &[Duration], p: f64) -> Option<f64> {
+    let i = (p * sorted.len() as f64).ceil() as usize;
+    let d = sorted.get(i.clamp(1, sorted.len().max(1)) - 1)?;
+    Some(d.as_secs_f64() * 1e6)
 }
 
 #[cfg(test)]
@@ -189,5 +194,10 @@ mod tests {
     fn one_sample() {
         let r = summarise(vec![Duration::from_micros(7)]);
         assert_eq!((r.p50_us, r.p99_us), (7.0, 7.0));
+    }
+
+    #[test]
+    fn no_samples_have_no_percentiles() {
+        assert_eq!(nearest_rank(&[], 0.5), None);
     }
 }

@@ -1,9 +1,10 @@
 //! `tube-loadgen`: the benchmark helper behind `bench/relay.sh`. Two servers (`echo`, `sink`)
-//! stand in for the service behind a tunnel; two clients (`throughput`, `rtt`) drive them,
-//! directly or through a relay, and print one JSON result line on stdout. It measures; it
-//! knows nothing about tube itself (see `docs/performance.md`).
+//! stand in for the service behind a tunnel; four clients (`throughput`, `rtt`, `connrate`,
+//! `idle`) drive them, directly or through a relay, and print one JSON result line on stdout.
+//! It measures; it knows nothing about tube itself (see `docs/performance.md`).
 
 mod client;
+mod conns;
 mod server;
 
 use std::net::SocketAddr;
@@ -62,6 +63,37 @@ enum Command {
         #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=16_777_216))]
         size: u32,
     },
+    /// New connections to an echo server, each one exchange then closed: connections/s.
+    Connrate {
+        /// The echo server's address (host:port).
+        #[arg(long)]
+        addr: String,
+        /// Connections to open in all.
+        #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u32).range(1..=100_000_000))]
+        connections: u32,
+        /// Most connections in progress at once.
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+        concurrency: u32,
+        /// Bytes each connection sends and reads back.
+        #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=65_536))]
+        size: u32,
+    },
+    /// Opens N echo connections, one exchange each, and holds them until stdin reaches EOF or
+    /// SIGTERM/SIGINT (for measuring memory per idle connection).
+    Idle {
+        /// The echo server's address (host:port).
+        #[arg(long)]
+        addr: String,
+        /// Connections to open and hold (needs `ulimit -n` above this).
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+        connections: u32,
+        /// Most connections being opened at once.
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+        concurrency: u32,
+        /// Bytes each connection sends and reads back once.
+        #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=65_536))]
+        size: u32,
+    },
 }
 
 fn main() -> ExitCode {
@@ -118,6 +150,63 @@ async fn run(command: Command, step: Duration) -> anyhow::Result<()> {
                 mean_us: r.mean_us,
             })
         }
+        Command::Connrate {
+            addr,
+            connections,
+            concurrency,
+            size,
+        } => {
+            let r = conns::connrate(&addr, connections, concurrency, size as usize, step).await?;
+            print_line(&ConnRateLine {
+                test: "connrate",
+                connections,
+                concurrency,
+                size,
+                seconds: r.secs,
+                conns_per_sec: r.conns_per_sec,
+                p50_us: r.p50_us,
+                p99_us: r.p99_us,
+                errors: r.errors,
+            })?;
+            match r.first_error {
+                Some(first) => anyhow::bail!(
+                    "{} of {connections} connections failed{}; e.g. {first}",
+                    r.errors,
+                    if r.errors >= conns::MAX_ERRORS {
+                        " (no new ones started after that)"
+                    } else {
+                        ""
+                    },
+                ),
+                None => Ok(()),
+            }
+        }
+        Command::Idle {
+            addr,
+            connections,
+            concurrency,
+            size,
+        } => {
+            let stop = conns::eof_or_signal()?;
+            conns::idle(
+                &addr,
+                connections,
+                concurrency,
+                size as usize,
+                step,
+                stop,
+                |opened| {
+                    print_line(&IdleLine {
+                        idle: connections,
+                        test: "idle",
+                        concurrency,
+                        size,
+                        seconds: opened.secs,
+                    })
+                },
+            )
+            .await
+        }
     }
 }
 
@@ -140,6 +229,32 @@ struct RttLine {
     p50_us: f64,
     p99_us: f64,
     mean_us: f64,
+}
+
+/// The result line of `connrate`; field order is the output order. Percentiles are `null` when
+/// no connection succeeded.
+#[derive(Debug, serde::Serialize)]
+struct ConnRateLine {
+    test: &'static str,
+    connections: u32,
+    concurrency: u32,
+    size: u32,
+    seconds: f64,
+    conns_per_sec: f64,
+    p50_us: Option<f64>,
+    p99_us: Option<f64>,
+    errors: u32,
+}
+
+/// The line `idle` prints once all its connections are open (`seconds`: time to open them);
+/// field order is the output order.
+#[derive(Debug, serde::Serialize)]
+struct IdleLine {
+    idle: u32,
+    test: &'static str,
+    concurrency: u32,
+    size: u32,
+    seconds: f64,
 }
 
 /// Prints `line` as one JSON line on stdout.
