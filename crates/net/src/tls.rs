@@ -195,9 +195,24 @@ impl Identity {
     }
 }
 
-/// The one crypto provider tube uses.
+/// The one crypto provider tube uses: aws-lc-rs, with AES-128-GCM preferred.
+///
+/// The default order puts AES-256-GCM first. Both are TLS 1.3 suites with 128-bit or better
+/// security; AES-128 takes 10 rounds instead of 14, and a profile of the relay moving bulk
+/// data showed AES-GCM as its largest single cost (about a fifth of its CPU). ChaCha20 stays
+/// for peers without AES instructions.
 pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(aws_lc_rs::default_provider())
+    use aws_lc_rs::cipher_suite::{
+        TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384, TLS13_CHACHA20_POLY1305_SHA256,
+    };
+    Arc::new(CryptoProvider {
+        cipher_suites: vec![
+            TLS13_AES_128_GCM_SHA256,
+            TLS13_AES_256_GCM_SHA384,
+            TLS13_CHACHA20_POLY1305_SHA256,
+        ],
+        ..aws_lc_rs::default_provider()
+    })
 }
 
 /// A TLS 1.3-only client configuration that accepts exactly the server whose certificate has
