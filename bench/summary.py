@@ -37,6 +37,9 @@ def main(path):
                 key = (f"connect to first byte {k[:3]}", "us", "lower")
                 values[key][s].append(r[k])
         elif t == "idle":
+            if "error" in r:
+                print(f"note: {s} could not hold {r['connections']} idle connections: {r['error']}")
+                continue
             n = r["connections"]
             per = (r["rss_during_kib"] - r["rss_before_kib"]) / n
             values[(f"memory per idle connection ({n})", "KiB", "lower")][s].append(per)
