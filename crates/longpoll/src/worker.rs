@@ -110,14 +110,7 @@ async fn sender(shared: &Shared, id: &Arc<str>, signals: &Signals, stop: &Cancel
                 shared.metrics.to_backend.fetch_add(1, Ordering::Relaxed);
                 route(shared, id, answer).await;
             }
-            StatusCode::UNAUTHORIZED => {
-                tracing::info!(
-                    client = &**id,
-                    "backend refused the client's token; client forgotten"
-                );
-                shared.forget(id);
-                return;
-            }
+            StatusCode::UNAUTHORIZED => return unknown_to_backend(shared, id),
             status => {
                 // A 4xx is the backend's final word on this packet.
                 tracing::warn!(client = &**id, %status, "backend refused a packet; dropped");
@@ -126,6 +119,17 @@ async fn sender(shared: &Shared, id: &Arc<str>, signals: &Signals, stop: &Cancel
             }
         }
     }
+}
+
+/// A backend answered 401: it no longer knows the client (it restarted, or the session
+/// expired there). The proxy forgets the client too, so its next request gets 401 and it logs
+/// in again.
+fn unknown_to_backend(shared: &Shared, id: &str) {
+    tracing::info!(
+        client = id,
+        "backend refused the client's token; client forgotten"
+    );
+    shared.forget(id);
 }
 
 /// Sends one packet request, failing over between backends and waiting out their rests,
@@ -261,14 +265,7 @@ async fn fetcher(shared: &Shared, id: &Arc<str>, signals: &Signals, stop: &Cance
                     _ = stop.cancelled() => return,
                 }
             }
-            StatusCode::UNAUTHORIZED => {
-                tracing::info!(
-                    client = &**id,
-                    "backend refused the client's token; client forgotten"
-                );
-                shared.forget(id);
-                return;
-            }
+            StatusCode::UNAUTHORIZED => return unknown_to_backend(shared, id),
             status => {
                 tracing::warn!(client = &**id, %status, "backend refused a fetch");
                 tokio::select! {

@@ -311,6 +311,16 @@ async fn x_headers_pass_both_ways_and_no_others() {
     }
 }
 
+/// Sends `n` packets `m<k>` with `Seq: k`, continuing the count in `sent`.
+async fn send_numbered(p: &Proxy, token: &str, sent: &mut u32, n: u32) {
+    for _ in 0..n {
+        *sent += 1;
+        let seq = sent.to_string();
+        let got = poll(p, token, &[("Seq", &seq)], &format!("m{sent}")).await;
+        assert_eq!(got.status, 200);
+    }
+}
+
 #[tokio::test]
 async fn failover_to_another_backend_and_back_loses_and_duplicates_nothing() {
     let a = Backend::start("a").await;
@@ -320,36 +330,10 @@ async fn failover_to_another_backend_and_back_loses_and_duplicates_nothing() {
     let token = login(&p, "alice", None).await;
     assert!(token.starts_with("a-"));
     let mut sent = 0;
-    for _ in 0..10 {
-        sent += 1;
-        assert_eq!(
-            poll(
-                &p,
-                &token,
-                &[("Seq", &sent.to_string())],
-                &format!("m{sent}")
-            )
-            .await
-            .status,
-            200
-        );
-    }
+    send_numbered(&p, &token, &mut sent, 10).await;
     a.wait_packets(10).await;
     let (addr, script_a) = a.stop().await;
-    for _ in 0..10 {
-        sent += 1;
-        assert_eq!(
-            poll(
-                &p,
-                &token,
-                &[("Seq", &sent.to_string())],
-                &format!("m{sent}")
-            )
-            .await
-            .status,
-            200
-        );
-    }
+    send_numbered(&p, &token, &mut sent, 10).await;
     b.wait_packets(10).await;
     // a comes back on the same port: after its rest, the client's packets go home again.
     let a = Backend::start_on("a", TcpListener::bind(addr).await.unwrap(), script_a).await;

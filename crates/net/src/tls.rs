@@ -200,7 +200,7 @@ impl Identity {
 /// The default order puts AES-256-GCM first. Both are TLS 1.3 suites with 128-bit or better
 /// security; AES-128 takes 10 rounds instead of 14, and a profile of the relay moving bulk
 /// data showed AES-GCM as its largest single cost (about a fifth of its CPU). ChaCha20 stays
-/// for peers without AES instructions.
+/// for peers without AES instructions. TLS 1.3 suites only: tube speaks nothing else.
 pub fn provider() -> Arc<CryptoProvider> {
     use aws_lc_rs::cipher_suite::{
         TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384, TLS13_CHACHA20_POLY1305_SHA256,

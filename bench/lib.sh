@@ -1,0 +1,53 @@
+# bench/lib.sh: what the bench scripts share. Sourced after WAIT_SECS is set; makes $TMP
+# (removed on exit), kills every process started with `start` on exit, and gives:
+#   start NAME CMD...    run CMD in the background, stdout to $TMP/NAME.out, stderr to .err
+#   wait_lines NAME N    wait (bounded by WAIT_SECS) for N stdout lines; die if NAME exited
+#   field NAME LINE WORD word WORD of line LINE of NAME's stdout
+TMP=$(mktemp -d "${TMPDIR:-/tmp}/tube-bench.XXXXXX")
+PIDS=()
+cleanup() {
+    local pid
+    for pid in "${PIDS[@]}"; do
+        kill "$pid" 2>/dev/null || true
+    done
+    for pid in "${PIDS[@]}"; do
+        wait "$pid" 2>/dev/null || true
+    done
+    rm -rf "$TMP"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# start NAME CMD...: runs CMD in the background, stdout to $TMP/NAME.out, stderr to .err.
+start() {
+    local name=$1
+    shift
+    "$@" >"$TMP/$name.out" 2>"$TMP/$name.err" &
+    PIDS+=("$!")
+    eval "PID_$name=$!"
+}
+
+# wait_lines NAME N: waits (bounded) until NAME has printed N stdout lines; dies if it exited.
+wait_lines() {
+    local name=$1 n=$2 pidvar="PID_$1" i
+    for ((i = 0; i < WAIT_SECS * 10; i++)); do
+        if [[ $(wc -l <"$TMP/$name.out") -ge $n ]]; then
+            return 0
+        fi
+        if ! kill -0 "${!pidvar}" 2>/dev/null; then
+            echo "error: $name exited before printing $n lines; its stderr:" >&2
+            cat "$TMP/$name.err" >&2
+            exit 1
+        fi
+        sleep 0.1
+    done
+    echo "error: $name printed no $n lines within ${WAIT_SECS}s; its stderr:" >&2
+    cat "$TMP/$name.err" >&2
+    exit 1
+}
+
+# field NAME LINE WORD: word WORD of line LINE of NAME's stdout.
+field() {
+    sed -n "$2p" "$TMP/$1.out" | awk -v w="$3" '{ print $w }'
+}
+
