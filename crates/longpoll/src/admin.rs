@@ -27,101 +27,99 @@ fn head(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
 }
 
+/// One metric without labels.
+fn single(out: &mut String, name: &str, kind: &str, help: &str, value: u64) {
+    head(out, name, kind, help);
+    let _ = writeln!(out, "{name} {value}");
+}
+
+/// One metric per direction: `(to_backend, to_client)`.
+fn by_direction(out: &mut String, name: &str, kind: &str, help: &str, values: (u64, u64)) {
+    head(out, name, kind, help);
+    let _ = writeln!(
+        out,
+        "{name}{{direction=\"to_backend\"}} {}\n{name}{{direction=\"to_client\"}} {}",
+        values.0, values.1
+    );
+}
+
 async fn metrics(State(s): State<Arc<Shared>>) -> impl IntoResponse {
-    let (clients, up, down, up_bytes, down_bytes, waiting) = {
+    let (clients, waiting, packets, bytes) = {
         let g = s.lock();
-        let mut t = (g.clients.len(), 0, 0, 0, 0, 0);
+        let (mut waiting, mut packets, mut bytes) = (0, (0, 0), (0, 0));
         for c in g.clients.values() {
-            t.1 += c.up.len();
-            t.2 += c.down.len();
-            t.3 += c.up.bytes();
-            t.4 += c.down.bytes();
-            t.5 += c.waiting;
+            waiting += c.waiting as u64;
+            packets.0 += c.up.len() as u64;
+            packets.1 += c.down.len() as u64;
+            bytes.0 += c.up.bytes() as u64;
+            bytes.1 += c.down.bytes() as u64;
         }
-        t
+        (g.clients.len() as u64, waiting, packets, bytes)
     };
     let m = &s.metrics;
     let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-    let mut out = String::new();
-    head(
-        &mut out,
+    let out = &mut String::new();
+    single(
+        out,
         "tube_longpoll_clients",
         "gauge",
         "Clients known to the proxy.",
+        clients,
     );
-    let mut body = format!("tube_longpoll_clients {clients}\n");
-    let _ = write!(out, "{body}");
-    head(
-        &mut out,
+    single(
+        out,
         "tube_longpoll_waiting_requests",
         "gauge",
         "Client requests held open right now.",
+        waiting,
     );
-    body = format!("tube_longpoll_waiting_requests {waiting}\n");
-    let _ = write!(out, "{body}");
-    head(
-        &mut out,
+    by_direction(
+        out,
         "tube_longpoll_buffered_packets",
         "gauge",
         "Packets buffered, by direction.",
+        packets,
     );
-    body = format!(
-        "tube_longpoll_buffered_packets{{direction=\"to_backend\"}} {up}\n\
-         tube_longpoll_buffered_packets{{direction=\"to_client\"}} {down}\n"
-    );
-    let _ = write!(out, "{body}");
-    head(
-        &mut out,
+    by_direction(
+        out,
         "tube_longpoll_buffered_bytes",
         "gauge",
         "Bytes buffered, by direction.",
+        bytes,
     );
-    body = format!(
-        "tube_longpoll_buffered_bytes{{direction=\"to_backend\"}} {up_bytes}\n\
-         tube_longpoll_buffered_bytes{{direction=\"to_client\"}} {down_bytes}\n"
-    );
-    let _ = write!(out, "{body}");
-    let counters = [
+    for (name, help, value) in [
         (
             "tube_longpoll_backend_failures_total",
             "Backend requests that failed (unreachable, timeout, 5xx).",
-            load(&m.backend_failures),
+            &m.backend_failures,
         ),
         (
             "tube_longpoll_packets_refused_total",
-            "Packets a backend refused with a 4xx (dropped).",
-            load(&m.refused),
+            "Packets a backend refused with a 4xx, or answered over max_body (dropped).",
+            &m.refused,
         ),
         (
             "tube_longpoll_undeliverable_total",
             "Backend packets for unknown or full clients (dropped).",
-            load(&m.undeliverable),
+            &m.undeliverable,
         ),
         (
             "tube_longpoll_clients_expired_total",
             "Clients forgotten after idle_timeout or with no live token.",
-            load(&m.expired),
+            &m.expired,
         ),
-    ];
-    for (name, help, value) in counters {
-        head(&mut out, name, "counter", help);
-        let _ = writeln!(out, "{name} {value}");
+    ] {
+        single(out, name, "counter", help, load(value));
     }
-    head(
-        &mut out,
+    by_direction(
+        out,
         "tube_longpoll_packets_total",
         "counter",
         "Packets moved, by direction.",
-    );
-    let _ = writeln!(
-        out,
-        "tube_longpoll_packets_total{{direction=\"to_backend\"}} {}\n\
-         tube_longpoll_packets_total{{direction=\"to_client\"}} {}",
-        load(&m.to_backend),
-        load(&m.to_client)
+        (load(&m.to_backend), load(&m.to_client)),
     );
     head(
-        &mut out,
+        out,
         "tube_longpoll_poll_seconds",
         "histogram",
         "How long client requests were held.",
@@ -141,5 +139,8 @@ async fn metrics(State(s): State<Arc<Shared>>) -> impl IntoResponse {
          tube_longpoll_poll_seconds_count {polls}",
         load(&m.poll_micros) as f64 / 1e6
     );
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        std::mem::take(out),
+    )
 }
