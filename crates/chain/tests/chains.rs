@@ -3,7 +3,8 @@
 //! through their front APIs. Covers seed 000's build order and issue 4's list: a 64 MiB echo
 //! through two intermediates with per-node byte counters, refusals, an intermediate killed
 //! mid-transfer, strangers at a hop port, password rotation across restarts and crashes,
-//! logout, and concurrent chains.
+//! logout, and concurrent chains; and issue 8's integrity figure, 256 MiB byte-exact through
+//! a chain of three nodes.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
@@ -334,18 +335,63 @@ async fn chain_through_two_intermediates_carries_64_mib_byte_exact() {
 
         const SIZE: usize = 64 << 20;
         echo_through(near, SIZE, 7).await;
-
         // Every node of the chain carried every byte both ways; the one left out none.
-        for (i, name) in names.iter().enumerate() {
-            let counted = nodes[i].stats.chain_bytes(&tunnel_id);
-            if chain.nodes.iter().any(|n| n == name) {
-                let (toward_endpoint, toward_requester) = counted.expect("counted");
-                assert_eq!(toward_endpoint, SIZE as u64, "{name} toward the endpoint");
-                assert_eq!(toward_requester, SIZE as u64, "{name} toward the requester");
-            } else {
-                assert_eq!(counted, None, "{name} is not on the chain");
-            }
+        assert_counted(&nodes, &names, &chain.nodes, &tunnel_id, SIZE);
+    })
+    .await;
+}
+
+/// Every node on `chain` (names, in order) carried `size` bytes of `tunnel_id` each way; the
+/// others none.
+fn assert_counted(
+    nodes: &[TestNode],
+    names: &[&str],
+    chain: &[String],
+    tunnel_id: &str,
+    size: usize,
+) {
+    for (node, name) in nodes.iter().zip(names) {
+        let counted = node.stats.chain_bytes(tunnel_id);
+        if chain.iter().any(|n| n == name) {
+            let (toward_endpoint, toward_requester) = counted.expect("counted");
+            assert_eq!(toward_endpoint, size as u64, "{name} toward the endpoint");
+            assert_eq!(toward_requester, size as u64, "{name} toward the requester");
+        } else {
+            assert_eq!(counted, None, "{name} is not on the chain");
         }
+    }
+}
+
+/// Issue 8: a chain of three nodes (node 0, one intermediate, the endpoint) carries 256 MiB
+/// each way byte-exact (SHA-256), and each of the three counted every byte.
+/// `tests/integrity.sh` does the same through the `tube` binary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chain_of_three_nodes_carries_256_mib_byte_exact() {
+    deadline(LIMIT, async {
+        let hub = start_hub(1).await;
+        let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().expect("dir")).collect();
+        let names = ["a", "b", "c"];
+        let mut nodes = Vec::new();
+        for (i, name) in names.iter().enumerate() {
+            nodes.push(start_node(&hub, name, 2 + i as u8, dirs[i].path()).await);
+        }
+        let echo = echo_server().await;
+        let _front = endpoint_front(nodes[2].api, true, echo.addr).await;
+        let (_owner, near, tunnel_id, accepted) = open_chain(nodes[0].api, "c", "bulk")
+            .await
+            .expect("chain up");
+        assert_eq!(accepted.hops, Some(2), "one intermediate");
+        let chain = hub
+            .state
+            .chains()
+            .into_iter()
+            .find(|c| c.tunnel_id == tunnel_id)
+            .expect("hub knows the chain");
+        assert_eq!(chain.nodes, ["a", "b", "c"], "three nodes, in order");
+
+        const SIZE: usize = 256 << 20;
+        echo_through(near, SIZE, 0x3b0d).await;
+        assert_counted(&nodes, &names, &chain.nodes, &tunnel_id, SIZE);
     })
     .await;
 }

@@ -1,11 +1,13 @@
 //! `tube-loadgen`: the benchmark helper behind `bench/relay.sh`. Two servers (`echo`, `sink`)
 //! stand in for the service behind a tunnel; four clients (`throughput`, `rtt`, `connrate`,
-//! `idle`) drive them, directly or through a relay, and print one JSON result line on stdout.
-//! It measures; it knows nothing about tube itself (see `docs/performance.md`).
+//! `idle`) drive them, directly or through a relay, and print one JSON result line on stdout;
+//! a fifth (`verify`, used by `tests/integrity.sh`) checks every echoed byte instead of
+//! measuring. It knows nothing about tube itself (see `docs/performance.md`).
 
 mod client;
 mod conns;
 mod server;
+mod verify;
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -77,6 +79,26 @@ enum Command {
         /// Bytes each connection sends and reads back.
         #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=65_536))]
         size: u32,
+    },
+    /// Integrity check against an echo server: S parallel streams each send N bytes of their
+    /// own deterministic pattern while reading the echo, and compare every echoed byte with
+    /// it. Prints one JSON line (`intact`: streams that got exactly their bytes back) and
+    /// exits non-zero, naming the stream and the first differing byte, if any stream was not
+    /// intact.
+    Verify {
+        /// The echo server's address (host:port).
+        #[arg(long)]
+        addr: String,
+        /// Bytes each stream sends (and must get back): the whole run moves streams x bytes
+        /// each way.
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        bytes: u64,
+        /// Number of parallel streams.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=4096))]
+        streams: u32,
+        /// Pattern seed; stream i sends the pattern of seed + i.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
     },
     /// Opens N echo connections, one exchange each, and holds them until stdin reaches EOF or
     /// SIGTERM/SIGINT (for measuring memory per idle connection).
@@ -181,6 +203,30 @@ async fn run(command: Command, step: Duration) -> anyhow::Result<()> {
                 None => Ok(()),
             }
         }
+        Command::Verify {
+            addr,
+            bytes,
+            streams,
+            seed,
+        } => {
+            let r = verify::verify(&addr, bytes, streams, seed, step).await?;
+            let total = bytes.saturating_mul(u64::from(streams));
+            print_line(&VerifyLine {
+                test: "verify",
+                streams,
+                bytes_per_stream: bytes,
+                intact: r.intact,
+                secs: r.secs,
+                gbit_s: total as f64 * 8.0 / r.secs / 1e9,
+            })?;
+            match r.first_error {
+                Some(first) => anyhow::bail!(
+                    "{} of {streams} streams not intact; e.g. {first}",
+                    streams - r.intact
+                ),
+                None => Ok(()),
+            }
+        }
         Command::Idle {
             addr,
             connections,
@@ -244,6 +290,18 @@ struct ConnRateLine {
     p50_us: Option<f64>,
     p99_us: Option<f64>,
     errors: u32,
+}
+
+/// The result line of `verify`; field order is the output order. `gbit_s` counts one
+/// direction (streams x bytes_per_stream), like `throughput`.
+#[derive(Debug, serde::Serialize)]
+struct VerifyLine {
+    test: &'static str,
+    streams: u32,
+    bytes_per_stream: u64,
+    intact: u32,
+    secs: f64,
+    gbit_s: f64,
 }
 
 /// The line `idle` prints once all its connections are open (`seconds`: time to open them);
