@@ -45,6 +45,9 @@ pub(crate) struct RelayArgs {
     /// Handshakes in progress at once [default: 256].
     #[arg(long)]
     max_handshakes: Option<usize>,
+    /// Handshakes in progress at once from one IPv4 address or IPv6 /64 [default: 32].
+    #[arg(long)]
+    max_handshakes_per_ip: Option<usize>,
     /// Tunnels one agent connection may hold [default: 64].
     #[arg(long)]
     max_tunnels_per_agent: Option<usize>,
@@ -203,6 +206,7 @@ fn merge(a: RelayArgs, f: RelayFile) -> anyhow::Result<RelaySettings> {
     let tunnels_per_hour = a.tunnels_per_hour.or(rl.tunnels_per_hour);
     let public_host = a.public_host.or(f.public_host);
     let max_handshakes = a.max_handshakes.or(f.max_handshakes);
+    let max_handshakes_per_ip = a.max_handshakes_per_ip.or(f.max_handshakes_per_ip);
     let max_tunnels = a.max_tunnels_per_agent.or(f.max_tunnels_per_agent);
     let misses = a.heartbeat_misses.or(f.heartbeat_misses);
     let max_allowed = a.max_allowed_ips.or(f.max_allowed_ips);
@@ -217,6 +221,9 @@ fn merge(a: RelayArgs, f: RelayFile) -> anyhow::Result<RelaySettings> {
         }
         if let Some(v) = max_handshakes {
             c.max_handshakes = v;
+        }
+        if let Some(v) = max_handshakes_per_ip {
+            c.max_handshakes_per_ip = v;
         }
         if let Some(v) = max_tunnels {
             c.max_tunnels_per_agent = v;
@@ -284,8 +291,7 @@ pub(crate) async fn run(args: RelayArgs, shutdown: CancellationToken) -> anyhow:
     (settings.apply)(&mut config);
     let public_host = config.public_host.clone();
     let relay = Relay::new(config).context("error: opening the relay's lease database")?;
-    let listener = tokio::net::TcpListener::bind(settings.listen)
-        .await
+    let listener = tube_relay::bind(settings.listen)
         .with_context(|| format!("error: cannot listen on {}", settings.listen))?;
     let addr = listener.local_addr()?;
     let admin = match settings.admin {
@@ -336,4 +342,39 @@ pub(crate) fn token(args: TokenArgs) -> anyhow::Result<()> {
         .with_context(|| format!("error: reading {}", path.display()))?;
     println!("{}", jwt.mint(&args.subject, args.ttl));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(clap::Parser)]
+    struct Cmd {
+        #[command(flatten)]
+        relay: RelayArgs,
+    }
+
+    /// The relay config `tube relay FLAGS` with `FILE` as its config file would run with.
+    fn applied(flags: &[&str], file: &str) -> RelayConfig {
+        let args = Cmd::try_parse_from(std::iter::once("relay").chain(flags.iter().copied()))
+            .unwrap()
+            .relay;
+        let settings = merge(args, toml::from_str(file).unwrap()).unwrap();
+        let identity = Identity::generate(&["localhost"]).unwrap();
+        let mut c = RelayConfig::new(identity, JwtSecret::generate().unwrap());
+        (settings.apply)(&mut c);
+        c
+    }
+
+    #[test]
+    fn handshake_caps_come_from_flags_over_the_file_over_defaults() {
+        let c = applied(&[], "");
+        assert_eq!((c.max_handshakes, c.max_handshakes_per_ip), (256, 32));
+        let file = "max_handshakes = 100\nmax_handshakes_per_ip = 7\n";
+        let c = applied(&[], file);
+        assert_eq!((c.max_handshakes, c.max_handshakes_per_ip), (100, 7));
+        let c = applied(&["--max-handshakes-per-ip", "3"], file);
+        assert_eq!((c.max_handshakes, c.max_handshakes_per_ip), (100, 3));
+    }
 }

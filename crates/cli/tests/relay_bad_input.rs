@@ -1,5 +1,11 @@
 //! Bad input at the relay: each case gets its protocol error (or a closed connection where no
 //! protocol is spoken yet) and never disturbs an agent that is already serving users.
+//!
+//! The malformed-input table at the end (at least 40 cases: framing, lengths, JSON, fields,
+//! messages in the wrong phase, stream misuse) runs each case on its own connection against
+//! one shared relay, checks the exact answer docs/protocols/relay.md gives for it (error code
+//! and close, refusal on a connection that stays, or silence), and then that an agent's
+//! tunnel and an idle session opened before the table still work.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -411,6 +417,391 @@ async fn a_tls_1_2_client_is_refused() {
         assert!(
             err.to_string().to_lowercase().contains("protocolversion"),
             "{err}"
+        );
+        b.stop().await;
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The malformed-input table: every case on its own connection to one shared relay.
+
+/// How far a case's connection gets before its bytes are sent.
+#[derive(Debug, Clone, Copy)]
+enum Phase {
+    /// TLS done and `hello` read; no `auth` yet.
+    Greeted,
+    /// Authenticated (session phase).
+    Authed,
+    /// Authenticated, with a confirmed tunnel and one user connected to it: the relay has
+    /// opened stream 1 (its send credit on it is the default window, 262144).
+    Streaming,
+}
+
+/// What the relay must do with a case's bytes (docs/protocols/relay.md).
+#[derive(Debug, Clone, Copy)]
+enum Expect {
+    /// `error` with this code as the next frame, then the connection closes.
+    Close(ErrorCode),
+    /// `error` with this code (after any `heartbeat_response`), and the connection stays.
+    Refuse(ErrorCode),
+    /// Nothing sent back; the connection stays.
+    Ignore,
+    /// PONG with the PING's 8 bytes, and the connection stays.
+    Pong(u64),
+}
+
+struct Case {
+    name: &'static str,
+    phase: Phase,
+    bytes: Vec<u8>,
+    expect: Expect,
+}
+
+const CONTROL: u8 = 0x00;
+const OPEN: u8 = 0x01;
+const DATA: u8 = 0x02;
+const WINDOW: u8 = 0x03;
+const FIN: u8 = 0x04;
+const RESET: u8 = 0x05;
+const PING: u8 = 0x06;
+const PONG: u8 = 0x07;
+
+/// A raw frame whose header claims `len` bytes, followed by `payload` (which may be shorter).
+fn raw(kind: u8, stream: u32, len: u32, payload: &[u8]) -> Vec<u8> {
+    let mut v = vec![kind];
+    v.extend_from_slice(&stream.to_be_bytes());
+    v.extend_from_slice(&len.to_be_bytes());
+    v.extend_from_slice(payload);
+    v
+}
+
+/// A well-formed frame of `kind` on `stream` carrying `payload`.
+fn frame(kind: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    raw(kind, stream, payload.len() as u32, payload)
+}
+
+/// A CONTROL frame carrying `text`.
+fn ctl(text: &str) -> Vec<u8> {
+    frame(CONTROL, 0, text.as_bytes())
+}
+
+/// A CONTROL frame carrying `msg`.
+fn msg(msg: &ControlMessage) -> Vec<u8> {
+    frame(CONTROL, 0, &msg.to_bytes())
+}
+
+/// An OPEN payload: tunnel id, address length `n`, then `addr`.
+fn open_payload(n: u8, addr: &[u8]) -> Vec<u8> {
+    let mut v = vec![0xab; 16];
+    v.push(n);
+    v.extend_from_slice(addr);
+    v
+}
+
+/// A well-formed heartbeat for tunnel id `t`.
+const HEARTBEAT: &str = concat!(
+    r#"{"type":"heartbeat","tunnel_id":"t","#,
+    r#""stats":{"bytes_in":0,"bytes_out":0,"connected_since":"2026-11-23T21:17:09Z"}}"#
+);
+
+/// The table. `relay` mints the tokens the auth cases need.
+#[rustfmt::skip] // one case per line
+fn cases(relay: &TestRelay) -> Vec<Case> {
+    use Expect::*;
+    use Phase::*;
+    let good = relay.token("table");
+    let other = tube_relay::JwtSecret::generate().unwrap().mint("table", Duration::from_secs(60));
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let expired = relay.jwt.mint_at("table", now - 120, now - 60);
+    let auth_with = |token: &str, version: &str| msg(&auth_msg(token, version));
+    let auth_json = |rest: &str| ctl(&format!(r#"{{"type":"auth","token":"{good}"{rest}}}"#));
+    let register = |info: &str| ctl(&format!(r#"{{"type":"register","tunnel_info":{info}}}"#));
+    let confirm = |id: &str| ctl(&format!(r#"{{"type":"register_confirm","tunnel_id":{id}}}"#));
+    let hello = ctl(r#"{"type":"hello","version":"1.0","server_info":{"version":"0"}}"#);
+    let long_name = msg(&ControlMessage::Register {
+        tunnel_info: TunnelInfo { name: "n".repeat(200), protocol: "tcp".into(), ..Default::default() },
+    });
+    let ping = 0x0102_0304_0506_0708u64;
+    let protocol = Close(ErrorCode::ProtocolError);
+    let invalid = Refuse(ErrorCode::InvalidConfig);
+    let c = |name, phase, bytes, expect| Case { name, phase, bytes, expect };
+    vec![
+        // Before auth: framing.
+        c("unknown frame type 0x08", Greeted, raw(0x08, 0, 0, &[]), protocol),
+        c("unknown frame type 0xff", Greeted, raw(0xff, 0, 4, &[1, 2, 3, 4]), protocol),
+        c("CONTROL claiming u32::MAX bytes, header only", Greeted, raw(CONTROL, 0, u32::MAX, &[]), protocol),
+        c("CONTROL claiming 65537 bytes, header only", Greeted, raw(CONTROL, 0, 65537, &[]), protocol),
+        c("DATA claiming u32::MAX bytes before auth", Greeted, raw(DATA, 1, u32::MAX, &[]), protocol),
+        c("empty CONTROL", Greeted, raw(CONTROL, 0, 0, &[]), protocol),
+        c("CONTROL on stream 1", Greeted, frame(CONTROL, 1, &auth_msg(&good, "1.0").to_bytes()), protocol),
+        // Before auth: the payload.
+        c("CONTROL that is not JSON", Greeted, ctl("hello relay"), protocol),
+        c("CONTROL that is not UTF-8", Greeted, frame(CONTROL, 0, &[0xff, 0xfe, 0xfd]), protocol),
+        c("a JSON array", Greeted, ctl("[]"), protocol),
+        c("JSON without a type", Greeted, ctl(r#"{"token":"x","version":"1.0"}"#), protocol),
+        c("unknown message type", Greeted, ctl(r#"{"type":"teleport"}"#), protocol),
+        c("type that is a number", Greeted, ctl(r#"{"type":5}"#), protocol),
+        c("truncated auth JSON", Greeted, ctl(r#"{"type":"auth","token":"abc","vers"#), protocol),
+        c("auth token that is a number", Greeted, ctl(r#"{"type":"auth","token":5,"version":"1.0"}"#), protocol),
+        c("auth without a token", Greeted, ctl(r#"{"type":"auth","version":"1.0"}"#), protocol),
+        c("auth without a version", Greeted, auth_json(""), protocol),
+        c("auth version that is a number", Greeted, auth_json(r#","version":1"#), protocol),
+        c("auth with a negative window", Greeted, auth_json(r#","version":"1.0","window":-1"#), protocol),
+        c("auth with a window above u32", Greeted, auth_json(r#","version":"1.0","window":4294967296"#), protocol),
+        c("auth with client_info a string", Greeted, auth_json(r#","version":"1.0","client_info":"x""#), protocol),
+        // Before auth: the auth checks.
+        c("auth version 2.0", Greeted, auth_with(&good, "2.0"), Close(ErrorCode::UnsupportedVersion)),
+        c("auth version 0.9", Greeted, auth_with(&good, "0.9"), Close(ErrorCode::UnsupportedVersion)),
+        c("auth with an empty version", Greeted, auth_with(&good, ""), Close(ErrorCode::UnsupportedVersion)),
+        c("auth with an empty token", Greeted, auth_with("", "1.0"), Close(ErrorCode::AuthFailed)),
+        c("auth with a token that is not a JWT", Greeted, auth_with("garbage", "1.0"), Close(ErrorCode::InvalidToken)),
+        c("auth with another relay's token", Greeted, auth_with(&other, "1.0"), Close(ErrorCode::InvalidToken)),
+        c("auth with an expired token", Greeted, auth_with(&expired, "1.0"), Close(ErrorCode::TokenExpired)),
+        // Before auth: the wrong message or frame.
+        c("register before auth", Greeted, register(r#"{"name":"x","protocol":"tcp"}"#), protocol),
+        c("heartbeat before auth", Greeted, ctl(HEARTBEAT), protocol),
+        c("disconnect before auth", Greeted, ctl(r#"{"type":"disconnect","reason":"bye"}"#), protocol),
+        c("error before auth", Greeted, ctl(r#"{"type":"error","code":5000,"message":"x"}"#), protocol),
+        c("hello from the agent", Greeted, hello.clone(), protocol),
+        c("DATA before auth", Greeted, frame(DATA, 1, b"x"), protocol),
+        c("PING before auth", Greeted, frame(PING, 0, &[0; 8]), protocol),
+        c("OPEN before auth", Greeted, frame(OPEN, 1, &open_payload(3, b"1:2")), protocol),
+        // Session: framing (a wrong length is refused from the header alone).
+        c("CONTROL claiming u32::MAX bytes after auth", Authed, raw(CONTROL, 0, u32::MAX, &[]), protocol),
+        c("DATA claiming u32::MAX bytes", Authed, raw(DATA, 1, u32::MAX, &[]), protocol),
+        c("DATA claiming 32769 bytes", Authed, raw(DATA, 1, 32769, &[]), protocol),
+        c("empty DATA", Authed, raw(DATA, 1, 0, &[]), protocol),
+        c("DATA on stream 0", Authed, frame(DATA, 0, b"x"), protocol),
+        c("WINDOW of 5 bytes", Authed, frame(WINDOW, 1, &[0, 0, 0, 1, 0]), protocol),
+        c("WINDOW of 3 bytes", Authed, frame(WINDOW, 1, &[0, 0, 1]), protocol),
+        c("WINDOW with increment 0", Authed, frame(WINDOW, 1, &[0; 4]), protocol),
+        c("WINDOW on stream 0", Authed, frame(WINDOW, 0, &[0, 0, 0, 1]), protocol),
+        c("FIN with a payload", Authed, frame(FIN, 1, &[0]), protocol),
+        c("RESET of 3 bytes", Authed, frame(RESET, 1, &[0, 0, 0]), protocol),
+        c("RESET of 1 byte", Authed, frame(RESET, 1, &[0]), protocol),
+        c("RESET on stream 0", Authed, frame(RESET, 0, &[0x0f, 0xa1]), protocol),
+        c("PING of 7 bytes", Authed, frame(PING, 0, &[0; 7]), protocol),
+        c("PING on stream 5", Authed, frame(PING, 5, &[0; 8]), protocol),
+        c("PONG of 9 bytes", Authed, frame(PONG, 0, &[0; 9]), protocol),
+        c("OPEN from the agent", Authed, frame(OPEN, 1, &open_payload(3, b"1:2")), protocol),
+        c("OPEN of 16 bytes", Authed, frame(OPEN, 1, &[0xab; 16]), protocol),
+        c("OPEN whose address length disagrees", Authed, frame(OPEN, 1, &open_payload(5, b"1:2")), protocol),
+        c("OPEN claiming 82 bytes, header only", Authed, raw(OPEN, 1, 82, &[]), protocol),
+        c("OPEN with a non-ASCII address", Authed, frame(OPEN, 1, &open_payload(2, "é".as_bytes())), protocol),
+        c("OPEN on stream 0", Authed, frame(OPEN, 0, &open_payload(3, b"1:2")), protocol),
+        c("unknown frame type after auth", Authed, raw(0x08, 0, 0, &[]), protocol),
+        // Session: control messages.
+        c("empty CONTROL after auth", Authed, raw(CONTROL, 0, 0, &[]), protocol),
+        c("CONTROL that is not JSON after auth", Authed, ctl("{{{"), protocol),
+        c("unknown message type after auth", Authed, ctl(r#"{"type":"teleport"}"#), protocol),
+        c("a second auth", Authed, auth_with(&good, "1.0"), protocol),
+        c("hello from the agent after auth", Authed, hello, protocol),
+        c("auth_response from the agent", Authed,
+          ctl(r#"{"type":"auth_response","status":"success","server_info":{"version":"0"}}"#), protocol),
+        c("register_response from the agent", Authed,
+          ctl(r#"{"type":"register_response","status":"success","tunnel_id":"x","config":{"endpoint":"a:1"}}"#),
+          protocol),
+        c("heartbeat_response from the agent", Authed,
+          ctl(r#"{"type":"heartbeat_response","status":"ok","server_time":"x"}"#), protocol),
+        c("register asking for port 70000", Authed,
+          register(r#"{"name":"x","protocol":"tcp","ports":[70000]}"#), protocol),
+        c("register with a numeric name", Authed, register(r#"{"name":7,"protocol":"tcp"}"#), protocol),
+        c("register without a protocol", Authed, register(r#"{"name":"x"}"#), protocol),
+        c("register without tunnel_info", Authed, ctl(r#"{"type":"register"}"#), protocol),
+        c("heartbeat without stats", Authed, ctl(r#"{"type":"heartbeat","tunnel_id":"t"}"#), protocol),
+        c("heartbeat with negative bytes_in", Authed,
+          ctl(&HEARTBEAT.replace(r#""bytes_in":0"#, r#""bytes_in":-1"#)), protocol),
+        c("register_confirm with a numeric tunnel_id", Authed, confirm("42"), protocol),
+        // Session: refused requests; the connection stays.
+        c("register for udp", Authed, register(r#"{"name":"x","protocol":"udp"}"#), invalid),
+        c("register for two ports", Authed,
+          register(r#"{"name":"x","protocol":"tcp","ports":[20001,20002]}"#), invalid),
+        c("register with a 200-byte name", Authed, long_name, invalid),
+        c("register for a port outside the range", Authed,
+          register(r#"{"name":"x","protocol":"tcp","ports":[1]}"#), invalid),
+        c("register allowing something not a range", Authed,
+          register(r#"{"name":"x","protocol":"tcp","allowed_ips":["everyone"]}"#), invalid),
+        c("register_confirm of an unknown tunnel", Authed,
+          confirm(r#""8fb889f4-a766-48f0-8e58-1c5ebdb9d088""#), invalid),
+        c("register_confirm of something not a UUID", Authed, confirm(r#""x""#), invalid),
+        c("unknown fields are ignored, the message answered", Authed, confirm(r#""x","colour":"blue""#), invalid),
+        c("two heartbeats for one tunnel back to back", Authed, [ctl(HEARTBEAT), ctl(HEARTBEAT)].concat(),
+          Refuse(ErrorCode::RateLimit)),
+        // Session: ignored frames.
+        c("DATA on a stream never opened", Authed, frame(DATA, 7, b"abc"), Ignore),
+        c("DATA on stream u32::MAX", Authed, frame(DATA, u32::MAX, b"x"), Ignore),
+        c("WINDOW on a stream never opened", Authed, frame(WINDOW, 7, &[0, 0, 0, 1]), Ignore),
+        c("FIN on a stream never opened", Authed, frame(FIN, 7, &[]), Ignore),
+        c("RESET on a stream never opened", Authed, frame(RESET, 7, &[0x0f, 0xa6]), Ignore),
+        c("PONG nobody asked for", Authed, frame(PONG, 0, &[1; 8]), Ignore),
+        c("error from the agent", Authed, ctl(r#"{"type":"error","code":4005,"message":"x"}"#), Ignore),
+        c("PING", Authed, frame(PING, 0, &ping.to_be_bytes()), Pong(ping)),
+        // With an open stream.
+        c("WINDOW raising credit above 2^31-1", Streaming, frame(WINDOW, 1, &0x7fff_ffffu32.to_be_bytes()),
+          Close(ErrorCode::FlowControlError)),
+        c("WINDOW raising credit to exactly 2^31-1", Streaming,
+          frame(WINDOW, 1, &(0x7fff_ffff - 262_144u32).to_be_bytes()), Ignore),
+        c("OPEN of a stream already open", Streaming, frame(OPEN, 1, &open_payload(3, b"1:2")), protocol),
+        c("DATA claiming u32::MAX bytes on an open stream", Streaming, raw(DATA, 1, u32::MAX, &[]), protocol),
+    ]
+}
+
+/// The next frame, failing the case after 10 s.
+async fn next_frame(c: &mut Conn) -> Result<Option<Frame>, String> {
+    match tokio::time::timeout(Duration::from_secs(10), c.next()).await {
+        Err(_) => Err("nothing from the relay within 10 s".into()),
+        Ok(None) | Ok(Some(Err(_))) => Ok(None),
+        Ok(Some(Ok(f))) => Ok(Some(f)),
+    }
+}
+
+/// The next control message (`None`: the connection ended); any other frame fails the case.
+async fn next_control(c: &mut Conn) -> Result<Option<ControlMessage>, String> {
+    match next_frame(c).await? {
+        None => Ok(None),
+        Some(Frame::Control(b)) => ControlMessage::from_bytes(&b)
+            .map(Some)
+            .map_err(|e| format!("relay sent a bad message: {e}")),
+        Some(f) => Err(format!("unexpected frame {f:?}")),
+    }
+}
+
+/// Asks something every session answers (a confirm of a tunnel that does not exist gets
+/// 2002): proves the connection still serves, and that nothing else was sent before.
+async fn still_serving(c: &mut Conn) -> Result<(), String> {
+    let probe = ControlMessage::RegisterConfirm {
+        tunnel_id: "00000000-0000-0000-0000-000000000000".into(),
+    };
+    send_control(c, &probe)
+        .await
+        .map_err(|e| format!("connection closed: {e}"))?;
+    match next_control(c).await? {
+        Some(ControlMessage::Error { code, .. }) if code == ErrorCode::InvalidConfig as u16 => {
+            Ok(())
+        }
+        other => Err(format!(
+            "probe answered with {other:?}, connection should still serve"
+        )),
+    }
+}
+
+/// A connection in `phase`, plus the user connection that keeps its stream open.
+async fn reach(phase: Phase, relay: &TestRelay) -> (Conn, Option<TcpStream>) {
+    let (addr, fp) = (relay.addr, relay.fingerprint);
+    match phase {
+        Phase::Greeted => {
+            let mut c = tls_connect(addr, fp).await;
+            let hello = recv_control(&mut c).await.unwrap();
+            assert!(matches!(hello, ControlMessage::Hello { .. }), "{hello:?}");
+            (c, None)
+        }
+        Phase::Authed => (authed(addr, fp, &relay.token("table")).await, None),
+        Phase::Streaming => {
+            let mut c = authed(addr, fp, &relay.token("table")).await;
+            let info = TunnelInfo {
+                name: "table".into(),
+                protocol: "tcp".into(),
+                ..Default::default()
+            };
+            send_control(&mut c, &ControlMessage::Register { tunnel_info: info })
+                .await
+                .unwrap();
+            let ControlMessage::RegisterResponse {
+                tunnel_id, config, ..
+            } = recv_control(&mut c).await.unwrap()
+            else {
+                panic!("register refused");
+            };
+            send_control(&mut c, &ControlMessage::RegisterConfirm { tunnel_id })
+                .await
+                .unwrap();
+            let user = TcpStream::connect(config.endpoint.as_str()).await.unwrap();
+            match c.next().await {
+                Some(Ok(Frame::Open { stream: 1, .. })) => {}
+                other => panic!("expected OPEN of stream 1, got {other:?}"),
+            }
+            (c, Some(user))
+        }
+    }
+}
+
+/// Runs one case on its own connection.
+async fn run_case(case: &Case, relay: &TestRelay) -> Result<(), String> {
+    let (mut c, _user) = reach(case.phase, relay).await;
+    c.get_mut()
+        .write_all(&case.bytes)
+        .await
+        .map_err(|e| format!("write: {e}"))?;
+    c.get_mut()
+        .flush()
+        .await
+        .map_err(|e| format!("flush: {e}"))?;
+    match case.expect {
+        Expect::Close(want) => {
+            match next_control(&mut c).await? {
+                Some(ControlMessage::Error { code, .. }) if code == want as u16 => {}
+                other => return Err(format!("expected error {}, got {other:?}", want as u16)),
+            }
+            match next_frame(&mut c).await? {
+                None => Ok(()),
+                Some(f) => Err(format!("expected the close, got {f:?}")),
+            }
+        }
+        Expect::Refuse(want) => {
+            loop {
+                match next_control(&mut c).await? {
+                    Some(ControlMessage::HeartbeatResponse { .. }) => {}
+                    Some(ControlMessage::Error { code, .. }) if code == want as u16 => break,
+                    other => {
+                        return Err(format!("expected error {}, got {other:?}", want as u16));
+                    }
+                }
+            }
+            still_serving(&mut c).await
+        }
+        Expect::Ignore => still_serving(&mut c).await,
+        Expect::Pong(v) => match next_frame(&mut c).await? {
+            Some(Frame::Pong(p)) if p == v => still_serving(&mut c).await,
+            other => Err(format!("expected PONG {v:#x}, got {other:?}")),
+        },
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_input_table_gets_exact_codes_and_closes_only_that_connection() {
+    init_tracing();
+    deadline(LIMIT, async {
+        let started = std::time::Instant::now();
+        let b = Bystander::start().await;
+        // A session opened before the table, idle during it, must serve after it too.
+        let mut before = authed(b.relay.addr, b.relay.fingerprint, &b.relay.token("x")).await;
+        let table = cases(&b.relay);
+        assert!(table.len() >= 40, "{} cases", table.len());
+        let relay = &b.relay;
+        // Eight at a time: concurrent, and well under the per-source handshake cap (32).
+        let failures: Vec<String> = futures_util::stream::iter(&table)
+            .map(|case| async move {
+                run_case(case, relay)
+                    .await
+                    .err()
+                    .map(|e| format!("{} ({:?}): {e}", case.name, case.phase))
+            })
+            .buffer_unordered(8)
+            .filter_map(std::future::ready)
+            .collect()
+            .await;
+        assert!(
+            failures.is_empty(),
+            "failed cases:\n{}",
+            failures.join("\n")
+        );
+        still_serving(&mut before).await.unwrap();
+        b.check().await;
+        println!(
+            "{} malformed-input cases passed in {:?}",
+            table.len(),
+            started.elapsed()
         );
         b.stop().await;
     })

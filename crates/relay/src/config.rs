@@ -31,6 +31,9 @@ pub struct RelayConfig {
     pub handshake_timeout: Duration,
     /// Handshakes in progress at once; more connections are closed at once.
     pub max_handshakes: usize,
+    /// Handshakes in progress at once from one source (an IPv4 address, or an IPv6 /64);
+    /// more connections from that source are closed at once, others are unaffected.
+    pub max_handshakes_per_ip: usize,
     /// Tunnels one agent connection may hold.
     pub max_tunnels_per_agent: usize,
     /// Heartbeat interval agents are expected to keep.
@@ -72,6 +75,7 @@ impl RelayConfig {
             port_range: DEFAULT_PORT_RANGE,
             handshake_timeout: Duration::from_secs(10),
             max_handshakes: 256,
+            max_handshakes_per_ip: DEFAULT_MAX_HANDSHAKES_PER_IP,
             max_tunnels_per_agent: 64,
             heartbeat_interval: Duration::from_secs(30),
             heartbeat_misses: 3,
@@ -88,6 +92,12 @@ impl RelayConfig {
         }
     }
 }
+
+/// Default of [`RelayConfig::max_handshakes_per_ip`]: one eighth of the global 256, so one
+/// source cannot take more than that share of the handshake slots, while far above what one
+/// honest source needs (handshakes take milliseconds, and the default auth limit lets one
+/// address authenticate only 5 times a minute).
+pub const DEFAULT_MAX_HANDSHAKES_PER_IP: usize = 32;
 
 /// The default range public ports are taken from: below Linux's default ephemeral range
 /// (32768-60999), so outgoing connections on the relay host never compete for these ports and

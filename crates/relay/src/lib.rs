@@ -16,10 +16,13 @@ pub mod state;
 pub mod store;
 mod tunnel;
 
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tube_net::tokio_rustls::TlsAcceptor;
@@ -185,16 +188,22 @@ impl Relay {
     ) -> Result<(), RelayError> {
         let shared = self.shared;
         let acceptor = TlsAcceptor::from(shared.config.identity.server_config()?);
-        let handshakes = Arc::new(tokio::sync::Semaphore::new(
-            shared.config.max_handshakes.max(1),
-        ));
+        let slots = HandshakeSlots::new(
+            shared.config.max_handshakes,
+            shared.config.max_handshakes_per_ip,
+        );
+        let mut refusals = RefusalLog::default();
         let tracker = TaskTracker::new();
         tracker.spawn(sweep_leases(shared.clone(), shutdown.clone()));
         while let Some((tcp, peer)) = tube_net::accept(&listener, &shutdown, "control").await {
-            let Ok(permit) = handshakes.clone().try_acquire_owned() else {
-                tracing::warn!(%peer, "too many handshakes in progress, closing");
-                drop(tcp);
-                continue;
+            let permit = match slots.try_acquire(peer.ip()) {
+                Ok(p) => p,
+                Err(full) => {
+                    // Closed before TLS: a flood costs one accept and one close per connection.
+                    refusals.note(peer, full);
+                    drop(tcp);
+                    continue;
+                }
             };
             tracker.spawn(session::serve(
                 tcp,
@@ -219,6 +228,14 @@ impl Relay {
     }
 }
 
+/// Binds a control listener on `addr` as `tube relay` does: a listen backlog of 1024, since
+/// the 128 that `TcpListener::bind` (std's and tokio's) asks for overflows under a burst of
+/// connections and the kernel then drops connection attempts, so an agent arriving during a
+/// flood would wait for a SYN retransmit (1 s and more); SO_REUSEADDR on Unix.
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    registry::bind(addr.ip(), addr.port())
+}
+
 /// Serves agents on `listener` with `config` until `shutdown` (see [`Relay::run`]).
 pub async fn run(
     listener: TcpListener,
@@ -226,6 +243,113 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), RelayError> {
     Relay::new(config)?.run(listener, shutdown).await
+}
+
+/// Handshake slots: at most `max` connections in the handshake at once, and at most `per_ip`
+/// of them from one source (see [`source_key`]). The per-source map holds only sources with a
+/// handshake in progress, so it never has more than `max` entries.
+#[derive(Debug)]
+struct HandshakeSlots {
+    global: Arc<Semaphore>,
+    per_ip: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    max_per_ip: usize,
+}
+
+/// Which cap refused a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SlotsFull {
+    Global,
+    PerIp,
+}
+
+/// One connection's handshake slot, given back (globally and for its source) when dropped.
+#[derive(Debug)]
+pub(crate) struct HandshakeSlot {
+    _global: OwnedSemaphorePermit,
+    per_ip: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    key: IpAddr,
+}
+
+impl HandshakeSlots {
+    /// Caps of 0 count as 1.
+    fn new(max: usize, max_per_ip: usize) -> Self {
+        Self {
+            global: Arc::new(Semaphore::new(max.max(1))),
+            per_ip: Arc::default(),
+            max_per_ip: max_per_ip.max(1),
+        }
+    }
+
+    fn try_acquire(&self, ip: IpAddr) -> Result<HandshakeSlot, SlotsFull> {
+        let global = self
+            .global
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| SlotsFull::Global)?;
+        let key = source_key(ip);
+        let mut per_ip = lock(&self.per_ip);
+        let n = per_ip.entry(key).or_default();
+        if *n >= self.max_per_ip {
+            // `n` is at least 1 here (the cap is), so no empty entry is left behind.
+            return Err(SlotsFull::PerIp);
+        }
+        *n += 1;
+        drop(per_ip);
+        Ok(HandshakeSlot {
+            _global: global,
+            per_ip: self.per_ip.clone(),
+            key,
+        })
+    }
+}
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        let mut per_ip = lock(&self.per_ip);
+        if let Some(n) = per_ip.get_mut(&self.key) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                per_ip.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// What a handshake cap counts a source as: its IPv4 address (IPv4-mapped IPv6 included), or
+/// the /64 of its IPv6 address, since one host can usually pick any address of its /64.
+fn source_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !u128::from(u64::MAX))),
+        v4 => v4,
+    }
+}
+
+/// Logs refused connections at most once a second, with the number left out since the last
+/// line, so a flood does not become a flood of log lines.
+#[derive(Debug, Default)]
+struct RefusalLog {
+    last: Option<tokio::time::Instant>,
+    unlogged: u64,
+}
+
+impl RefusalLog {
+    fn note(&mut self, peer: SocketAddr, full: SlotsFull) {
+        let now = tokio::time::Instant::now();
+        if self
+            .last
+            .is_some_and(|t| now.duration_since(t) < Duration::from_secs(1))
+        {
+            self.unlogged += 1;
+            return;
+        }
+        let limit = match full {
+            SlotsFull::Global => "max_handshakes",
+            SlotsFull::PerIp => "max_handshakes_per_ip",
+        };
+        tracing::warn!(%peer, limit, also_refused = self.unlogged, "too many handshakes in progress, closing");
+        self.last = Some(now);
+        self.unlogged = 0;
+    }
 }
 
 /// Drops leases whose grace period has passed, and prunes idle rate-limiter keys.
@@ -266,5 +390,66 @@ async fn sweep_leases(shared: Arc<Shared>, shutdown: CancellationToken) {
         l.auth_ip.prune(now);
         l.auth_subject.prune(now);
         l.tunnel_subject.prune(now);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn per_source_cap_refuses_only_that_source_and_forgets_it_at_zero() {
+        let slots = HandshakeSlots::new(10, 2);
+        let a1 = slots.try_acquire(ip("127.0.0.2")).unwrap();
+        let a2 = slots.try_acquire(ip("127.0.0.2")).unwrap();
+        assert_eq!(
+            slots.try_acquire(ip("127.0.0.2")).err(),
+            Some(SlotsFull::PerIp)
+        );
+        let b = slots.try_acquire(ip("127.0.0.3")).unwrap();
+        // A refusal gives its global slot back: 3 held, 7 free.
+        assert_eq!(slots.global.available_permits(), 7);
+        drop(a1);
+        let a3 = slots.try_acquire(ip("127.0.0.2")).unwrap();
+        drop((a2, a3, b));
+        assert!(
+            lock(&slots.per_ip).is_empty(),
+            "no entry outlives its slots"
+        );
+        assert_eq!(slots.global.available_permits(), 10);
+    }
+
+    #[test]
+    fn global_cap_applies_across_sources() {
+        let slots = HandshakeSlots::new(2, 2);
+        let _a = slots.try_acquire(ip("10.0.0.1")).unwrap();
+        let _b = slots.try_acquire(ip("10.0.0.2")).unwrap();
+        assert_eq!(
+            slots.try_acquire(ip("10.0.0.3")).err(),
+            Some(SlotsFull::Global)
+        );
+        assert_eq!(lock(&slots.per_ip).len(), 2);
+    }
+
+    #[test]
+    fn sources_are_ipv4_addresses_or_ipv6_slash_64s() {
+        assert_eq!(source_key(ip("::ffff:192.0.2.7")), ip("192.0.2.7"));
+        assert_eq!(source_key(ip("192.0.2.7")), ip("192.0.2.7"));
+        assert_eq!(source_key(ip("2001:db8:1:2:aaaa::1")), ip("2001:db8:1:2::"));
+        assert_eq!(
+            source_key(ip("2001:db8:1:2:bbbb::9")),
+            source_key(ip("2001:db8:1:2:aaaa::1"))
+        );
+        assert_ne!(source_key(ip("2001:db8:1:3::1")), ip("2001:db8:1:2::"));
+        let slots = HandshakeSlots::new(10, 1);
+        let _a = slots.try_acquire(ip("2001:db8::1")).unwrap();
+        assert_eq!(
+            slots.try_acquire(ip("2001:db8::2")).err(),
+            Some(SlotsFull::PerIp)
+        );
     }
 }

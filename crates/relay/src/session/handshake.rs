@@ -15,7 +15,7 @@ pub(crate) async fn serve(
     shared: Arc<Shared>,
     acceptor: TlsAcceptor,
     shutdown: CancellationToken,
-    permit: tokio::sync::OwnedSemaphorePermit,
+    permit: crate::HandshakeSlot,
 ) {
     let session_id = NEXT_SESSION.fetch_add(1, Ordering::Relaxed);
     let cancel = CancellationToken::new();
