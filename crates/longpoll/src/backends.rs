@@ -84,6 +84,9 @@ impl Backends {
         }
         let http = reqwest::Client::builder()
             .no_proxy()
+            // A redirect is outside the contract (section 2): it is the backend's answer, never
+            // a request to send elsewhere (with the client's body and token).
+            .redirect(reqwest::redirect::Policy::none())
             .tcp_nodelay(true)
             .connect_timeout(timeout.min(Duration::from_secs(10)))
             .pool_idle_timeout(Duration::from_secs(90))

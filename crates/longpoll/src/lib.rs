@@ -57,6 +57,7 @@ impl std::fmt::Debug for Longpoll {
 impl Longpoll {
     /// Checks `config`; the proxy stops when `shutdown` is cancelled.
     pub fn new(config: LongpollConfig, shutdown: CancellationToken) -> Result<Self, LongpollError> {
+        config.validate().map_err(LongpollError::Config)?;
         let backends = backends::Backends::new(
             &config.backends,
             config.backend_timeout,

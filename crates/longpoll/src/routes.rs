@@ -8,15 +8,16 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use bytes::Bytes;
 use tokio::time::Instant;
 use tube_proto::longpoll::{self as h, RequestType};
 
-use crate::backends::passthrough;
+use crate::backends::{CallError, passthrough};
 use crate::buffer::{Delivery, Packet};
 use crate::state::{Admitted, Shared, token_key};
 
@@ -28,7 +29,30 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/auth", post(auth))
         .route("/register", post(register))
         .layer(DefaultBodyLimit::max(limit))
+        .layer(middleware::from_fn_with_state(shared.clone(), body_limit))
         .with_state(shared)
+}
+
+/// 413 for a body over `max_body`: at once when `Content-Length` claims more (without waiting
+/// for a body that may never come), else when reading passes the limit. Either way the
+/// connection is closed: the rest of the body is not read.
+async fn body_limit(State(s): State<Arc<Shared>>, request: Request, next: Next) -> Response {
+    let claimed = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let mut response = if claimed.is_some_and(|n| n > s.config.max_body as u64) {
+        refuse(StatusCode::PAYLOAD_TOO_LARGE, "body over the limit").into_response()
+    } else {
+        next.run(request).await
+    };
+    if response.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
 }
 
 /// A refused request: a status, a short plain-text reason, and for 429 and 503 when to retry.
@@ -106,6 +130,17 @@ async fn authorize(s: Arc<Shared>, kind: RequestType, headers: HeaderMap, body: 
                 s.metrics.backend_failures.fetch_add(1, Ordering::Relaxed);
                 s.backends.failed(i);
                 continue;
+            }
+            Err(e @ CallError::TooLarge(_)) => {
+                // An answer, just not one the contract allows (no token is that long): the
+                // backend is not failing, so it does not rest.
+                tracing::warn!(backend = i, error = %e, "backend answered auth outside the contract");
+                s.backends.succeeded(i);
+                return refuse(
+                    StatusCode::BAD_GATEWAY,
+                    "backend answer outside the contract",
+                )
+                .into_response();
             }
             Err(e) => {
                 tracing::warn!(backend = i, error = %e, "backend failed an auth request");

@@ -258,11 +258,9 @@ async fn serve(
                 _ = writer_kill.cancelled() => None,
             };
             let Some(p) = p else { break };
-            let close = matches!(p, Packet::Error { .. });
+            // An ERROR alone does not end the connection (7003 to 7007 leave it open): the
+            // writer stops once the session has ended and dropped every sender.
             if sink.send(p).await.is_err() {
-                break;
-            }
-            if close {
                 break;
             }
         }
@@ -306,7 +304,7 @@ async fn serve(
     };
     if let Some((code, why)) = end {
         tracing::debug!(%addr, code = code as u16, reason = %why, "closing connection");
-        // The writer closes after an error packet.
+        // Queued last: the writer sends it, then closes when the senders below are gone.
         let _ = s.tx.try_send(Packet::error(code, why));
     }
     if let Some(fp) = s.registered {
