@@ -25,7 +25,7 @@ use tube_net::codec::{ControlError, HandshakeConn, handshake_conn, recv_control,
 use tube_net::mux::DEFAULT_WINDOW;
 use tube_net::proxy::Traffic;
 use tube_net::tokio_rustls::{TlsConnector, client::TlsStream};
-use tube_net::{Fingerprint, Incoming, Mux, MuxConfig, Role, tls};
+use tube_net::{Fingerprint, Incoming, Mux, MuxConfig, ReadAhead, Role, tls};
 use tube_proto::backoff::{Backoff, BackoffConfig};
 use tube_proto::control::{ClientInfo, ControlMessage, TunnelInfo, TunnelStats, describe_code};
 use tube_proto::heartbeat::Liveness;
@@ -68,6 +68,10 @@ pub struct AgentConfig {
     pub heartbeat_misses: u32,
     /// Reconnect schedule.
     pub backoff: BackoffConfig,
+    /// On shutdown, how long user streams already open may go on before the agent says
+    /// goodbye and closes (new streams are refused from the start of shutdown). Zero, the
+    /// default here: goodbye at once; `tube expose` sets its own.
+    pub shutdown_grace: Duration,
     /// Multiplexer limits.
     pub mux: MuxConfig,
     /// Protocol version announced in `auth` (tests use this to exercise version checks).
@@ -92,6 +96,7 @@ impl AgentConfig {
             heartbeat_interval: Duration::from_secs(30),
             heartbeat_misses: 3,
             backoff: BackoffConfig::default(),
+            shutdown_grace: Duration::ZERO,
             mux: MuxConfig::default(),
             protocol_version: RELAY_PROTOCOL_VERSION.into(),
         }
@@ -116,6 +121,12 @@ pub enum AgentEvent {
         public: String,
         /// The local address it forwards to.
         local: String,
+    },
+    /// Shutdown began: new streams are refused from now on, and the agent says goodbye once
+    /// the open ones end (or the shutdown grace runs out).
+    Stopping {
+        /// User streams open at that moment.
+        open_streams: usize,
     },
     /// Waiting before the next connection attempt.
     Retrying {
@@ -209,8 +220,12 @@ struct Held {
     reconnect_token: Option<String>,
 }
 
-/// Runs the agent until `shutdown` (it then says goodbye and returns `Ok`), a final error, or
-/// the reconnect attempts run out.
+/// Runs the agent until `shutdown`, a final error, or the reconnect attempts run out.
+///
+/// On `shutdown` the agent drains: streams the relay opens from then on are reset at once
+/// (`SHUTTING_DOWN`), streams already open go on for up to
+/// [`AgentConfig::shutdown_grace`]; then it says goodbye (the relay resets what is left and
+/// frees the ports) and returns `Ok`.
 pub async fn run(
     config: AgentConfig,
     events: mpsc::UnboundedSender<AgentEvent>,

@@ -4,7 +4,7 @@
 
 use super::*;
 
-type Conn = HandshakeConn<TlsStream<TcpStream>>;
+type Conn = HandshakeConn<TlsStream<ReadAhead<TcpStream>>>;
 
 /// One connection's life: connect, authenticate, register, serve.
 pub(crate) async fn session(
@@ -37,6 +37,8 @@ pub(crate) async fn session(
     // task go with it.
     let _stop_on_drop = token.clone().drop_guard();
     let tracker = TaskTracker::new();
+    // User streams apart from the mux's own tasks, so shutdown can wait for just them.
+    let streams = TaskTracker::new();
     let mut mux_cfg = config.mux.clone();
     mux_cfg.peer_window = relay_window;
     let (mux, mut ev) = Mux::start(conn, Role::Acceptor, mux_cfg, token.clone(), &tracker);
@@ -45,7 +47,7 @@ pub(crate) async fn session(
         mux: &mux,
         held,
         traffic,
-        tracker: &tracker,
+        streams: &streams,
         token: &token,
         locals: HashMap::new(),
         since: HashMap::new(),
@@ -53,7 +55,9 @@ pub(crate) async fn session(
     let result = serving.serve(&mut ev, life, shutdown).await;
     token.cancel();
     tracker.close();
+    streams.close();
     tracker.wait().await;
+    streams.wait().await;
     result
 }
 
@@ -68,7 +72,7 @@ async fn connect(config: &AgentConfig) -> Result<(Conn, u32), AgentError> {
     tube_net::tune_tcp(&tcp);
     let tls_cfg = tls::pinned_client_config(config.fingerprint).map_err(|e| err(e.to_string()))?;
     let tls = TlsConnector::from(tls_cfg)
-        .connect(tls::server_name(), tcp)
+        .connect(tls::server_name(), ReadAhead::new(tcp))
         .await
         .map_err(|e| {
             if e.to_string().contains(tls::PIN_MISMATCH) {
@@ -163,7 +167,8 @@ struct Serving<'a> {
     mux: &'a Mux,
     held: &'a mut [Option<Held>],
     traffic: &'a [Arc<Traffic>],
-    tracker: &'a TaskTracker,
+    /// The user streams being served (each task owns one).
+    streams: &'a TaskTracker,
     token: &'a CancellationToken,
     /// Tunnel UUID bytes to (local address, spec index).
     locals: HashMap<[u8; 16], (String, usize)>,
@@ -190,16 +195,50 @@ impl Serving<'_> {
         let mut register_deadline = Instant::now() + self.config.handshake_timeout;
         // A registration refused by a rate limit is sent again at this instant.
         let mut retry_register: Option<Instant> = None;
+        // Set at shutdown: open streams may go on until then; new ones are refused.
+        let mut drain: Option<Instant> = None;
+        // Whether streams were open when the drain began, and whether they have ended and a
+        // heartbeat went out behind their last bytes.
+        let mut drained_some = false;
+        let mut barrier = false;
+        let goodbye = |mux: &Mux| {
+            mux.close_with(&ControlMessage::Disconnect {
+                reason: "agent stopping".into(),
+            })
+        };
         loop {
-            if !awaiting && next < self.config.tunnels.len() {
+            if !awaiting && next < self.config.tunnels.len() && drain.is_none() {
                 self.send(self.register_msg(next)).await?;
                 awaiting = true;
                 register_deadline = Instant::now() + self.config.handshake_timeout;
             }
             let wake = Instant::from_std(liveness.poll_timeout());
             tokio::select! {
-                _ = shutdown.cancelled() => {
-                    self.mux.close_with(&ControlMessage::Disconnect { reason: "agent stopping".into() });
+                _ = shutdown.cancelled(), if drain.is_none() => {
+                    self.streams.close();
+                    drain = Some(Instant::now() + self.config.shutdown_grace);
+                    let open_streams = self.streams.len();
+                    drained_some = open_streams > 0;
+                    tracing::info!(open_streams, grace_ms = self.config.shutdown_grace.as_millis() as u64, "stopping: refusing new streams, letting open ones finish");
+                    let _ = life.events.send(AgentEvent::Stopping { open_streams });
+                }
+                _ = self.streams.wait(), if drain.is_some() && !barrier => {
+                    if !drained_some {
+                        goodbye(self.mux);
+                        return Ok(());
+                    }
+                    // The streams' last bytes are queued; the relay's answer to a heartbeat
+                    // sent after them says it has read them, so the goodbye cannot overtake
+                    // them there. (An id this session never used: answered, not rate limited.)
+                    let hb = ControlMessage::Heartbeat { tunnel_id: String::new(), stats: TunnelStats::default() };
+                    self.send(hb).await?;
+                    barrier = true;
+                }
+                _ = tokio::time::sleep_until(drain.unwrap_or(register_deadline)), if drain.is_some() => {
+                    if !self.streams.is_empty() {
+                        tracing::warn!(open_streams = self.streams.len(), "streams still open after the shutdown grace, closing them");
+                    }
+                    goodbye(self.mux);
                     return Ok(());
                 }
                 _ = self.token.cancelled() => return Err(lost(self.mux)),
@@ -224,6 +263,10 @@ impl Serving<'_> {
                 msg = ev.control.recv() => {
                     let Some(msg) = msg else { return Err(lost(self.mux)) };
                     liveness.handle_heard(Instant::now().into_std());
+                    if barrier {
+                        goodbye(self.mux);
+                        return Ok(());
+                    }
                     match msg {
                         ControlMessage::RegisterResponse { tunnel_id, config: tc, reconnect_token, .. } if awaiting => {
                             awaiting = false;
@@ -269,9 +312,14 @@ impl Serving<'_> {
                 }
                 inc = ev.incoming.recv() => {
                     let Some(inc) = inc else { return Err(lost(self.mux)) };
+                    if drain.is_some() {
+                        tracing::debug!(peer = %inc.peer, "stopping: stream refused");
+                        inc.stream.reset(ErrorCode::ShuttingDown);
+                        continue;
+                    }
                     let target = self.locals.get(&inc.tunnel).cloned();
                     let traffic = target.as_ref().map(|(_, i)| self.traffic[*i].clone());
-                    self.tracker.spawn(serve_stream(inc, target.map(|(l, _)| l), traffic, self.config.local_connect_timeout, self.token.clone()));
+                    self.streams.spawn(serve_stream(inc, target.map(|(l, _)| l), traffic, self.config.local_connect_timeout, self.token.clone()));
                 }
             }
         }

@@ -9,14 +9,17 @@
 //!   per-stream credit windows, bounded queues).
 //! - [`proxy`]: moves bytes between a TCP socket and a mux stream, carrying half-close and
 //!   resets.
+//! - [`readahead`]: the read buffer beneath TLS (64 KiB per `read` instead of rustls's 4 KiB).
 
 pub mod codec;
 pub mod files;
 pub mod mux;
 pub mod proxy;
+pub mod readahead;
 pub mod tls;
 
 pub use mux::{Incoming, Mux, MuxConfig, MuxError, MuxEvents, MuxStream, Role};
+pub use readahead::ReadAhead;
 pub use tls::{Fingerprint, Identity, TlsError};
 pub use tokio_rustls;
 
@@ -48,13 +51,16 @@ pub fn keepalive(
 }
 
 /// Accepts the next connection on `listener`, or `None` once `stop` is cancelled. Accept
-/// errors (typically running out of file descriptors) are logged with `what` and retried after
-/// 50 ms, so a listener survives them without spinning.
+/// errors (typically running out of file descriptors) are retried after 50 ms, so a listener
+/// survives them without spinning; they are logged with `what` at most once a second, with
+/// the count since the last line.
 pub async fn accept(
     listener: &tokio::net::TcpListener,
     stop: &tokio_util::sync::CancellationToken,
     what: &str,
 ) -> Option<(tokio::net::TcpStream, std::net::SocketAddr)> {
+    let mut failures = 0u64;
+    let mut logged: Option<tokio::time::Instant> = None;
     loop {
         let accepted = tokio::select! {
             biased;
@@ -64,7 +70,12 @@ pub async fn accept(
         match accepted {
             Ok(x) => return Some(x),
             Err(e) => {
-                tracing::warn!(error = %e, listener = what, "accept failed");
+                failures += 1;
+                if logged.is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(1)) {
+                    tracing::warn!(error = %e, listener = what, failures, "accept failed");
+                    logged = Some(tokio::time::Instant::now());
+                    failures = 0;
+                }
                 tokio::select! {
                     _ = stop.cancelled() => return None,
                     _ = tokio::time::sleep(std::time::Duration::from_millis(50)) => {}

@@ -12,11 +12,12 @@
 //!   32 KiB) waiting in the data queue, and at most `max_peer_urgent` answers owed to the peer
 //!   (PONGs, refusals) before it is treated as a flood and disconnected.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::io::IoSlice;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use futures_util::StreamExt;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{Semaphore, mpsc};
@@ -68,6 +69,10 @@ pub const DEFAULT_WINDOW: u32 = 256 * 1024;
 
 /// Smallest window a peer may announce (one full DATA frame).
 pub const MIN_WINDOW: u32 = MAX_DATA_PAYLOAD;
+
+/// Most send credit one [`StreamTx::reserve`] takes: what one read from a socket may carry,
+/// sent as several DATA frames.
+pub const MAX_RESERVE: usize = 4 * MAX_DATA_PAYLOAD as usize;
 
 /// Largest window a peer may announce.
 pub const MAX_WINDOW: u32 = 1 << 30;
@@ -137,7 +142,7 @@ pub struct MuxEvents {
     /// Control messages from the peer, in order.
     pub control: mpsc::Receiver<ControlMessage>,
     /// Streams the peer opened (always empty for [`Role::Opener`]).
-    pub incoming: mpsc::UnboundedReceiver<Incoming>,
+    pub incoming: mpsc::Receiver<Incoming>,
 }
 
 /// A handle to a running multiplexed connection. Cheap to clone.
@@ -164,6 +169,9 @@ struct StreamShared {
     id: u32,
     /// Send credit: one permit per byte the peer will accept.
     credit: Semaphore,
+    /// Credit taken by [`StreamTx::reserve`] and not yet sent or given back: part of what the
+    /// peer granted, so it counts against [`MAX_CREDIT`].
+    reserved: AtomicUsize,
     inbound: mpsc::UnboundedSender<Inbound>,
     recv: Mutex<RecvWindow>,
 }
@@ -192,7 +200,9 @@ impl Mux {
         let (data_tx, data_rx) = mpsc::channel(cfg.write_queue.max(1));
         let (urgent_tx, urgent_rx) = mpsc::unbounded_channel();
         let (control_tx, control_rx) = mpsc::channel(cfg.control_queue.max(1));
-        let (incoming_tx, incoming_rx) = mpsc::unbounded_channel();
+        // At most `max_streams` streams wait to be accepted, reset or not: a peer pairing each
+        // OPEN with a RESET cannot queue more.
+        let (incoming_tx, incoming_rx) = mpsc::channel(cfg.max_streams.max(1));
         let inner = Arc::new(Inner {
             cfg,
             role,
@@ -319,6 +329,7 @@ fn new_stream(
     let shared = Arc::new(StreamShared {
         id,
         credit: Semaphore::new(inner.cfg.peer_window as usize),
+        reserved: AtomicUsize::new(0),
         inbound: tx,
         recv: Mutex::new(RecvWindow::new(inner.cfg.window)),
     });
@@ -403,7 +414,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
     inner: Arc<Inner>,
     mut reader: FramedRead<R, FrameCodec>,
     control_tx: mpsc::Sender<ControlMessage>,
-    incoming_tx: mpsc::UnboundedSender<Incoming>,
+    incoming_tx: mpsc::Sender<Incoming>,
 ) {
     loop {
         let next = tokio::select! {
@@ -429,7 +440,7 @@ fn dispatch(
     inner: &Arc<Inner>,
     frame: Frame,
     control_tx: &mpsc::Sender<ControlMessage>,
-    incoming_tx: &mpsc::UnboundedSender<Incoming>,
+    incoming_tx: &mpsc::Sender<Incoming>,
 ) -> bool {
     match frame {
         Frame::Control(bytes) => match ControlMessage::from_bytes(&bytes) {
@@ -466,9 +477,14 @@ fn dispatch(
                 let code = ErrorCode::TooManyStreams as u16;
                 return inner.owe_peer(Frame::Reset { stream, code });
             }
+            let Ok(slot) = incoming_tx.try_reserve() else {
+                drop(streams);
+                let code = ErrorCode::TooManyStreams as u16;
+                return inner.owe_peer(Frame::Reset { stream, code });
+            };
             let s = new_stream(inner, stream, &mut streams);
             drop(streams);
-            let _ = incoming_tx.send(Incoming {
+            slot.send(Incoming {
                 stream: s,
                 tunnel,
                 peer,
@@ -491,7 +507,8 @@ fn dispatch(
             let Some(s) = inner.stream(stream) else {
                 return true;
             };
-            if s.credit.available_permits() as u64 + increment as u64 > MAX_CREDIT {
+            let granted = s.credit.available_permits() + s.reserved.load(Ordering::Relaxed);
+            if granted as u64 + increment as u64 > MAX_CREDIT {
                 inner.protocol_error(ErrorCode::FlowControlError, "window overflow".into());
                 return false;
             }
@@ -516,33 +533,114 @@ fn dispatch(
 /// Bytes gathered before one write to the transport.
 const WRITE_BATCH: usize = 256 * 1024;
 
+/// DATA payloads at least this long are written from where they lie instead of being copied
+/// into the batch.
+const GATHER_FROM: usize = 2048;
+
+/// Most buffers handed to one vectored write.
+const MAX_IOV: usize = 64;
+
+/// Frames gathered for one vectored write. Small frames and DATA headers are encoded into
+/// `head`; large DATA payloads join `segs` as they are, so sending a byte copies it only once
+/// (into the TLS record).
+#[derive(Default)]
+struct Batch {
+    head: BytesMut,
+    segs: VecDeque<Bytes>,
+    len: usize,
+}
+
+impl Batch {
+    fn push(&mut self, f: Frame) {
+        match f {
+            Frame::Data { stream, data } if data.len() >= GATHER_FROM => {
+                frame::encode_data_header(stream, data.len(), &mut self.head);
+                self.len += frame::HEADER_LEN + data.len();
+                self.segs.push_back(self.head.split().freeze());
+                self.segs.push_back(data);
+            }
+            f => {
+                let before = self.head.len();
+                frame::encode(&f, &mut self.head);
+                self.len += self.head.len() - before;
+            }
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Writes everything gathered, then flushes.
+    async fn write_to<W: AsyncWrite + Unpin>(&mut self, wr: &mut W) -> std::io::Result<()> {
+        if !self.head.is_empty() {
+            self.segs.push_back(self.head.split().freeze());
+        }
+        while !self.segs.is_empty() {
+            let written = {
+                let mut iov = [IoSlice::new(&[]); MAX_IOV];
+                let n = self.segs.len().min(MAX_IOV);
+                for (slot, seg) in iov.iter_mut().zip(self.segs.iter()) {
+                    *slot = IoSlice::new(seg);
+                }
+                wr.write_vectored(&iov[..n]).await?
+            };
+            if written == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            self.advance(written);
+        }
+        self.len = 0;
+        wr.flush().await
+    }
+
+    fn advance(&mut self, mut n: usize) {
+        while n > 0 {
+            let Some(front) = self.segs.front_mut() else {
+                return;
+            };
+            if front.len() > n {
+                front.advance(n);
+                return;
+            }
+            n -= front.len();
+            self.segs.pop_front();
+        }
+    }
+}
+
 async fn write_loop<W: AsyncWrite + Unpin>(
     inner: Arc<Inner>,
     mut wr: W,
-    mut buf: BytesMut,
+    pending: BytesMut,
     mut data_rx: mpsc::Receiver<Frame>,
     mut urgent_rx: mpsc::UnboundedReceiver<(Frame, bool)>,
 ) {
-    let push = |inner: &Inner, buf: &mut BytesMut, f: Frame, owed: bool| {
-        frame::encode(&f, buf);
+    let mut batch = Batch {
+        len: pending.len(),
+        head: pending,
+        segs: VecDeque::new(),
+    };
+    let push = |inner: &Inner, batch: &mut Batch, f: Frame, owed: bool| {
+        batch.push(f);
         if owed {
             inner.peer_urgent.fetch_sub(1, Ordering::Relaxed);
         }
     };
     loop {
-        if buf.is_empty() {
+        if batch.is_empty() {
             tokio::select! {
                 biased;
-                Some((f, owed)) = urgent_rx.recv() => push(&inner, &mut buf, f, owed),
-                Some(f) = data_rx.recv() => push(&inner, &mut buf, f, false),
+                Some((f, owed)) = urgent_rx.recv() => push(&inner, &mut batch, f, owed),
+                Some(f) = data_rx.recv() => push(&inner, &mut batch, f, false),
                 _ = inner.closed.cancelled() => break,
             }
         }
-        while buf.len() < WRITE_BATCH {
+        while batch.len < WRITE_BATCH {
             if let Ok((f, owed)) = urgent_rx.try_recv() {
-                push(&inner, &mut buf, f, owed);
+                push(&inner, &mut batch, f, owed);
             } else if let Ok(f) = data_rx.try_recv() {
-                push(&inner, &mut buf, f, false);
+                push(&inner, &mut batch, f, false);
             } else {
                 break;
             }
@@ -551,10 +649,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         // carry the closing error); one cut short leaves a partial frame on the wire, after
         // which nothing more may be written.
         let (res, closing) = {
-            let write = async {
-                wr.write_all(&buf).await?;
-                wr.flush().await
-            };
+            let write = batch.write_to(&mut wr);
             tokio::pin!(write);
             tokio::select! {
                 r = &mut write => (r, false),
@@ -566,7 +661,6 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                 }
             }
         };
-        buf.clear();
         if let Err(e) = res {
             inner.close(MuxError::Io(e.to_string()));
             return;
@@ -577,14 +671,15 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     }
     // Closing: flush what is urgent (an error message for the peer) within a short grace,
     // then end TLS cleanly so the peer reads the message before the close.
+    let mut last = Batch::default();
     while let Ok((f, _)) = urgent_rx.try_recv() {
         if matches!(f, Frame::Control(_)) {
-            frame::encode(&f, &mut buf);
+            last.push(f);
         }
     }
     let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
-        if !buf.is_empty() {
-            wr.write_all(&buf).await?;
+        if !last.is_empty() {
+            last.write_to(&mut wr).await?;
         }
         wr.shutdown().await
     })
@@ -626,10 +721,10 @@ impl MuxStream {
 }
 
 impl StreamTx {
-    /// Waits until the peer grants credit, and takes up to `max` bytes of it (at least 1).
-    /// Unused credit must be handed back with [`StreamTx::give_back`].
+    /// Waits until the peer grants credit, and takes up to `max` bytes of it (at least 1, at
+    /// most [`MAX_RESERVE`]). Unused credit must be handed back with [`StreamTx::give_back`].
     pub async fn reserve(&self, max: usize) -> Result<usize, MuxError> {
-        let max = max.clamp(1, MAX_DATA_PAYLOAD as usize);
+        let max = max.clamp(1, MAX_RESERVE);
         let first = tokio::select! {
             p = self.shared.credit.acquire() => p,
             _ = self.mux.closed.cancelled() => return Err(MuxError::Closed),
@@ -638,37 +733,47 @@ impl StreamTx {
             return Err(MuxError::Closed);
         };
         first.forget();
+        let mut taken = 1;
         let extra = self.shared.credit.available_permits().min(max - 1);
         if extra > 0
             && let Ok(p) = self.shared.credit.try_acquire_many(extra as u32)
         {
             p.forget();
-            return Ok(1 + extra);
+            taken += extra;
         }
-        Ok(1)
+        self.shared.reserved.fetch_add(taken, Ordering::Relaxed);
+        Ok(taken)
     }
 
     /// Returns reserved credit that was not used.
     pub fn give_back(&self, n: usize) {
-        if n > 0 && !self.shared.credit.is_closed() {
-            self.shared.credit.add_permits(n);
+        if n > 0 {
+            self.shared.reserved.fetch_sub(n, Ordering::Relaxed);
+            if !self.shared.credit.is_closed() {
+                self.shared.credit.add_permits(n);
+            }
         }
     }
 
-    /// Sends bytes for which credit was reserved (at most [`MAX_DATA_PAYLOAD`]).
-    pub async fn send_reserved(&self, data: Bytes) -> Result<(), MuxError> {
-        if data.is_empty() {
-            return Ok(());
+    /// Sends bytes for which credit was reserved, as DATA frames of at most
+    /// [`MAX_DATA_PAYLOAD`] bytes each (cut without copying).
+    pub async fn send_reserved(&self, mut data: Bytes) -> Result<(), MuxError> {
+        self.shared
+            .reserved
+            .fetch_sub(data.len(), Ordering::Relaxed);
+        while !data.is_empty() {
+            let chunk = data.split_to(data.len().min(MAX_DATA_PAYLOAD as usize));
+            let frame = Frame::Data {
+                stream: self.shared.id,
+                data: chunk,
+            };
+            self.mux
+                .data_tx
+                .send(frame)
+                .await
+                .map_err(|_| MuxError::Closed)?;
         }
-        let frame = Frame::Data {
-            stream: self.shared.id,
-            data,
-        };
-        self.mux
-            .data_tx
-            .send(frame)
-            .await
-            .map_err(|_| MuxError::Closed)
+        Ok(())
     }
 
     /// Sends all of `data`, waiting for credit as needed.
@@ -709,6 +814,21 @@ impl StreamRx {
             Some(Inbound::Data(_)) => {}
         }
         item
+    }
+
+    /// What is already queued on the stream, without waiting: `None` when nothing is (and once
+    /// the stream is over, when the next [`StreamRx::recv`] says so).
+    pub fn try_recv(&mut self) -> Option<Inbound> {
+        if self.fin_recv || self.reset_recv {
+            return None;
+        }
+        let item = self.rx.try_recv().ok()?;
+        match &item {
+            Inbound::Fin => self.fin_recv = true,
+            Inbound::Reset(_) => self.reset_recv = true,
+            Inbound::Data(_) => {}
+        }
+        Some(item)
     }
 
     /// Reports `n` bytes delivered to the application, returning credit to the peer.
@@ -795,6 +915,34 @@ mod tests {
             }
         }
         None
+    }
+
+    #[tokio::test]
+    async fn credit_reserved_but_not_yet_sent_counts_toward_the_credit_limit() {
+        let cfg = MuxConfig {
+            peer_window: 64 * 1024,
+            ..MuxConfig::default()
+        };
+        let (mux, _ev, mut raw, _t) = pair(Role::Opener, cfg);
+        let stream = mux.open([1; 16], "u".into()).await.unwrap();
+        let id = match raw.next().await {
+            Some(Ok(Frame::Open { stream, .. })) => stream,
+            other => panic!("expected OPEN, got {other:?}"),
+        };
+        // Everything granted is reserved (a proxy waiting for its socket), none of it sent.
+        let reserved = stream.tx.reserve(usize::MAX).await.unwrap();
+        assert_eq!(reserved, 64 * 1024);
+        // Granted so far: 64 KiB. One byte more than MAX_CREDIT in total is an overflow.
+        let increment = (MAX_CREDIT - 64 * 1024 + 1) as u32;
+        raw.send(Frame::Window {
+            stream: id,
+            increment,
+        })
+        .await
+        .unwrap();
+        let error = tokio::time::timeout(Duration::from_secs(10), next_error(&mut raw)).await;
+        assert_eq!(error.ok(), Some(Some(ErrorCode::FlowControlError as u16)));
+        mux.closed().await;
     }
 
     #[tokio::test]

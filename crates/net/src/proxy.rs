@@ -6,10 +6,11 @@
 //! frame payload. A FIN in either direction becomes a half-close on the other side; a reset or
 //! socket error aborts both sides (the TCP peer sees RST, the mux peer a RESET frame).
 
-use std::io;
+use std::collections::VecDeque;
+use std::io::{self, IoSlice};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use bytes::BytesMut;
+use bytes::{Buf, Bytes, BytesMut};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tube_proto::control::ErrorCode;
@@ -103,9 +104,14 @@ async fn socket_to_stream(
             Ok(n) => {
                 tx.give_back(credit - n);
                 count.fetch_add(n as u64, Ordering::Relaxed);
-                tx.send_reserved(buf.freeze())
-                    .await
-                    .map_err(|_| Failure::Stream)?;
+                // A short read gets a buffer of its own size, so queued data never pins much
+                // more memory than it carries.
+                let data = if n < credit / 4 {
+                    Bytes::copy_from_slice(&buf)
+                } else {
+                    buf.freeze()
+                };
+                tx.send_reserved(data).await.map_err(|_| Failure::Stream)?;
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => tx.give_back(credit),
             Err(_) => {
@@ -121,26 +127,81 @@ async fn stream_to_socket(
     rx: &mut StreamRx,
     count: &AtomicU64,
 ) -> Result<(), Failure> {
+    let mut batch: VecDeque<Bytes> = VecDeque::new();
     loop {
-        match rx.recv().await {
-            Some(Inbound::Data(data)) => {
-                let mut off = 0;
-                while off < data.len() {
-                    tcp.writable().await.map_err(|_| Failure::Socket)?;
-                    match tcp.try_write(&data[off..]) {
-                        Ok(n) => off += n,
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                        Err(_) => return Err(Failure::Socket),
-                    }
+        // Everything already queued (up to GATHER bytes) goes out in one vectored write.
+        let mut end = None;
+        let mut item = rx.recv().await;
+        let mut total = 0;
+        loop {
+            match item {
+                Some(Inbound::Data(data)) => {
+                    total += data.len();
+                    batch.push_back(data);
                 }
-                count.fetch_add(data.len() as u64, Ordering::Relaxed);
-                rx.consumed(data.len());
+                other => {
+                    end = Some(other);
+                    break;
+                }
             }
-            Some(Inbound::Fin) => {
+            if total >= GATHER {
+                break;
+            }
+            match rx.try_recv() {
+                Some(next) => item = Some(next),
+                None => break,
+            }
+        }
+        write_all(tcp, &mut batch).await?;
+        if total > 0 {
+            count.fetch_add(total as u64, Ordering::Relaxed);
+            rx.consumed(total);
+        }
+        match end {
+            None => {}
+            Some(Some(Inbound::Fin)) => {
                 let _ = socket2::SockRef::from(tcp).shutdown(std::net::Shutdown::Write);
                 return Ok(());
             }
-            Some(Inbound::Reset(_)) | None => return Err(Failure::Stream),
+            Some(_) => return Err(Failure::Stream),
         }
     }
+}
+
+/// Bytes gathered from a stream's queue for one write to its socket.
+const GATHER: usize = 256 * 1024;
+
+/// Most buffers handed to one vectored write.
+const MAX_IOV: usize = 64;
+
+/// Writes all of `bufs` to `tcp`, emptying it.
+async fn write_all(tcp: &TcpStream, bufs: &mut VecDeque<Bytes>) -> Result<(), Failure> {
+    while !bufs.is_empty() {
+        tcp.writable().await.map_err(|_| Failure::Socket)?;
+        let written = {
+            let mut iov = [IoSlice::new(&[]); MAX_IOV];
+            let n = bufs.len().min(MAX_IOV);
+            for (slot, b) in iov.iter_mut().zip(bufs.iter()) {
+                *slot = IoSlice::new(b);
+            }
+            tcp.try_write_vectored(&iov[..n])
+        };
+        let mut n = match written {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(_) => return Err(Failure::Socket),
+        };
+        while n > 0 {
+            let Some(front) = bufs.front_mut() else {
+                break;
+            };
+            if front.len() > n {
+                front.advance(n);
+                break;
+            }
+            n -= front.len();
+            bufs.pop_front();
+        }
+    }
+    Ok(())
 }

@@ -213,7 +213,7 @@ pub fn encode(frame: &Frame, dst: &mut BytesMut) {
             dst.extend_from_slice(peer);
         }
         Frame::Data { stream, data } => {
-            header(dst, FrameKind::Data, *stream, data.len());
+            encode_data_header(*stream, data.len(), dst);
             dst.extend_from_slice(data);
         }
         Frame::Window { stream, increment } => {
@@ -234,6 +234,16 @@ pub fn encode(frame: &Frame, dst: &mut BytesMut) {
             dst.put_u64(*v);
         }
     }
+}
+
+/// Appends the 9-byte header of a DATA frame carrying `len` bytes on `stream`: what
+/// [`encode`] writes before the payload, for writers that send the payload from where it lies
+/// (vectored writes) instead of copying it.
+pub fn encode_data_header(stream: u32, len: usize, dst: &mut BytesMut) {
+    dst.reserve(HEADER_LEN);
+    dst.put_u8(FrameKind::Data as u8);
+    dst.put_u32(stream);
+    dst.put_u32(len as u32);
 }
 
 /// Takes one frame off the front of `src`.

@@ -405,6 +405,10 @@ async fn check_preamble(
     Ok((tcp, leftover))
 }
 
+/// Bytes moved per read in each direction of a splice (tokio's default is 8 KiB): fewer system
+/// calls per byte; allocated once per hop while it carries a chain.
+const COPY_BUF: usize = 64 * 1024;
+
 /// How long a splice whose stream is already ending may go on after its chain was closed
 /// without a failure: the end of stream travels hop by hop, and the hub's `close_tube` can
 /// overtake the last bytes.
@@ -422,6 +426,11 @@ async fn splice(
     bytes: &Arc<ChainBytes>,
     closing: &Closing,
 ) -> io::Result<()> {
+    // While splicing, a close of these sockets is an abort: if this process dies (SIGKILL, a
+    // crash), the kernel resets both connections instead of sending FINs, which the neighbours
+    // would pass on as a clean end of stream. Only a splice that ends cleanly closes with FIN.
+    reset_on_close(&near, true);
+    reset_on_close(&far, true);
     let eof = Arc::new(AtomicBool::new(false));
     let mut near = Counted {
         inner: near,
@@ -441,7 +450,8 @@ async fn splice(
         add(&bytes.toward_requester, leftover.len());
     }
     if result.is_ok() {
-        let copy = tokio::io::copy_bidirectional(&mut near, &mut far);
+        let copy =
+            tokio::io::copy_bidirectional_with_sizes(&mut near, &mut far, COPY_BUF, COPY_BUF);
         tokio::pin!(copy);
         result = tokio::select! {
             r = &mut copy => r.map(|_| ()),
@@ -460,8 +470,20 @@ async fn splice(
     if result.is_err() {
         tube_net::abort_tcp(near.inner);
         tube_net::abort_tcp(far.inner);
+    } else {
+        reset_on_close(&near.inner, false);
+        reset_on_close(&far.inner, false);
     }
     result
+}
+
+/// `SO_LINGER` 0 (`on`: closing the socket sends RST) or the default (orderly close). Neither
+/// setting blocks on close, which is why tokio's deprecation of `set_linger` does not apply.
+#[allow(deprecated)]
+fn reset_on_close(tcp: &TcpStream, on: bool) {
+    // Without it a dying node's neighbours may see a FIN; the hub's close_tube still resets
+    // them, a moment later.
+    let _ = tcp.set_linger(on.then_some(Duration::ZERO));
 }
 
 fn add(counter: &AtomicU64, n: usize) {

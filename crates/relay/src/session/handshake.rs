@@ -87,11 +87,11 @@ async fn handshake(
     shared: &Shared,
     acceptor: &TlsAcceptor,
     session: u64,
-) -> Option<Authed<tube_net::tokio_rustls::server::TlsStream<TcpStream>>> {
+) -> Option<Authed<tube_net::tokio_rustls::server::TlsStream<tube_net::ReadAhead<TcpStream>>>> {
     let deadline = Instant::now() + shared.config.handshake_timeout;
     let local = tcp.local_addr().ok();
     tube_net::tune_tcp(&tcp);
-    let tls = match timeout_at(deadline, acceptor.accept(tcp)).await {
+    let tls = match timeout_at(deadline, acceptor.accept(tube_net::ReadAhead::new(tcp))).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
             tracing::warn!(%peer, error = %e, "tls handshake failed");
