@@ -76,7 +76,7 @@ impl TestRelay {
 
     /// Starts a relay with `config` on 127.0.0.1:0.
     pub async fn start_with(config: RelayConfig) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind relay");
+        let listener = tube_relay::bind(([127, 0, 0, 1], 0).into()).expect("bind relay");
         Self::start_on(config, listener).await
     }
 
