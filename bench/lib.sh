@@ -19,10 +19,14 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 # start NAME CMD...: runs CMD in the background, stdout to $TMP/NAME.out, stderr to .err.
+# Both files exist when it returns (made here, not by the job), so wait_lines can read them
+# at once.
 start() {
     local name=$1
     shift
-    "$@" >"$TMP/$name.out" 2>"$TMP/$name.err" &
+    : >"$TMP/$name.out"
+    : >"$TMP/$name.err"
+    "$@" >>"$TMP/$name.out" 2>>"$TMP/$name.err" &
     PIDS+=("$!")
     eval "PID_$name=$!"
 }

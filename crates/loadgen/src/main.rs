@@ -2,10 +2,18 @@
 //! stand in for the service behind a tunnel; four clients (`throughput`, `rtt`, `connrate`,
 //! `idle`) drive them, directly or through a relay, and print one JSON result line on stdout;
 //! a fifth (`verify`, used by `tests/integrity.sh`) checks every echoed byte instead of
-//! measuring. It knows nothing about tube itself (see `docs/performance.md`).
+//! measuring. These know nothing about tube itself (see `docs/performance.md`).
+//!
+//! For `bench/parts.sh`, two clients speak tube's message protocols: `mailbox` (a mailbox
+//! peer's messages per second and push latency, with tube-mailbox's client) and `longpoll`
+//! (packets per second and latency through the long-poll proxy), the latter against the
+//! `longpoll-echo` backend.
 
 mod client;
 mod conns;
+mod latency;
+mod longpoll;
+mod mailbox;
 mod server;
 mod verify;
 
@@ -115,6 +123,64 @@ enum Command {
         /// Bytes each connection sends and reads back once.
         #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=65_536))]
         size: u32,
+    },
+    /// Mailbox peer load: registers R online recipients, then S senders deliver M messages to
+    /// recipients chosen at random; messages/s and send-to-push latency.
+    Mailbox {
+        /// The peer (`host:port`, or `host:port/<fingerprint>` for TLS).
+        #[arg(long)]
+        peer: String,
+        /// Recipients registered and listening (pushes over their open connections).
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+        recipients: u32,
+        /// Concurrent sending connections (each DELIVER waits for its STORED).
+        #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+        senders: u32,
+        /// Messages in all.
+        #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u32).range(1..=100_000_000))]
+        messages: u32,
+        /// Message (blob) size in bytes.
+        #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(24..=98_304))]
+        size: u32,
+        /// Seed of the random choice of recipients.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Messages per second offered in all, evenly spaced (0: every sender as fast as it
+        /// can, which measures the peer's capacity).
+        #[arg(long, default_value_t = 0)]
+        rate: u32,
+    },
+    /// Long-poll proxy load: C clients log in through the proxy (`/auth`) and send P packets
+    /// in all, each client one at a time, each echo coming back on a long poll; packets/s and
+    /// send-to-echo latency. The proxy's backend must echo (`longpoll-echo`).
+    Longpoll {
+        /// The proxy's URL (`http://host:port`).
+        #[arg(long)]
+        url: String,
+        /// Clients polling at once.
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+        clients: u32,
+        /// Packets in all, shared out evenly over the clients.
+        #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u32).range(1..=100_000_000))]
+        packets: u32,
+        /// Packet size in bytes.
+        #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(24..=1_048_576))]
+        size: u32,
+        /// Packets per second offered in all, evenly spaced (0: every client as fast as it
+        /// can, which measures the proxy's capacity).
+        #[arg(long, default_value_t = 0)]
+        rate: u32,
+    },
+    /// A long-poll backend (`docs/protocols/longpoll.md` section 2) that logs in any client
+    /// and answers every packet with itself, addressed to its sender.
+    LongpollEcho {
+        /// Address to listen on (port 0 picks a free port).
+        #[arg(long)]
+        listen: SocketAddr,
+        /// How long an empty fetch is held before its empty answer (keep it under the
+        /// proxy's backend timeout).
+        #[arg(long, default_value_t = 20)]
+        hold_secs: u64,
     },
 }
 
@@ -253,7 +319,101 @@ async fn run(command: Command, step: Duration) -> anyhow::Result<()> {
             )
             .await
         }
+        Command::Mailbox {
+            peer,
+            recipients,
+            senders,
+            messages,
+            size,
+            seed,
+            rate,
+        } => {
+            let params = mailbox::Params {
+                peer: peer.parse().context("--peer")?,
+                recipients,
+                senders,
+                messages,
+                size: size as usize,
+                seed,
+                rate,
+            };
+            let r = mailbox::mailbox(params, step).await?;
+            print_line(&MailboxLine {
+                test: "mailbox",
+                recipients,
+                senders,
+                messages,
+                size,
+                rate,
+                register_secs: r.register_secs,
+                secs: r.secs,
+                msgs_per_sec: r.msgs_per_sec,
+                latency: r.latency,
+            })
+        }
+        Command::Longpoll {
+            url,
+            clients,
+            packets,
+            size,
+            rate,
+        } => {
+            let params = longpoll::Params {
+                url,
+                clients,
+                packets,
+                size: size as usize,
+                rate,
+            };
+            let r = longpoll::longpoll(params, step).await?;
+            print_line(&LongpollLine {
+                test: "longpoll",
+                clients,
+                packets,
+                size,
+                rate,
+                login_secs: r.login_secs,
+                secs: r.secs,
+                packets_per_sec: r.packets_per_sec,
+                latency: r.latency,
+            })
+        }
+        Command::LongpollEcho { listen, hold_secs } => {
+            longpoll::serve_echo(listen, Duration::from_secs(hold_secs)).await
+        }
     }
+}
+
+/// The result line of `mailbox`; field order is the output order (the latency fields
+/// `p50_us`, `p99_us`, `mean_us`, `max_us` last).
+#[derive(Debug, serde::Serialize)]
+struct MailboxLine {
+    test: &'static str,
+    recipients: u32,
+    senders: u32,
+    messages: u32,
+    size: u32,
+    rate: u32,
+    register_secs: f64,
+    secs: f64,
+    msgs_per_sec: f64,
+    #[serde(flatten)]
+    latency: latency::Latency,
+}
+
+/// The result line of `longpoll`; field order is the output order (the latency fields last).
+#[derive(Debug, serde::Serialize)]
+struct LongpollLine {
+    test: &'static str,
+    clients: u32,
+    packets: u32,
+    size: u32,
+    rate: u32,
+    login_secs: f64,
+    secs: f64,
+    packets_per_sec: f64,
+    #[serde(flatten)]
+    latency: latency::Latency,
 }
 
 /// The result line of `throughput`; field order is the output order.
