@@ -37,6 +37,7 @@ impl FrontClient {
     /// Connects to the API at `api`.
     pub async fn connect(api: SocketAddr) -> Result<Self, FrontError> {
         let s = TcpStream::connect(api).await?;
+        tube_net::tune_tcp(&s);
         let _ = s.set_nodelay(true);
         let (rd, wr) = s.into_split();
         Ok(Self {
