@@ -2,7 +2,9 @@
 //! section 8), so a person can use a chain without writing code.
 //!
 //! - `connect ENDPOINT`: one chain, piped to stdin and stdout (like `nc`; an ssh ProxyCommand).
-//! - `listen ENDPOINT --local ADDR`: a local port; each connection gets its own chain (`ssh -L`).
+//! - `listen ENDPOINT --local ADDR`: a local port (loopback only); each connection gets its own
+//!   chain (`ssh -L`). A broken chain resets the user's connection (and, for `accept`, the
+//!   service's), never a clean end of stream.
 //! - `accept --forward ADDR [--allow NAME]...`: the endpoint side; approves requests (the allow
 //!   list, or a yes/no prompt on a terminal) and connects accepted chains to a local service.
 //! - `list`, `close ID`.
@@ -227,19 +229,42 @@ async fn connect_stdio(
     }
 }
 
+/// Bytes moved per read in each direction of [`pipe`].
+const PIPE_BUF: usize = 64 * 1024;
+
+/// Copies both ways between a user or service and a chain. A failure on either side (a reset
+/// chain, an error) or `stop` closes both with a reset, so a broken chain never looks like a
+/// clean end of stream to the other side.
+async fn pipe(mut a: TcpStream, mut b: TcpStream, stop: &CancellationToken) {
+    let failed = tokio::select! {
+        r = tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, PIPE_BUF, PIPE_BUF) => r.is_err(),
+        _ = stop.cancelled() => true,
+    };
+    if failed {
+        tube_net::abort_tcp(a);
+        tube_net::abort_tcp(b);
+    }
+}
+
 async fn listen(
     api: SocketAddr,
     endpoint: &str,
     local: SocketAddr,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    if !local.ip().is_loopback() {
+        anyhow::bail!(
+            "error: --local {local} is not a loopback address (whoever reaches it gets chains as \
+             this node's user, with no authentication)"
+        );
+    }
     let l = TcpListener::bind(local)
         .await
         .with_context(|| format!("error: cannot listen on {local}"))?;
     println!("listening local {}", l.local_addr()?);
     let tracker = tokio_util::task::TaskTracker::new();
     loop {
-        let (mut user, peer) = tokio::select! {
+        let (user, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
             r = l.accept() => r?,
         };
@@ -247,12 +272,9 @@ async fn listen(
         let stop = shutdown.clone();
         tracker.spawn(async move {
             match open_chain(api, &endpoint).await {
-                Ok((_front, mut chain, tunnel_id)) => {
+                Ok((_front, chain, tunnel_id)) => {
                     tracing::info!(%peer, %tunnel_id, "chain established");
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut user, &mut chain) => {}
-                        _ = stop.cancelled() => {}
-                    }
+                    pipe(user, chain, &stop).await;
                 }
                 Err(e) => {
                     tracing::warn!(%peer, error = %format!("{e:#}"), "no chain for this connection")
@@ -334,13 +356,10 @@ async fn accept(
                     let far = TcpStream::connect(("127.0.0.1", port)).await;
                     let service = TcpStream::connect(&forward).await;
                     match (far, service) {
-                        (Ok(mut far), Ok(mut service)) => {
+                        (Ok(far), Ok(service)) => {
                             let _ = (far.set_nodelay(true), service.set_nodelay(true));
                             println!("chain {tunnel_id} {forward}");
-                            tokio::select! {
-                                _ = tokio::io::copy_bidirectional(&mut far, &mut service) => {}
-                                _ = stop.cancelled() => {}
-                            }
+                            pipe(far, service, &stop).await;
                         }
                         (Err(e), _) => tracing::warn!(%tunnel_id, error = %e, "cannot reach the chain's far end"),
                         (_, Err(e)) => tracing::warn!(%tunnel_id, %forward, error = %e, "cannot reach the local service"),

@@ -440,6 +440,29 @@ async fn node_refuses_a_non_loopback_api() {
 }
 
 #[tokio::test]
+async fn chain_listen_refuses_a_non_loopback_local_address() {
+    deadline(LIMIT, async {
+        // Checked before anything else: the API address is never dialled.
+        let run = Command::new(TUBE)
+            .args(["chain", "--api", "127.0.0.1:1", "listen", "n4"])
+            .args(["--local", "0.0.0.0:0"])
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output();
+        let out = run.await.expect("run tube chain listen");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "exits non-zero: {}", out.status);
+        assert!(out.stdout.is_empty(), "no listening line: {:?}", out.stdout);
+        let last = last_line(&err);
+        assert!(
+            last.starts_with("error") && last.contains("loopback"),
+            "one error line about loopback: {err}"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn chain_cli_listen_gives_each_connection_a_chain_and_close_ends_one() {
     deadline(LIMIT, async {
         // Trace logging everywhere: afterwards no log may hold a node's password.
