@@ -2,6 +2,7 @@
 # (removed on exit), kills every process started with `start` on exit, and gives:
 #   start NAME CMD...    run CMD in the background, stdout to $TMP/NAME.out, stderr to .err
 #   wait_lines NAME N    wait (bounded by WAIT_SECS) for N stdout lines; die if NAME exited
+#   wait_err NAME TEXT   wait (bounded by WAIT_SECS) for a stderr line of NAME containing TEXT
 #   field NAME LINE WORD word WORD of line LINE of NAME's stdout
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/tube-bench.XXXXXX")
 PIDS=()
@@ -46,6 +47,24 @@ wait_lines() {
         sleep 0.1
     done
     echo "error: $name printed no $n lines within ${WAIT_SECS}s; its stderr:" >&2
+    cat "$TMP/$name.err" >&2
+    exit 1
+}
+
+# wait_err NAME TEXT: waits (bounded by WAIT_SECS) for a stderr line of NAME containing TEXT;
+# dies if NAME exited first.
+wait_err() {
+    local name=$1 text=$2 pidvar="PID_$1" i
+    for ((i = 0; i < WAIT_SECS * 10; i++)); do
+        grep -qF -- "$text" "$TMP/$name.err" && return 0
+        if ! kill -0 "${!pidvar}" 2>/dev/null; then
+            echo "error: $name exited before logging \"$text\"; its stderr:" >&2
+            cat "$TMP/$name.err" >&2
+            exit 1
+        fi
+        sleep 0.1
+    done
+    echo "error: $name logged no \"$text\" within ${WAIT_SECS}s; its stderr:" >&2
     cat "$TMP/$name.err" >&2
     exit 1
 }

@@ -75,26 +75,6 @@ LOADGEN=$BIN/tube-loadgen
 # shellcheck source=bench/lib.sh
 source "$ROOT/bench/lib.sh"
 
-# wait_err NAME TEXT: waits (bounded by WAIT_SECS) for a stderr line of NAME containing TEXT;
-# dies if NAME exited first.
-wait_err() {
-    local name=$1 text=$2 pidvar="PID_$1" i
-    for ((i = 0; i < WAIT_SECS * 10; i++)); do
-        if grep -qF -- "$text" "$TMP/$name.err"; then
-            return 0
-        fi
-        if ! kill -0 "${!pidvar}" 2>/dev/null; then
-            echo "error: $name exited before logging \"$text\"; its stderr:" >&2
-            cat "$TMP/$name.err" >&2
-            exit 1
-        fi
-        sleep 0.1
-    done
-    echo "error: $name logged no \"$text\" within ${WAIT_SECS}s; its stderr:" >&2
-    cat "$TMP/$name.err" >&2
-    exit 1
-}
-
 {
     echo "date:    $(date -u +%Y-%m-%dT%H:%M:%SZ)"
     echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')"

@@ -35,34 +35,6 @@ LOADGEN=$BIN/tube-loadgen
 source "$ROOT/bench/lib.sh"
 BUILT=$SECONDS
 
-# launch NAME CMD...: lib.sh's `start`, with NAME's output files made first: the waits below
-# read them at once, maybe before the background job has opened them.
-launch() {
-    : >"$TMP/$1.out"
-    : >"$TMP/$1.err"
-    start "$@"
-}
-
-# wait_err NAME TEXT: waits (bounded by WAIT_SECS) for a stderr line of NAME containing TEXT;
-# dies if NAME exited first.
-wait_err() {
-    local name=$1 text=$2 pidvar="PID_$1" i
-    for ((i = 0; i < WAIT_SECS * 10; i++)); do
-        if grep -qF -- "$text" "$TMP/$name.err"; then
-            return 0
-        fi
-        if ! kill -0 "${!pidvar}" 2>/dev/null; then
-            echo "error: $name exited before logging \"$text\"; its stderr:" >&2
-            cat "$TMP/$name.err" >&2
-            exit 1
-        fi
-        sleep 0.1
-    done
-    echo "error: $name logged no \"$text\" within ${WAIT_SECS}s; its stderr:" >&2
-    cat "$TMP/$name.err" >&2
-    exit 1
-}
-
 # json_field LINE KEY: the value of KEY in the one-line JSON object LINE (numbers, no nesting).
 json_field() {
     sed -E "s/.*\"$2\":([^,}]*).*/\1/" <<<"$1"
@@ -100,15 +72,15 @@ figure() {
 echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ); machine: $(nproc) cores"
 
 # Relay and agent, exposing an echo server.
-launch echo "$LOADGEN" echo --listen 127.0.0.1:0
-launch relay "$TUBE" relay --listen 127.0.0.1:0 --data-dir "$TMP/relay"
+start echo "$LOADGEN" echo --listen 127.0.0.1:0
+start relay "$TUBE" relay --listen 127.0.0.1:0 --data-dir "$TMP/relay"
 wait_lines echo 1
 wait_lines relay 2
 ECHO=$(field echo 1 3)
 CONTROL=$(field relay 1 3)
 FINGERPRINT=$(field relay 2 2)
 TOKEN=$("$TUBE" token --subject integrity --data-dir "$TMP/relay")
-launch agent "$TUBE" expose "$ECHO" --relay "$CONTROL" --token "$TOKEN" --fingerprint "$FINGERPRINT"
+start agent "$TUBE" expose "$ECHO" --relay "$CONTROL" --token "$TOKEN" --fingerprint "$FINGERPRINT"
 wait_lines agent 1
 TUNNEL=$(field agent 1 2)
 [[ $(field agent 1 3) == "$ECHO" ]] || {
@@ -123,13 +95,13 @@ figure "$STREAMS concurrent streams x $(human "$STREAM_BYTES") each way through 
 
 # A hub that builds chains with one intermediate, and exactly three nodes: the chain from a to
 # c can only go through b.
-launch hub "$TUBE" hub --listen 127.0.0.1:0 --data-dir "$TMP/hub" --intermediates 1
+start hub "$TUBE" hub --listen 127.0.0.1:0 --data-dir "$TMP/hub" --intermediates 1
 wait_lines hub 2
 HUB=$(field hub 1 3)
 HUB_FINGERPRINT=$(field hub 2 2)
 octet=2
 for name in a b c; do
-    launch "node_$name" "$TUBE" node --hub "$HUB" --hub-fingerprint "$HUB_FINGERPRINT" \
+    start "node_$name" "$TUBE" node --hub "$HUB" --hub-fingerprint "$HUB_FINGERPRINT" \
         --name "$name" --bind "127.0.0.$octet" --api 127.0.0.1:0 --data-dir "$TMP/node-$name"
     octet=$((octet + 1))
 done
@@ -139,9 +111,9 @@ for name in a b c; do
 done
 API_A=$(field node_a 1 3)
 API_C=$(field node_c 1 3)
-launch accept "$TUBE" chain --api "$API_C" accept --forward "$ECHO" --allow a
+start accept "$TUBE" chain --api "$API_C" accept --forward "$ECHO" --allow a
 wait_err accept "accepting chains"
-launch listen "$TUBE" chain --api "$API_A" listen c --local 127.0.0.1:0
+start listen "$TUBE" chain --api "$API_A" listen c --local 127.0.0.1:0
 wait_lines listen 1
 LOCAL=$(field listen 1 3)
 

@@ -58,55 +58,29 @@ LOADGEN=$BIN/tube-loadgen
 # shellcheck source=bench/lib.sh
 source "$ROOT/bench/lib.sh"
 
-# launch NAME CMD...: lib.sh's `start`, with NAME's output files made first (the waits below
-# may read them before the background job has opened them).
-launch() {
-    : >"$TMP/$1.out"
-    : >"$TMP/$1.err"
-    start "$@"
-}
-
-# wait_err NAME TEXT: waits (bounded by WAIT_SECS) for a stderr line of NAME containing TEXT;
-# dies if NAME exited first.
-wait_err() {
-    local name=$1 text=$2 pidvar="PID_$1" i
-    for ((i = 0; i < WAIT_SECS * 10; i++)); do
-        grep -qF -- "$text" "$TMP/$name.err" && return 0
-        if ! kill -0 "${!pidvar}" 2>/dev/null; then
-            echo "error: $name exited before logging \"$text\"; its stderr:" >&2
-            cat "$TMP/$name.err" >&2
-            exit 1
-        fi
-        sleep 0.1
-    done
-    echo "error: $name logged no \"$text\" within ${WAIT_SECS}s; its stderr:" >&2
-    cat "$TMP/$name.err" >&2
-    exit 1
-}
-
 echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ); machine: $(nproc) cores; duration ${DURATION}s, sample every ${INTERVAL}s"
 
 # Relay and agent, exposing an echo server.
-launch echo "$LOADGEN" echo --listen 127.0.0.1:0
-launch relay "$TUBE" relay --listen 127.0.0.1:0 --data-dir "$TMP/relay"
+start echo "$LOADGEN" echo --listen 127.0.0.1:0
+start relay "$TUBE" relay --listen 127.0.0.1:0 --data-dir "$TMP/relay"
 wait_lines echo 1
 wait_lines relay 2
 ECHO=$(field echo 1 3)
 CONTROL=$(field relay 1 3)
 FINGERPRINT=$(field relay 2 2)
 TOKEN=$("$TUBE" token --subject soak --data-dir "$TMP/relay")
-launch agent "$TUBE" expose "$ECHO" --relay "$CONTROL" --token "$TOKEN" --fingerprint "$FINGERPRINT"
+start agent "$TUBE" expose "$ECHO" --relay "$CONTROL" --token "$TOKEN" --fingerprint "$FINGERPRINT"
 wait_lines agent 1
 TUNNEL=$(field agent 1 2)
 
 # A chain a -> b -> c to the same echo.
-launch hub "$TUBE" hub --listen 127.0.0.1:0 --data-dir "$TMP/hub" --intermediates 1
+start hub "$TUBE" hub --listen 127.0.0.1:0 --data-dir "$TMP/hub" --intermediates 1
 wait_lines hub 2
 HUB=$(field hub 1 3)
 HUB_FINGERPRINT=$(field hub 2 2)
 octet=2
 for name in a b c; do
-    launch "node_$name" "$TUBE" node --hub "$HUB" --hub-fingerprint "$HUB_FINGERPRINT" \
+    start "node_$name" "$TUBE" node --hub "$HUB" --hub-fingerprint "$HUB_FINGERPRINT" \
         --name "$name" --bind "127.0.0.$octet" --api 127.0.0.1:0 --data-dir "$TMP/node-$name"
     octet=$((octet + 1))
 done
@@ -114,9 +88,9 @@ for name in a b c; do
     wait_lines "node_$name" 1
     wait_err "node_$name" "logged in to the hub"
 done
-launch accept "$TUBE" chain --api "$(field node_c 1 3)" accept --forward "$ECHO" --allow a
+start accept "$TUBE" chain --api "$(field node_c 1 3)" accept --forward "$ECHO" --allow a
 wait_err accept "accepting chains"
-launch listen "$TUBE" chain --api "$(field node_a 1 3)" listen c --local 127.0.0.1:0
+start listen "$TUBE" chain --api "$(field node_a 1 3)" listen c --local 127.0.0.1:0
 wait_lines listen 1
 CHAIN=$(field listen 1 3)
 
@@ -124,10 +98,10 @@ CHAIN=$(field listen 1 3)
 # forgotten, so the descriptor check at the end need not wait 10 minutes for them). x listens
 # on TCP and y through the proxy; s sends to y over TCP and t to x through the proxy (a client
 # that listens and sends at once shares one data dir between two processes: kept apart here).
-launch peer "$TUBE" peer --listen 127.0.0.1:0 --http 127.0.0.1:0 --http-hold 5s
+start peer "$TUBE" peer --listen 127.0.0.1:0 --http 127.0.0.1:0 --http-hold 5s
 wait_lines peer 2
 PEER=$(field peer 1 3)
-launch longpoll "$TUBE" longpoll --listen 127.0.0.1:0 --backend "http://$(field peer 2 3)/" \
+start longpoll "$TUBE" longpoll --listen 127.0.0.1:0 --backend "http://$(field peer 2 3)/" \
     --idle-timeout 30s
 wait_lines longpoll 1
 VIA=http://$(field longpoll 1 3)
@@ -139,8 +113,8 @@ ADDR_X=$(cat "$TMP/msg-x.addr")
 ADDR_Y=$(cat "$TMP/msg-y.addr")
 "$TUBE" msg fetch --peer "$PEER" --data-dir "$TMP/msg-s" >/dev/null
 "$TUBE" msg fetch --peer "$PEER" --via "$VIA" --data-dir "$TMP/msg-t" >/dev/null
-launch inbox_x "$TUBE" msg listen --peer "$PEER" --data-dir "$TMP/msg-x"
-launch inbox_y "$TUBE" msg listen --peer "$PEER" --via "$VIA" --data-dir "$TMP/msg-y"
+start inbox_x "$TUBE" msg listen --peer "$PEER" --data-dir "$TMP/msg-x"
+start inbox_y "$TUBE" msg listen --peer "$PEER" --via "$VIA" --data-dir "$TMP/msg-y"
 wait_err inbox_x "registered, listening"
 wait_err inbox_y "registered, listening"
 
