@@ -16,8 +16,12 @@
 //!   A node can recover this way any number of times while it holds the previous password.
 //! - anything else, or an unknown name: [`AccountError::Refused`], the same for both.
 //!
-//! Once the node logs in with `current`, that password becomes `previous` and the older one is
-//! gone, so a password is refused once its successor has been used: each is single use.
+//! [`AccountStore::confirm_stored`] with the password a login returned (the node's
+//! `password_stored`, sent once the password is on its disk): if it is still `current`,
+//! `previous := none`. From then on the password used for that login is refused: each password
+//! is single use, except in the window between a login and its confirmation, which is what lets
+//! a node that crashed before storing `N` log in again. Without a confirmation, the used
+//! password is void once its successor is used.
 //! Hashes are compared in constant time, and each login reads, compares and updates in one
 //! transaction, so two logins racing with the same password cannot both match `current`.
 
@@ -113,6 +117,10 @@ pub trait AccountStore: Send + Sync + fmt::Debug {
     /// Checks `password` for `name` and rotates: returns the next password. `Err(Refused)` for
     /// an unknown (or invalid) name and for a wrong password alike.
     fn authenticate(&self, name: &str, password: &str) -> Result<Password, AccountError>;
+    /// The node stored `password` (the one a login just returned): if it is still the current
+    /// one, the previous password is void. A password that is no longer current (a newer login
+    /// took over) changes nothing. `Err(Refused)` for an unknown account.
+    fn confirm_stored(&self, name: &str, password: &Password) -> Result<(), AccountError>;
     /// Removes the account (used by an admin; logout does NOT delete accounts).
     /// `Err(Refused)` if there is no such account, `Err(InvalidName)` for an invalid name.
     fn remove(&self, name: &str) -> Result<(), AccountError>;
@@ -180,6 +188,15 @@ impl AccountStore for MemoryAccounts {
 
     fn authenticate(&self, name: &str, password: &str) -> Result<Password, AccountError> {
         self.login(name, password).map(|(p, _)| p)
+    }
+
+    fn confirm_stored(&self, name: &str, password: &Password) -> Result<(), AccountError> {
+        let mut accounts = lock(&self.0);
+        let stored = accounts.get_mut(name).ok_or(AccountError::Refused)?;
+        if bool::from(stored.current.ct_eq(&password.hash())) {
+            stored.previous = None;
+        }
+        Ok(())
     }
 
     fn remove(&self, name: &str) -> Result<(), AccountError> {
@@ -304,6 +321,27 @@ impl AccountStore for SqliteAccounts {
 
     fn authenticate(&self, name: &str, password: &str) -> Result<Password, AccountError> {
         self.login(name, password).map(|(p, _)| p)
+    }
+
+    fn confirm_stored(&self, name: &str, password: &Password) -> Result<(), AccountError> {
+        let conn = lock(&self.conn);
+        let cleared = conn
+            .execute(
+                "UPDATE accounts SET previous = NULL WHERE name = ?1 AND current = ?2",
+                rusqlite::params![name, password.hash().as_slice()],
+            )
+            .map_err(db)?;
+        if cleared == 0 {
+            let exists = conn
+                .query_row("SELECT 1 FROM accounts WHERE name = ?1", [name], |_| Ok(()))
+                .optional()
+                .map_err(db)?
+                .is_some();
+            if !exists {
+                return Err(AccountError::Refused);
+            }
+        }
+        Ok(())
     }
 
     fn remove(&self, name: &str) -> Result<(), AccountError> {
@@ -484,6 +522,33 @@ mod tests {
                 assert_eq!(auth(s, "node-1", old).unwrap_err(), AccountError::Refused);
             }
             assert!(auth(s, "node-1", used.last().unwrap()).is_ok());
+        });
+    }
+
+    #[test]
+    fn a_confirmed_password_voids_the_one_it_replaced_at_once() {
+        both(|s| {
+            let p1 = s.register("n").unwrap();
+            s.confirm_stored("n", &p1).unwrap();
+            let p2 = auth(s, "n", &p1).unwrap();
+            s.confirm_stored("n", &p2).unwrap();
+            // p1 was used once and its successor is stored: p1 is refused on second use.
+            assert_eq!(auth(s, "n", &p1).unwrap_err(), AccountError::Refused);
+            let p3 = auth(s, "n", &p2).unwrap();
+            // Unconfirmed (the node crashed before storing p3): p2 still recovers, once.
+            let p4 = auth(s, "n", &p2).unwrap();
+            assert_eq!(auth(s, "n", &p3).unwrap_err(), AccountError::Refused);
+            // A stale confirmation (p3 is no longer current) changes nothing: p2 still works.
+            s.confirm_stored("n", &p3).unwrap();
+            let p5 = auth(s, "n", &p2).unwrap();
+            s.confirm_stored("n", &p5).unwrap();
+            assert_eq!(auth(s, "n", &p2).unwrap_err(), AccountError::Refused);
+            assert_eq!(auth(s, "n", &p4).unwrap_err(), AccountError::Refused);
+            assert!(auth(s, "n", &p5).is_ok());
+            assert_eq!(
+                s.confirm_stored("nobody", &p5).unwrap_err(),
+                AccountError::Refused
+            );
         });
     }
 

@@ -2,7 +2,7 @@
 //! bound to its own loopback address (127.0.0.2, .3, ...) so the hop IP checks are real, driven
 //! through their front APIs. Covers seed 000's build order and issue 4's list: a 64 MiB echo
 //! through two intermediates with per-node byte counters, refusals, an intermediate killed
-//! mid-transfer, strangers at a hop port, password rotation across restarts and crashes,
+//! mid-transfer, strangers at a hop port, single-use passwords across restarts and crashes,
 //! logout, and concurrent chains; and issue 8's integrity figure, 256 MiB byte-exact through
 //! a chain of three nodes.
 
@@ -642,12 +642,50 @@ async fn hop_port_refuses_strangers_and_wrong_secrets_then_takes_the_right_hop()
     .await;
 }
 
+/// The password in the node's file (64 hex digits; the file ends in a newline).
 fn read_password(config: &NodeConfig) -> String {
-    std::fs::read_to_string(config.password_path()).expect("password file")
+    let text = std::fs::read_to_string(config.password_path()).expect("password file");
+    text.trim_end().to_string()
+}
+
+/// A bare `auth` as `name` with `password`, like a node that dies right after the answer
+/// (it never stores the next password, never sends `password_stored`): the answer.
+async fn auth_and_vanish(hub: &TestHub, name: &str, password: &str) -> HubMessage {
+    let tcp = TcpStream::connect(hub.addr).await.expect("connect hub");
+    let cfg = tls::pinned_client_config(hub.fingerprint).expect("tls config");
+    let tls = TlsConnector::from(cfg)
+        .connect(tls::server_name(), tcp)
+        .await
+        .expect("tls to the hub");
+    let mut conn = handshake_conn(tls);
+    let auth = HubMessage::Auth {
+        version: CHAIN_PROTOCOL_VERSION.into(),
+        name: name.into(),
+        password: tube_proto::chain::ChainSecret::new(password),
+        relay: false,
+    };
+    conn.send(Frame::Control(auth.to_bytes()))
+        .await
+        .expect("send auth");
+    match deadline(LIMIT, conn.next()).await {
+        Some(Ok(Frame::Control(b))) => HubMessage::from_bytes(&b).expect("a hub message"),
+        other => panic!("expected an answer to auth, got {other:?}"),
+    }
+}
+
+fn refused(answer: &HubMessage) -> bool {
+    matches!(
+        answer,
+        HubMessage::AuthResult {
+            is_success: false,
+            code: Some(6001),
+            ..
+        }
+    )
 }
 
 #[tokio::test]
-async fn rotated_passwords_survive_restarts_and_a_crash_before_storing() {
+async fn passwords_are_single_use_across_restarts_and_survive_a_crash_before_storing() {
     deadline(LIMIT, async {
         let hub = start_hub(0).await;
         let dir = tempfile::tempdir().unwrap();
@@ -656,28 +694,34 @@ async fn rotated_passwords_survive_restarts_and_a_crash_before_storing() {
         // First start registers and stores password 1.
         spawn_node(config.clone()).await.online_then_stop().await;
         let p1 = read_password(&config);
-        // A restart logs in with 1 and stores 2.
+        // A restart logs in with 1, stores 2 and says so (`password_stored`): 1 is void at
+        // once, refused on its second use.
         spawn_node(config.clone()).await.online_then_stop().await;
         let p2 = read_password(&config);
         assert_ne!(p1, p2, "each login rotates the password");
+        assert!(
+            refused(&auth_and_vanish(&hub, "r", &p1).await),
+            "1 used twice"
+        );
 
-        // Crash right after the hub rotated: the node logs in with 2, the hub issues 3, and
-        // the node dies before storing it (the file still holds 2).
-        spawn_node(config.clone()).await.online_then_stop().await;
-        let p3 = read_password(&config);
+        // A crash right after the hub rotated: a login with 2 gets 3, and the node dies
+        // before storing it (its file still holds 2, no `password_stored`).
+        let p3 = match auth_and_vanish(&hub, "r", &p2).await {
+            HubMessage::AuthResult {
+                is_success: true,
+                next_password: Some(p),
+                ..
+            } => p.expose().to_string(),
+            other => panic!("the login with 2 failed: {other:?}"),
+        };
         assert_ne!(p3, p2);
-        std::fs::write(config.password_path(), &p2).unwrap();
-        // It can still log in with 2 (the hub keeps the previous password until the new one is
-        // used), and gets 4.
+        // The node still logs in with 2 (the hub keeps it until a successor is stored), gets
+        // 4 and stores it: 2 and the unsaved 3 are void.
         spawn_node(config.clone()).await.online_then_stop().await;
         let p4 = read_password(&config);
         assert!(p4 != p2 && p4 != p3);
-        // The next normal restart uses 4 (and gets 5): from then on 2 is void too.
-        spawn_node(config.clone()).await.online_then_stop().await;
-        let p5 = read_password(&config);
 
-        // Every used or voided password is refused for good, as final (4 stays valid, as the
-        // previous one, until 5 is used).
+        // Every used or voided password is refused for good, as final.
         for old in [&p1, &p2, &p3] {
             std::fs::write(config.password_path(), old).unwrap();
             let node = spawn_node(config.clone()).await;
@@ -691,7 +735,7 @@ async fn rotated_passwords_survive_restarts_and_a_crash_before_storing() {
             assert!(err.is_final());
         }
         // The current one still works.
-        std::fs::write(config.password_path(), &p5).unwrap();
+        std::fs::write(config.password_path(), &p4).unwrap();
         spawn_node(config.clone()).await.online_then_stop().await;
     })
     .await;

@@ -137,6 +137,7 @@ fn hub_cases() -> Vec<HubCase> {
         pre("auth unknown name", control(format!(r#"{{"type":"auth","version":"1.0","name":"nobody","password":"{PW}","relay":true}}"#)), Auth(6001)),
         pre("auth wrong password", control(format!(r#"{{"type":"auth","version":"1.0","name":"s","password":"{PW}","relay":true}}"#)), Auth(6001)),
         pre("logout before login", control(r#"{"type":"logout"}"#), Error(6010)),
+        pre("password_stored before login", control(r#"{"type":"password_stored"}"#), Error(6010)),
         pre("request_tube before login", control(r#"{"type":"request_tube","id":1,"endpoint_name":"s","local_id":"x"}"#), Error(6010)),
         pre("error before login", control(r#"{"type":"error","code":6009,"message":"x"}"#), Error(6010)),
         pre("request_tube id 2^53 before login", control(r#"{"type":"request_tube","id":9007199254740992,"endpoint_name":"s","local_id":"x"}"#), Error(6009)),

@@ -27,6 +27,7 @@ pub(crate) struct RelayFile {
     pub(crate) heartbeat_misses: Option<u32>,
     pub(crate) heartbeat_min_interval: Option<String>,
     pub(crate) lease_grace: Option<String>,
+    pub(crate) shutdown_grace: Option<String>,
     pub(crate) allow: Option<Vec<String>>,
     pub(crate) max_allowed_ips: Option<usize>,
     pub(crate) rate_limits: Option<RateLimitsFile>,
@@ -50,6 +51,7 @@ pub(crate) struct AgentFile {
     pub(crate) fingerprint: Option<String>,
     pub(crate) heartbeat_interval: Option<String>,
     pub(crate) heartbeat_misses: Option<u32>,
+    pub(crate) shutdown_grace: Option<String>,
     pub(crate) reconnect: Option<ReconnectFile>,
     #[serde(default)]
     pub(crate) tunnel: Vec<TunnelFile>,
@@ -204,6 +206,7 @@ mod tests {
         ("heartbeat_misses", Int),
         ("heartbeat_min_interval", Str),
         ("lease_grace", Str),
+        ("shutdown_grace", Str),
         ("allow", Strs),
         ("max_allowed_ips", Int),
         ("rate_limits", Kind::Table(RATE_LIMITS)),
@@ -227,6 +230,7 @@ mod tests {
         ("fingerprint", Str),
         ("heartbeat_interval", Str),
         ("heartbeat_misses", Int),
+        ("shutdown_grace", Str),
         ("reconnect", Kind::Table(RECONNECT)),
         ("tunnel", Tables(TUNNEL)),
     ];
@@ -513,6 +517,7 @@ mod tests {
             optional("heartbeat_misses", count(u32::MAX.into())),
             optional("heartbeat_min_interval", duration_text()),
             optional("lease_grace", duration_text()),
+            optional("shutdown_grace", duration_text()),
             optional("allow", cidrs()),
             optional("max_allowed_ips", count(i64::MAX)),
             optional("rate_limits", rate_limits),
@@ -540,6 +545,7 @@ mod tests {
             required("fingerprint", fingerprint),
             optional("heartbeat_interval", duration_text()),
             optional("heartbeat_misses", count(u32::MAX.into())),
+            optional("shutdown_grace", duration_text()),
             optional("reconnect", reconnect),
             required(
                 "tunnel",
@@ -623,6 +629,7 @@ mod tests {
             text(&f.heartbeat_min_interval),
         );
         put(&mut t, "lease_grace", text(&f.lease_grace));
+        put(&mut t, "shutdown_grace", text(&f.shutdown_grace));
         put(&mut t, "allow", f.allow.as_deref().map(texts));
         put(&mut t, "max_allowed_ips", int(f.max_allowed_ips));
         put(
@@ -650,6 +657,7 @@ mod tests {
         put(&mut t, "fingerprint", text(&f.fingerprint));
         put(&mut t, "heartbeat_interval", text(&f.heartbeat_interval));
         put(&mut t, "heartbeat_misses", int(f.heartbeat_misses));
+        put(&mut t, "shutdown_grace", text(&f.shutdown_grace));
         put(
             &mut t,
             "reconnect",

@@ -15,6 +15,10 @@ use tube_proto::cidr::Cidr;
 
 use crate::config::{self, AgentFile};
 
+/// How long a stopping `tube expose` lets open user connections finish (the library's
+/// default is none, for embedding and tests).
+const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
 /// Flags of `tube expose`. Each one overrides the config file.
 #[derive(Debug, Default, clap::Args)]
 pub(crate) struct ExposeArgs {
@@ -53,6 +57,10 @@ pub(crate) struct ExposeArgs {
     /// Reconnect attempts before giving up, 0 for no limit [default: 10].
     #[arg(long)]
     reconnect_attempts: Option<u32>,
+    /// On SIGTERM: new users are refused at once, open ones get this long to finish
+    /// [default: 5s].
+    #[arg(long, value_parser = crate::parse_duration)]
+    shutdown_grace: Option<Duration>,
 }
 
 /// What `tube expose` decided, before the connection.
@@ -64,6 +72,7 @@ pub(crate) struct AgentSettings {
     tunnels: Vec<TunnelSpec>,
     heartbeat_interval: Option<Duration>,
     heartbeat_misses: Option<u32>,
+    shutdown_grace: Duration,
     backoff: BackoffConfig,
 }
 
@@ -154,8 +163,14 @@ fn merge(a: ExposeArgs, f: AgentFile) -> anyhow::Result<AgentSettings> {
         (None, Some(s)) => Some(config::duration("heartbeat_interval", &s)?),
         (None, None) => None,
     };
+    let shutdown_grace = match (a.shutdown_grace, f.shutdown_grace) {
+        (Some(d), _) => d,
+        (None, Some(s)) => config::duration("shutdown_grace", &s)?,
+        (None, None) => DEFAULT_SHUTDOWN_GRACE,
+    };
     Ok(AgentSettings {
         relay,
+        shutdown_grace,
         token: a.token.or(f.token),
         fingerprint,
         tunnels,
@@ -176,6 +191,7 @@ pub(crate) async fn run(args: ExposeArgs, shutdown: CancellationToken) -> anyhow
         .context("error: --token is required (or TUBE_TOKEN, or `token` in the config file)")?;
     let mut config = AgentConfig::new(s.relay, token, s.fingerprint, s.tunnels);
     config.backoff = s.backoff;
+    config.shutdown_grace = s.shutdown_grace;
     if let Some(d) = s.heartbeat_interval {
         config.heartbeat_interval = d;
     }

@@ -72,12 +72,16 @@ pub(crate) struct RelayArgs {
     /// Authentication attempts per minute, per source IP and per subject [default: 5].
     #[arg(long)]
     auth_attempts_per_minute: Option<u32>,
-    /// New tunnels per hour per subject [default: 10].
+    /// New tunnels per hour, per subject and per source IP [default: 10].
     #[arg(long)]
     tunnels_per_hour: Option<u32>,
     /// Every failed authentication is answered after this long [default: 100ms].
     #[arg(long, value_parser = crate::parse_duration)]
     auth_failure_delay: Option<Duration>,
+    /// On SIGTERM: ports close at once, open user connections get this long to finish
+    /// [default: 5s].
+    #[arg(long, value_parser = crate::parse_duration)]
+    shutdown_grace: Option<Duration>,
 }
 
 /// Flags of `tube token`.
@@ -197,6 +201,7 @@ fn merge(a: RelayArgs, f: RelayFile) -> anyhow::Result<RelaySettings> {
         "heartbeat_min_interval",
     )?;
     let lease_grace = dur(a.lease_grace, f.lease_grace, "lease_grace")?;
+    let shutdown_grace = dur(a.shutdown_grace, f.shutdown_grace, "shutdown_grace")?;
     let auth_failure_delay = dur(
         a.auth_failure_delay,
         rl.auth_failure_delay,
@@ -240,6 +245,9 @@ fn merge(a: RelayArgs, f: RelayFile) -> anyhow::Result<RelaySettings> {
         if let Some(v) = lease_grace {
             c.lease_grace = v;
         }
+        if let Some(v) = shutdown_grace {
+            c.shutdown_grace = v;
+        }
         if let Some(v) = max_allowed {
             c.max_allowed_ips = v;
         }
@@ -252,6 +260,7 @@ fn merge(a: RelayArgs, f: RelayFile) -> anyhow::Result<RelaySettings> {
         }
         if let Some(n) = tunnels_per_hour {
             c.tunnel_limit_per_subject = RateLimit::per_hour(n);
+            c.tunnel_limit_per_ip = RateLimit::per_hour(n);
         }
         c.allowed_ips_policy = allow;
     };

@@ -3,9 +3,10 @@
 //! by the agent, within heartbeat interval x misses + 1 s; agents are back on their ports within
 //! the backoff cap + 2 s of a killed relay's restart; a chain's middle node killed resets both
 //! ends within 2 s and leaves no listener open. These run the real `tube` binary and send real
-//! signals. An agent's shutdown (SIGTERM cancels it in `tube expose`) refuses new streams at
-//! once and lets open ones finish within `AgentConfig::shutdown_grace`: checked in-process,
-//! where the grace is a setting (the binary has no flag for it yet).
+//! signals. SIGTERM drains: `tube relay` closes its ports at once and lets open users finish
+//! within `--shutdown-grace`, then resets the rest and exits; `tube expose` refuses new users
+//! at once and lets open ones finish within its `--shutdown-grace` (both with the binaries;
+//! the agent's drain is also checked in-process, with its events).
 //!
 //! Every test synchronises on events (stdout contract lines, stderr log lines, agent events,
 //! bytes, connection ends), runs under a deadline, and measures each interval from just before
@@ -900,4 +901,125 @@ async fn roundtrip_via(
         while matches!(svc.read(&mut sink).await, Ok(n) if n > 0) {}
     });
     buf
+}
+
+/// A connection to `public` is turned away: refused, or reset if it slipped into the backlog
+/// of a listener closing that instant.
+async fn turned_away(public: &str) {
+    if let Ok(mut s) = TcpStream::connect(public).await {
+        assert_eq!(
+            ended(&mut s, RESET_BOUND).await,
+            Some(true),
+            "{public} still takes new users"
+        );
+    }
+}
+
+/// A relay and an agent (binaries) with an echo service, and one user with a round trip
+/// done; `relay_extra` / `agent_extra` go on their command lines.
+async fn one_user(
+    dir: &Path,
+    echo: SocketAddr,
+    relay_extra: &[&str],
+    agent_extra: &[&str],
+) -> (Relay, Proc, String, TcpStream) {
+    let relay = Relay::start(dir, relay_extra).await;
+    let t = Relay::token(dir, "alice").await;
+    let mut agent = relay.expose(&[echo], &t, agent_extra);
+    let public = public_of(&agent.line().await);
+    let mut user = TcpStream::connect(public.as_str()).await.unwrap();
+    assert_eq!(roundtrip(&mut user, b"before").await, b"before");
+    (relay, agent, public, user)
+}
+
+/// SIGTERM to `proc` (relay or agent, started with a 30 s `--shutdown-grace`) while `user` is
+/// connected through `public`: it logs `drain_log`, new users are turned away, `user` goes on
+/// both ways and ends cleanly, then `proc` exits 0 well before the grace. Returns the time
+/// from the signal to the exit.
+async fn drains_one_user(
+    proc: &mut Proc,
+    drain_log: &str,
+    public: &str,
+    mut user: TcpStream,
+) -> Duration {
+    let grace = Duration::from_secs(30);
+    let t0 = Instant::now();
+    signal(proc, "TERM").await;
+    proc.stderr_line(drain_log)
+        .await
+        .expect("the process logs its drain");
+    turned_away(public).await;
+    assert_eq!(roundtrip(&mut user, b"during").await, b"during");
+    user.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    user.read_to_end(&mut rest)
+        .await
+        .expect("a clean end, not a reset");
+    assert!(rest.is_empty());
+    let (status, _) = proc.wait_exit().await;
+    let took = Instant::now() - t0;
+    assert!(status.success(), "exit status {status}");
+    assert!(
+        took < grace,
+        "exited {took:?} after SIGTERM: it waited for the grace"
+    );
+    took
+}
+
+#[tokio::test]
+async fn sigterm_to_the_relay_closes_its_ports_at_once_and_lets_open_users_finish() {
+    deadline(LIMIT, async {
+        let dir = tempfile::tempdir().unwrap();
+        let echo = echo_server().await;
+        let (mut relay, _agent, public, user) =
+            one_user(dir.path(), echo.addr, &["--shutdown-grace", "30s"], &[]).await;
+        let took = drains_one_user(&mut relay.proc, "public ports closed", &public, user).await;
+        eprintln!("relay drained one user and exited {took:?} after SIGTERM");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn sigterm_to_the_relay_resets_users_still_open_when_its_grace_runs_out() {
+    deadline(LIMIT, async {
+        let dir = tempfile::tempdir().unwrap();
+        let echo = echo_server().await;
+        let grace = Duration::from_secs(1);
+        let (mut relay, _agent, _public, mut user) =
+            one_user(dir.path(), echo.addr, &["--shutdown-grace", "1s"], &[]).await;
+        let t0 = Instant::now();
+        signal(&relay.proc, "TERM").await;
+        assert_eq!(
+            ended(&mut user, grace + RESET_BOUND).await,
+            Some(true),
+            "the open user is reset"
+        );
+        let reset = Instant::now() - t0;
+        assert!(reset >= grace, "reset after {reset:?}, before the grace");
+        let (status, _) = relay.proc.wait_exit().await;
+        let took = Instant::now() - t0;
+        assert!(status.success(), "the relay exits 0: {status}");
+        let bound = grace + tube_relay::SESSION_CLOSE_TIMEOUT;
+        assert!(
+            took <= bound,
+            "exited {took:?} after SIGTERM, bound {bound:?}"
+        );
+        eprintln!(
+            "relay reset an open user {reset:?} and exited {took:?} after SIGTERM (grace 1 s)"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn sigterm_to_the_agent_refuses_new_users_and_lets_open_ones_finish() {
+    deadline(LIMIT, async {
+        let dir = tempfile::tempdir().unwrap();
+        let echo = echo_server().await;
+        let (_relay, mut agent, public, user) =
+            one_user(dir.path(), echo.addr, &[], &["--shutdown-grace", "30s"]).await;
+        let took = drains_one_user(&mut agent, "refusing new streams", &public, user).await;
+        eprintln!("agent drained one user and exited {took:?} after SIGTERM");
+    })
+    .await;
 }

@@ -1,5 +1,6 @@
 //! Security figures of issue 8 (item 6) not proven elsewhere: the tunnel limit counts per
-//! identity across connections and source addresses; hub logins with an unknown name and
+//! identity across connections and source addresses, and per source address across
+//! identities; hub logins with an unknown name and
 //! with a wrong password take the same time (real clock, real binary); and no secret reaches
 //! a log or an error message when every service runs with `RUST_LOG=trace`, through both
 //! successful and refused authentications.
@@ -153,6 +154,50 @@ async fn the_eleventh_tunnel_in_an_hour_is_refused_per_identity_across_connectio
         tunnel(&mut b, "bob", None)
             .await
             .expect("bob's first tunnel");
+        relay.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_eleventh_tunnel_in_an_hour_is_refused_per_source_address_across_identities() {
+    deadline(LIMIT, async {
+        let mut cfg = relay_config();
+        cfg.tunnel_limit_per_ip = RateLimit::per_hour(10);
+        let relay = TestRelay::start_with(cfg).await;
+        let ip = |last: u8| IpAddr::from([127, 0, 0, last]);
+        // Ten tunnels from 127.0.0.2, five each for two identities.
+        let mut conns = Vec::new();
+        for who in ["alice", "bob"] {
+            let mut c = agent_from(ip(2), relay.addr, relay.fingerprint, &relay.token(who)).await;
+            for i in 0..5 {
+                tunnel(&mut c, &format!("{who}-{i}"), None)
+                    .await
+                    .expect("within the limit");
+            }
+            conns.push(c);
+        }
+        // The eleventh from that address, by a third identity with no tunnel yet: refused.
+        let carol = relay.token("carol");
+        let mut c = agent_from(ip(2), relay.addr, relay.fingerprint, &carol).await;
+        match tunnel(&mut c, "carol", None).await {
+            Err(ControlMessage::Error { code, details, .. }) => {
+                assert_eq!(code, ErrorCode::RateLimit as u16);
+                assert_eq!(details.reason.as_deref(), Some("tunnel_creation"));
+                assert_eq!(details.retry_after, Some(360));
+            }
+            other => panic!("the eleventh tunnel was not refused: {other:?}"),
+        }
+        // The refusal cost carol nothing: from another address her first tunnel passes.
+        let mut c = agent_from(ip(3), relay.addr, relay.fingerprint, &carol).await;
+        tunnel(&mut c, "carol", None)
+            .await
+            .expect("carol's first tunnel from 127.0.0.3");
+        let metrics = relay.state.render_metrics();
+        assert!(
+            metrics.contains("tube_relay_rate_limited_total{limit=\"tunnel_creation_ip\"} 1"),
+            "{metrics}"
+        );
         relay.stop().await;
     })
     .await;

@@ -162,6 +162,9 @@ pub enum HubMessage {
     /// Node to hub: end the session and every chain it takes part in (seed:
     /// LogoutFromMainServer). Answered by `logout_result`.
     Logout {},
+    /// Node to hub: the password of this session's `register_result` or `auth_result` is
+    /// stored; the hub voids the one it replaced. No answer.
+    PasswordStored {},
     /// Node to hub: build a chain to `endpoint_name` (seed: RequestTube, from the local user).
     /// Answered by `request_tube_result`.
     RequestTube {
@@ -320,10 +323,11 @@ pub enum HubMessage {
 
 impl HubMessage {
     /// Every `type` tag, in declaration order.
-    pub const TYPES: [&'static str; 16] = [
+    pub const TYPES: [&'static str; 17] = [
         "register",
         "auth",
         "logout",
+        "password_stored",
         "request_tube",
         "request_close_tube",
         "make_tube_result",
@@ -373,7 +377,7 @@ impl HubMessage {
                 check_name("name", name)?;
                 check_secret("password", password)
             }
-            Self::Logout {} => Ok(()),
+            Self::Logout {} | Self::PasswordStored {} => Ok(()),
             Self::RequestTube {
                 id,
                 endpoint_name,
@@ -520,6 +524,7 @@ impl HubMessage {
             Self::Register { .. } => "register",
             Self::Auth { .. } => "auth",
             Self::Logout {} => "logout",
+            Self::PasswordStored {} => "password_stored",
             Self::RequestTube { .. } => "request_tube",
             Self::RequestCloseTube { .. } => "request_close_tube",
             Self::MakeTubeResult { .. } => "make_tube_result",
@@ -543,6 +548,7 @@ impl HubMessage {
             Self::Register { .. }
                 | Self::Auth { .. }
                 | Self::Logout {}
+                | Self::PasswordStored {}
                 | Self::RequestTube { .. }
                 | Self::RequestCloseTube { .. }
                 | Self::MakeTubeResult { .. }
@@ -1551,6 +1557,7 @@ mod tests {
                 endpoint_user: "node3".into(),
             },
             HubMessage::error(ChainErrorCode::ProtocolError, "unexpected make_tube"),
+            HubMessage::PasswordStored {},
         ]
     }
 
@@ -2512,6 +2519,7 @@ mod tests {
                 }
             ),
             Just(HubMessage::Logout {}),
+            Just(HubMessage::PasswordStored {}),
             (arb_id(), arb_name(), arb_local_id()).prop_map(|(id, endpoint_name, local_id)| {
                 HubMessage::RequestTube {
                     id,

@@ -48,6 +48,9 @@ pub struct RelayConfig {
     pub auth_limit_per_subject: RateLimit,
     /// New tunnels per subject (taking a tunnel back with a reconnect token is not counted).
     pub tunnel_limit_per_subject: RateLimit,
+    /// New tunnels per source (an IPv4 address or an IPv6 /64), counted like the per-subject
+    /// limit: one token bucket per source, shared by every identity connecting from it.
+    pub tunnel_limit_per_ip: RateLimit,
     /// Every failed authentication is answered this long after the auth message arrived, so
     /// failures take the same time whichever check failed.
     pub auth_failure_delay: Duration,
@@ -59,7 +62,8 @@ pub struct RelayConfig {
     pub max_allowed_ips: usize,
     /// Multiplexer limits per agent connection.
     pub mux: MuxConfig,
-    /// How long shutdown waits for sessions to finish.
+    /// How long a stopping relay lets open user connections finish (its ports already
+    /// closed) before it resets them and closes the agents' connections. Zero: at once.
     pub shutdown_grace: Duration,
 }
 
@@ -83,6 +87,7 @@ impl RelayConfig {
             auth_limit_per_ip: RateLimit::per_minute(5),
             auth_limit_per_subject: RateLimit::per_minute(5),
             tunnel_limit_per_subject: RateLimit::per_hour(10),
+            tunnel_limit_per_ip: RateLimit::per_hour(10),
             auth_failure_delay: Duration::from_millis(100),
             lease_grace: Duration::from_secs(300),
             allowed_ips_policy: Vec::new(),

@@ -49,6 +49,10 @@ pub enum RelayError {
     Store(#[from] store::StoreError),
 }
 
+/// How long a stopping relay waits for sessions to close after their drain (sending 5001,
+/// TLS close_notify, saving leases).
+pub const SESSION_CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// Keys a limiter tracks at most (beyond that, new keys are refused until old ones refill).
 const MAX_LIMITER_KEYS: usize = 100_000;
 
@@ -58,6 +62,8 @@ pub(crate) struct Limits {
     pub(crate) auth_ip: KeyedLimiter<std::net::IpAddr>,
     pub(crate) auth_subject: KeyedLimiter<String>,
     pub(crate) tunnel_subject: KeyedLimiter<String>,
+    /// Keyed by [`source_key`] of the agent's address, like the handshake cap.
+    pub(crate) tunnel_ip: KeyedLimiter<std::net::IpAddr>,
 }
 
 /// State shared by all sessions.
@@ -161,6 +167,7 @@ impl Relay {
             auth_ip: KeyedLimiter::new(config.auth_limit_per_ip, MAX_LIMITER_KEYS),
             auth_subject: KeyedLimiter::new(config.auth_limit_per_subject, MAX_LIMITER_KEYS),
             tunnel_subject: KeyedLimiter::new(config.tunnel_limit_per_subject, MAX_LIMITER_KEYS),
+            tunnel_ip: KeyedLimiter::new(config.tunnel_limit_per_ip, MAX_LIMITER_KEYS),
         };
         Ok(Self {
             shared: Arc::new(Shared {
@@ -178,9 +185,11 @@ impl Relay {
         self.shared.state.clone()
     }
 
-    /// Serves agents on `listener` until `shutdown` is cancelled, then tells every agent,
-    /// closes every tunnel (keeping leases so agents get their ports back after a restart)
-    /// and waits, up to the configured grace, for sessions to end.
+    /// Serves agents on `listener` until `shutdown` is cancelled. Then it drains: the control
+    /// listener and every public port close at once, user connections already proxied go on
+    /// until they end or [`RelayConfig::shutdown_grace`] runs out; then each agent gets `error`
+    /// 5001 and its session closes (keeping leases so agents get their ports back after a
+    /// restart). Sessions get [`SESSION_CLOSE_TIMEOUT`] beyond the grace to finish closing.
     pub async fn run(
         self,
         listener: TcpListener,
@@ -217,10 +226,8 @@ impl Relay {
         shared.state.set_ready(false);
         drop(listener);
         tracker.close();
-        if tokio::time::timeout(shared.config.shutdown_grace, tracker.wait())
-            .await
-            .is_err()
-        {
+        let wait = shared.config.shutdown_grace + SESSION_CLOSE_TIMEOUT;
+        if tokio::time::timeout(wait, tracker.wait()).await.is_err() {
             tracing::warn!("sessions still running after the shutdown grace period");
         }
         tracing::info!("relay stopped");
@@ -317,7 +324,7 @@ impl Drop for HandshakeSlot {
 
 /// What a handshake cap counts a source as: its IPv4 address (IPv4-mapped IPv6 included), or
 /// the /64 of its IPv6 address, since one host can usually pick any address of its /64.
-fn source_key(ip: IpAddr) -> IpAddr {
+pub(crate) fn source_key(ip: IpAddr) -> IpAddr {
     match ip.to_canonical() {
         IpAddr::V6(v6) => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !u128::from(u64::MAX))),
         v4 => v4,
@@ -390,6 +397,7 @@ async fn sweep_leases(shared: Arc<Shared>, shutdown: CancellationToken) {
         l.auth_ip.prune(now);
         l.auth_subject.prune(now);
         l.tunnel_subject.prune(now);
+        l.tunnel_ip.prune(now);
     }
 }
 

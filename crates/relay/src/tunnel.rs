@@ -4,8 +4,10 @@
 //! agent leaves, the token is cancelled first: the loop stops and drops the listener (the
 //! kernel resets connections still in its backlog), a connection accepted in that same instant
 //! is checked against the token and reset, and every proxied connection is reset. No user stays
-//! connected to a dead tunnel. Users outside the tunnel's allow-list are reset before any byte
-//! is forwarded.
+//! connected to a dead tunnel. When the relay stops, only the accept loop's own token (a child
+//! of the session's) is cancelled at first: the port closes, proxied users go on until they end
+//! or the shutdown grace runs out. Users outside the tunnel's allow-list are reset before any
+//! byte is forwarded.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -29,12 +31,14 @@ pub(crate) struct TunnelRun {
     pub(crate) counters: Arc<TunnelCounters>,
 }
 
-/// Runs the accept loop until `token` is cancelled.
+/// Runs the accept loop until `listening` (a child of `token`) is cancelled; each user
+/// connection runs on `users` until it ends or `token` is cancelled.
 pub(crate) async fn accept_loop(
     run: TunnelRun,
     mux: Mux,
+    listening: CancellationToken,
     token: CancellationToken,
-    tracker: TaskTracker,
+    users: TaskTracker,
 ) {
     let TunnelRun {
         listener,
@@ -42,8 +46,8 @@ pub(crate) async fn accept_loop(
         allowed: allow,
         counters,
     } = run;
-    while let Some((tcp, peer)) = tube_net::accept(&listener, &token, "tunnel").await {
-        if token.is_cancelled() {
+    while let Some((tcp, peer)) = tube_net::accept(&listener, &listening, "tunnel").await {
+        if listening.is_cancelled() {
             tube_net::abort_tcp(tcp);
             break;
         }
@@ -58,7 +62,7 @@ pub(crate) async fn accept_loop(
         counters.active.fetch_add(1, Ordering::Relaxed);
         let (mux, token, counters) = (mux.clone(), token.clone(), counters.clone());
         let span = tracing::debug_span!("user", %peer);
-        tracker.spawn(
+        users.spawn(
             async move {
                 match mux.open(*id.as_bytes(), peer.to_string()).await {
                     Ok(stream) => {

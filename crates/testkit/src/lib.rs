@@ -54,8 +54,8 @@ pub struct TestRelay {
 }
 
 /// Test relay settings: [`RelayConfig`] defaults, except rate limits high enough for tests
-/// that start many agents from 127.0.0.1 (the rate-limit tests set the seed's values) and a
-/// short auth-failure delay.
+/// that start many agents from 127.0.0.1 (the rate-limit tests set the seed's values), a
+/// short auth-failure delay and no shutdown grace.
 pub fn relay_config() -> RelayConfig {
     let identity = Identity::generate(&["localhost"]).expect("test identity");
     let jwt = JwtSecret::generate().expect("secret");
@@ -64,7 +64,10 @@ pub fn relay_config() -> RelayConfig {
     c.auth_limit_per_ip = generous;
     c.auth_limit_per_subject = generous;
     c.tunnel_limit_per_subject = generous;
+    c.tunnel_limit_per_ip = generous;
     c.auth_failure_delay = Duration::from_millis(20);
+    // Stop at once: tests that drain set their own grace.
+    c.shutdown_grace = Duration::ZERO;
     c
 }
 

@@ -19,6 +19,7 @@ use tube_proto::frame::Frame;
 
 use super::state::{NodeEntry, Out};
 use super::{OUTBOX, Shared};
+use crate::accounts::Password;
 use crate::{AccountError, AccountStore};
 
 static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
@@ -36,6 +37,8 @@ struct LoggedIn {
     tx: mpsc::Sender<Out>,
     rx: mpsc::Receiver<Out>,
     kill: CancellationToken,
+    /// The password this login handed out, until the node says it stored it.
+    issued: Option<Password>,
 }
 
 /// How the reader ended.
@@ -108,7 +111,7 @@ async fn login(
             }
         },
     };
-    let (name, relay, result) = match first {
+    let (name, relay, result, issued) = match first {
         HubMessage::Register {
             version,
             name,
@@ -119,12 +122,15 @@ async fn login(
             }
             let n = name.clone();
             let result = match accounts(shared, move |a| a.register(&n)).await {
-                Ok(password) => HubMessage::RegisterResult {
-                    is_success: true,
-                    message: "registered".into(),
-                    password: Some(tube_proto::chain::ChainSecret::new(password.expose())),
-                    code: None,
-                },
+                Ok(password) => (
+                    HubMessage::RegisterResult {
+                        is_success: true,
+                        message: "registered".into(),
+                        password: Some(tube_proto::chain::ChainSecret::new(password.expose())),
+                        code: None,
+                    },
+                    password,
+                ),
                 Err(e) => {
                     let (code, message) = match e {
                         AccountError::NameTaken => (
@@ -148,7 +154,7 @@ async fn login(
                     return refuse(conn, m, "register refused").await;
                 }
             };
-            (name, relay, result)
+            (name, relay, result.0, result.1)
         }
         HubMessage::Auth {
             version,
@@ -162,12 +168,15 @@ async fn login(
             let n = name.clone();
             let result =
                 match accounts(shared, move |a| a.authenticate(&n, password.expose())).await {
-                    Ok(next) => HubMessage::AuthResult {
-                        is_success: true,
-                        message: "welcome".into(),
-                        next_password: Some(tube_proto::chain::ChainSecret::new(next.expose())),
-                        code: None,
-                    },
+                    Ok(next) => (
+                        HubMessage::AuthResult {
+                            is_success: true,
+                            message: "welcome".into(),
+                            next_password: Some(tube_proto::chain::ChainSecret::new(next.expose())),
+                            code: None,
+                        },
+                        next,
+                    ),
                     Err(e) => {
                         let code = match e {
                             AccountError::Store(other) => {
@@ -186,7 +195,7 @@ async fn login(
                         return refuse(conn, m, "auth refused").await;
                     }
                 };
-            (name, relay, result)
+            (name, relay, result.0, result.1)
         }
         other if other.is_from_node() => {
             let m = HubMessage::error(ChainErrorCode::NotAuthenticated, "log in first");
@@ -231,6 +240,7 @@ async fn login(
         tx,
         rx,
         kill,
+        issued: Some(issued),
     })
 }
 
@@ -314,6 +324,7 @@ async fn run(s: LoggedIn, shared: Arc<Shared>) {
         tx,
         mut rx,
         kill,
+        mut issued,
     } = s;
     let (mut sink, mut stream) = conn.split();
     let writer_kill = kill.clone();
@@ -337,7 +348,7 @@ async fn run(s: LoggedIn, shared: Arc<Shared>) {
         }
     };
     tokio::pin!(writer);
-    let reader = read_loop(&mut stream, &shared, &name, session, &tx);
+    let reader = read_loop(&mut stream, &shared, &name, session, &tx, &mut issued);
     let end = tokio::select! {
         _ = &mut writer => None,
         _ = kill.cancelled() => None,
@@ -370,6 +381,7 @@ async fn read_loop(
     name: &str,
     session: u64,
     tx: &mpsc::Sender<Out>,
+    issued: &mut Option<Password>,
 ) -> End {
     loop {
         let Some(frame) = stream.next().await else {
@@ -394,6 +406,18 @@ async fn read_loop(
         match msg {
             HubMessage::Register { .. } | HubMessage::Auth { .. } => {
                 return End::Refuse(ChainErrorCode::ProtocolError, "already logged in".into());
+            }
+            HubMessage::PasswordStored {} => {
+                // Once per login; a repeat has nothing left to confirm and changes nothing.
+                if let Some(p) = issued.take() {
+                    let n = name.to_owned();
+                    match accounts(shared, move |a| a.confirm_stored(&n, &p)).await {
+                        Ok(()) => {
+                            tracing::debug!("node stored its password; the previous one is void")
+                        }
+                        Err(e) => tracing::error!(error = %e, "cannot void the previous password"),
+                    }
+                }
             }
             HubMessage::Logout {} => {
                 let mut st = shared.lock();

@@ -668,7 +668,8 @@ async fn connect(config: &NodeConfig) -> Result<Conn, NodeError> {
     Ok(handshake_conn(tls))
 }
 
-/// `register` or `auth`, then stores the password the hub handed out before returning.
+/// `register` or `auth`, then stores the password the hub handed out and tells the hub
+/// (`password_stored`) before returning.
 async fn login(config: &NodeConfig, conn: &mut Conn) -> Result<(), NodeError> {
     let path = config.password_path();
     let file_err = |source| NodeError::PasswordFile {
@@ -764,5 +765,9 @@ async fn login(config: &NodeConfig, conn: &mut Conn) -> Result<(), NodeError> {
         .await
         .map_err(|e| file_err(std::io::Error::other(e.to_string())))?
         .map_err(file_err)?;
+    // On disk: the hub may now void the password this login used.
+    conn.send(Frame::Control(HubMessage::PasswordStored {}.to_bytes()))
+        .await
+        .map_err(|e| lost(e.to_string()))?;
     Ok(())
 }

@@ -47,10 +47,19 @@ struct Session {
     shared: Arc<Shared>,
     public_host: String,
     public_ip: IpAddr,
+    /// The agent's source for per-IP limits ([`crate::source_key`] of its address).
+    source: IpAddr,
     /// Cancelled when this agent's connection ends: stops its listeners and user connections.
     token: CancellationToken,
-    /// Owns the mux tasks, accept loops and user connections of this agent.
+    /// A child of `token`, cancelled alone when the relay starts to stop: the public listeners
+    /// close while the user connections already proxied go on.
+    listening: CancellationToken,
+    /// Owns the mux tasks and accept loops of this agent.
     tracker: TaskTracker,
+    /// Owns the proxied user connections of this agent (waited for by a draining relay).
+    users: TaskTracker,
+    /// Set when the relay starts to stop: new tunnels are refused.
+    draining: bool,
     /// Registered but not yet confirmed tunnels, with their listeners.
     pending: HashMap<Uuid, TcpListener>,
     /// Tunnels this session holds (pending or active).
@@ -77,14 +86,25 @@ impl Session {
             Instant::now().into_std(),
         );
         let mut goodbye = false;
+        // Set when the relay starts to stop: until then open user connections may finish.
+        let mut drain_until: Option<Instant> = None;
+        let users = self.users.clone();
         loop {
             // Biased: messages the agent sent before its connection closed (its goodbye) are
             // handled before the close itself.
             let msg = tokio::select! {
                 biased;
-                _ = shutdown.cancelled() => {
-                    self.send_error_close(&mux, ControlMessage::error(
-                        ErrorCode::ShuttingDown, "relay is shutting down", Some("shutdown")));
+                _ = shutdown.cancelled(), if drain_until.is_none() => {
+                    drain_until = Some(self.start_draining());
+                    continue;
+                }
+                _ = users.wait(), if drain_until.is_some() => {
+                    self.send_error_close(&mux, shutting_down());
+                    break;
+                }
+                _ = tokio::time::sleep_until(drain_until.unwrap_or_else(Instant::now)), if drain_until.is_some() => {
+                    tracing::warn!(open_users = self.users.len(), "user connections still open after the shutdown grace, resetting them");
+                    self.send_error_close(&mux, shutting_down());
                     break;
                 }
                 m = events.control.recv() => m,
@@ -145,9 +165,28 @@ impl Session {
         self.token.cancel();
         self.pending.clear();
         self.tracker.close();
+        self.users.close();
         self.tracker.wait().await;
+        self.users.wait().await;
         self.release(goodbye).await;
         tracing::info!(reason = %mux.close_reason(), goodbye, "agent session ended");
+    }
+
+    /// The relay is stopping: close this agent's public listeners at once (new users are
+    /// refused by the kernel), refuse new tunnels, and let the user connections already
+    /// proxied go on until they end or the shutdown grace runs out. Returns that deadline.
+    fn start_draining(&mut self) -> Instant {
+        let grace = self.shared.config.shutdown_grace;
+        self.draining = true;
+        self.listening.cancel();
+        self.pending.clear();
+        self.users.close();
+        tracing::info!(
+            open_users = self.users.len(),
+            grace_ms = grace.as_millis() as u64,
+            "relay stopping: public ports closed, letting open user connections finish"
+        );
+        Instant::now() + grace
     }
 
     fn send_error_close(&self, mux: &Mux, msg: ControlMessage) {
@@ -254,11 +293,21 @@ impl Session {
         self.tracker.spawn(accept_loop(
             run,
             mux.clone(),
+            self.listening.clone(),
             self.token.clone(),
-            self.tracker.clone(),
+            self.users.clone(),
         ));
         None
     }
 }
 
 pub use tube_proto::time::rfc3339;
+
+/// The `error` a stopping relay closes each agent connection with.
+fn shutting_down() -> ControlMessage {
+    ControlMessage::error(
+        ErrorCode::ShuttingDown,
+        "relay is shutting down",
+        Some("shutdown"),
+    )
+}

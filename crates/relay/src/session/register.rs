@@ -33,6 +33,13 @@ impl Session {
                 "invalid_tunnel_info",
             ));
         }
+        if self.draining {
+            return Err(AllocError {
+                code: ErrorCode::ShuttingDown,
+                message: "relay is shutting down".into(),
+                reason: "shutdown",
+            });
+        }
         if self.owned.len() >= self.shared.config.max_tunnels_per_agent {
             return Err(invalid(
                 "too many tunnels on one connection".into(),
@@ -45,13 +52,10 @@ impl Session {
         {
             return Ok(reply);
         }
-        let now = Instant::now().into_std();
-        if let Err(retry) = lock(&self.shared.limits)
-            .tunnel_subject
-            .check(&self.subject, now)
-        {
-            self.shared.state.count_rate_limited("tunnel_creation");
+        if let Err((limit, retry)) = self.take_tunnel_tokens() {
+            self.shared.state.count_rate_limited(limit);
             tracing::warn!(
+                limit,
                 retry_after = retry.as_secs(),
                 "tunnel creation rate limited"
             );
@@ -90,6 +94,28 @@ impl Session {
         };
         tracing::info!(tunnel_id = %id, port, name = %info.name, state = "registered", "tunnel registered");
         Ok(self.install(tunnel, listener, token).await)
+    }
+
+    /// Takes one new-tunnel token from the subject's bucket and one from the source's, or
+    /// neither: a refusal by one limit costs nothing at the other. `Err` names the limit (the
+    /// longer wait if both refuse) and the wait until it has a token again.
+    fn take_tunnel_tokens(&self) -> Result<(), (&'static str, std::time::Duration)> {
+        let now = Instant::now().into_std();
+        let mut l = lock(&self.shared.limits);
+        let by_subject = l.tunnel_subject.peek(&self.subject, now);
+        let by_ip = l.tunnel_ip.peek(&self.source, now);
+        match (by_subject, by_ip) {
+            (Ok(()), Ok(())) => {
+                // Both had a token under this lock, so both takes succeed.
+                let a = l.tunnel_subject.check(&self.subject, now);
+                let b = l.tunnel_ip.check(&self.source, now);
+                debug_assert!(a.is_ok() && b.is_ok());
+                Ok(())
+            }
+            (Err(s), Err(i)) if i > s => Err(("tunnel_creation_ip", i)),
+            (Err(s), _) => Err(("tunnel_creation", s)),
+            (Ok(()), Err(i)) => Err(("tunnel_creation_ip", i)),
+        }
     }
 
     /// Takes a tunnel back with its reconnect token. `Ok(None)`: the lease is gone, register
