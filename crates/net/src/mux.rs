@@ -5,6 +5,11 @@
 //! queues (urgent: WINDOW, RESET, PONG, errors; data: OPEN, DATA, FIN, CONTROL) into batched
 //! writes. The reader never waits on the writer, so credit updates always flow.
 //!
+//! A stream whose consumer registered its socket ([`StreamRx::deliver_to`]) gets DATA written
+//! by the reader itself, without waking the consumer, whenever nothing of that stream is queued
+//! or in the consumer's hands and the socket takes the bytes at once (one task hop and one copy
+//! less per chunk); the rest is queued as usual, so the order always holds.
+//!
 //! Bounds (see `docs/protocols/relay.md`):
 //! - per stream, the receive buffer holds at most `window` bytes (the peer's credit); a peer
 //!   that sends more is a FLOW_CONTROL_ERROR and the connection closes;
@@ -14,11 +19,11 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::io::IoSlice;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::{Buf, Bytes, BytesMut};
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::codec::FramedRead;
@@ -174,6 +179,73 @@ struct StreamShared {
     reserved: AtomicUsize,
     inbound: mpsc::UnboundedSender<Inbound>,
     recv: Mutex<RecvWindow>,
+    direct: Mutex<Direct>,
+}
+
+/// Direct delivery of one stream (see the module docs). Every item sent on `inbound` is counted
+/// in `queued` under this lock, and the consumer takes an item and marks itself busy under it
+/// too, so the reader writes directly only when no earlier byte can still be on its way.
+#[derive(Debug, Default)]
+struct Direct {
+    /// The consumer's socket and its byte counter, once registered.
+    sink: Option<(Arc<tokio::net::TcpStream>, Arc<AtomicU64>)>,
+    /// Items sent on `inbound` and not yet taken by the consumer.
+    queued: usize,
+    /// The consumer holds items it has not finished writing.
+    busy: bool,
+}
+
+impl StreamShared {
+    /// Queues `item` for the consumer.
+    fn push(&self, item: Inbound) {
+        let mut d = lock(&self.direct);
+        if self.inbound.send(item).is_ok() {
+            d.queued += 1;
+        }
+    }
+
+    /// Whether the reader may write this stream's DATA to the socket itself now: a socket is
+    /// registered, nothing is queued and the consumer holds nothing.
+    fn direct_ok(&self) -> bool {
+        let d = lock(&self.direct);
+        d.queued == 0 && !d.busy && d.sink.is_some()
+    }
+
+    /// Queues DATA for the consumer, copied out of the read buffer: a zero-copy slice would
+    /// keep the whole buffer allocation alive while the consumer is slow, so memory held could
+    /// exceed the window by far. One memcpy per queued frame buys a hard bound.
+    fn queue_data(&self, d: &mut Direct, data: &[u8]) {
+        if self
+            .inbound
+            .send(Inbound::Data(Bytes::copy_from_slice(data)))
+            .is_ok()
+        {
+            d.queued += 1;
+        }
+    }
+
+    /// Writes `chunks` (in order, with nothing of this stream queued before them) to the
+    /// registered socket in one vectored write; what it does not take is queued. Returns the
+    /// bytes written, for which the caller returns credit.
+    fn write_direct(&self, chunks: &mut VecDeque<Bytes>) -> usize {
+        let mut d = lock(&self.direct);
+        let mut written = 0;
+        if let Some((sock, count)) = &d.sink {
+            let mut iov = [IoSlice::new(&[]); MAX_IOV];
+            let n = chunks.len().min(MAX_IOV);
+            for (slot, c) in iov.iter_mut().zip(chunks.iter()) {
+                *slot = IoSlice::new(c);
+            }
+            // An error is left for the consumer's own write to find.
+            written = sock.try_write_vectored(&iov[..n]).unwrap_or(0);
+            count.fetch_add(written as u64, Ordering::Relaxed);
+            advance(chunks, written);
+        }
+        for c in chunks.drain(..) {
+            self.queue_data(&mut d, &c);
+        }
+        written
+    }
 }
 
 impl Mux {
@@ -332,6 +404,7 @@ fn new_stream(
         reserved: AtomicUsize::new(0),
         inbound: tx,
         recv: Mutex::new(RecvWindow::new(inner.cfg.window)),
+        direct: Mutex::new(Direct::default()),
     });
     streams.insert(id, shared.clone());
     MuxStream {
@@ -362,9 +435,7 @@ impl Inner {
         let streams: Vec<_> = lock(&self.streams).drain().map(|(_, s)| s).collect();
         for s in streams {
             s.credit.close();
-            let _ = s
-                .inbound
-                .send(Inbound::Reset(ErrorCode::StreamAborted as u16));
+            s.push(Inbound::Reset(ErrorCode::StreamAborted as u16));
         }
     }
 
@@ -416,10 +487,22 @@ async fn read_loop<R: AsyncRead + Unpin>(
     control_tx: mpsc::Sender<ControlMessage>,
     incoming_tx: mpsc::Sender<Incoming>,
 ) {
+    let mut direct = DirectBatch::default();
     loop {
-        let next = tokio::select! {
-            _ = inner.closed.cancelled() => return,
-            next = reader.next() => next,
+        if inner.closed.is_cancelled() {
+            return;
+        }
+        // Frames already read are handled first; DATA held for direct delivery is written
+        // only when no more is at hand, so one write carries as much as possible.
+        let next = match reader.next().now_or_never() {
+            Some(next) => next,
+            None => {
+                direct.flush(&inner);
+                tokio::select! {
+                    _ = inner.closed.cancelled() => return,
+                    next = reader.next() => next,
+                }
+            }
         };
         let frame = match next {
             None => return inner.close(MuxError::Closed),
@@ -429,9 +512,80 @@ async fn read_loop<R: AsyncRead + Unpin>(
             }
             Some(Ok(f)) => f,
         };
-        if !dispatch(&inner, frame, &control_tx, &incoming_tx) {
+        if matches!(frame, Frame::Fin { .. } | Frame::Reset { .. }) {
+            // FIN and RESET must not overtake the DATA held before them.
+            direct.flush(&inner);
+        }
+        if !dispatch(&inner, frame, &control_tx, &incoming_tx, &mut direct) {
             return;
         }
+        if direct.len >= DIRECT_BATCH {
+            direct.flush(&inner);
+        }
+    }
+}
+
+/// DATA the reader holds for direct delivery (see the module docs), per stream in arrival
+/// order, until it has no more frames at hand or holds [`DIRECT_BATCH`] bytes.
+#[derive(Default)]
+struct DirectBatch {
+    streams: Vec<(Arc<StreamShared>, VecDeque<Bytes>)>,
+    len: usize,
+}
+
+/// Most bytes the reader holds for direct delivery before writing them.
+const DIRECT_BATCH: usize = 256 * 1024;
+
+impl DirectBatch {
+    fn holds(&self, s: &Arc<StreamShared>) -> bool {
+        self.streams.iter().any(|(held, _)| Arc::ptr_eq(held, s))
+    }
+
+    fn add(&mut self, inner: &Inner, s: Arc<StreamShared>, data: Bytes) {
+        self.len += data.len();
+        let Some(i) = self
+            .streams
+            .iter()
+            .position(|(held, _)| Arc::ptr_eq(held, &s))
+        else {
+            self.streams.push((s, VecDeque::from([data])));
+            return;
+        };
+        self.streams[i].1.push_back(data);
+        if self.streams[i].1.len() >= MAX_IOV {
+            // Written now and let go: if the socket did not take it all, the rest is queued
+            // and this stream's next DATA must queue behind it (`direct_ok` says so).
+            let (s, mut chunks) = self.streams.swap_remove(i);
+            let written = s.write_direct(&mut chunks);
+            if written > 0 {
+                return_credit(inner, &s, written);
+            }
+        }
+    }
+
+    fn flush(&mut self, inner: &Inner) {
+        for (s, mut chunks) in self.streams.drain(..) {
+            let written = s.write_direct(&mut chunks);
+            if written > 0 {
+                return_credit(inner, &s, written);
+            }
+        }
+        self.len = 0;
+    }
+}
+
+/// Drops the first `n` bytes of `bufs`.
+fn advance(bufs: &mut VecDeque<Bytes>, mut n: usize) {
+    while n > 0 {
+        let Some(front) = bufs.front_mut() else {
+            return;
+        };
+        if front.len() > n {
+            front.advance(n);
+            return;
+        }
+        n -= front.len();
+        bufs.pop_front();
     }
 }
 
@@ -441,6 +595,7 @@ fn dispatch(
     frame: Frame,
     control_tx: &mpsc::Sender<ControlMessage>,
     incoming_tx: &mpsc::Sender<Incoming>,
+    direct: &mut DirectBatch,
 ) -> bool {
     match frame {
         Frame::Control(bytes) => match ControlMessage::from_bytes(&bytes) {
@@ -498,10 +653,12 @@ fn dispatch(
                 inner.protocol_error(ErrorCode::FlowControlError, format!("stream {stream}: {e}"));
                 return false;
             }
-            // Copy the payload out of the read buffer: a zero-copy slice would keep the whole
-            // buffer allocation alive while the stream's consumer is slow, so memory held could
-            // exceed the window by far. One memcpy per frame buys a hard bound.
-            let _ = s.inbound.send(Inbound::Data(Bytes::copy_from_slice(&data)));
+            if direct.holds(&s) || s.direct_ok() {
+                direct.add(inner, s, data);
+            } else {
+                let mut d = lock(&s.direct);
+                s.queue_data(&mut d, &data);
+            }
         }
         Frame::Window { stream, increment } => {
             let Some(s) = inner.stream(stream) else {
@@ -516,14 +673,14 @@ fn dispatch(
         }
         Frame::Fin { stream } => {
             if let Some(s) = inner.stream(stream) {
-                let _ = s.inbound.send(Inbound::Fin);
+                s.push(Inbound::Fin);
             }
         }
         Frame::Reset { stream, code } => {
             let s = lock(&inner.streams).remove(&stream);
             if let Some(s) = s {
                 s.credit.close();
-                let _ = s.inbound.send(Inbound::Reset(code));
+                s.push(Inbound::Reset(code));
             }
         }
     }
@@ -594,18 +751,8 @@ impl Batch {
         wr.flush().await
     }
 
-    fn advance(&mut self, mut n: usize) {
-        while n > 0 {
-            let Some(front) = self.segs.front_mut() else {
-                return;
-            };
-            if front.len() > n {
-                front.advance(n);
-                return;
-            }
-            n -= front.len();
-            self.segs.pop_front();
-        }
+    fn advance(&mut self, n: usize) {
+        advance(&mut self.segs, n);
     }
 }
 
@@ -808,6 +955,9 @@ impl StreamRx {
             return None;
         }
         let item = self.rx.recv().await;
+        if item.is_some() {
+            self.taken();
+        }
         match &item {
             Some(Inbound::Fin) => self.fin_recv = true,
             Some(Inbound::Reset(_)) | None => self.reset_recv = true,
@@ -823,6 +973,7 @@ impl StreamRx {
             return None;
         }
         let item = self.rx.try_recv().ok()?;
+        self.taken();
         match &item {
             Inbound::Fin => self.fin_recv = true,
             Inbound::Reset(_) => self.reset_recv = true,
@@ -833,14 +984,44 @@ impl StreamRx {
 
     /// Reports `n` bytes delivered to the application, returning credit to the peer.
     pub fn consumed(&self, n: usize) {
-        let update = lock(&self.shared.recv).on_consumed(n);
-        if let Some(increment) = update {
-            let frame = Frame::Window {
-                stream: self.shared.id,
-                increment,
-            };
-            let _ = self.mux.urgent_tx.send((frame, false));
-        }
+        return_credit(&self.mux, &self.shared, n);
+    }
+
+    /// Lets the reader task write this stream's DATA to `sock` itself while this consumer is
+    /// idle (see the module docs), counting those bytes in `count`. The consumer must call
+    /// [`StreamRx::idle`] whenever it has written everything it took, and
+    /// [`StreamRx::release_sock`] before it closes `sock`.
+    pub fn deliver_to(&self, sock: Arc<tokio::net::TcpStream>, count: Arc<AtomicU64>) {
+        lock(&self.shared.direct).sink = Some((sock, count));
+    }
+
+    /// The consumer has written everything it took from the queue.
+    pub fn idle(&self) {
+        lock(&self.shared.direct).busy = false;
+    }
+
+    /// Ends direct delivery: the reader drops its handle on the socket.
+    pub fn release_sock(&self) {
+        lock(&self.shared.direct).sink = None;
+    }
+
+    /// Counts an item taken from the queue: the consumer holds it until [`StreamRx::idle`].
+    fn taken(&self) {
+        let mut d = lock(&self.shared.direct);
+        d.queued = d.queued.saturating_sub(1);
+        d.busy = true;
+    }
+}
+
+/// `n` bytes of `s` left the receive buffer: return credit to the peer once enough has.
+fn return_credit(inner: &Inner, s: &StreamShared, n: usize) {
+    let update = lock(&s.recv).on_consumed(n);
+    if let Some(increment) = update {
+        let frame = Frame::Window {
+            stream: s.id,
+            increment,
+        };
+        let _ = inner.urgent_tx.send((frame, false));
     }
 }
 
@@ -883,6 +1064,7 @@ mod tests {
     use crate::codec::handshake_conn;
     use futures_util::SinkExt;
     use std::time::Duration;
+    use tokio::io::AsyncReadExt;
 
     /// A mux on one end of an in-memory pipe, raw frames on the other.
     fn pair(
@@ -1034,6 +1216,90 @@ mod tests {
                 other => panic!("unexpected {other:?}"),
             }
         }
+    }
+
+    #[tokio::test]
+    async fn data_arriving_while_earlier_data_is_queued_queues_behind_it_even_if_the_socket_has_room()
+     {
+        let (_mux, mut ev, mut raw, _t) = pair(Role::Acceptor, MuxConfig::default());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = tokio::net::TcpSocket::new_v4().unwrap();
+        client.set_recv_buffer_size(4096).unwrap();
+        let mut client = client
+            .connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        socket2::SockRef::from(&server)
+            .set_send_buffer_size(4096)
+            .unwrap();
+        raw.send(Frame::Open {
+            stream: 1,
+            tunnel: [0; 16],
+            peer: "p".into(),
+        })
+        .await
+        .unwrap();
+        let mut s = ev.incoming.recv().await.unwrap().stream;
+        let count = Arc::new(AtomicU64::new(0));
+        s.rx.deliver_to(Arc::new(server), count.clone());
+        let pattern: Vec<u8> = (0..40_000u32).map(|i| (i % 251) as u8).collect();
+        let first = 32 * 1024;
+        // Frame 1: the socket (small buffers, nobody reading) takes part of it at once; the
+        // rest is queued for the consumer, who is not looking.
+        raw.send(Frame::Data {
+            stream: 1,
+            data: Bytes::copy_from_slice(&pattern[..first]),
+        })
+        .await
+        .unwrap();
+        // Wait (bounded) for the direct part to be in the socket, then drain the socket.
+        let direct = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                let n = count.load(Ordering::Relaxed) as usize;
+                if n > 0 {
+                    return n;
+                }
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("a direct write");
+        assert!(
+            direct < first,
+            "the socket took all {first} bytes: no queue to test"
+        );
+        let mut got = vec![0u8; direct];
+        client.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, &pattern[..direct]);
+        // Frame 2 arrives while the rest of frame 1 is still queued and the socket has room:
+        // it must queue behind it. A PING after it tells when the reader has handled it.
+        raw.send(Frame::Data {
+            stream: 1,
+            data: Bytes::copy_from_slice(&pattern[first..]),
+        })
+        .await
+        .unwrap();
+        raw.send(Frame::Ping(7)).await.unwrap();
+        loop {
+            match raw.next().await {
+                Some(Ok(Frame::Pong(7))) => break,
+                Some(Ok(_)) => continue,
+                other => panic!("expected PONG, got {other:?}"),
+            }
+        }
+        let mut queued = Vec::new();
+        while let Some(Inbound::Data(d)) = s.rx.try_recv() {
+            queued.extend_from_slice(&d);
+        }
+        assert!(
+            queued == pattern[direct..],
+            "the rest of frame 1, then frame 2, in order: {} bytes queued, {} expected",
+            queued.len(),
+            pattern.len() - direct
+        );
+        assert_eq!(count.load(Ordering::Relaxed) as usize, direct);
+        s.rx.release_sock();
     }
 
     #[tokio::test]

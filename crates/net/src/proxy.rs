@@ -4,10 +4,13 @@
 //! stops reading its socket (TCP backpressure) instead of buffering. Idle streams hold no
 //! buffer: one is allocated only when the socket is readable, and handed to the writer as the
 //! frame payload. A FIN in either direction becomes a half-close on the other side; a reset or
-//! socket error aborts both sides (the TCP peer sees RST, the mux peer a RESET frame).
+//! socket error aborts both sides (the TCP peer sees RST, the mux peer a RESET frame). The
+//! mux's reader may write DATA to the socket itself while this side is idle
+//! ([`StreamRx::deliver_to`]).
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -35,8 +38,9 @@ pub enum ProxyEnd {
 pub struct Traffic {
     /// Bytes read from sockets and sent on streams.
     pub socket_to_stream: AtomicU64,
-    /// Bytes received on streams and written to sockets.
-    pub stream_to_socket: AtomicU64,
+    /// Bytes received on streams and written to sockets (shared with the mux's reader, which
+    /// may write some of them itself).
+    pub stream_to_socket: Arc<AtomicU64>,
 }
 
 impl Traffic {
@@ -62,6 +66,10 @@ pub async fn proxy(
     cancel: &CancellationToken,
     traffic: &Traffic,
 ) -> ProxyEnd {
+    let tcp = Arc::new(tcp);
+    stream
+        .rx
+        .deliver_to(tcp.clone(), traffic.stream_to_socket.clone());
     let result = {
         let up = socket_to_stream(&tcp, &stream.tx, &traffic.socket_to_stream);
         let down = stream_to_socket(&tcp, &mut stream.rx, &traffic.stream_to_socket);
@@ -70,6 +78,7 @@ pub async fn proxy(
             _ = cancel.cancelled() => None,
         }
     };
+    stream.rx.release_sock();
     let end = match result {
         Some(Ok(_)) => ProxyEnd::Clean,
         Some(Err(Failure::Socket)) => ProxyEnd::SocketError,
@@ -78,8 +87,10 @@ pub async fn proxy(
     };
     if end != ProxyEnd::Clean {
         stream.reset(ErrorCode::StreamAborted);
-        crate::abort_tcp(tcp);
+        // The reader let go of its handle above, so this is the last one: closing it resets.
+        let _ = socket2::SockRef::from(&*tcp).set_linger(Some(std::time::Duration::ZERO));
     }
+    drop(tcp);
     end
 }
 
@@ -157,6 +168,9 @@ async fn stream_to_socket(
             count.fetch_add(total as u64, Ordering::Relaxed);
             rx.consumed(total);
         }
+        if end.is_none() {
+            rx.idle();
+        }
         match end {
             None => {}
             Some(Some(Inbound::Fin)) => {
@@ -204,4 +218,123 @@ async fn write_all(tcp: &TcpStream, bufs: &mut VecDeque<Bytes>) -> Result<(), Fa
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::handshake_conn;
+    use crate::mux::{Mux, MuxConfig, MuxEvents, Role};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+    use tokio_util::task::TaskTracker;
+
+    /// Byte `i` of the test pattern (position-dependent, so a reorder or a loss shows).
+    fn byte(i: usize) -> u8 {
+        ((i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56) as u8
+    }
+
+    /// Two muxes over an in-memory pipe, a stream opened across them, and the acceptor's end
+    /// proxied to a real TCP connection whose server side has a small send buffer (so writes to
+    /// it come up short). Returns the opener's stream, the client socket, the proxy task and
+    /// the proxy's counters.
+    async fn proxied() -> (
+        MuxStream,
+        TcpStream,
+        tokio::task::JoinHandle<ProxyEnd>,
+        Arc<Traffic>,
+        (Mux, Mux, TaskTracker),
+    ) {
+        let (a, b) = tokio::io::duplex(1 << 20);
+        let tracker = TaskTracker::new();
+        let cfg = MuxConfig::default();
+        let (opener, _) = Mux::start(
+            handshake_conn(a),
+            Role::Opener,
+            cfg.clone(),
+            CancellationToken::new(),
+            &tracker,
+        );
+        let (acceptor, MuxEvents { mut incoming, .. }) = Mux::start(
+            handshake_conn(b),
+            Role::Acceptor,
+            cfg,
+            CancellationToken::new(),
+            &tracker,
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        socket2::SockRef::from(&server)
+            .set_send_buffer_size(4096)
+            .unwrap();
+        let stream = opener.open([0; 16], "test".into()).await.unwrap();
+        let inc = incoming.recv().await.expect("the stream arrives");
+        let traffic = Arc::new(Traffic::default());
+        let t = traffic.clone();
+        let task =
+            tokio::spawn(
+                async move { proxy(server, inc.stream, &CancellationToken::new(), &t).await },
+            );
+        (stream, client, task, traffic, (opener, acceptor, tracker))
+    }
+
+    /// Sends `total` pattern bytes from `start` on `stream` in chunks of varying size.
+    async fn send_pattern(stream: &MuxStream, start: usize, total: usize) {
+        let mut off = start;
+        while off < start + total {
+            let n = (start + total - off).min(1 + (off * 7919) % 70_000);
+            let chunk: Vec<u8> = (off..off + n).map(byte).collect();
+            stream.tx.send(Bytes::from(chunk)).await.unwrap();
+            off += n;
+        }
+    }
+
+    /// Reads `total` bytes from `sock` and checks each against the pattern from `start`,
+    /// yielding after every read so the reader stays slower than the sender.
+    async fn expect_pattern(sock: &mut TcpStream, start: usize, total: usize) {
+        let mut buf = vec![0u8; 3000];
+        let mut at = start;
+        while at < start + total {
+            let want = (start + total - at).min(buf.len());
+            let n = sock.read(&mut buf[..want]).await.unwrap();
+            assert!(n > 0, "end of stream at byte {at}");
+            for (k, b) in buf[..n].iter().enumerate() {
+                assert_eq!(*b, byte(at + k), "byte {} differs", at + k);
+            }
+            at += n;
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test]
+    async fn small_messages_and_a_bulk_flow_to_a_slow_socket_arrive_in_order_and_counted() {
+        let (mut stream, mut client, task, traffic, _keep) = proxied().await;
+        // Small messages, each read before the next is sent: the reader's direct path.
+        let mut at = 0;
+        for n in [1usize, 64, 700, 64, 5000, 3, 32 * 1024, 64] {
+            send_pattern(&stream, at, n).await;
+            expect_pattern(&mut client, at, n).await;
+            at += n;
+        }
+        // A bulk flow to a reader slower than the sender: the socket fills, direct writes
+        // come up short and the rest queues behind them.
+        let bulk = 8 << 20;
+        let sender = async {
+            send_pattern(&stream, at, bulk).await;
+            stream.tx.finish().await.unwrap();
+        };
+        tokio::join!(sender, expect_pattern(&mut client, at, bulk));
+        at += bulk;
+        let mut rest = Vec::new();
+        client.shutdown().await.unwrap();
+        client.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty(), "{} bytes after the end", rest.len());
+        assert!(matches!(stream.rx.recv().await, Some(Inbound::Fin)));
+        assert_eq!(task.await.unwrap(), ProxyEnd::Clean);
+        let (_, to_socket) = traffic.get();
+        assert_eq!(to_socket, at as u64, "every byte counted once");
+    }
 }
