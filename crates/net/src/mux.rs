@@ -5,6 +5,11 @@
 //! queues (urgent: WINDOW, RESET, PONG, errors; data: OPEN, DATA, FIN, CONTROL) into batched
 //! writes. The reader never waits on the writer, so credit updates always flow.
 //!
+//! A stream task with DATA to send writes it into the transport itself when the writer task is
+//! idle and no frame handed to the data queue is still unwritten (one task hop less per
+//! chunk); otherwise it queues the frames for the writer task. Either way a stream's frames
+//! go out in the order they were sent.
+//!
 //! A stream whose consumer registered its socket ([`StreamRx::deliver_to`]) gets DATA written
 //! by the reader itself, without waking the consumer, whenever nothing of that stream is queued
 //! or in the consumer's hands and the socket takes the bytes at once (one task hop and one copy
@@ -25,7 +30,7 @@ use std::sync::{Arc, Mutex};
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::{FutureExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -161,6 +166,14 @@ struct Inner {
     cfg: MuxConfig,
     role: Role,
     data_tx: mpsc::Sender<Frame>,
+    /// Frames handed to `data_tx` and not yet written: a stream task may write directly only
+    /// when this is 0 (checked while holding `out`), so it never overtakes its own queued frames.
+    unwritten: AtomicUsize,
+    /// The transport's write half and the batch being written: held by the writer task while
+    /// it writes, taken without waiting by a stream task writing directly.
+    out: tokio::sync::Mutex<Out>,
+    /// Wakes the writer task to finish what a direct write left (a partial write, a flush).
+    writer_wake: Notify,
     urgent_tx: mpsc::UnboundedSender<(Frame, bool)>,
     peer_urgent: AtomicUsize,
     streams: Mutex<HashMap<u32, Arc<StreamShared>>>,
@@ -270,6 +283,15 @@ impl Mux {
         let mut reader = FramedRead::new(rd, FrameCodec { limits: cfg.limits });
         *reader.read_buffer_mut() = parts.read_buf;
         let (data_tx, data_rx) = mpsc::channel(cfg.write_queue.max(1));
+        let pending_write = parts.write_buf;
+        let out = Out {
+            wr: Box::pin(wr),
+            batch: Batch {
+                len: pending_write.len(),
+                head: pending_write,
+                segs: VecDeque::new(),
+            },
+        };
         let (urgent_tx, urgent_rx) = mpsc::unbounded_channel();
         let (control_tx, control_rx) = mpsc::channel(cfg.control_queue.max(1));
         // At most `max_streams` streams wait to be accepted, reset or not: a peer pairing each
@@ -279,6 +301,9 @@ impl Mux {
             cfg,
             role,
             data_tx,
+            unwritten: AtomicUsize::new(0),
+            out: tokio::sync::Mutex::new(out),
+            writer_wake: Notify::new(),
             urgent_tx,
             peer_urgent: AtomicUsize::new(0),
             streams: Mutex::new(HashMap::new()),
@@ -286,14 +311,7 @@ impl Mux {
             closed: cancel,
             reason: Mutex::new(None),
         });
-        let pending_write = parts.write_buf;
-        tracker.spawn(write_loop(
-            inner.clone(),
-            wr,
-            pending_write,
-            data_rx,
-            urgent_rx,
-        ));
+        tracker.spawn(write_loop(inner.clone(), data_rx, urgent_rx));
         tracker.spawn(read_loop(inner.clone(), reader, control_tx, incoming_tx));
         (
             Mux { inner },
@@ -323,8 +341,7 @@ impl Mux {
             (stream, id)
         };
         if inner
-            .data_tx
-            .send(Frame::Open {
+            .queue(Frame::Open {
                 stream: id,
                 tunnel,
                 peer,
@@ -340,8 +357,7 @@ impl Mux {
     /// Queues a control message (after data already queued).
     pub async fn send_control(&self, msg: &ControlMessage) -> Result<(), MuxError> {
         self.inner
-            .data_tx
-            .send(Frame::Control(msg.to_bytes()))
+            .queue(Frame::Control(msg.to_bytes()))
             .await
             .map_err(|_| self.close_reason())
     }
@@ -449,6 +465,7 @@ impl Inner {
     /// Queues `frame` behind the data already queued (so a RESET never overtakes its own OPEN
     /// or DATA), without waiting: if the queue is full, a task waits for room.
     fn send_ordered(&self, frame: Frame) {
+        self.unwritten.fetch_add(1, Ordering::AcqRel);
         match self.data_tx.try_send(frame) {
             Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
             Err(mpsc::error::TrySendError::Full(frame)) => {
@@ -461,6 +478,48 @@ impl Inner {
                 }
             }
         }
+    }
+
+    /// Hands `frame` to the writer task, waiting for room in the data queue. Counted in
+    /// `unwritten` before it enters the queue.
+    async fn queue(&self, frame: Frame) -> Result<(), MuxError> {
+        self.unwritten.fetch_add(1, Ordering::AcqRel);
+        self.data_tx.send(frame).await.map_err(|_| MuxError::Closed)
+    }
+
+    /// Writes DATA frames of `id` carrying `data` into the transport from the calling task,
+    /// if the writer task is idle and nothing queued is unwritten; `false` (nothing taken)
+    /// otherwise. What the transport does not take at once stays in the batch for the writer
+    /// task, which is woken to finish it.
+    fn write_direct(&self, id: u32, data: &mut Bytes) -> bool {
+        if self.closed.is_cancelled() {
+            return false;
+        }
+        let Ok(mut out) = self.out.try_lock() else {
+            return false;
+        };
+        // A batch left by an earlier direct write that the transport did not take means the
+        // transport is slow: queue, so the data queue's bound holds back every stream.
+        if self.unwritten.load(Ordering::Acquire) != 0 || !out.batch.is_empty() {
+            return false;
+        }
+        while !data.is_empty() {
+            let chunk = data.split_to(data.len().min(MAX_DATA_PAYLOAD as usize));
+            out.batch.push(Frame::Data {
+                stream: id,
+                data: chunk,
+            });
+        }
+        let Out { wr, batch } = &mut *out;
+        match batch.write_to(wr).now_or_never() {
+            Some(Ok(())) => {}
+            Some(Err(e)) => {
+                drop(out);
+                self.close(MuxError::Io(e.to_string()));
+            }
+            None => self.writer_wake.notify_one(),
+        }
+        true
     }
 
     /// Queues an answer the peer caused; false if the peer owes too many.
@@ -756,38 +815,72 @@ impl Batch {
     }
 }
 
-async fn write_loop<W: AsyncWrite + Unpin>(
+/// The transport's write half and the batch being written (see [`Inner::out`]).
+struct Out {
+    wr: std::pin::Pin<Box<dyn AsyncWrite + Send>>,
+    batch: Batch,
+}
+
+impl std::fmt::Debug for Out {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Out")
+            .field("batched", &self.batch.len)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The writer task: writes what is queued until the connection closes, then lets go of the
+/// transport's write half, so the connection closes once the reader has let go too (even while
+/// `Mux` handles live on).
+async fn write_loop(
     inner: Arc<Inner>,
-    mut wr: W,
-    pending: BytesMut,
+    data_rx: mpsc::Receiver<Frame>,
+    urgent_rx: mpsc::UnboundedReceiver<(Frame, bool)>,
+) {
+    write_until_closed(&inner, data_rx, urgent_rx).await;
+    inner.out.lock().await.wr = Box::pin(tokio::io::sink());
+}
+
+async fn write_until_closed(
+    inner: &Arc<Inner>,
     mut data_rx: mpsc::Receiver<Frame>,
     mut urgent_rx: mpsc::UnboundedReceiver<(Frame, bool)>,
 ) {
-    let mut batch = Batch {
-        len: pending.len(),
-        head: pending,
-        segs: VecDeque::new(),
-    };
     let push = |inner: &Inner, batch: &mut Batch, f: Frame, owed: bool| {
         batch.push(f);
         if owed {
             inner.peer_urgent.fetch_sub(1, Ordering::Relaxed);
         }
     };
+    // The first wait is skipped: the handshake may have left bytes to write.
+    let mut first = true;
     loop {
-        if batch.is_empty() {
+        // Wait for work without holding `out`, so stream tasks can write directly meanwhile.
+        let mut got: Option<(Frame, bool, bool)> = None;
+        if !first {
             tokio::select! {
                 biased;
-                Some((f, owed)) = urgent_rx.recv() => push(&inner, &mut batch, f, owed),
-                Some(f) = data_rx.recv() => push(&inner, &mut batch, f, false),
+                Some((f, owed)) = urgent_rx.recv() => got = Some((f, owed, false)),
+                Some(f) = data_rx.recv() => got = Some((f, false, true)),
+                _ = inner.writer_wake.notified() => {}
                 _ = inner.closed.cancelled() => break,
             }
         }
+        first = false;
+        let mut out = inner.out.lock().await;
+        let Out { wr, batch } = &mut *out;
+        // Data frames taken from the queue: no longer unwritten once this write is done.
+        let mut taken = 0;
+        if let Some((f, owed, data)) = got {
+            push(inner, batch, f, owed);
+            taken += usize::from(data);
+        }
         while batch.len < WRITE_BATCH {
             if let Ok((f, owed)) = urgent_rx.try_recv() {
-                push(&inner, &mut batch, f, owed);
+                push(inner, batch, f, owed);
             } else if let Ok(f) = data_rx.try_recv() {
-                push(&inner, &mut batch, f, false);
+                push(inner, batch, f, false);
+                taken += 1;
             } else {
                 break;
             }
@@ -796,7 +889,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         // carry the closing error); one cut short leaves a partial frame on the wire, after
         // which nothing more may be written.
         let (res, closing) = {
-            let write = batch.write_to(&mut wr);
+            let write = batch.write_to(wr);
             tokio::pin!(write);
             tokio::select! {
                 r = &mut write => (r, false),
@@ -808,7 +901,9 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                 }
             }
         };
+        inner.unwritten.fetch_sub(taken, Ordering::AcqRel);
         if let Err(e) = res {
+            drop(out);
             inner.close(MuxError::Io(e.to_string()));
             return;
         }
@@ -825,10 +920,11 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         }
     }
     let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
+        let mut out = inner.out.lock().await;
         if !last.is_empty() {
-            last.write_to(&mut wr).await?;
+            last.write_to(&mut out.wr).await?;
         }
-        wr.shutdown().await
+        out.wr.shutdown().await
     })
     .await;
 }
@@ -908,17 +1004,16 @@ impl StreamTx {
         self.shared
             .reserved
             .fetch_sub(data.len(), Ordering::Relaxed);
+        if self.mux.write_direct(self.shared.id, &mut data) {
+            return Ok(());
+        }
         while !data.is_empty() {
             let chunk = data.split_to(data.len().min(MAX_DATA_PAYLOAD as usize));
             let frame = Frame::Data {
                 stream: self.shared.id,
                 data: chunk,
             };
-            self.mux
-                .data_tx
-                .send(frame)
-                .await
-                .map_err(|_| MuxError::Closed)?;
+            self.mux.queue(frame).await?;
         }
         Ok(())
     }
@@ -940,11 +1035,7 @@ impl StreamTx {
         let frame = Frame::Fin {
             stream: self.shared.id,
         };
-        self.mux
-            .data_tx
-            .send(frame)
-            .await
-            .map_err(|_| MuxError::Closed)
+        self.mux.queue(frame).await
     }
 }
 
@@ -1300,6 +1391,52 @@ mod tests {
         );
         assert_eq!(count.load(Ordering::Relaxed) as usize, direct);
         s.rx.release_sock();
+    }
+
+    #[tokio::test]
+    async fn streams_writing_into_a_stalled_transport_are_held_back_by_the_data_queue() {
+        // The raw end never reads: the pipe fills, and with it whatever a direct write left.
+        let cfg = MuxConfig {
+            write_queue: 8,
+            ..MuxConfig::default()
+        };
+        let (mux, _ev, _raw, _t) = pair(Role::Opener, cfg);
+        // Every stream is opened first: an OPEN waits in the same queue once it is full.
+        let mut streams = Vec::new();
+        for _ in 0..16 {
+            streams.push(mux.open([0; 16], "p".into()).await.unwrap());
+        }
+        let mut senders = Vec::new();
+        for s in streams {
+            senders.push(tokio::spawn(async move {
+                // Up to the whole window (256 KiB), as one stream task would send it.
+                let _ = s.tx.send(Bytes::from(vec![7u8; 256 * 1024])).await;
+                s
+            }));
+        }
+        // Wait (bounded) until the data queue is full: every sender is then held back.
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while mux.inner.data_tx.capacity() > 0 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the data queue fills");
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        // What the mux took: the pipe (1 MiB), one direct write left in the batch (at most
+        // 128 KiB) and the queue (8 frames of at most 32 KiB). Senders of 256 KiB that got
+        // everything in are at most that many; without the bound all 16 would be done.
+        let done = senders.iter().filter(|h| h.is_finished()).count();
+        let bound = ((1 << 20) + MAX_RESERVE + 8 * MAX_DATA_PAYLOAD as usize) / (256 * 1024) + 1;
+        assert!(
+            done <= bound,
+            "{done} of 16 senders got 256 KiB into a stalled transport"
+        );
+        for s in senders {
+            s.abort();
+        }
     }
 
     #[tokio::test]
