@@ -633,8 +633,8 @@ impl DirectBatch {
     }
 }
 
-/// Drops the first `n` bytes of `bufs`.
-fn advance(bufs: &mut VecDeque<Bytes>, mut n: usize) {
+/// Drops the first `n` bytes of `bufs` (what a vectored write took).
+pub(crate) fn advance(bufs: &mut VecDeque<Bytes>, mut n: usize) {
     while n > 0 {
         let Some(front) = bufs.front_mut() else {
             return;

@@ -13,7 +13,7 @@ use std::io::{self, IoSlice};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tube_proto::control::ErrorCode;
@@ -200,21 +200,10 @@ async fn write_all(tcp: &TcpStream, bufs: &mut VecDeque<Bytes>) -> Result<(), Fa
             }
             tcp.try_write_vectored(&iov[..n])
         };
-        let mut n = match written {
-            Ok(n) => n,
+        match written {
+            Ok(n) => crate::mux::advance(bufs, n),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(_) => return Err(Failure::Socket),
-        };
-        while n > 0 {
-            let Some(front) = bufs.front_mut() else {
-                break;
-            };
-            if front.len() > n {
-                front.advance(n);
-                break;
-            }
-            n -= front.len();
-            bufs.pop_front();
         }
     }
     Ok(())
