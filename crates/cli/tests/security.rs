@@ -118,6 +118,18 @@ async fn tunnel(
     }
 }
 
+/// The answer to an eleventh tunnel within the hour: 3001 `tunnel_creation`, retry in 360 s.
+fn refused_as_the_eleventh(answer: Result<(String, String), ControlMessage>) {
+    match answer {
+        Err(ControlMessage::Error { code, details, .. }) => {
+            assert_eq!(code, ErrorCode::RateLimit as u16);
+            assert_eq!(details.reason.as_deref(), Some("tunnel_creation"));
+            assert_eq!(details.retry_after, Some(360));
+        }
+        other => panic!("the eleventh tunnel was not refused: {other:?}"),
+    }
+}
+
 #[tokio::test]
 async fn the_eleventh_tunnel_in_an_hour_is_refused_per_identity_across_connections_and_addresses() {
     deadline(LIMIT, async {
@@ -141,14 +153,7 @@ async fn the_eleventh_tunnel_in_an_hour_is_refused_per_identity_across_connectio
         }
         // The eleventh, from a fourth connection on a fourth address: refused.
         let mut c = agent_from(ip(5), relay.addr, relay.fingerprint, &alice).await;
-        match tunnel(&mut c, "t11", None).await {
-            Err(ControlMessage::Error { code, details, .. }) => {
-                assert_eq!(code, ErrorCode::RateLimit as u16);
-                assert_eq!(details.reason.as_deref(), Some("tunnel_creation"));
-                assert_eq!(details.retry_after, Some(360));
-            }
-            other => panic!("the eleventh tunnel was not refused: {other:?}"),
-        }
+        refused_as_the_eleventh(tunnel(&mut c, "t11", None).await);
         // Another identity on that same address is not affected.
         let mut b = agent_from(ip(5), relay.addr, relay.fingerprint, &relay.token("bob")).await;
         tunnel(&mut b, "bob", None)
@@ -180,14 +185,7 @@ async fn the_eleventh_tunnel_in_an_hour_is_refused_per_source_address_across_ide
         // The eleventh from that address, by a third identity with no tunnel yet: refused.
         let carol = relay.token("carol");
         let mut c = agent_from(ip(2), relay.addr, relay.fingerprint, &carol).await;
-        match tunnel(&mut c, "carol", None).await {
-            Err(ControlMessage::Error { code, details, .. }) => {
-                assert_eq!(code, ErrorCode::RateLimit as u16);
-                assert_eq!(details.reason.as_deref(), Some("tunnel_creation"));
-                assert_eq!(details.retry_after, Some(360));
-            }
-            other => panic!("the eleventh tunnel was not refused: {other:?}"),
-        }
+        refused_as_the_eleventh(tunnel(&mut c, "carol", None).await);
         // The refusal cost carol nothing: from another address her first tunnel passes.
         let mut c = agent_from(ip(3), relay.addr, relay.fingerprint, &carol).await;
         tunnel(&mut c, "carol", None)
