@@ -201,7 +201,7 @@ struct StreamShared {
 #[derive(Debug, Default)]
 struct Direct {
     /// The consumer's socket and its byte counter, once registered.
-    sink: Option<(Arc<tokio::net::TcpStream>, Arc<AtomicU64>)>,
+    sink: Option<(Arc<tokio::net::tcp::OwnedWriteHalf>, Arc<AtomicU64>)>,
     /// Items sent on `inbound` and not yet taken by the consumer.
     queued: usize,
     /// The consumer holds items it has not finished writing.
@@ -1082,7 +1082,7 @@ impl StreamRx {
     /// idle (see the module docs), counting those bytes in `count`. The consumer must call
     /// [`StreamRx::idle`] whenever it has written everything it took, and
     /// [`StreamRx::release_sock`] before it closes `sock`.
-    pub fn deliver_to(&self, sock: Arc<tokio::net::TcpStream>, count: Arc<AtomicU64>) {
+    pub fn deliver_to(&self, sock: Arc<tokio::net::tcp::OwnedWriteHalf>, count: Arc<AtomicU64>) {
         lock(&self.shared.direct).sink = Some((sock, count));
     }
 
@@ -1333,7 +1333,8 @@ mod tests {
         .unwrap();
         let mut s = ev.incoming.recv().await.unwrap().stream;
         let count = Arc::new(AtomicU64::new(0));
-        s.rx.deliver_to(Arc::new(server), count.clone());
+        let (_server_rd, server_wr) = server.into_split();
+        s.rx.deliver_to(Arc::new(server_wr), count.clone());
         let pattern: Vec<u8> = (0..40_000u32).map(|i| (i % 251) as u8).collect();
         let first = 32 * 1024;
         // Frame 1: the socket (small buffers, nobody reading) takes part of it at once; the

@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::{Bytes, BytesMut};
 use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio_util::sync::CancellationToken;
 use tube_proto::control::ErrorCode;
 
@@ -66,13 +67,17 @@ pub async fn proxy(
     cancel: &CancellationToken,
     traffic: &Traffic,
 ) -> ProxyEnd {
-    let tcp = Arc::new(tcp);
+    // The read half is this task's alone, so reads go through `poll_read`, which takes a short
+    // read as proof that the socket is drained (no extra `read` to learn it would block). The
+    // write half is shared with the mux's reader for direct delivery.
+    let (mut rd, wr) = tcp.into_split();
+    let wr = Arc::new(wr);
     stream
         .rx
-        .deliver_to(tcp.clone(), traffic.stream_to_socket.clone());
+        .deliver_to(wr.clone(), traffic.stream_to_socket.clone());
     let result = {
-        let up = socket_to_stream(&tcp, &stream.tx, &traffic.socket_to_stream);
-        let down = stream_to_socket(&tcp, &mut stream.rx, &traffic.stream_to_socket);
+        let up = socket_to_stream(&mut rd, &stream.tx, &traffic.socket_to_stream);
+        let down = stream_to_socket(&wr, &mut stream.rx, &traffic.stream_to_socket);
         tokio::select! {
             r = async { tokio::try_join!(up, down) } => Some(r),
             _ = cancel.cancelled() => None,
@@ -85,28 +90,47 @@ pub async fn proxy(
         Some(Err(Failure::Stream)) => ProxyEnd::StreamReset,
         None => ProxyEnd::Cancelled,
     };
+    // The reader let go of its handle above, so this is the last one. Put back together, the
+    // socket closes without the write half's shutdown-on-drop: a reset must not be preceded by
+    // a FIN the peer could take for an orderly end.
+    let tcp = Arc::try_unwrap(wr).ok().and_then(|wr| rd.reunite(wr).ok());
     if end != ProxyEnd::Clean {
         stream.reset(ErrorCode::StreamAborted);
-        // The reader let go of its handle above, so this is the last one: closing it resets.
-        let _ = socket2::SockRef::from(&*tcp).set_linger(Some(std::time::Duration::ZERO));
+        if let Some(tcp) = &tcp {
+            // Closing with a zero linger resets.
+            let _ = socket2::SockRef::from(tcp).set_linger(Some(std::time::Duration::ZERO));
+        }
     }
     drop(tcp);
     end
 }
 
+/// Reads what `rd` holds into `buf` without waiting: `WouldBlock` when there is nothing.
+async fn read_now(rd: &mut OwnedReadHalf, buf: &mut BytesMut) -> io::Result<usize> {
+    std::future::poll_fn(|cx| {
+        match tokio_util::io::poll_read_buf(std::pin::Pin::new(&mut *rd), cx, buf) {
+            std::task::Poll::Pending => {
+                std::task::Poll::Ready(Err(io::ErrorKind::WouldBlock.into()))
+            }
+            ready => ready,
+        }
+    })
+    .await
+}
+
 async fn socket_to_stream(
-    tcp: &TcpStream,
+    rd: &mut OwnedReadHalf,
     tx: &StreamTx,
     count: &AtomicU64,
 ) -> Result<(), Failure> {
     loop {
         let credit = tx.reserve(usize::MAX).await.map_err(|_| Failure::Stream)?;
-        if tcp.readable().await.is_err() {
+        if rd.readable().await.is_err() {
             tx.give_back(credit);
             return Err(Failure::Socket);
         }
         let mut buf = BytesMut::with_capacity(credit);
-        match tcp.try_read_buf(&mut buf) {
+        match read_now(rd, &mut buf).await {
             Ok(0) => {
                 tx.give_back(credit);
                 tx.finish().await.map_err(|_| Failure::Stream)?;
@@ -134,7 +158,7 @@ async fn socket_to_stream(
 }
 
 async fn stream_to_socket(
-    tcp: &TcpStream,
+    tcp: &OwnedWriteHalf,
     rx: &mut StreamRx,
     count: &AtomicU64,
 ) -> Result<(), Failure> {
@@ -174,7 +198,7 @@ async fn stream_to_socket(
         match end {
             None => {}
             Some(Some(Inbound::Fin)) => {
-                let _ = socket2::SockRef::from(tcp).shutdown(std::net::Shutdown::Write);
+                let _ = socket2::SockRef::from(tcp.as_ref()).shutdown(std::net::Shutdown::Write);
                 return Ok(());
             }
             Some(_) => return Err(Failure::Stream),
@@ -189,7 +213,7 @@ const GATHER: usize = 256 * 1024;
 const MAX_IOV: usize = 64;
 
 /// Writes all of `bufs` to `tcp`, emptying it.
-async fn write_all(tcp: &TcpStream, bufs: &mut VecDeque<Bytes>) -> Result<(), Failure> {
+async fn write_all(tcp: &OwnedWriteHalf, bufs: &mut VecDeque<Bytes>) -> Result<(), Failure> {
     while !bufs.is_empty() {
         tcp.writable().await.map_err(|_| Failure::Socket)?;
         let written = {
@@ -325,5 +349,23 @@ mod tests {
         assert_eq!(task.await.unwrap(), ProxyEnd::Clean);
         let (_, to_socket) = traffic.get();
         assert_eq!(to_socket, at as u64, "every byte counted once");
+    }
+
+    #[tokio::test]
+    async fn a_reset_stream_resets_the_socket_rather_than_ending_it() {
+        let (stream, mut client, task, _traffic, _keep) = proxied().await;
+        send_pattern(&stream, 0, 100).await;
+        expect_pattern(&mut client, 0, 100).await;
+        stream.reset(ErrorCode::StreamAborted);
+        assert_eq!(task.await.unwrap(), ProxyEnd::StreamReset);
+        let mut buf = [0u8; 16];
+        let read = tokio::time::timeout(std::time::Duration::from_secs(10), client.read(&mut buf))
+            .await
+            .expect("the socket ends within 10 s");
+        assert_eq!(
+            read.map_err(|e| e.kind()),
+            Err(io::ErrorKind::ConnectionReset),
+            "the client must see a reset, not an orderly end"
+        );
     }
 }

@@ -3,14 +3,17 @@
 //! rustls asks its transport for at most 4 KiB per read, so a 16 KiB record costs four or more
 //! `read` system calls. [`ReadAhead`] reads up to [`READ_AHEAD`] bytes per call instead and
 //! hands them out from memory. The buffer exists only while it holds bytes of a burst: when it
-//! drains after a short read (the peer is not streaming) it is released, so idle and
-//! pre-authentication connections hold none. Writes pass straight through.
+//! drains after a short read (the peer is not streaming), or a read finds nothing to read, it
+//! is released, so idle and pre-authentication connections hold none. It is never zeroed:
+//! the socket reads into its spare capacity. Writes pass straight through.
 
 use std::io;
 use std::pin::Pin;
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 
+use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_util::io::poll_read_buf;
 
 /// Bytes asked of the socket per read.
 pub const READ_AHEAD: usize = 64 * 1024;
@@ -19,10 +22,8 @@ pub const READ_AHEAD: usize = 64 * 1024;
 #[derive(Debug)]
 pub struct ReadAhead<T> {
     io: T,
-    /// Empty while released; otherwise [`READ_AHEAD`] bytes, of which `pos..filled` are unread.
-    buf: Vec<u8>,
-    pos: usize,
-    filled: usize,
+    /// The unread bytes of the last read; no allocation while released.
+    buf: BytesMut,
     /// Whether the last read from `io` filled at least a quarter of the buffer.
     streaming: bool,
 }
@@ -32,9 +33,7 @@ impl<T> ReadAhead<T> {
     pub fn new(io: T) -> Self {
         Self {
             io,
-            buf: Vec::new(),
-            pos: 0,
-            filled: 0,
+            buf: BytesMut::new(),
             streaming: false,
         }
     }
@@ -52,24 +51,26 @@ impl<T: AsyncRead + Unpin> AsyncRead for ReadAhead<T> {
         dst: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        if this.pos == this.filled {
+        if this.buf.is_empty() {
             if dst.remaining() >= READ_AHEAD {
                 return Pin::new(&mut this.io).poll_read(cx, dst);
             }
-            if this.buf.is_empty() {
-                this.buf = vec![0; READ_AHEAD];
-            }
-            let mut rb = ReadBuf::new(&mut this.buf);
-            ready!(Pin::new(&mut this.io).poll_read(cx, &mut rb))?;
-            let n = rb.filled().len();
-            (this.pos, this.filled) = (0, n);
+            // Reuses the drained allocation while streaming (nothing else holds it).
+            this.buf.reserve(READ_AHEAD);
+            let n = match poll_read_buf(Pin::new(&mut this.io), cx, &mut this.buf) {
+                Poll::Ready(Ok(n)) => n,
+                other => {
+                    this.buf = BytesMut::new();
+                    return other.map_ok(|_| ());
+                }
+            };
             this.streaming = n >= READ_AHEAD / 4;
         }
-        let n = (this.filled - this.pos).min(dst.remaining());
-        dst.put_slice(&this.buf[this.pos..this.pos + n]);
-        this.pos += n;
-        if this.pos == this.filled && !this.streaming {
-            this.buf = Vec::new();
+        let n = this.buf.len().min(dst.remaining());
+        dst.put_slice(&this.buf[..n]);
+        this.buf.advance(n);
+        if this.buf.is_empty() && !this.streaming {
+            this.buf = BytesMut::new();
         }
         Poll::Ready(Ok(()))
     }
@@ -148,5 +149,22 @@ mod tests {
         assert_eq!(r.buf.capacity(), 0, "an idle connection keeps no buffer");
         drop(b);
         assert_eq!(r.read(&mut chunk).await.expect("eof"), 0);
+    }
+
+    #[tokio::test]
+    async fn a_read_that_finds_nothing_keeps_no_buffer_while_it_waits() {
+        let (a, mut b) = tokio::io::duplex(1 << 16);
+        let mut r = ReadAhead::new(a);
+        let mut chunk = [0u8; 4];
+        let pending = std::future::poll_fn(|cx| {
+            let mut rb = ReadBuf::new(&mut chunk);
+            Poll::Ready(Pin::new(&mut r).poll_read(cx, &mut rb).is_pending())
+        })
+        .await;
+        assert!(pending, "nothing was written, so the read must wait");
+        assert_eq!(r.buf.capacity(), 0, "a waiting read holds no buffer");
+        b.write_all(b"late").await.expect("write");
+        r.read_exact(&mut chunk).await.expect("read");
+        assert_eq!(&chunk, b"late");
     }
 }
