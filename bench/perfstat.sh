@@ -6,6 +6,8 @@
 #
 # Env knobs: TEST (throughput, the default: per GiB; rtt: per 64-byte round trip, COUNT of
 # them; connrate: per new connection, COUNT of them at concurrency 50),
+# SYSTEM (tube, the default, or rathole: its server and client over plain TCP, from
+# $TOOLS/bin/rathole as bench/compare.sh installs it; the same counts, for comparison),
 # BYTES (default 1 GiB), STREAMS (default 1), COUNT (default 20000), RUNS (default 3),
 # BIN (directory with release tube and tube-loadgen; default target/release after building).
 # Needs perf and permission to attach to own processes (root, or perf_event_paranoid <= 1).
@@ -17,10 +19,22 @@ BYTES=${BYTES:-1073741824}
 STREAMS=${STREAMS:-1}
 RUNS=${RUNS:-3}
 TEST=${TEST:-throughput}
+SYSTEM=${SYSTEM:-tube}
+TOOLS=${TOOLS:-$ROOT/bench/.tools}
 COUNT=${COUNT:-20000}
 case $TEST in
 throughput | rtt | connrate) ;;
 *) echo "error: TEST must be throughput, rtt or connrate, got '$TEST'" >&2; exit 2 ;;
+esac
+case $SYSTEM in
+tube) ;;
+rathole)
+    [[ -x $TOOLS/bin/rathole ]] || {
+        echo "error: no $TOOLS/bin/rathole (bench/compare.sh installs it)" >&2
+        exit 2
+    }
+    ;;
+*) echo "error: SYSTEM must be tube or rathole, got '$SYSTEM'" >&2; exit 2 ;;
 esac
 WAIT_SECS=20
 if [[ -z ${BIN:-} ]]; then
@@ -37,22 +51,49 @@ if [[ $TEST == throughput ]]; then
 else
     start sink "$BIN/tube-loadgen" echo --listen 127.0.0.1:0
 fi
-start relay "$BIN/tube" relay --listen 127.0.0.1:0 --data-dir "$TMP/relay"
 wait_lines sink 1
-wait_lines relay 2
 SINK=$(field sink 1 3)
-TOKEN=$("$BIN/tube" token --subject bench --data-dir "$TMP/relay")
-start agent "$BIN/tube" expose "$SINK" --relay "$(field relay 1 3)" --token "$TOKEN" \
-    --fingerprint "$(field relay 2 2)"
-wait_lines agent 1
-PUBLIC=$(field agent 1 2)
+if [[ $SYSTEM == tube ]]; then
+    start relay "$BIN/tube" relay --listen 127.0.0.1:0 --data-dir "$TMP/relay"
+    wait_lines relay 2
+    TOKEN=$("$BIN/tube" token --subject bench --data-dir "$TMP/relay")
+    start agent "$BIN/tube" expose "$SINK" --relay "$(field relay 1 3)" --token "$TOKEN" \
+        --fingerprint "$(field relay 2 2)"
+    wait_lines agent 1
+    PUBLIC=$(field agent 1 2)
+    PROCS="$PID_relay,$PID_agent"
+else
+    free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+    CONTROL=$(free_port)
+    PORT=$(free_port)
+    printf '[server]\nbind_addr = "127.0.0.1:%s"\n[server.services.s]\ntoken = "bench"\nbind_addr = "127.0.0.1:%s"\n' \
+        "$CONTROL" "$PORT" >"$TMP/server.toml"
+    printf '[client]\nremote_addr = "127.0.0.1:%s"\n[client.services.s]\ntoken = "bench"\nlocal_addr = "%s"\n' \
+        "$CONTROL" "$SINK" >"$TMP/client.toml"
+    start server "$TOOLS/bin/rathole" --server "$TMP/server.toml"
+    start client "$TOOLS/bin/rathole" --client "$TMP/client.toml"
+    PUBLIC=127.0.0.1:$PORT
+    PROCS="$PID_server,$PID_client"
+    # Ready when a connection through it is carried end to end (bounded by WAIT_SECS).
+    for ((i = 0; ; i++)); do
+        if [[ $TEST == throughput ]]; then
+            probe=(throughput --addr "$PUBLIC" --bytes 1 --streams 1)
+        else
+            probe=(rtt --addr "$PUBLIC" --count 1 --size 8)
+        fi
+        "$BIN/tube-loadgen" --timeout 2 "${probe[@]}" >/dev/null 2>&1 && break
+        ((i < WAIT_SECS * 4)) || { echo "error: rathole carried nothing within ${WAIT_SECS}s" >&2; exit 1; }
+        sleep 0.25
+    done
+fi
 
-SYSCALLS=(read write writev readv recvfrom sendto epoll_wait futex sched_yield)
+SYSCALLS=(read write writev readv recvfrom sendto epoll_wait futex sched_yield accept4 connect
+    epoll_ctl setsockopt shutdown close)
 EVENTS=task-clock,context-switches,raw_syscalls:sys_enter
 for s in "${SYSCALLS[@]}"; do EVENTS+=,syscalls:sys_enter_$s; done
 
 for ((run = 1; run <= RUNS; run++)); do
-    perf stat -x, -o "$TMP/perf.$run" -e "$EVENTS" -p "$PID_relay,$PID_agent" &
+    perf stat -x, -o "$TMP/perf.$run" -e "$EVENTS" -p "$PROCS" &
     PERF=$!
     sleep 0.3 # perf attaches asynchronously; nothing to wait on (context only, not a result)
     case $TEST in

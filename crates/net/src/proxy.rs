@@ -123,8 +123,9 @@ async fn socket_to_stream(
     tx: &StreamTx,
     count: &AtomicU64,
 ) -> Result<(), Failure> {
+    let mut want = FIRST_READ;
     loop {
-        let credit = tx.reserve(usize::MAX).await.map_err(|_| Failure::Stream)?;
+        let credit = tx.reserve(want).await.map_err(|_| Failure::Stream)?;
         if rd.readable().await.is_err() {
             tx.give_back(credit);
             return Err(Failure::Socket);
@@ -139,6 +140,13 @@ async fn socket_to_stream(
             Ok(n) => {
                 tx.give_back(credit - n);
                 count.fetch_add(n as u64, Ordering::Relaxed);
+                // A read that filled its buffer may have left more behind: the next asks for
+                // four times as much (the mux caps it); a short one sizes the next to fit.
+                want = if n == credit {
+                    credit.saturating_mul(4)
+                } else {
+                    (n * 2).max(FIRST_READ)
+                };
                 // A short read gets a buffer of its own size, so queued data never pins much
                 // more memory than it carries.
                 let data = if n < credit / 4 {
@@ -205,6 +213,11 @@ async fn stream_to_socket(
         }
     }
 }
+
+/// Bytes asked of a socket by the first read, and after a read that came up short of half of
+/// this: small messages cost a small allocation, while a bulk flow grows its reads fourfold per
+/// full read up to the mux's reservation limit.
+const FIRST_READ: usize = 4 * 1024;
 
 /// Bytes gathered from a stream's queue for one write to its socket.
 const GATHER: usize = 256 * 1024;
