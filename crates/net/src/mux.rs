@@ -244,11 +244,7 @@ impl StreamShared {
         let mut d = lock(&self.direct);
         let mut written = 0;
         if let Some((sock, count)) = &d.sink {
-            let mut iov = [IoSlice::new(&[]); MAX_IOV];
-            let n = chunks.len().min(MAX_IOV);
-            for (slot, c) in iov.iter_mut().zip(chunks.iter()) {
-                *slot = IoSlice::new(c);
-            }
+            let (iov, n) = io_slices(chunks);
             // An error is left for the consumer's own write to find.
             written = sock.try_write_vectored(&iov[..n]).unwrap_or(0);
             count.fetch_add(written as u64, Ordering::Relaxed);
@@ -633,6 +629,19 @@ impl DirectBatch {
     }
 }
 
+/// Most buffers handed to one vectored write.
+pub(crate) const MAX_IOV: usize = 64;
+
+/// The first [`MAX_IOV`] buffers of `bufs` as slices for one vectored write, and their count.
+pub(crate) fn io_slices(bufs: &VecDeque<Bytes>) -> ([IoSlice<'_>; MAX_IOV], usize) {
+    let mut iov = [IoSlice::new(&[]); MAX_IOV];
+    let n = bufs.len().min(MAX_IOV);
+    for (slot, b) in iov.iter_mut().zip(bufs.iter()) {
+        *slot = IoSlice::new(b);
+    }
+    (iov, n)
+}
+
 /// Drops the first `n` bytes of `bufs` (what a vectored write took).
 pub(crate) fn advance(bufs: &mut VecDeque<Bytes>, mut n: usize) {
     while n > 0 {
@@ -753,9 +762,6 @@ const WRITE_BATCH: usize = 256 * 1024;
 /// into the batch.
 const GATHER_FROM: usize = 2048;
 
-/// Most buffers handed to one vectored write.
-const MAX_IOV: usize = 64;
-
 /// Frames gathered for one vectored write. Small frames and DATA headers are encoded into
 /// `head`; large DATA payloads join `segs` as they are, so sending a byte copies it only once
 /// (into the TLS record).
@@ -794,11 +800,7 @@ impl Batch {
         }
         while !self.segs.is_empty() {
             let written = {
-                let mut iov = [IoSlice::new(&[]); MAX_IOV];
-                let n = self.segs.len().min(MAX_IOV);
-                for (slot, seg) in iov.iter_mut().zip(self.segs.iter()) {
-                    *slot = IoSlice::new(seg);
-                }
+                let (iov, n) = io_slices(&self.segs);
                 wr.write_vectored(&iov[..n]).await?
             };
             if written == 0 {

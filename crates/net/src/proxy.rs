@@ -9,7 +9,7 @@
 //! ([`StreamRx::deliver_to`]).
 
 use std::collections::VecDeque;
-use std::io::{self, IoSlice};
+use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -222,19 +222,12 @@ const FIRST_READ: usize = 4 * 1024;
 /// Bytes gathered from a stream's queue for one write to its socket.
 const GATHER: usize = 256 * 1024;
 
-/// Most buffers handed to one vectored write.
-const MAX_IOV: usize = 64;
-
 /// Writes all of `bufs` to `tcp`, emptying it.
 async fn write_all(tcp: &OwnedWriteHalf, bufs: &mut VecDeque<Bytes>) -> Result<(), Failure> {
     while !bufs.is_empty() {
         tcp.writable().await.map_err(|_| Failure::Socket)?;
         let written = {
-            let mut iov = [IoSlice::new(&[]); MAX_IOV];
-            let n = bufs.len().min(MAX_IOV);
-            for (slot, b) in iov.iter_mut().zip(bufs.iter()) {
-                *slot = IoSlice::new(b);
-            }
+            let (iov, n) = crate::mux::io_slices(bufs);
             tcp.try_write_vectored(&iov[..n])
         };
         match written {
