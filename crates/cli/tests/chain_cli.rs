@@ -1,8 +1,9 @@
 //! Chains on the real `tube` binary: a `tube hub`, four `tube node`s on distinct loopback
 //! addresses, `tube chain accept` on the endpoint and `tube chain connect` on the requester
 //! piping bytes byte-exact through two intermediates to an echo server; the stdout contract
-//! lines of hub and nodes; the one-line refusals of `connect` (unknown node, no front); and a
-//! node refusing a front API that is not on loopback.
+//! lines of hub and nodes; the one-line refusals of `connect` (unknown node, no front); a
+//! node refusing a front API that is not on loopback; and `tube chain listen` resetting its
+//! user (never a clean end of stream) when the chain's middle node dies.
 //!
 //! Every test runs under a deadline and synchronises on events (stdout contract lines, log
 //! lines on stderr, process exits). Processes are killed when their handle drops.
@@ -599,6 +600,85 @@ async fn chain_cli_listen_gives_each_connection_a_chain_and_close_ends_one() {
                 "a password reached a log"
             );
         }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_chain_whose_middle_node_dies_resets_the_user_of_chain_listen_within_2_s() {
+    use tokio::io::AsyncReadExt;
+    deadline(LIMIT, async {
+        let hub_dir = tempfile::tempdir().expect("hub data dir");
+        let hub = Hub::start(hub_dir.path()).await;
+        // Three nodes: n3 is the only one that can relay, so every chain is n2 -> n3 -> n4.
+        let mut ns = nodes(
+            &hub,
+            &["n2", "n3", "n4"],
+            &["127.0.0.2", "127.0.0.3", "127.0.0.4"],
+        )
+        .await;
+        let svc = echo_server().await;
+        let forward = svc.addr.to_string();
+        let mut accept = tube(
+            &[
+                "chain",
+                "--api",
+                &ns[2].api,
+                "accept",
+                "--forward",
+                &forward,
+                "--allow",
+                "n2",
+            ],
+            Stdio::null(),
+            "info",
+        );
+        accept
+            .stderr_line("accepting chains")
+            .await
+            .expect("accept subscribed");
+        let mut listen = tube(
+            &[
+                "chain",
+                "--api",
+                &ns[0].api,
+                "listen",
+                "n4",
+                "--local",
+                "127.0.0.1:0",
+            ],
+            Stdio::null(),
+            "info",
+        );
+        let local = field(&listen.line().await, "listening local ");
+        let mut user = tokio::net::TcpStream::connect(&local)
+            .await
+            .expect("local port");
+        assert_eq!(roundtrip(&mut user, &[7; 1000]).await, vec![7; 1000]);
+        accept.line().await; // `chain <id> <forward>`: the chain is up end to end
+        let hops: Vec<String> = list(&ns[0].api)
+            .await
+            .into_iter()
+            .filter(|l| l.contains(" requester established "))
+            .collect();
+        assert_eq!(hops.len(), 1, "{hops:?}");
+
+        ns[1].proc.kill().await;
+        let killed = std::time::Instant::now();
+        // The break reaches the user as a reset: a clean end of stream would look like the
+        // service had finished.
+        let mut buf = [0u8; 16];
+        let read = tokio::time::timeout(Duration::from_secs(10), user.read(&mut buf))
+            .await
+            .expect("the user's connection ends within 10 s");
+        let after = killed.elapsed();
+        assert_eq!(
+            read.map_err(|e| e.kind()),
+            Err(std::io::ErrorKind::ConnectionReset),
+            "the user must see a reset, not an orderly end"
+        );
+        assert!(after < Duration::from_secs(2), "reset after {after:?}");
+        drop((listen, accept));
     })
     .await;
 }
