@@ -223,28 +223,10 @@ async fn chain_cli_connect_echoes_bytes_through_two_intermediates() {
         let apis: Vec<String> = ns.iter().map(|n| n.api.clone()).collect();
 
         let svc = echo_server().await;
+        // The chain is open (and held open by the still-open stdin) once `connect` logs
+        // `chain established`.
         let forward = svc.addr.to_string();
-        let mut accept = tube(
-            &[
-                "chain",
-                "--api",
-                &apis[3],
-                "accept",
-                "--forward",
-                &forward,
-                "--allow",
-                "n2",
-            ],
-            Stdio::null(),
-            "info",
-        );
-
-        // `accept` logs once its subscription is active. The chain is open (and held open by
-        // the still-open stdin) once `connect` logs `chain established`.
-        accept
-            .stderr_line("accepting chains")
-            .await
-            .expect("accept subscribed");
+        let mut accept = accept_to(&apis[3], &svc).await;
         let mut conn = tube(
             &["chain", "--api", &apis[0], "connect", "n5"],
             Stdio::piped(),
@@ -463,6 +445,52 @@ async fn chain_listen_refuses_a_non_loopback_local_address() {
     .await;
 }
 
+/// `tube chain accept` on the node of `api`, forwarding to `svc` the chains n2 asks for, once
+/// it logs that its subscription is active.
+async fn accept_to(api: &str, svc: &TestServer) -> Proc {
+    let forward = svc.addr.to_string();
+    let mut accept = tube(
+        &[
+            "chain",
+            "--api",
+            api,
+            "accept",
+            "--forward",
+            &forward,
+            "--allow",
+            "n2",
+        ],
+        Stdio::null(),
+        "info",
+    );
+    accept
+        .stderr_line("accepting chains")
+        .await
+        .expect("accept subscribed");
+    accept
+}
+
+/// [`accept_to`] on `ns[2]` (named n4) and `tube chain listen n4` on `ns[0]` (n2): the two
+/// processes and listen's local address.
+async fn listen_to_echo(ns: &[Node], svc: &TestServer) -> (Proc, Proc, String) {
+    let accept = accept_to(&ns[2].api, svc).await;
+    let mut listen = tube(
+        &[
+            "chain",
+            "--api",
+            &ns[0].api,
+            "listen",
+            "n4",
+            "--local",
+            "127.0.0.1:0",
+        ],
+        Stdio::null(),
+        "info",
+    );
+    let local = field(&listen.line().await, "listening local ");
+    (accept, listen, local)
+}
+
 #[tokio::test]
 async fn chain_cli_listen_gives_each_connection_a_chain_and_close_ends_one() {
     deadline(LIMIT, async {
@@ -481,40 +509,7 @@ async fn chain_cli_listen_gives_each_connection_a_chain_and_close_ends_one() {
             n.logged_in().await;
         }
         let svc = echo_server().await;
-        let forward = svc.addr.to_string();
-        let mut accept = tube(
-            &[
-                "chain",
-                "--api",
-                &ns[2].api,
-                "accept",
-                "--forward",
-                &forward,
-                "--allow",
-                "n2",
-            ],
-            Stdio::null(),
-            "info",
-        );
-        accept
-            .stderr_line("accepting chains")
-            .await
-            .expect("accept subscribed");
-
-        let mut listen = tube(
-            &[
-                "chain",
-                "--api",
-                &ns[0].api,
-                "listen",
-                "n4",
-                "--local",
-                "127.0.0.1:0",
-            ],
-            Stdio::null(),
-            "info",
-        );
-        let local = field(&listen.line().await, "listening local ");
+        let (mut accept, listen, local) = listen_to_echo(&ns, &svc).await;
         // Two users of the local port: two chains, each carrying its own bytes.
         let mut users = Vec::new();
         for i in 0..2u8 {
@@ -618,39 +613,7 @@ async fn a_chain_whose_middle_node_dies_resets_the_user_of_chain_listen_within_2
         )
         .await;
         let svc = echo_server().await;
-        let forward = svc.addr.to_string();
-        let mut accept = tube(
-            &[
-                "chain",
-                "--api",
-                &ns[2].api,
-                "accept",
-                "--forward",
-                &forward,
-                "--allow",
-                "n2",
-            ],
-            Stdio::null(),
-            "info",
-        );
-        accept
-            .stderr_line("accepting chains")
-            .await
-            .expect("accept subscribed");
-        let mut listen = tube(
-            &[
-                "chain",
-                "--api",
-                &ns[0].api,
-                "listen",
-                "n4",
-                "--local",
-                "127.0.0.1:0",
-            ],
-            Stdio::null(),
-            "info",
-        );
-        let local = field(&listen.line().await, "listening local ");
+        let (mut accept, listen, local) = listen_to_echo(&ns, &svc).await;
         let mut user = tokio::net::TcpStream::connect(&local)
             .await
             .expect("local port");
