@@ -13,7 +13,7 @@ use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio_util::sync::CancellationToken;
@@ -105,10 +105,12 @@ pub async fn proxy(
     end
 }
 
-/// Reads what `rd` holds into `buf` without waiting: `WouldBlock` when there is nothing.
-async fn read_now(rd: &mut OwnedReadHalf, buf: &mut BytesMut) -> io::Result<usize> {
+/// Reads at most `max` bytes of what `rd` holds into `buf` without waiting: `WouldBlock` when
+/// there is nothing. The cap is the send credit: `buf` may have more room than was reserved.
+async fn read_now(rd: &mut OwnedReadHalf, buf: &mut BytesMut, max: usize) -> io::Result<usize> {
+    let mut limited = buf.limit(max);
     std::future::poll_fn(|cx| {
-        match tokio_util::io::poll_read_buf(std::pin::Pin::new(&mut *rd), cx, buf) {
+        match tokio_util::io::poll_read_buf(std::pin::Pin::new(&mut *rd), cx, &mut limited) {
             std::task::Poll::Pending => {
                 std::task::Poll::Ready(Err(io::ErrorKind::WouldBlock.into()))
             }
@@ -131,7 +133,7 @@ async fn socket_to_stream(
             return Err(Failure::Socket);
         }
         let mut buf = BytesMut::with_capacity(credit);
-        match read_now(rd, &mut buf).await {
+        match read_now(rd, &mut buf, credit).await {
             Ok(0) => {
                 tx.give_back(credit);
                 tx.finish().await.map_err(|_| Failure::Stream)?;
