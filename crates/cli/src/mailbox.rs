@@ -237,11 +237,24 @@ fn remember_peer(dir: &Path, peer: &PeerAddr) -> anyhow::Result<()> {
         .with_context(|| format!("error: writing {}", dir.join(PEER_FILE).display()))
 }
 
-fn print(m: &Received, json: bool) {
-    if json {
-        if let Ok(line) = serde_json::to_string(m) {
-            println!("{line}");
-        }
+/// Stdout is gone (a closed pipe, a full disk): fatal for `listen`, which would otherwise
+/// take messages off the queue that nobody can see.
+#[derive(Debug)]
+struct StdoutError(std::io::Error);
+
+impl std::fmt::Display for StdoutError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "error: writing a message to stdout: {}", self.0)
+    }
+}
+
+impl std::error::Error for StdoutError {}
+
+/// Prints one message and flushes it; an error means it was not shown.
+fn print(m: &Received, json: bool) -> Result<(), StdoutError> {
+    use std::io::Write;
+    let line = if json {
+        serde_json::to_string(m).map_err(|e| StdoutError(e.into()))?
     } else {
         // One line per message, and nothing a sender could use to drive the terminal:
         // newlines and every other control character (escape sequences) become spaces.
@@ -250,8 +263,12 @@ fn print(m: &Received, json: bool) {
             .chars()
             .map(|c| if c.is_control() { ' ' } else { c })
             .collect();
-        println!("{} {text}", m.from);
-    }
+        format!("{} {text}", m.from)
+    };
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{line}")
+        .and_then(|()| out.flush())
+        .map_err(StdoutError)
 }
 
 pub(crate) async fn run_msg(args: MsgArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -398,7 +415,11 @@ fn handle(
     json: bool,
 ) -> anyhow::Result<()> {
     match client::open(id, contacts, received_ms, blob)? {
-        Opened::New(m) => print(&m, json),
+        // Shown first, recorded as seen after: never marked seen without being shown.
+        Opened::New(m) => {
+            print(&m.message, json)?;
+            m.record(contacts)?;
+        }
         Opened::Replay => tracing::warn!("a message was received twice (replay), dropped"),
         Opened::Invalid(why) => tracing::warn!(reason = %why, "an invalid message was dropped"),
     }
@@ -441,6 +462,9 @@ async fn listen(
             _ = shutdown.cancelled() => return Ok(()),
         };
         if let Err(e) = r {
+            if e.is::<StdoutError>() {
+                return Err(e);
+            }
             // A refusal is final unless it is about load (rate limit, busy, restarting).
             if let Some(client::ClientError::Refused { code, .. }) = e.downcast_ref()
                 && ![

@@ -295,3 +295,51 @@ async fn listen_prints_pushes_and_comes_back_after_its_peer_restarts() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn listen_whose_stdout_is_gone_exits_and_leaves_the_message_for_the_next_fetch() {
+    deadline(LIMIT, async {
+        let (_p, lines) = peer(&[]).await;
+        let addr = lines[0].strip_prefix("listening peer ").unwrap().to_owned();
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        for d in [&a, &b] {
+            assert!(msg(d.path(), &["init"]).await.0);
+        }
+        let (_, addr_b, _) = msg(b.path(), &["id", "--peer", &addr]).await;
+        let (_, addr_a, _) = msg(a.path(), &["id", "--peer", &addr]).await;
+        let (addr_a, addr_b) = (addr_a.trim().to_owned(), addr_b.trim().to_owned());
+        // b registers once (its peer learns its certificate), then a writes.
+        assert!(msg(b.path(), &["fetch", "--peer", &addr]).await.0);
+        let (ok, _, err) = msg(a.path(), &["send", "--to", &addr_b, "kept"]).await;
+        assert!(ok, "send failed: {err}");
+
+        // Nobody reads listen's stdout: printing the queued message fails (EPIPE).
+        let mut listen = Command::new(TUBE)
+            .args(["msg", "listen", "--peer", &addr, "--data-dir"])
+            .arg(b.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn listen");
+        drop(listen.stdout.take());
+        let out = listen.wait_with_output().await.expect("listen exits");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "listen went on without stdout: {err}"
+        );
+        assert!(
+            err.contains("writing a message to stdout"),
+            "no clear error: {err}"
+        );
+        assert!(!err.contains("panicked"), "{err}");
+
+        // Not acknowledged and not marked seen: the next fetch shows it.
+        let (ok, fetched, err) = msg(b.path(), &["fetch", "--peer", &addr]).await;
+        assert!(ok, "{err}");
+        assert_eq!(fetched, format!("{addr_a} kept\n"), "{err}");
+    })
+    .await;
+}

@@ -327,18 +327,41 @@ pub struct Received {
     pub received_ms: u64,
 }
 
+/// A new message that opened and verified, not yet recorded as seen: show it to the user,
+/// then [`Incoming::record`] it, then acknowledge it to the peer. Recording only after showing
+/// means a crash or a closed stdout in between shows the message again on the next fetch
+/// instead of dropping it as a replay.
+#[derive(Debug)]
+pub struct Incoming {
+    /// The message.
+    pub message: Received,
+    from: [u8; 32],
+    id: [u8; 16],
+    fields: CodeFields,
+}
+
+impl Incoming {
+    /// Records the message as seen (replays of it are dropped from now on) and takes the
+    /// sender's verification-code fields from it.
+    pub fn record(&self, contacts: &mut Contacts) -> Result<(), ClientError> {
+        contacts.incoming(&self.from, &self.id, &self.fields)?;
+        Ok(())
+    }
+}
+
 /// What became of one queued message.
 #[derive(Debug)]
 pub enum Opened {
-    /// A new message.
-    New(Received),
+    /// A new message, to be shown and then recorded.
+    New(Incoming),
     /// Already received once (a replay): dropped.
     Replay,
     /// It failed to open or verify (tampered, forged, malformed): dropped.
     Invalid(String),
 }
 
-/// Opens one message blob addressed to `me`, and records it with its sender.
+/// Opens one message blob addressed to `me` and records its sender as a contact; a new
+/// message is recorded as seen only by [`Incoming::record`].
 pub fn open(
     me: &Identity,
     contacts: &mut Contacts,
@@ -381,13 +404,18 @@ pub fn open(
         commit: inner.commit,
         nonce: inner.nonce,
     };
-    if !contacts.incoming(&from_fp, id, &fields)? {
+    if contacts.seen(&from_fp, id) {
         return Ok(Opened::Replay);
     }
-    Ok(Opened::New(Received {
-        from: inner.from,
-        text: inner.text,
-        sent_ms: inner.sent_ms,
-        received_ms,
+    Ok(Opened::New(Incoming {
+        message: Received {
+            from: inner.from,
+            text: inner.text,
+            sent_ms: inner.sent_ms,
+            received_ms,
+        },
+        from: from_fp,
+        id: *id,
+        fields,
     }))
 }

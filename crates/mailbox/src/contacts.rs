@@ -158,6 +158,13 @@ impl Contacts {
         Ok(fields)
     }
 
+    /// Whether message `id` from `fp` was already recorded (a replay).
+    pub fn seen(&self, fp: &[u8; 32], id: &[u8; 16]) -> bool {
+        self.map
+            .get(&hex::encode(fp))
+            .is_some_and(|c| c.seen.contains(&hex::encode(id)))
+    }
+
     /// Records a message `id` from `fp` with its code fields. `Ok(false)`: a replay (already
     /// seen), to be dropped. A nonce that does not match the commitment marks the contact
     /// tampered.
