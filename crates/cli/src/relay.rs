@@ -294,7 +294,6 @@ pub(crate) async fn run(args: RelayArgs, shutdown: CancellationToken) -> anyhow:
         tracing::info!(dir = %dir.display(), "created jwt secret");
     }
     let fingerprint = identity.fingerprint();
-    let example = jwt.mint("default", Duration::from_secs(24 * 3600));
     let mut config = RelayConfig::new(identity, jwt);
     config.data_dir = Some(dir.clone());
     (settings.apply)(&mut config);
@@ -324,8 +323,11 @@ pub(crate) async fn run(args: RelayArgs, shutdown: CancellationToken) -> anyhow:
             addr.ip().to_string()
         }
     });
+    // No token on this line: logs travel (journald, aggregators) and a JWT in them is a
+    // credential anyone reading them could use. The command mints its own.
     tracing::info!(
-        "expose a local service with: tube expose 127.0.0.1:3000 --relay {host}:{} --token {example} --fingerprint {fingerprint}",
+        "expose a local service with: TUBE_TOKEN=$(tube token --data-dir {}) tube expose 127.0.0.1:3000 --relay {host}:{} --fingerprint {fingerprint}",
+        dir.display(),
         addr.port()
     );
     let admin_task =
