@@ -14,7 +14,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use tokio::process::Command;
-use tube_testkit::proc::{LINE_LIMIT, Proc};
+use tube_testkit::proc::{LINE_LIMIT, Proc, field};
 use tube_testkit::*;
 
 const TUBE: &str = env!("CARGO_BIN_EXE_tube");
@@ -28,13 +28,6 @@ const PAYLOAD: usize = 4 << 20;
 /// Starts `tube args...` with `RUST_LOG=level` and `stdin`.
 fn tube(args: &[&str], stdin: Stdio, level: &str) -> Proc {
     Proc::spawn(TUBE, args, &[("RUST_LOG", level)], stdin)
-}
-
-/// The rest of `line` after `prefix`.
-fn field(line: &str, prefix: &str) -> String {
-    line.strip_prefix(prefix)
-        .unwrap_or_else(|| panic!("expected {prefix:?}, got {line:?}"))
-        .to_string()
 }
 
 /// Checks `line` is one of the hub's and node's stdout contract lines: `listening control

@@ -7,6 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use tokio::net::TcpStream;
+use tube_testkit::proc::field;
 use tube_testkit::*;
 
 const TUBE: &str = env!("CARGO_BIN_EXE_tube");
@@ -57,12 +58,6 @@ impl Drop for Proc {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn field(line: &str, prefix: &str) -> String {
-    line.strip_prefix(prefix)
-        .unwrap_or_else(|| panic!("expected {prefix:?}, got {line:?}"))
-        .to_string()
 }
 
 fn token(dir: &str, subject: &str) -> String {

@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tube_agent::{AgentError, AgentEvent};
 use tube_chain::front::FrontClient;
 use tube_proto::chain::FrontMessage;
-use tube_testkit::proc::Proc;
+use tube_testkit::proc::{Proc, RelayLines, field};
 use tube_testkit::*;
 
 const TUBE: &str = env!("CARGO_BIN_EXE_tube");
@@ -42,13 +42,6 @@ const RESET_BOUND: Duration = Duration::from_secs(2);
 /// Heartbeats of the liveness tests: every second, dead after two silent intervals.
 const HEARTBEAT: Duration = Duration::from_secs(1);
 const MISSES: u32 = 2;
-
-/// The rest of `line` after `prefix`.
-fn field(line: &str, prefix: &str) -> String {
-    line.strip_prefix(prefix)
-        .unwrap_or_else(|| panic!("expected {prefix:?}, got {line:?}"))
-        .to_string()
-}
 
 /// Sends `sig` (`STOP`, `CONT`, `TERM`, ...) to the process.
 async fn signal(p: &Proc, sig: &str) {
@@ -77,16 +70,11 @@ impl Relay {
         let mut args = vec!["relay", "--listen", listen, "--data-dir", d];
         args.extend_from_slice(extra);
         let mut proc = Proc::spawn(TUBE, &args, &[], Stdio::null());
-        let control = field(&proc.next_line().await?, "listening control ");
-        let mut next = proc.line().await;
-        let admin = if extra.contains(&"--admin") {
-            let a = field(&next, "listening admin ");
-            next = proc.line().await;
-            Some(a)
-        } else {
-            None
-        };
-        let fingerprint = field(&next, "fingerprint ");
+        let RelayLines {
+            control,
+            admin,
+            fingerprint,
+        } = RelayLines::read(&mut proc).await?;
         Some(Self {
             proc,
             control,

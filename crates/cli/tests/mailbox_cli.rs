@@ -57,6 +57,15 @@ async fn msg(dir: &std::path::Path, args: &[&str]) -> (bool, String, String) {
     )
 }
 
+/// A new client (`tube msg init` in a fresh dir) on the peer at `addr`: its dir and address.
+async fn client(addr: &str) -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().unwrap();
+    assert!(msg(dir.path(), &["init"]).await.0);
+    let (ok, address, err) = msg(dir.path(), &["id", "--peer", addr]).await;
+    assert!(ok, "{err}");
+    (dir, address.trim().to_owned())
+}
+
 /// Runs `tube msg ARGS --data-dir DIR` with `input` on stdin; returns (success, stderr).
 async fn msg_stdin(dir: &std::path::Path, args: &[&str], input: &[u8]) -> (bool, String) {
     use tokio::io::AsyncWriteExt;
@@ -232,13 +241,8 @@ async fn listen_prints_pushes_and_comes_back_after_its_peer_restarts() {
             .strip_prefix("listening admin ")
             .expect("admin line")
             .to_owned();
-        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        for d in [&a, &b] {
-            assert!(msg(d.path(), &["init"]).await.0);
-        }
-        let (_, addr_b, _) = msg(b.path(), &["id", "--peer", &addr]).await;
-        let (_, addr_a, _) = msg(a.path(), &["id", "--peer", &addr]).await;
-        let (addr_a, addr_b) = (addr_a.trim().to_owned(), addr_b.trim().to_owned());
+        let (a, addr_a) = client(&addr).await;
+        let (b, addr_b) = client(&addr).await;
 
         let mut listen = Command::new(TUBE)
             .args([
@@ -301,13 +305,8 @@ async fn listen_whose_stdout_is_gone_exits_and_leaves_the_message_for_the_next_f
     deadline(LIMIT, async {
         let (_p, lines) = peer(&[]).await;
         let addr = lines[0].strip_prefix("listening peer ").unwrap().to_owned();
-        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        for d in [&a, &b] {
-            assert!(msg(d.path(), &["init"]).await.0);
-        }
-        let (_, addr_b, _) = msg(b.path(), &["id", "--peer", &addr]).await;
-        let (_, addr_a, _) = msg(a.path(), &["id", "--peer", &addr]).await;
-        let (addr_a, addr_b) = (addr_a.trim().to_owned(), addr_b.trim().to_owned());
+        let (a, addr_a) = client(&addr).await;
+        let (b, addr_b) = client(&addr).await;
         // b registers once (its peer learns its certificate), then a writes.
         assert!(msg(b.path(), &["fetch", "--peer", &addr]).await.0);
         let (ok, _, err) = msg(a.path(), &["send", "--to", &addr_b, "kept"]).await;

@@ -14,20 +14,13 @@ use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::process::Command;
-use tube_testkit::proc::Proc;
+use tube_testkit::proc::{Proc, RelayLines, field};
 use tube_testkit::*;
 
 const TUBE: &str = env!("CARGO_BIN_EXE_tube");
 
 /// Deadline of every test body.
 const LIMIT: Duration = Duration::from_secs(60);
-
-/// The rest of `line` after `prefix`.
-fn field(line: &str, prefix: &str) -> String {
-    line.strip_prefix(prefix)
-        .unwrap_or_else(|| panic!("expected {prefix:?}, got {line:?}"))
-        .to_string()
-}
 
 /// A running `tube relay` and what it printed.
 struct Relay {
@@ -49,16 +42,14 @@ impl Relay {
     /// Starts `tube <args>` (a relay command line) and reads its contract lines.
     async fn start_args(args: &[&str], env: &[(&str, &str)]) -> Self {
         let mut proc = Proc::spawn(TUBE, args, env, Stdio::null());
-        let control = field(&proc.line().await, "listening control ");
-        let mut next = proc.line().await;
-        let admin = if args.contains(&"--admin") {
-            let a = field(&next, "listening admin ");
-            next = proc.line().await;
-            Some(a)
-        } else {
-            None
+        let Some(RelayLines {
+            control,
+            admin,
+            fingerprint,
+        }) = RelayLines::read(&mut proc).await
+        else {
+            panic!("the relay did not start: {}", proc.wait_stderr().await)
         };
-        let fingerprint = field(&next, "fingerprint ");
         Self {
             proc,
             control,

@@ -18,7 +18,7 @@ use futures_util::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tube_proto::lifecycle::AgentState;
-use tube_testkit::proc::Proc;
+use tube_testkit::proc::{Proc, RelayLines};
 use tube_testkit::*;
 
 const TUBE: &str = env!("CARGO_BIN_EXE_tube");
@@ -91,13 +91,17 @@ impl Relay {
         let mut args = vec!["relay", "--listen", "127.0.0.1:0", "--data-dir", &d];
         args.extend_from_slice(extra);
         let mut child = Child::spawn(&args, &[("RUST_LOG", log)]);
-        let control = after(&child.proc.line().await, "listening control ");
-        let mut next = child.proc.line().await;
-        let admin = next.strip_prefix("listening admin ").map(str::to_string);
-        if admin.is_some() {
-            next = child.proc.line().await;
-        }
-        let fingerprint = after(&next, "fingerprint ");
+        let Some(RelayLines {
+            control,
+            admin,
+            fingerprint,
+        }) = RelayLines::read(&mut child.proc).await
+        else {
+            panic!(
+                "the relay did not start: {}",
+                child.proc.wait_stderr().await
+            )
+        };
         Self {
             child,
             control,
@@ -165,13 +169,6 @@ impl Relay {
         );
         resp.text().await.expect("metrics body")
     }
-}
-
-/// The rest of `line` after `prefix`.
-fn after(line: &str, prefix: &str) -> String {
-    line.strip_prefix(prefix)
-        .unwrap_or_else(|| panic!("expected {prefix:?}, got {line:?}"))
-        .to_string()
 }
 
 /// Sum of the samples of metric `name` (all label sets) in Prometheus text.

@@ -39,7 +39,7 @@ use tube_proto::control::{ClientInfo, ControlMessage, TunnelInfo};
 use tube_proto::frame::Frame;
 use tube_proto::ratelimit::RateLimit;
 use tube_relay::JwtSecret;
-use tube_testkit::proc::{LINE_LIMIT, Proc};
+use tube_testkit::proc::{LINE_LIMIT, Proc, field};
 use tube_testkit::*;
 
 const TUBE: &str = env!("CARGO_BIN_EXE_tube");
@@ -48,13 +48,6 @@ const TUBE: &str = env!("CARGO_BIN_EXE_tube");
 const LIMIT: Duration = Duration::from_secs(120);
 
 type Conn = HandshakeConn<TlsStream<TcpStream>>;
-
-/// The rest of `line` after `prefix`.
-fn field(line: &str, prefix: &str) -> String {
-    line.strip_prefix(prefix)
-        .unwrap_or_else(|| panic!("expected {prefix:?}, got {line:?}"))
-        .to_string()
-}
 
 /// TCP from `src` to `addr`, then TLS pinned to `fp`.
 async fn tls_from(src: IpAddr, addr: SocketAddr, fp: Fingerprint) -> Conn {

@@ -169,3 +169,41 @@ impl Proc {
         self.child.kill().await.expect("kill the child");
     }
 }
+
+/// The text after `prefix` on a contract line; the test fails, naming both, on any other line.
+pub fn field(line: &str, prefix: &str) -> String {
+    line.strip_prefix(prefix)
+        .unwrap_or_else(|| panic!("expected {prefix:?}, got {line:?}"))
+        .to_string()
+}
+
+/// What `tube relay` prints on stdout once it is ready: `listening control ADDR`, then
+/// `listening admin ADDR` when it serves one, then `fingerprint sha256:HEX`.
+#[derive(Debug, Clone)]
+pub struct RelayLines {
+    /// The control (and public-port) listener's address.
+    pub control: String,
+    /// The admin listener's address, with `--admin`.
+    pub admin: Option<String>,
+    /// The certificate fingerprint agents pin, `sha256:HEX`.
+    pub fingerprint: String,
+}
+
+impl RelayLines {
+    /// Reads the lines from the relay's stdout; `None` if stdout ends before the first one
+    /// (the relay did not start). Any other line fails the test.
+    pub async fn read(proc: &mut Proc) -> Option<Self> {
+        let control = field(&proc.next_line().await?, "listening control ");
+        let mut next = proc.line().await;
+        let admin = next.strip_prefix("listening admin ").map(str::to_string);
+        if admin.is_some() {
+            next = proc.line().await;
+        }
+        let fingerprint = field(&next, "fingerprint ");
+        Some(Self {
+            control,
+            admin,
+            fingerprint,
+        })
+    }
+}
