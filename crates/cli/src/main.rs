@@ -59,6 +59,10 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     logging::init(cli.log_format);
+    // Two rustls providers are compiled in (tls::provider takes its AEAD from ring): make
+    // tube's the process default, so nothing that builds a rustls config without naming a
+    // provider can panic at run time for lack of one. Ours always name it.
+    let _ = (*tube_net::tls::provider()).clone().install_default();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

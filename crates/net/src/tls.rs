@@ -195,14 +195,20 @@ impl Identity {
     }
 }
 
-/// The one crypto provider tube uses: aws-lc-rs, with AES-128-GCM preferred.
+/// The one crypto provider tube uses: aws-lc-rs for key exchange (the post-quantum hybrid
+/// X25519MLKEM768 first), signatures and randomness, with the record encryption (the AEAD of
+/// the cipher suites) from ring and AES-128-GCM preferred.
 ///
-/// The default order puts AES-256-GCM first. Both are TLS 1.3 suites with 128-bit or better
-/// security; AES-128 takes 10 rounds instead of 14, and a profile of the relay moving bulk
-/// data showed AES-GCM as its largest single cost (about a fifth of its CPU). ChaCha20 stays
-/// for peers without AES instructions. TLS 1.3 suites only: tube speaks nothing else.
+/// The record encryption is the largest single cost of moving bytes (a fifth of the relay's
+/// and agent's CPU in a bulk profile). ring has an AES-GCM for CPUs with VAES and VPCLMULQDQ
+/// (256-bit AES rounds, e.g. AMD Zen 3, Intel Ice Lake and later) that aws-lc (as of aws-lc-sys
+/// 0.47) lacks without AVX-512; on such a machine it cut CPU per GiB carried to 0.80-0.83x
+/// (docs/performance.md). Elsewhere both use the same AES-NI code. The suites on the wire are
+/// the standard TLS 1.3 ones, so nothing changes for peers. The default order puts AES-256-GCM
+/// first; both have 128-bit or better security and AES-128 takes 10 rounds instead of 14.
+/// ChaCha20 stays for peers without AES instructions. TLS 1.3 suites only.
 pub fn provider() -> Arc<CryptoProvider> {
-    use aws_lc_rs::cipher_suite::{
+    use rustls::crypto::ring::cipher_suite::{
         TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384, TLS13_CHACHA20_POLY1305_SHA256,
     };
     Arc::new(CryptoProvider {
@@ -339,5 +345,68 @@ mod tests {
             assert_eq!(mode & 0o777, 0o600);
         }
         a.server_config().unwrap();
+    }
+
+    /// Runs a handshake between tube's server and pinning client configurations in memory
+    /// and returns both ends.
+    fn handshake() -> (rustls::ClientConnection, rustls::ServerConnection) {
+        let dir = tempfile::tempdir().unwrap();
+        let (id, _) = Identity::load_or_create(dir.path(), "relay").unwrap();
+        let mut server = rustls::ServerConnection::new(id.server_config().unwrap()).unwrap();
+        let mut client = rustls::ClientConnection::new(
+            pinned_client_config(id.fingerprint()).unwrap(),
+            server_name(),
+        )
+        .unwrap();
+        for _ in 0..10 {
+            if !client.is_handshaking() && !server.is_handshaking() {
+                break;
+            }
+            let mut wire = Vec::new();
+            client.write_tls(&mut wire).unwrap();
+            server.read_tls(&mut wire.as_slice()).unwrap();
+            server.process_new_packets().unwrap();
+            let mut wire = Vec::new();
+            server.write_tls(&mut wire).unwrap();
+            client.read_tls(&mut wire.as_slice()).unwrap();
+            client.process_new_packets().unwrap();
+        }
+        assert!(!client.is_handshaking() && !server.is_handshaking());
+        (client, server)
+    }
+
+    #[test]
+    fn tube_negotiates_tls13_aes128_gcm_over_a_post_quantum_key_exchange() {
+        use std::io::{Read, Write};
+        let (mut client, mut server) = handshake();
+        assert_eq!(
+            client.protocol_version(),
+            Some(rustls::ProtocolVersion::TLSv1_3)
+        );
+        assert_eq!(
+            client.negotiated_cipher_suite().map(|s| s.suite()),
+            Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256)
+        );
+        assert_eq!(
+            server.negotiated_key_exchange_group().map(|g| g.name()),
+            Some(rustls::NamedGroup::X25519MLKEM768)
+        );
+        // Records sealed by one end open at the other, both ways.
+        client.writer().write_all(b"to the server").unwrap();
+        let mut wire = Vec::new();
+        client.write_tls(&mut wire).unwrap();
+        server.read_tls(&mut wire.as_slice()).unwrap();
+        server.process_new_packets().unwrap();
+        let mut got = [0u8; 13];
+        server.reader().read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"to the server");
+        server.writer().write_all(b"and back").unwrap();
+        let mut wire = Vec::new();
+        server.write_tls(&mut wire).unwrap();
+        client.read_tls(&mut wire.as_slice()).unwrap();
+        client.process_new_packets().unwrap();
+        let mut got = [0u8; 8];
+        client.reader().read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"and back");
     }
 }
