@@ -347,38 +347,46 @@ mod tests {
         a.server_config().unwrap();
     }
 
-    /// Runs a handshake between tube's server and pinning client configurations in memory
-    /// and returns both ends.
-    fn handshake() -> (rustls::ClientConnection, rustls::ServerConnection) {
-        let dir = tempfile::tempdir().unwrap();
-        let (id, _) = Identity::load_or_create(dir.path(), "relay").unwrap();
-        let mut server = rustls::ServerConnection::new(id.server_config().unwrap()).unwrap();
-        let mut client = rustls::ClientConnection::new(
-            pinned_client_config(id.fingerprint()).unwrap(),
-            server_name(),
-        )
-        .unwrap();
-        for _ in 0..10 {
-            if !client.is_handshaking() && !server.is_handshaking() {
-                break;
-            }
-            let mut wire = Vec::new();
-            client.write_tls(&mut wire).unwrap();
-            server.read_tls(&mut wire.as_slice()).unwrap();
-            server.process_new_packets().unwrap();
-            let mut wire = Vec::new();
-            server.write_tls(&mut wire).unwrap();
-            client.read_tls(&mut wire.as_slice()).unwrap();
-            client.process_new_packets().unwrap();
-        }
-        assert!(!client.is_handshaking() && !server.is_handshaking());
-        (client, server)
+    /// Moves every TLS byte `from` has to send into `to`, which processes it.
+    fn transfer(from: &mut rustls::Connection, to: &mut rustls::Connection) {
+        let mut wire = Vec::new();
+        from.write_tls(&mut wire).unwrap();
+        to.read_tls(&mut wire.as_slice()).unwrap();
+        to.process_new_packets().unwrap();
+    }
+
+    /// Sends `msg` as application data from `from` to `to` and returns what `to` reads.
+    fn carry(from: &mut rustls::Connection, to: &mut rustls::Connection, msg: &[u8]) -> Vec<u8> {
+        use std::io::{Read, Write};
+        from.writer().write_all(msg).unwrap();
+        transfer(from, to);
+        let mut got = vec![0; msg.len()];
+        to.reader().read_exact(&mut got).unwrap();
+        got
     }
 
     #[test]
     fn tube_negotiates_tls13_aes128_gcm_over_a_post_quantum_key_exchange() {
-        use std::io::{Read, Write};
-        let (mut client, mut server) = handshake();
+        let dir = tempfile::tempdir().unwrap();
+        let (id, _) = Identity::load_or_create(dir.path(), "relay").unwrap();
+        let mut server: rustls::Connection =
+            rustls::ServerConnection::new(id.server_config().unwrap())
+                .unwrap()
+                .into();
+        let mut client: rustls::Connection = rustls::ClientConnection::new(
+            pinned_client_config(id.fingerprint()).unwrap(),
+            server_name(),
+        )
+        .unwrap()
+        .into();
+        for _ in 0..10 {
+            if !client.is_handshaking() && !server.is_handshaking() {
+                break;
+            }
+            transfer(&mut client, &mut server);
+            transfer(&mut server, &mut client);
+        }
+        assert!(!client.is_handshaking() && !server.is_handshaking());
         assert_eq!(
             client.protocol_version(),
             Some(rustls::ProtocolVersion::TLSv1_3)
@@ -392,21 +400,10 @@ mod tests {
             Some(rustls::NamedGroup::X25519MLKEM768)
         );
         // Records sealed by one end open at the other, both ways.
-        client.writer().write_all(b"to the server").unwrap();
-        let mut wire = Vec::new();
-        client.write_tls(&mut wire).unwrap();
-        server.read_tls(&mut wire.as_slice()).unwrap();
-        server.process_new_packets().unwrap();
-        let mut got = [0u8; 13];
-        server.reader().read_exact(&mut got).unwrap();
-        assert_eq!(&got, b"to the server");
-        server.writer().write_all(b"and back").unwrap();
-        let mut wire = Vec::new();
-        server.write_tls(&mut wire).unwrap();
-        client.read_tls(&mut wire.as_slice()).unwrap();
-        client.process_new_packets().unwrap();
-        let mut got = [0u8; 8];
-        client.reader().read_exact(&mut got).unwrap();
-        assert_eq!(&got, b"and back");
+        assert_eq!(
+            carry(&mut client, &mut server, b"to the server"),
+            b"to the server"
+        );
+        assert_eq!(carry(&mut server, &mut client, b"and back"), b"and back");
     }
 }
