@@ -235,7 +235,7 @@ async fn http_get(addr: &str, path: &str) -> String {
 #[tokio::test]
 async fn listen_prints_pushes_and_comes_back_after_its_peer_restarts() {
     deadline(LIMIT, async {
-        let (p, lines) = peer(&["--admin", "127.0.0.1:0"]).await;
+        let (mut p, lines) = peer(&["--admin", "127.0.0.1:0"]).await;
         let addr = lines[0].strip_prefix("listening peer ").unwrap().to_owned();
         let admin = lines[1]
             .strip_prefix("listening admin ")
@@ -287,8 +287,9 @@ async fn listen_prints_pushes_and_comes_back_after_its_peer_restarts() {
         // (listen acknowledges after printing, so the queue gauge may still be 1 here.)
         assert!(metrics.contains("tube_peer_clients 1"), "{metrics}");
 
-        // The peer restarts on the same address: listen registers again by itself.
-        drop(p);
+        // The peer restarts on the same address: listen registers again by itself. The old
+        // one is reaped first (a drop only sends SIGKILL: its port could still be bound).
+        p.kill().await.expect("kill the peer");
         let (_p2, _) = peer_on(&addr, &[]).await;
         registered(&mut err).await;
         assert!(msg(a.path(), &["send", "--to", &addr_b, "two"]).await.0);
