@@ -463,6 +463,15 @@ async fn accept_to(api: &str, svc: &TestServer) -> Proc {
     accept
 }
 
+/// The `tube chain list` lines of the node at `api` for chains it requested that are up.
+async fn established(api: &str) -> Vec<String> {
+    list(api)
+        .await
+        .into_iter()
+        .filter(|l| l.contains(" requester established "))
+        .collect()
+}
+
 /// [`accept_to`] on `ns[2]` (named n4) and `tube chain listen n4` on `ns[0]` (n2): the two
 /// processes and listen's local address.
 async fn listen_to_echo(ns: &[Node], svc: &TestServer) -> (Proc, Proc, String) {
@@ -513,11 +522,7 @@ async fn chain_cli_listen_gives_each_connection_a_chain_and_close_ends_one() {
             users.push(u);
             accept.line().await; // `chain <id> <forward>` for each
         }
-        let chains: Vec<String> = list(&ns[0].api)
-            .await
-            .into_iter()
-            .filter(|l| l.contains(" requester established "))
-            .collect();
+        let chains = established(&ns[0].api).await;
         assert_eq!(chains.len(), 2, "{chains:?}");
 
         // `close` ends exactly one of them: the other still echoes.
@@ -612,11 +617,7 @@ async fn a_chain_whose_middle_node_dies_resets_the_user_of_chain_listen_within_2
             .expect("local port");
         assert_eq!(roundtrip(&mut user, &[7; 1000]).await, vec![7; 1000]);
         accept.line().await; // `chain <id> <forward>`: the chain is up end to end
-        let hops: Vec<String> = list(&ns[0].api)
-            .await
-            .into_iter()
-            .filter(|l| l.contains(" requester established "))
-            .collect();
+        let hops = established(&ns[0].api).await;
         assert_eq!(hops.len(), 1, "{hops:?}");
 
         ns[1].proc.kill().await;

@@ -66,6 +66,23 @@ async fn client(addr: &str) -> (tempfile::TempDir, String) {
     (dir, address.trim().to_owned())
 }
 
+/// Starts `tube msg listen --peer addr --data-dir dir` plus `extra`, logging at info, with
+/// stdout and stderr piped.
+fn listen(addr: &str, dir: &std::path::Path, extra: &[&str]) -> Child {
+    Command::new(TUBE)
+        .args(["msg", "listen", "--peer", addr])
+        .args(extra)
+        .arg("--data-dir")
+        .arg(dir)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn listen")
+}
+
 /// Runs `tube msg ARGS --data-dir DIR` with `input` on stdin; returns (success, stderr).
 async fn msg_stdin(dir: &std::path::Path, args: &[&str], input: &[u8]) -> (bool, String) {
     use tokio::io::AsyncWriteExt;
@@ -244,24 +261,7 @@ async fn listen_prints_pushes_and_comes_back_after_its_peer_restarts() {
         let (a, addr_a) = client(&addr).await;
         let (b, addr_b) = client(&addr).await;
 
-        let mut listen = Command::new(TUBE)
-            .args([
-                "msg",
-                "listen",
-                "--peer",
-                &addr,
-                "--keepalive",
-                "1s",
-                "--data-dir",
-            ])
-            .arg(b.path())
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("spawn listen");
+        let mut listen = listen(&addr, b.path(), &["--keepalive", "1s"]);
         let mut out = BufReader::new(listen.stdout.take().unwrap()).lines();
         let mut err = BufReader::new(listen.stderr.take().unwrap()).lines();
         let registered =
@@ -314,15 +314,7 @@ async fn listen_whose_stdout_is_gone_exits_and_leaves_the_message_for_the_next_f
         assert!(ok, "send failed: {err}");
 
         // Nobody reads listen's stdout: printing the queued message fails (EPIPE).
-        let mut listen = Command::new(TUBE)
-            .args(["msg", "listen", "--peer", &addr, "--data-dir"])
-            .arg(b.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("spawn listen");
+        let mut listen = listen(&addr, b.path(), &[]);
         drop(listen.stdout.take());
         let out = listen.wait_with_output().await.expect("listen exits");
         let err = String::from_utf8_lossy(&out.stderr);
