@@ -4,7 +4,7 @@
 
 use super::*;
 
-type Conn = HandshakeConn<TlsStream<ReadAhead<TcpStream>>>;
+type Conn = HandshakeConn<SecureStream<TcpStream>>;
 
 /// One connection's life: connect, authenticate, register, serve.
 pub(crate) async fn session(
@@ -71,8 +71,7 @@ async fn connect(config: &AgentConfig) -> Result<(Conn, u32), AgentError> {
         .map_err(|e| err(e.to_string()))?;
     tube_net::tune_tcp(&tcp);
     let tls_cfg = tls::pinned_client_config(config.fingerprint).map_err(|e| err(e.to_string()))?;
-    let tls = TlsConnector::from(tls_cfg)
-        .connect(tls::server_name(), ReadAhead::new(tcp))
+    let tls = tube_net::secure::connect(tcp, tls_cfg, tls::server_name())
         .await
         .map_err(|e| {
             if e.to_string().contains(tls::PIN_MISMATCH) {

@@ -9,17 +9,19 @@
 //!   per-stream credit windows, bounded queues).
 //! - [`proxy`]: moves bytes between a TCP socket and a mux stream, carrying half-close and
 //!   resets.
-//! - [`readahead`]: the read buffer beneath TLS (64 KiB per `read` instead of rustls's 4 KiB).
+//! - [`record`]: TLS 1.3 record protection (pure), and [`secure`]: the stream built on it
+//!   after a rustls handshake, for the relay's agent connections.
 
 pub mod codec;
 pub mod files;
 pub mod mux;
 pub mod proxy;
-pub mod readahead;
+pub mod record;
+pub mod secure;
 pub mod tls;
 
 pub use mux::{Incoming, Mux, MuxConfig, MuxError, MuxEvents, MuxStream, Role};
-pub use readahead::ReadAhead;
+pub use secure::SecureStream;
 pub use tls::{Fingerprint, Identity, TlsError};
 pub use tokio_rustls;
 

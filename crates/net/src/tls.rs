@@ -187,10 +187,12 @@ impl Identity {
 
     /// A TLS 1.3-only server configuration presenting this identity.
     pub fn server_config(&self) -> Result<Arc<rustls::ServerConfig>, TlsError> {
-        let cfg = rustls::ServerConfig::builder_with_provider(provider())
+        let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_no_client_auth()
             .with_single_cert(self.certs.clone(), self.key.clone_key())?;
+        // Lets crate::secure take the traffic keys after the handshake; nothing else does.
+        cfg.enable_secret_extraction = true;
         Ok(Arc::new(cfg))
     }
 }
@@ -229,11 +231,12 @@ pub fn pinned_client_config(pinned: Fingerprint) -> Result<Arc<rustls::ClientCon
         pinned,
         provider: provider.clone(),
     });
-    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
         .with_custom_certificate_verifier(verifier)
         .with_no_client_auth();
+    cfg.enable_secret_extraction = true;
     Ok(Arc::new(cfg))
 }
 

@@ -16,6 +16,7 @@
 //! - [`mailbox`]: the mailbox root packets (seed 003).
 //! - [`longpoll`]: the long-poll proxy's headers (seed 004).
 //! - [`time`]: RFC 3339 timestamps.
+//! - [`tls13`]: the framing of TLS 1.3 records (headers, padding, post-handshake messages).
 
 pub mod backoff;
 pub mod chain;
@@ -29,6 +30,7 @@ pub mod longpoll;
 pub mod mailbox;
 pub mod ratelimit;
 pub mod time;
+pub mod tls13;
 
 pub use control::{ControlMessage, ErrorCode, ErrorDetails};
 pub use flow::{FlowError, RecvWindow};

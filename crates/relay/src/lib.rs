@@ -25,7 +25,6 @@ use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tube_net::tokio_rustls::TlsAcceptor;
 use tube_proto::ratelimit::KeyedLimiter;
 use uuid::Uuid;
 
@@ -196,7 +195,10 @@ impl Relay {
         shutdown: CancellationToken,
     ) -> Result<(), RelayError> {
         let shared = self.shared;
-        let acceptor = TlsAcceptor::from(shared.config.identity.server_config()?);
+        let mut tls = (*shared.config.identity.server_config()?).clone();
+        // Agents never resume a session, so no tickets are sent.
+        tls.send_tls13_tickets = 0;
+        let tls = Arc::new(tls);
         let slots = HandshakeSlots::new(
             shared.config.max_handshakes,
             shared.config.max_handshakes_per_ip,
@@ -218,7 +220,7 @@ impl Relay {
                 tcp,
                 peer,
                 shared.clone(),
-                acceptor.clone(),
+                tls.clone(),
                 shutdown.clone(),
                 permit,
             ));

@@ -13,7 +13,7 @@ pub(crate) async fn serve(
     tcp: TcpStream,
     peer: SocketAddr,
     shared: Arc<Shared>,
-    acceptor: TlsAcceptor,
+    tls: Arc<ServerConfig>,
     shutdown: CancellationToken,
     permit: crate::HandshakeSlot,
 ) {
@@ -33,7 +33,7 @@ pub(crate) async fn serve(
     );
     state.changed();
     let outcome = tokio::select! {
-        r = handshake(tcp, peer, &shared, &acceptor, session_id) => r,
+        r = handshake(tcp, peer, &shared, tls, session_id) => r,
         _ = shutdown.cancelled() => None,
     };
     drop(permit);
@@ -89,13 +89,13 @@ async fn handshake(
     tcp: TcpStream,
     peer: SocketAddr,
     shared: &Shared,
-    acceptor: &TlsAcceptor,
+    tls: Arc<ServerConfig>,
     session: u64,
-) -> Option<Authed<tube_net::tokio_rustls::server::TlsStream<tube_net::ReadAhead<TcpStream>>>> {
+) -> Option<Authed<tube_net::SecureStream<TcpStream>>> {
     let deadline = Instant::now() + shared.config.handshake_timeout;
     let local = tcp.local_addr().ok();
     tube_net::tune_tcp(&tcp);
-    let tls = match timeout_at(deadline, acceptor.accept(tube_net::ReadAhead::new(tcp))).await {
+    let tls = match timeout_at(deadline, tube_net::secure::accept(tcp, tls)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
             tracing::warn!(%peer, error = %e, "tls handshake failed");

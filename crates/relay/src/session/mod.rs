@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tube_net::codec::{ControlError, HandshakeConn, handshake_conn, recv_control, send_control};
 use tube_net::mux::DEFAULT_WINDOW;
-use tube_net::tokio_rustls::TlsAcceptor;
+use tube_net::tokio_rustls::rustls::ServerConfig;
 use tube_net::{Mux, Role};
 use tube_proto::cidr::Cidr;
 use tube_proto::control::{ControlMessage, ServerInfo, TunnelConfig, TunnelInfo};

@@ -1,0 +1,771 @@
+//! TLS 1.3 streams whose records tube seals and opens itself, for the relay's agent
+//! connections, which carry every tunnelled byte.
+//!
+//! rustls runs the whole handshake (its unbuffered API, the same configs, certificate pinning
+//! and key exchange as everywhere else), then hands over the traffic secrets and a
+//! [`KernelConnection`] that derives the next keys on a KeyUpdate: the path rustls offers for
+//! kernel TLS. [`SecureStream`] then seals and opens records with [`crate::record`] in its own
+//! buffers: a received byte is read from the socket into one buffer, decrypted there and
+//! copied once to the reader, where rustls's buffered connection copies it three times; a sent
+//! byte is copied once into the record it is sealed in, with no allocation per record.
+//!
+//! Bounds: the receive buffer is [`SMALL_BUF`] bytes, or [`BIG_BUF`] while the peer streams
+//! (a read fills it), and shrinks back when a read finds nothing after a short one; the send
+//! buffer holds at most [`WRITE_BATCH`] bytes of plaintext sealed, a write waits until the
+//! socket took the previous batch, and a small batch gives a grown buffer back. The sending
+//! keys are replaced (KeyUpdate) long before the cipher suite's confidentiality limit; a
+//! KeyUpdate the peer asks for is answered before the next record of data.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+use rustls::client::{ClientConnectionData, UnbufferedClientConnection};
+use rustls::kernel::KernelConnection;
+use rustls::server::{ServerConnectionData, UnbufferedServerConnection};
+use rustls::unbuffered::{ConnectionState, EncodeError, UnbufferedStatus};
+use rustls::{ConnectionTrafficSecrets, ExtractedSecrets};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+
+use crate::record::{self, ContentType, Opener, PostHandshake, RecordError, Sealer};
+
+/// The receive buffer of a connection that exchanges small messages.
+pub const SMALL_BUF: usize = 4 * 1024;
+/// The receive buffer while the peer streams: up to this much per read.
+pub const BIG_BUF: usize = 128 * 1024;
+/// Most plaintext one write seals (in records of at most 16 KiB) before it goes out.
+pub const WRITE_BATCH: usize = 64 * 1024;
+/// Most bytes of one handshake flight, and of application data that arrives with it.
+const MAX_HANDSHAKE: usize = 64 * 1024;
+/// Most consecutive empty records of data accepted (they cost work and carry nothing).
+const MAX_EMPTY_RECORDS: u32 = 32;
+
+fn invalid(e: impl std::fmt::Display) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e.to_string())
+}
+
+fn record_err(e: RecordError) -> io::Error {
+    invalid(e)
+}
+
+/// Runs the server side of a handshake on `io`.
+pub async fn accept<T>(io: T, config: Arc<rustls::ServerConfig>) -> io::Result<SecureStream<T>>
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    let conn = UnbufferedServerConnection::new(config).map_err(invalid)?;
+    handshake(io, conn).await
+}
+
+/// Runs the client side of a handshake on `io`, offering `name`.
+pub async fn connect<T>(
+    io: T,
+    config: Arc<rustls::ClientConfig>,
+    name: rustls::pki_types::ServerName<'static>,
+) -> io::Result<SecureStream<T>>
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    let conn = UnbufferedClientConnection::new(config, name).map_err(invalid)?;
+    handshake(io, conn).await
+}
+
+/// The two sides of rustls's unbuffered connection, as the handshake driver needs them.
+trait Unbuffered {
+    type Data;
+    fn process<'c, 'i>(
+        &'c mut self,
+        incoming: &'i mut [u8],
+    ) -> UnbufferedStatus<'c, 'i, Self::Data>;
+    fn into_kernel(self) -> Result<(ExtractedSecrets, Kernel), rustls::Error>;
+}
+
+impl Unbuffered for UnbufferedClientConnection {
+    type Data = ClientConnectionData;
+    fn process<'c, 'i>(
+        &'c mut self,
+        incoming: &'i mut [u8],
+    ) -> UnbufferedStatus<'c, 'i, Self::Data> {
+        self.process_tls_records(incoming)
+    }
+    fn into_kernel(self) -> Result<(ExtractedSecrets, Kernel), rustls::Error> {
+        let (secrets, kernel) = self.dangerous_into_kernel_connection()?;
+        Ok((secrets, Kernel::Client(kernel)))
+    }
+}
+
+impl Unbuffered for UnbufferedServerConnection {
+    type Data = ServerConnectionData;
+    fn process<'c, 'i>(
+        &'c mut self,
+        incoming: &'i mut [u8],
+    ) -> UnbufferedStatus<'c, 'i, Self::Data> {
+        self.process_tls_records(incoming)
+    }
+    fn into_kernel(self) -> Result<(ExtractedSecrets, Kernel), rustls::Error> {
+        let (secrets, kernel) = self.dangerous_into_kernel_connection()?;
+        Ok((secrets, Kernel::Server(kernel)))
+    }
+}
+
+/// What rustls keeps after the handshake: the key schedule, for KeyUpdates and tickets.
+enum Kernel {
+    Client(KernelConnection<ClientConnectionData>),
+    Server(KernelConnection<ServerConnectionData>),
+}
+
+impl Kernel {
+    fn next_tx(&mut self) -> Result<(u64, ConnectionTrafficSecrets), rustls::Error> {
+        match self {
+            Kernel::Client(k) => k.update_tx_secret(),
+            Kernel::Server(k) => k.update_tx_secret(),
+        }
+    }
+
+    fn next_rx(&mut self) -> Result<(u64, ConnectionTrafficSecrets), rustls::Error> {
+        match self {
+            Kernel::Client(k) => k.update_rx_secret(),
+            Kernel::Server(k) => k.update_rx_secret(),
+        }
+    }
+
+    fn ticket(&mut self, body: &[u8]) -> io::Result<()> {
+        match self {
+            Kernel::Client(k) => k.handle_new_session_ticket(body).map_err(invalid),
+            Kernel::Server(_) => Err(invalid(RecordError::Handshake(4))),
+        }
+    }
+
+    /// Records the sending keys may seal before they are replaced: half the suite's
+    /// confidentiality limit (2^23 records for AES-GCM).
+    fn key_update_after(&self) -> u64 {
+        let suite = match self {
+            Kernel::Client(k) => k.negotiated_cipher_suite(),
+            Kernel::Server(k) => k.negotiated_cipher_suite(),
+        };
+        suite
+            .tls13()
+            .map_or(1 << 23, |s| s.common.confidentiality_limit / 2)
+    }
+}
+
+/// Drives rustls's unbuffered handshake over `io` until application data may flow, then
+/// takes its secrets.
+async fn handshake<T, C>(mut io: T, mut conn: C) -> io::Result<SecureStream<T>>
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+    C: Unbuffered,
+{
+    let mut inbuf = vec![0; 4 * 1024];
+    let mut used = 0;
+    let mut out = Vec::new();
+    let mut out_len = 0;
+    // Application data that came with the last handshake flight.
+    let mut early = Vec::new();
+    loop {
+        let status = conn.process(&mut inbuf[..used]);
+        let discard = status.discard;
+        let mut read = false;
+        let mut done = false;
+        let state = match status.state {
+            Ok(state) => state,
+            Err(e) => {
+                send_alert(&mut io, &mut conn).await;
+                return Err(invalid(e));
+            }
+        };
+        match state {
+            ConnectionState::EncodeTlsData(mut s) => loop {
+                match s.encode(&mut out[out_len..]) {
+                    Ok(n) => {
+                        out_len += n;
+                        break;
+                    }
+                    Err(EncodeError::InsufficientSize(e))
+                        if out_len + e.required_size <= MAX_HANDSHAKE =>
+                    {
+                        out.resize(out_len + e.required_size, 0);
+                    }
+                    Err(e) => return Err(invalid(e)),
+                }
+            },
+            ConnectionState::TransmitTlsData(s) => {
+                io.write_all(&out[..out_len]).await?;
+                io.flush().await?;
+                out_len = 0;
+                s.done();
+            }
+            ConnectionState::BlockedHandshake => read = true,
+            ConnectionState::ReadTraffic(mut r) => {
+                while let Some(rec) = r.next_record() {
+                    let rec = rec.map_err(invalid)?;
+                    if early.len() + rec.payload.len() > MAX_HANDSHAKE {
+                        return Err(invalid("too much data during the tls handshake"));
+                    }
+                    early.extend_from_slice(rec.payload);
+                }
+            }
+            ConnectionState::WriteTraffic(_) => done = true,
+            ConnectionState::PeerClosed | ConnectionState::Closed => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "peer closed during the tls handshake",
+                ));
+            }
+            other => return Err(invalid(format!("unexpected tls handshake state {other:?}"))),
+        }
+        inbuf.copy_within(discard..used, 0);
+        used -= discard;
+        if done {
+            break;
+        }
+        if read {
+            if used == inbuf.len() {
+                if inbuf.len() >= MAX_HANDSHAKE + record::HEADER_LEN + record::MAX_CIPHERTEXT {
+                    return Err(invalid("tls handshake message too large"));
+                }
+                inbuf.resize(inbuf.len() * 2, 0);
+            }
+            let n = io.read(&mut inbuf[used..]).await?;
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "peer closed during the tls handshake",
+                ));
+            }
+            used += n;
+        }
+    }
+    let (secrets, kernel) = conn.into_kernel().map_err(invalid)?;
+    let (tx_seq, tx) = secrets.tx;
+    let (rx_seq, rx) = secrets.rx;
+    let tx_limit = kernel.key_update_after();
+    let rbuf = RecvBuf::holding(&inbuf[..used]);
+    Ok(SecureStream {
+        io,
+        kernel,
+        rx: Opener::new(&rx, rx_seq).map_err(record_err)?,
+        rbuf,
+        plain: 0..0,
+        record_end: 0,
+        early,
+        empty_records: 0,
+        peer_closed: false,
+        tx: Sealer::new(&tx, tx_seq).map_err(record_err)?,
+        tx_limit,
+        answer_key_update: false,
+        wbuf: Vec::new(),
+        wpos: 0,
+        close_sent: false,
+    })
+}
+
+/// Sends the alert rustls queued on a failed handshake, if any, within a short grace.
+async fn send_alert<T, C>(io: &mut T, conn: &mut C)
+where
+    T: AsyncWrite + Unpin,
+    C: Unbuffered,
+{
+    let mut buf = [0u8; 64];
+    let n = match conn.process(&mut []).state {
+        Ok(ConnectionState::EncodeTlsData(mut s)) => s.encode(&mut buf).unwrap_or(0),
+        _ => 0,
+    };
+    if n > 0 {
+        let grace = std::time::Duration::from_millis(500);
+        let _ = tokio::time::timeout(grace, io.write_all(&buf[..n])).await;
+    }
+}
+
+/// A TLS 1.3 connection after its handshake: reads and writes application data.
+pub struct SecureStream<T> {
+    io: T,
+    kernel: Kernel,
+    rx: Opener,
+    /// Bytes read from the socket: the opened record at the front (while `plain` is not
+    /// empty), then records not yet opened.
+    rbuf: RecvBuf,
+    /// The part of the opened record's plaintext not yet read, as a range of `rbuf.data()`.
+    plain: std::ops::Range<usize>,
+    /// The opened record's length.
+    record_end: usize,
+    /// Application data that came with the handshake, read before any record.
+    early: Vec<u8>,
+    empty_records: u32,
+    /// The peer sent close_notify: reads return end of stream.
+    peer_closed: bool,
+    tx: Sealer,
+    /// Records `tx` may seal before its keys are replaced.
+    tx_limit: u64,
+    /// The peer asked for a KeyUpdate; it goes out before the next data.
+    answer_key_update: bool,
+    /// Sealed records not yet written, from `wpos` on.
+    wbuf: Vec<u8>,
+    wpos: usize,
+    close_sent: bool,
+}
+
+impl<T> std::fmt::Debug for SecureStream<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SecureStream")
+            .field("buffered_in", &self.rbuf.data().len())
+            .field("buffered_out", &(self.wbuf.len() - self.wpos))
+            .finish_non_exhaustive()
+    }
+}
+
+impl<T> SecureStream<T> {
+    /// The transport beneath.
+    pub fn get_ref(&self) -> &T {
+        &self.io
+    }
+
+    /// Replaces the sending keys after `records` more records (tests of KeyUpdate).
+    #[cfg(test)]
+    fn update_keys_after(&mut self, records: u64) {
+        self.tx_limit = self.tx.seq() + records;
+    }
+
+    /// Seals a KeyUpdate with the current keys and moves to the next ones, when they are
+    /// worn out or the peer asked for it.
+    fn maybe_update_keys(&mut self) -> io::Result<()> {
+        if !self.answer_key_update && self.tx.seq() < self.tx_limit {
+            return Ok(());
+        }
+        self.tx
+            .seal(
+                ContentType::Handshake,
+                &record::key_update(false),
+                &mut self.wbuf,
+            )
+            .map_err(record_err)?;
+        let (seq, next) = self.kernel.next_tx().map_err(invalid)?;
+        self.tx = Sealer::new(&next, seq).map_err(record_err)?;
+        self.tx_limit = self.kernel.key_update_after();
+        self.answer_key_update = false;
+        Ok(())
+    }
+
+    /// Handles the record just opened at the front of `rbuf` (`len` bytes of plaintext of
+    /// type `typ`, the record `total` bytes long).
+    fn opened(&mut self, typ: ContentType, len: usize, total: usize) -> io::Result<()> {
+        let body = record::HEADER_LEN..record::HEADER_LEN + len;
+        match typ {
+            ContentType::ApplicationData => {
+                if len == 0 {
+                    self.empty_records += 1;
+                    if self.empty_records > MAX_EMPTY_RECORDS {
+                        return Err(invalid("too many empty tls records"));
+                    }
+                    self.rbuf.consume(total);
+                } else {
+                    self.empty_records = 0;
+                    self.plain = body;
+                    self.record_end = total;
+                }
+            }
+            ContentType::Handshake => {
+                for msg in record::post_handshake(&self.rbuf.data()[body]).map_err(record_err)? {
+                    match msg {
+                        PostHandshake::KeyUpdate { requested } => {
+                            let (seq, next) = self.kernel.next_rx().map_err(invalid)?;
+                            self.rx = Opener::new(&next, seq).map_err(record_err)?;
+                            self.answer_key_update |= requested;
+                        }
+                        PostHandshake::NewSessionTicket(body) => self.kernel.ticket(body)?,
+                    }
+                }
+                self.rbuf.consume(total);
+            }
+            ContentType::Alert => {
+                match &self.rbuf.data()[body] {
+                    [_, 0] => self.peer_closed = true,
+                    // user_canceled: a close_notify follows.
+                    [_, 90] => {}
+                    [_, d] => return Err(invalid(format!("tls alert {d} from the peer"))),
+                    _ => return Err(invalid("malformed tls alert")),
+                }
+                self.rbuf.consume(total);
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the sealed records not yet written.
+    fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>
+    where
+        T: AsyncWrite + Unpin,
+    {
+        while self.wpos < self.wbuf.len() {
+            let n = ready!(Pin::new(&mut self.io).poll_write(cx, &self.wbuf[self.wpos..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.wpos += n;
+        }
+        if self.wbuf.len() < SMALL_BUF && self.wbuf.capacity() > 4 * SMALL_BUF {
+            // A small batch after a bulk one: give the grown buffer back.
+            self.wbuf = Vec::new();
+        }
+        self.wbuf.clear();
+        self.wpos = 0;
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// The receive buffer: bytes read from the socket, consumed from the front. Bytes are moved
+/// only to make room for a record that would not fit (at most one partial record per read).
+struct RecvBuf {
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+    /// The last read filled what it was given, or at least [`SMALL_BUF`].
+    streaming: bool,
+}
+
+impl RecvBuf {
+    fn holding(bytes: &[u8]) -> Self {
+        Self {
+            buf: bytes.to_vec(),
+            start: 0,
+            end: bytes.len(),
+            streaming: false,
+        }
+    }
+
+    fn data(&self) -> &[u8] {
+        &self.buf[self.start..self.end]
+    }
+
+    fn data_mut(&mut self) -> &mut [u8] {
+        &mut self.buf[self.start..self.end]
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.start += n;
+        if self.start >= self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+    }
+
+    /// Space to read into, for a record of `need` bytes (header included) at the front.
+    fn room(&mut self, need: usize) -> &mut [u8] {
+        let len = self.end - self.start;
+        let want = if self.streaming { BIG_BUF } else { SMALL_BUF }.max(need);
+        if self.buf.len() < want {
+            let mut bigger = vec![0; want];
+            bigger[..len].copy_from_slice(self.data());
+            self.buf = bigger;
+            self.start = 0;
+            self.end = len;
+        } else if self.start > 0
+            && self.buf.len() - self.end < (need - len.min(need)).max(self.buf.len() / 2)
+        {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.start = 0;
+            self.end = len;
+        }
+        &mut self.buf[self.end..]
+    }
+
+    fn filled(&mut self, n: usize) {
+        let room = self.buf.len() - self.end;
+        self.end += n;
+        self.streaming = n == room || n >= SMALL_BUF;
+    }
+
+    /// A read found nothing: a buffer grown for a stream that has ended is given back.
+    fn idle(&mut self) {
+        if self.start == self.end && !self.streaming && self.buf.len() > SMALL_BUF {
+            self.buf = Vec::new();
+            self.start = 0;
+            self.end = 0;
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for SecureStream<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let mut copied = false;
+        if !this.early.is_empty() {
+            let n = buf.remaining().min(this.early.len());
+            buf.put_slice(&this.early[..n]);
+            this.early.drain(..n);
+            return Poll::Ready(Ok(()));
+        }
+        loop {
+            if !this.plain.is_empty() {
+                let n = buf.remaining().min(this.plain.len());
+                buf.put_slice(&this.rbuf.data()[this.plain.start..this.plain.start + n]);
+                this.plain.start += n;
+                copied |= n > 0;
+                if !this.plain.is_empty() {
+                    return Poll::Ready(Ok(()));
+                }
+                this.rbuf.consume(this.record_end);
+            }
+            if buf.remaining() == 0 || this.peer_closed {
+                return Poll::Ready(Ok(()));
+            }
+            let need = match record::record_len(this.rbuf.data()).map_err(record_err)? {
+                Some(total) if this.rbuf.data().len() >= total => {
+                    let (typ, len) = this
+                        .rx
+                        .open(&mut this.rbuf.data_mut()[..total])
+                        .map_err(record_err)?;
+                    this.opened(typ, len, total)?;
+                    continue;
+                }
+                Some(total) => total,
+                None => record::HEADER_LEN,
+            };
+            if copied {
+                return Poll::Ready(Ok(()));
+            }
+            let room = this.rbuf.room(need);
+            let mut rb = ReadBuf::new(room);
+            match Pin::new(&mut this.io).poll_read(cx, &mut rb) {
+                Poll::Pending => {
+                    this.rbuf.idle();
+                    return Poll::Pending;
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(())) => {
+                    let n = rb.filled().len();
+                    if n == 0 {
+                        return Poll::Ready(Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "peer closed without tls close_notify",
+                        )));
+                    }
+                    this.rbuf.filled(n);
+                }
+            }
+        }
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for SecureStream<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.poll_write_vectored(cx, &[io::IoSlice::new(buf)])
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        ready!(this.poll_drain(cx))?;
+        if this.close_sent {
+            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+        }
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        if total == 0 {
+            return Poll::Ready(Ok(0));
+        }
+        let (mut idx, mut off, mut taken) = (0, 0, 0);
+        while taken < total.min(WRITE_BATCH) {
+            this.maybe_update_keys()?;
+            let start = Sealer::begin(&mut this.wbuf);
+            let mut room = record::MAX_PLAINTEXT.min(WRITE_BATCH - taken);
+            while room > 0 && idx < bufs.len() {
+                let b = &bufs[idx][off..];
+                let n = room.min(b.len());
+                this.wbuf.extend_from_slice(&b[..n]);
+                room -= n;
+                off += n;
+                taken += n;
+                if off == bufs[idx].len() {
+                    idx += 1;
+                    off = 0;
+                }
+            }
+            this.tx
+                .finish(&mut this.wbuf, start, ContentType::ApplicationData)
+                .map_err(record_err)?;
+        }
+        // What the socket does not take now goes out on the next write or flush.
+        if let Poll::Ready(Err(e)) = this.poll_drain(cx) {
+            return Poll::Ready(Err(e));
+        }
+        Poll::Ready(Ok(taken))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        ready!(this.poll_drain(cx))?;
+        Pin::new(&mut this.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.close_sent {
+            ready!(this.poll_drain(cx))?;
+            this.tx
+                .seal(ContentType::Alert, &record::CLOSE_NOTIFY, &mut this.wbuf)
+                .map_err(record_err)?;
+            this.close_sent = true;
+        }
+        ready!(this.poll_drain(cx))?;
+        Pin::new(&mut this.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tls::{self, Identity};
+    use std::io::Write;
+    use tokio::net::{TcpListener, TcpStream};
+    use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+    fn pattern(len: usize, seed: u8) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+            .collect()
+    }
+
+    async fn tcp_pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (a, b) = tokio::join!(TcpStream::connect(addr), l.accept());
+        (a.unwrap(), b.unwrap().0)
+    }
+
+    async fn send_and_check<W, R>(w: &mut W, r: &mut R, data: &[u8])
+    where
+        W: AsyncWrite + Unpin,
+        R: AsyncRead + Unpin,
+    {
+        let mut got = vec![0; data.len()];
+        let (wrote, read) = tokio::join!(
+            async {
+                w.write_all(data).await?;
+                w.flush().await
+            },
+            r.read_exact(&mut got)
+        );
+        wrote.unwrap();
+        read.unwrap();
+        assert!(got == data, "bytes differ");
+    }
+
+    #[tokio::test]
+    async fn a_secure_client_and_a_rustls_server_agree_across_key_updates_both_ways() {
+        let dir = tempfile::tempdir().unwrap();
+        let (id, _) = Identity::load_or_create(dir.path(), "relay").unwrap();
+        let (c, s) = tcp_pair().await;
+        let acceptor = TlsAcceptor::from(id.server_config().unwrap());
+        let cfg = tls::pinned_client_config(id.fingerprint()).unwrap();
+        let (client, server) =
+            tokio::join!(connect(c, cfg, tls::server_name()), acceptor.accept(s));
+        let (mut client, mut server) = (client.unwrap(), server.unwrap());
+        // Bulk both ways: many full records, and a size that leaves a partial one.
+        let up = pattern(1 << 20 | 123, 1);
+        send_and_check(&mut client, &mut server, &up).await;
+        let down = pattern(3 << 19 | 7, 2);
+        send_and_check(&mut server, &mut client, &down).await;
+        // Our sending keys wear out after two more records: the rustls server must follow.
+        client.update_keys_after(2);
+        send_and_check(&mut client, &mut server, &pattern(100_000, 3)).await;
+        assert!(client.tx.seq() < 10, "keys were not replaced");
+        // rustls replaces its keys and asks for ours to change too (update_requested).
+        server.get_mut().1.refresh_traffic_keys().unwrap();
+        send_and_check(&mut server, &mut client, b"after the server's update").await;
+        assert!(client.answer_key_update);
+        send_and_check(&mut client, &mut server, b"answered").await;
+        assert!(!client.answer_key_update);
+        // close_notify ends the stream cleanly each way.
+        client.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        server.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty());
+        server.shutdown().await.unwrap();
+        assert_eq!(client.read(&mut [0; 16]).await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_secure_server_reads_what_a_rustls_client_sends_at_once_and_keys_update_both_ways() {
+        let dir = tempfile::tempdir().unwrap();
+        let (id, _) = Identity::load_or_create(dir.path(), "relay").unwrap();
+        let (c, s) = tcp_pair().await;
+        let connector = TlsConnector::from(tls::pinned_client_config(id.fingerprint()).unwrap());
+        let first = pattern(40_000, 4);
+        let client = async {
+            let mut tls = connector.connect(tls::server_name(), c).await?;
+            // Written at once, so it travels with (or right behind) the Finished.
+            tls.write_all(&first).await?;
+            tls.flush().await?;
+            Ok::<_, io::Error>(tls)
+        };
+        let (client, server) = tokio::join!(client, accept(s, id.server_config().unwrap()));
+        let (mut client, mut server) = (client.unwrap(), server.unwrap());
+        let mut got = vec![0; first.len()];
+        server.read_exact(&mut got).await.unwrap();
+        assert!(got == first);
+        send_and_check(&mut server, &mut client, &pattern(200_000, 5)).await;
+        server.update_keys_after(0);
+        send_and_check(&mut server, &mut client, b"new keys").await;
+        send_and_check(&mut client, &mut server, b"still fine").await;
+    }
+
+    #[tokio::test]
+    async fn a_wrong_pin_fails_the_handshake_with_the_pin_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let (id, _) = Identity::load_or_create(dir.path(), "relay").unwrap();
+        let (other, _) = Identity::load_or_create(dir.path(), "other").unwrap();
+        let (c, s) = tcp_pair().await;
+        let cfg = tls::pinned_client_config(other.fingerprint()).unwrap();
+        let (client, server) = tokio::join!(
+            connect(c, cfg, tls::server_name()),
+            accept(s, id.server_config().unwrap())
+        );
+        let err = client.unwrap_err().to_string();
+        assert!(err.contains(tls::PIN_MISMATCH), "{err}");
+        // The server hears why: the client's alert.
+        let err = server.unwrap_err().to_string();
+        assert!(
+            err.contains("BadCertificate") || err.contains("alert"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_tampered_record_is_an_error_and_not_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let (id, _) = Identity::load_or_create(dir.path(), "relay").unwrap();
+        let (c, s) = tcp_pair().await;
+        let acceptor = TlsAcceptor::from(id.server_config().unwrap());
+        let cfg = tls::pinned_client_config(id.fingerprint()).unwrap();
+        let (client, server) =
+            tokio::join!(connect(c, cfg, tls::server_name()), acceptor.accept(s));
+        let (mut client, server) = (client.unwrap(), server.unwrap());
+        // A record as the server would seal it, with one bit flipped, written raw.
+        let (mut tcp, mut conn) = server.into_inner();
+        conn.writer().write_all(b"hello").unwrap();
+        let mut wire = Vec::new();
+        conn.write_tls(&mut wire).unwrap();
+        let last = wire.len() - 1;
+        wire[last] ^= 1;
+        tcp.write_all(&wire).await.unwrap();
+        let err = client.read(&mut [0; 16]).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        assert!(err.to_string().contains("authentication"), "{err}");
+    }
+}
