@@ -10,7 +10,7 @@
 //! byte is copied once into the record it is sealed in, with no allocation per record.
 //!
 //! Bounds: the receive buffer is [`SMALL_BUF`] bytes, or [`BIG_BUF`] while the peer streams
-//! (a read fills it), and shrinks back when a read finds nothing after a short one; the send
+//! (a read fills it), and shrinks back when a read finds nothing after several short ones; the send
 //! buffer holds at most [`WRITE_BATCH`] bytes of plaintext sealed, a write waits until the
 //! socket took the previous batch, and a small batch gives a grown buffer back. The sending
 //! keys are replaced (KeyUpdate) long before the cipher suite's confidentiality limit; a
@@ -420,9 +420,14 @@ struct RecvBuf {
     buf: Vec<u8>,
     start: usize,
     end: usize,
-    /// The last read filled what it was given, or at least [`SMALL_BUF`].
+    /// The peer streams: a read filled what it was given or brought at least [`SMALL_BUF`],
+    /// and fewer than [`QUIET_READS`] short reads came since.
     streaming: bool,
+    short_reads: u32,
 }
+
+/// Short reads in a row after which a stream counts as over.
+const QUIET_READS: u32 = 8;
 
 impl RecvBuf {
     fn holding(bytes: &[u8]) -> Self {
@@ -431,6 +436,7 @@ impl RecvBuf {
             start: 0,
             end: bytes.len(),
             streaming: false,
+            short_reads: 0,
         }
     }
 
@@ -473,10 +479,17 @@ impl RecvBuf {
     fn filled(&mut self, n: usize) {
         let room = self.buf.len() - self.end;
         self.end += n;
-        self.streaming = n == room || n >= SMALL_BUF;
+        if n == room || n >= SMALL_BUF {
+            self.streaming = true;
+            self.short_reads = 0;
+        } else {
+            self.short_reads += 1;
+            self.streaming &= self.short_reads < QUIET_READS;
+        }
     }
 
-    /// A read found nothing: a buffer grown for a stream that has ended is given back.
+    /// A read found nothing: a buffer grown for a stream that has ended (several short reads
+    /// in a row) is given back.
     fn idle(&mut self) {
         if self.start == self.end && !self.streaming && self.buf.len() > SMALL_BUF {
             self.buf = Vec::new();
@@ -575,6 +588,11 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for SecureStream<T> {
         if total == 0 {
             return Poll::Ready(Ok(0));
         }
+        // Room for the whole batch at once (a KeyUpdate included), so it never grows by copying.
+        let batch = total.min(WRITE_BATCH);
+        let records = batch.div_ceil(record::MAX_PLAINTEXT) + 1;
+        this.wbuf
+            .reserve_exact(batch + records * record::OVERHEAD + 5);
         let (mut idx, mut off, mut taken) = (0, 0, 0);
         while taken < total.min(WRITE_BATCH) {
             this.maybe_update_keys()?;
@@ -664,6 +682,64 @@ mod tests {
         wrote.unwrap();
         read.unwrap();
         assert!(got == data, "bytes differ");
+    }
+
+    /// Reads `bytes` into `b` as the socket would, in one read of at most the room offered.
+    fn read_into(b: &mut RecvBuf, need: usize, bytes: &[u8]) -> usize {
+        let room = b.room(need);
+        let n = room.len().min(bytes.len());
+        room[..n].copy_from_slice(&bytes[..n]);
+        b.filled(n);
+        n
+    }
+
+    #[test]
+    fn the_receive_buffer_grows_for_a_stream_and_is_given_back_when_it_ends() {
+        let mut b = RecvBuf::holding(&[]);
+        // Small messages: a small buffer, kept while idle.
+        assert_eq!(read_into(&mut b, record::HEADER_LEN, &[7; 100]), 100);
+        assert_eq!(b.buf.len(), SMALL_BUF);
+        b.consume(100);
+        b.idle();
+        assert_eq!(b.buf.len(), SMALL_BUF);
+        // A read that fills the buffer: the peer streams, the next read gets the big one, and
+        // unread bytes move along.
+        let data = pattern(3 * BIG_BUF, 9);
+        let n = read_into(&mut b, record::HEADER_LEN, &data);
+        assert_eq!(n, SMALL_BUF);
+        b.consume(10);
+        let m = read_into(&mut b, record::HEADER_LEN, &data[n..]);
+        assert_eq!(b.buf.len(), BIG_BUF);
+        assert!(b.data() == &data[10..n + m]);
+        // Idle while streaming: kept. Short reads in a row end the stream; then it goes.
+        b.consume(b.data().len());
+        b.idle();
+        assert_eq!(b.buf.len(), BIG_BUF);
+        for i in 0..QUIET_READS {
+            read_into(&mut b, record::HEADER_LEN, &[1; 10]);
+            b.consume(10);
+            b.idle();
+            let expect = if i + 1 < QUIET_READS { BIG_BUF } else { 0 };
+            assert_eq!(b.buf.len(), expect, "after {} short reads", i + 1);
+        }
+    }
+
+    #[test]
+    fn a_partial_record_moves_to_the_front_only_when_the_rest_would_not_fit() {
+        let mut b = RecvBuf::holding(&[]);
+        b.streaming = true;
+        let data = pattern(BIG_BUF, 3);
+        read_into(&mut b, record::HEADER_LEN, &data);
+        // Whole records consumed, 1000 bytes of the next one left at the end: its total is
+        // 5000, which does not fit behind it, so they move to the front.
+        b.consume(BIG_BUF - 1000);
+        let room = b.room(5000).len();
+        assert_eq!((b.start, b.end, room), (0, 1000, BIG_BUF - 1000));
+        assert!(b.data() == &data[BIG_BUF - 1000..]);
+        // With room enough behind the unread bytes, nothing moves.
+        b.consume(500);
+        let room = b.room(600).len();
+        assert_eq!((b.start, room), (500, BIG_BUF - 1000));
     }
 
     #[tokio::test]
