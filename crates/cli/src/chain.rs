@@ -9,6 +9,7 @@
 //!   list, or a yes/no prompt on a terminal) and connects accepted chains to a local service.
 //! - `list`, `close ID`.
 
+use crate::stdout::say;
 use std::collections::HashSet;
 use std::io::IsTerminal;
 use std::net::SocketAddr;
@@ -261,7 +262,7 @@ async fn listen(
     let l = TcpListener::bind(local)
         .await
         .with_context(|| format!("error: cannot listen on {local}"))?;
-    println!("listening local {}", l.local_addr()?);
+    say!("listening local {}", l.local_addr()?)?;
     let tracker = tokio_util::task::TaskTracker::new();
     loop {
         let (user, peer) = tokio::select! {
@@ -358,7 +359,9 @@ async fn accept(
                     match (far, service) {
                         (Ok(far), Ok(service)) => {
                             let _ = (far.set_nodelay(true), service.set_nodelay(true));
-                            println!("chain {tunnel_id} {forward}");
+                            if let Err(e) = say!("chain {tunnel_id} {forward}") {
+                                tracing::warn!(%tunnel_id, error = %e.0, "cannot print the chain line");
+                            }
                             pipe(far, service, &stop).await;
                         }
                         (Err(e), _) => tracing::warn!(%tunnel_id, error = %e, "cannot reach the chain's far end"),
@@ -395,12 +398,12 @@ async fn list(api: SocketAddr) -> anyhow::Result<()> {
                         .ok()
                         .and_then(|v| v.as_str().map(str::to_owned))
                         .unwrap_or_default();
-                    println!(
+                    say!(
                         "{} {role} {state} {} {}",
                         t.tunnel_id,
                         t.peer.as_deref().unwrap_or("-"),
                         t.port.map(|p| p.to_string()).unwrap_or_else(|| "-".into())
-                    );
+                    )?;
                 }
                 return Ok(());
             }

@@ -2,6 +2,7 @@
 //! [`tube_agent::AgentConfig`]; prints `tunnel <public> <local>` for every tunnel that goes
 //! live, again after each reconnect.
 
+use crate::stdout::say;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -201,8 +202,10 @@ pub(crate) async fn run(args: ExposeArgs, shutdown: CancellationToken) -> anyhow
     let (tx, mut rx) = mpsc::unbounded_channel();
     let printer = tokio::spawn(async move {
         while let Some(ev) = rx.recv().await {
-            if let AgentEvent::TunnelUp { public, local, .. } = ev {
-                println!("tunnel {public} {local}");
+            if let AgentEvent::TunnelUp { public, local, .. } = ev
+                && let Err(e) = say!("tunnel {public} {local}")
+            {
+                tracing::warn!(%public, error = %e.0, "cannot print the tunnel line");
             }
         }
     });

@@ -2,6 +2,7 @@
 //! variables) become a [`tube_chain::hub::HubConfig`] or [`tube_chain::node::NodeConfig`];
 //! this file only adds the data dir, the listeners and the stdout contract lines.
 
+use crate::stdout::say;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -114,11 +115,11 @@ pub(crate) async fn run_hub(args: HubArgs, shutdown: CancellationToken) -> anyho
         None => None,
     };
     let addr = listener.local_addr()?;
-    println!("listening control {addr}");
+    say!("listening control {addr}")?;
     if let Some(a) = &admin {
-        println!("listening admin {}", a.local_addr()?);
+        say!("listening admin {}", a.local_addr()?)?;
     }
-    println!("fingerprint {fingerprint}");
+    say!("fingerprint {fingerprint}")?;
     let host = if addr.ip().is_unspecified() {
         "<hub-host>".to_owned()
     } else {
@@ -169,7 +170,7 @@ pub(crate) async fn run_node(args: NodeArgs, shutdown: CancellationToken) -> any
     let api = TcpListener::bind(args.api)
         .await
         .with_context(|| format!("error: cannot listen on {} (api)", args.api))?;
-    println!("listening api {}", api.local_addr()?);
+    say!("listening api {}", api.local_addr()?)?;
     tube_chain::node::run(api, config, shutdown)
         .await
         .map_err(|e: NodeError| anyhow::anyhow!("{e}"))

@@ -2,6 +2,7 @@
 //! the config file (`--config`, see examples/longpoll.toml) merged over the defaults of
 //! `docs/protocols/longpoll.md` section 5; the proxy itself lives in `tube-longpoll`.
 
+use crate::stdout::say;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -224,9 +225,9 @@ pub(crate) async fn run(args: LongpollArgs, shutdown: CancellationToken) -> anyh
         ),
         None => None,
     };
-    println!("listening http {}", listener.local_addr()?);
+    say!("listening http {}", listener.local_addr()?)?;
     if let Some(a) = &admin {
-        println!("listening admin {}", a.local_addr()?);
+        say!("listening admin {}", a.local_addr()?)?;
     }
     tracing::info!(?proxy, "long-poll proxy started");
     let serve_admin = async {

@@ -2,6 +2,7 @@
 //! lives in `tube-mailbox`; this file parses flags, keeps the client's data dir (identity,
 //! contacts, the last peer used) and prints the contract lines.
 
+use crate::stdout::{StdoutError, say};
 use std::io::Read as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -187,15 +188,15 @@ pub(crate) async fn run_peer(args: PeerArgs, shutdown: CancellationToken) -> any
         ),
         None => None,
     };
-    println!("listening peer {}", listener.local_addr()?);
+    say!("listening peer {}", listener.local_addr()?)?;
     if let Some(h) = &http {
-        println!("listening http {}", h.local_addr()?);
+        say!("listening http {}", h.local_addr()?)?;
     }
     if let Some(a) = &admin {
-        println!("listening admin {}", a.local_addr()?);
+        say!("listening admin {}", a.local_addr()?)?;
     }
     if let Some(fp) = fingerprint {
-        println!("fingerprint {fp}");
+        say!("fingerprint {fp}")?;
     }
     let peer = Peer::new(config);
     let admin_task = admin.map(|l| {
@@ -237,22 +238,9 @@ fn remember_peer(dir: &Path, peer: &PeerAddr) -> anyhow::Result<()> {
         .with_context(|| format!("error: writing {}", dir.join(PEER_FILE).display()))
 }
 
-/// Stdout is gone (a closed pipe, a full disk): fatal for `listen`, which would otherwise
-/// take messages off the queue that nobody can see.
-#[derive(Debug)]
-struct StdoutError(std::io::Error);
-
-impl std::fmt::Display for StdoutError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "error: writing a message to stdout: {}", self.0)
-    }
-}
-
-impl std::error::Error for StdoutError {}
-
-/// Prints one message and flushes it; an error means it was not shown.
+/// Prints one message and flushes it; an error means it was not shown (fatal for `listen`,
+/// which would otherwise take messages off the queue that nobody can see).
 fn print(m: &Received, json: bool) -> Result<(), StdoutError> {
-    use std::io::Write;
     let line = if json {
         serde_json::to_string(m).map_err(|e| StdoutError(e.into()))?
     } else {
@@ -265,10 +253,7 @@ fn print(m: &Received, json: bool) -> Result<(), StdoutError> {
             .collect();
         format!("{} {text}", m.from)
     };
-    let mut out = std::io::stdout().lock();
-    writeln!(out, "{line}")
-        .and_then(|()| out.flush())
-        .map_err(StdoutError)
+    say!("{line}")
 }
 
 pub(crate) async fn run_msg(args: MsgArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -293,7 +278,7 @@ pub(crate) async fn run_msg(args: MsgArgs, shutdown: CancellationToken) -> anyho
             if !created {
                 eprintln!("identity already exists in {}", dir.display());
             }
-            println!("fingerprint {}", hex::encode(id.fingerprint()));
+            say!("fingerprint {}", hex::encode(id.fingerprint()))?;
             Ok(())
         }
         MsgCommand::Id { peer } => {
@@ -304,7 +289,7 @@ pub(crate) async fn run_msg(args: MsgArgs, shutdown: CancellationToken) -> anyho
                 client: id.fingerprint(),
                 peer,
             };
-            println!("{address}");
+            say!("{address}")?;
             Ok(())
         }
         MsgCommand::Fetch { peer, json } => {
@@ -382,7 +367,7 @@ pub(crate) async fn run_msg(args: MsgArgs, shutdown: CancellationToken) -> anyho
             }
             match contacts.code(&id.fingerprint(), &fp) {
                 Some(code) => {
-                    println!("{code}");
+                    say!("{code}")?;
                     Ok(())
                 }
                 None => anyhow::bail!(
@@ -399,7 +384,7 @@ pub(crate) async fn run_msg(args: MsgArgs, shutdown: CancellationToken) -> anyho
                     .and_then(|v| <[u8; 32]>::try_from(v).ok())
                     .and_then(|fp| contacts.code(&id.fingerprint(), &fp))
                     .unwrap_or_else(|| "------".into());
-                println!("{} {code}", c.address);
+                say!("{} {code}", c.address)?;
             }
             Ok(())
         }

@@ -10,6 +10,7 @@ mod logging;
 mod longpoll;
 mod mailbox;
 mod relay;
+mod stdout;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -1,6 +1,7 @@
 //! `tube relay` and `tube token`: flags, config file and defaults merged into a
 //! [`tube_relay::RelayConfig`], the admin listener, and the stdout contract lines.
 
+use crate::stdout::say;
 use std::net::{IpAddr, SocketAddr};
 use std::ops::RangeInclusive;
 use std::path::PathBuf;
@@ -310,11 +311,11 @@ pub(crate) async fn run(args: RelayArgs, shutdown: CancellationToken) -> anyhow:
         ),
         None => None,
     };
-    println!("listening control {addr}");
+    say!("listening control {addr}")?;
     if let Some(a) = &admin {
-        println!("listening admin {}", a.local_addr()?);
+        say!("listening admin {}", a.local_addr()?)?;
     }
-    println!("fingerprint {fingerprint}");
+    say!("fingerprint {fingerprint}")?;
 
     let host = public_host.unwrap_or_else(|| {
         if addr.ip().is_unspecified() {
@@ -351,7 +352,7 @@ pub(crate) fn token(args: TokenArgs) -> anyhow::Result<()> {
     }
     let (jwt, _) = JwtSecret::load_or_create(&dir)
         .with_context(|| format!("error: reading {}", path.display()))?;
-    println!("{}", jwt.mint(&args.subject, args.ttl));
+    say!("{}", jwt.mint(&args.subject, args.ttl))?;
     Ok(())
 }
 

@@ -233,3 +233,45 @@ fn failures_print_one_error_line_with_the_code_and_exit_non_zero() {
     assert!(err.starts_with("error: no relay secret at "), "{err}");
     relay.stop();
 }
+
+/// Runs `tube args` with stdout a pipe whose reader is already gone (every write fails with
+/// EPIPE, as when the consumer of a script's pipe has exited) and returns its exit code and
+/// stderr.
+fn run_with_stdout_gone(args: &[&str]) -> (Option<i32>, String) {
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+    let out = Command::new(TUBE)
+        .args(args)
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .output()
+        .expect("run tube");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn commands_whose_stdout_is_gone_fail_with_one_error_line_instead_of_panicking() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = dir.path().to_str().unwrap();
+    // A relay secret to mint from: the relay's first start writes it.
+    let mut relay = Proc::spawn(&["relay", "--listen", "127.0.0.1:0", "--data-dir", ds]);
+    relay.line();
+    relay.stop();
+    // One-shot answers (`tube token`), and a server's contract lines at startup.
+    for args in [
+        vec!["token", "--subject", "x", "--data-dir", ds],
+        vec!["relay", "--listen", "127.0.0.1:0", "--data-dir", ds],
+    ] {
+        let (code, err) = run_with_stdout_gone(&args);
+        assert_eq!(code, Some(1), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        let last = err.trim().lines().last().unwrap_or_default();
+        assert!(
+            last.starts_with("error: writing to stdout: "),
+            "{args:?}: {last}"
+        );
+    }
+}
