@@ -9,7 +9,6 @@
 //!   list, or a yes/no prompt on a terminal) and connects accepted chains to a local service.
 //! - `list`, `close ID`.
 
-use crate::stdout::say;
 use std::collections::HashSet;
 use std::io::IsTerminal;
 use std::net::SocketAddr;
@@ -21,6 +20,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tube_chain::front::FrontClient;
 use tube_proto::chain::{ChainErrorCode, FrontMessage};
+
+use crate::stdout::say;
 
 /// The node API address `tube node` uses by default.
 pub(crate) const DEFAULT_API: &str = "127.0.0.1:7837";

@@ -2,7 +2,6 @@
 //! [`tube_agent::AgentConfig`]; prints `tunnel <public> <local>` for every tunnel that goes
 //! live, again after each reconnect.
 
-use crate::stdout::say;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -15,6 +14,7 @@ use tube_proto::backoff::BackoffConfig;
 use tube_proto::cidr::Cidr;
 
 use crate::config::{self, AgentFile};
+use crate::stdout::say;
 
 /// How long a stopping `tube expose` lets open user connections finish (the library's
 /// default is none, for embedding and tests).

@@ -2,7 +2,6 @@
 //! variables) become a [`tube_chain::hub::HubConfig`] or [`tube_chain::node::NodeConfig`];
 //! this file only adds the data dir, the listeners and the stdout contract lines.
 
-use crate::stdout::say;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -15,6 +14,8 @@ use tube_chain::SqliteAccounts;
 use tube_chain::hub::{Hub, HubConfig};
 use tube_chain::node::{NodeConfig, NodeError};
 use tube_net::{Fingerprint, Identity};
+
+use crate::stdout::say;
 
 /// The hub's default control address.
 const DEFAULT_HUB_LISTEN: &str = "0.0.0.0:7838";

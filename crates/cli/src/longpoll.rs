@@ -2,7 +2,6 @@
 //! the config file (`--config`, see examples/longpoll.toml) merged over the defaults of
 //! `docs/protocols/longpoll.md` section 5; the proxy itself lives in `tube-longpoll`.
 
-use crate::stdout::say;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -14,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tube_longpoll::{Longpoll, LongpollConfig};
 
 use crate::config;
+use crate::stdout::say;
 
 /// The proxy's default address.
 const DEFAULT_LISTEN: &str = "0.0.0.0:7840";

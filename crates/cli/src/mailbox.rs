@@ -2,7 +2,6 @@
 //! lives in `tube-mailbox`; this file parses flags, keeps the client's data dir (identity,
 //! contacts, the last peer used) and prints the contract lines.
 
-use crate::stdout::{StdoutError, say};
 use std::io::Read as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -15,6 +14,8 @@ use tube_mailbox::contacts::Contacts;
 use tube_mailbox::crypto::Identity;
 use tube_mailbox::peer::{Peer, PeerConfig};
 use tube_proto::mailbox::MailboxError;
+
+use crate::stdout::{StdoutError, say};
 
 /// The peer's default address.
 const DEFAULT_PEER_LISTEN: &str = "0.0.0.0:7839";

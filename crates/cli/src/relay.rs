@@ -1,7 +1,6 @@
 //! `tube relay` and `tube token`: flags, config file and defaults merged into a
 //! [`tube_relay::RelayConfig`], the admin listener, and the stdout contract lines.
 
-use crate::stdout::say;
 use std::net::{IpAddr, SocketAddr};
 use std::ops::RangeInclusive;
 use std::path::PathBuf;
@@ -15,6 +14,7 @@ use tube_proto::ratelimit::RateLimit;
 use tube_relay::{JwtSecret, Relay, RelayConfig};
 
 use crate::config::{self, RelayFile};
+use crate::stdout::say;
 
 /// Flags of `tube relay`. Each one overrides the config file.
 #[derive(Debug, Default, clap::Args)]

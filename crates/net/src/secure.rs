@@ -38,15 +38,12 @@ pub const BIG_BUF: usize = 128 * 1024;
 pub const WRITE_BATCH: usize = 64 * 1024;
 /// Most bytes of one handshake flight, and of application data that arrives with it.
 const MAX_HANDSHAKE: usize = 64 * 1024;
-/// Most consecutive empty records of data accepted (they cost work and carry nothing).
-const MAX_EMPTY_RECORDS: u32 = 32;
+/// Most records in a row that carry no data (empty ones, KeyUpdates, tickets): they cost work
+/// (a KeyUpdate a key derivation) and carry nothing.
+const MAX_RECORDS_WITHOUT_DATA: u32 = 32;
 
 fn invalid(e: impl std::fmt::Display) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e.to_string())
-}
-
-fn record_err(e: RecordError) -> io::Error {
-    invalid(e)
 }
 
 /// Runs the server side of a handshake on `io`.
@@ -222,10 +219,11 @@ where
         }
         if read {
             if used == inbuf.len() {
-                if inbuf.len() >= MAX_HANDSHAKE + record::HEADER_LEN + record::MAX_CIPHERTEXT {
+                let cap = MAX_HANDSHAKE + record::HEADER_LEN + record::MAX_CIPHERTEXT;
+                if inbuf.len() >= cap {
                     return Err(invalid("tls handshake message too large"));
                 }
-                inbuf.resize(inbuf.len() * 2, 0);
+                inbuf.resize((inbuf.len() * 2).min(cap), 0);
             }
             let n = io.read(&mut inbuf[used..]).await?;
             if n == 0 {
@@ -245,14 +243,14 @@ where
     Ok(SecureStream {
         io,
         kernel,
-        rx: Opener::new(&rx, rx_seq).map_err(record_err)?,
+        rx: Opener::new(&rx, rx_seq).map_err(invalid)?,
         rbuf,
         plain: 0..0,
         record_end: 0,
         early,
-        empty_records: 0,
+        records_without_data: 0,
         peer_closed: false,
-        tx: Sealer::new(&tx, tx_seq).map_err(record_err)?,
+        tx: Sealer::new(&tx, tx_seq).map_err(invalid)?,
         tx_limit,
         answer_key_update: false,
         wbuf: Vec::new(),
@@ -292,7 +290,8 @@ pub struct SecureStream<T> {
     record_end: usize,
     /// Application data that came with the handshake, read before any record.
     early: Vec<u8>,
-    empty_records: u32,
+    /// Records in a row that carried no data.
+    records_without_data: u32,
     /// The peer sent close_notify: reads return end of stream.
     peer_closed: bool,
     tx: Sealer,
@@ -339,9 +338,9 @@ impl<T> SecureStream<T> {
                 &record::key_update(false),
                 &mut self.wbuf,
             )
-            .map_err(record_err)?;
+            .map_err(invalid)?;
         let (seq, next) = self.kernel.next_tx().map_err(invalid)?;
-        self.tx = Sealer::new(&next, seq).map_err(record_err)?;
+        self.tx = Sealer::new(&next, seq).map_err(invalid)?;
         self.tx_limit = self.kernel.key_update_after();
         self.answer_key_update = false;
         Ok(())
@@ -351,26 +350,26 @@ impl<T> SecureStream<T> {
     /// type `typ`, the record `total` bytes long).
     fn opened(&mut self, typ: ContentType, len: usize, total: usize) -> io::Result<()> {
         let body = record::HEADER_LEN..record::HEADER_LEN + len;
+        if typ == ContentType::ApplicationData && len > 0 {
+            self.records_without_data = 0;
+        } else {
+            self.records_without_data += 1;
+            if self.records_without_data > MAX_RECORDS_WITHOUT_DATA {
+                return Err(invalid("too many tls records without data in a row"));
+            }
+        }
         match typ {
+            ContentType::ApplicationData if len == 0 => self.rbuf.consume(total),
             ContentType::ApplicationData => {
-                if len == 0 {
-                    self.empty_records += 1;
-                    if self.empty_records > MAX_EMPTY_RECORDS {
-                        return Err(invalid("too many empty tls records"));
-                    }
-                    self.rbuf.consume(total);
-                } else {
-                    self.empty_records = 0;
-                    self.plain = body;
-                    self.record_end = total;
-                }
+                self.plain = body;
+                self.record_end = total;
             }
             ContentType::Handshake => {
-                for msg in record::post_handshake(&self.rbuf.data()[body]).map_err(record_err)? {
+                for msg in record::post_handshake(&self.rbuf.data()[body]).map_err(invalid)? {
                     match msg {
                         PostHandshake::KeyUpdate { requested } => {
                             let (seq, next) = self.kernel.next_rx().map_err(invalid)?;
-                            self.rx = Opener::new(&next, seq).map_err(record_err)?;
+                            self.rx = Opener::new(&next, seq).map_err(invalid)?;
                             self.answer_key_update |= requested;
                         }
                         PostHandshake::NewSessionTicket(body) => self.kernel.ticket(body)?,
@@ -511,6 +510,9 @@ impl<T: AsyncRead + Unpin> AsyncRead for SecureStream<T> {
             let n = buf.remaining().min(this.early.len());
             buf.put_slice(&this.early[..n]);
             this.early.drain(..n);
+            if this.early.is_empty() {
+                this.early = Vec::new();
+            }
             return Poll::Ready(Ok(()));
         }
         loop {
@@ -527,12 +529,12 @@ impl<T: AsyncRead + Unpin> AsyncRead for SecureStream<T> {
             if buf.remaining() == 0 || this.peer_closed {
                 return Poll::Ready(Ok(()));
             }
-            let need = match record::record_len(this.rbuf.data()).map_err(record_err)? {
+            let need = match record::record_len(this.rbuf.data()).map_err(invalid)? {
                 Some(total) if this.rbuf.data().len() >= total => {
                     let (typ, len) = this
                         .rx
                         .open(&mut this.rbuf.data_mut()[..total])
-                        .map_err(record_err)?;
+                        .map_err(invalid)?;
                     this.opened(typ, len, total)?;
                     continue;
                 }
@@ -612,7 +614,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for SecureStream<T> {
             }
             this.tx
                 .finish(&mut this.wbuf, start, ContentType::ApplicationData)
-                .map_err(record_err)?;
+                .map_err(invalid)?;
         }
         // What the socket does not take now goes out on the next write or flush.
         if let Poll::Ready(Err(e)) = this.poll_drain(cx) {
@@ -637,7 +639,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for SecureStream<T> {
             ready!(this.poll_drain(cx))?;
             this.tx
                 .seal(ContentType::Alert, &record::CLOSE_NOTIFY, &mut this.wbuf)
-                .map_err(record_err)?;
+                .map_err(invalid)?;
             this.close_sent = true;
         }
         ready!(this.poll_drain(cx))?;
@@ -799,6 +801,36 @@ mod tests {
         server.update_keys_after(0);
         send_and_check(&mut server, &mut client, b"new keys").await;
         send_and_check(&mut client, &mut server, b"still fine").await;
+    }
+
+    #[tokio::test]
+    async fn a_run_of_key_updates_without_data_closes_the_connection() {
+        let dir = tempfile::tempdir().unwrap();
+        let (id, _) = Identity::load_or_create(dir.path(), "relay").unwrap();
+        let (c, s) = tcp_pair().await;
+        let cfg = tls::pinned_client_config(id.fingerprint()).unwrap();
+        let (client, server) = tokio::join!(
+            connect(c, cfg, tls::server_name()),
+            accept(s, id.server_config().unwrap())
+        );
+        let (mut client, mut server) = (client.unwrap(), server.unwrap());
+        // As many KeyUpdates in a row as allowed, then data: accepted (each costs the receiver
+        // a key derivation, data resets the count).
+        for _ in 0..MAX_RECORDS_WITHOUT_DATA {
+            client.update_keys_after(0);
+            client.maybe_update_keys().unwrap();
+        }
+        send_and_check(&mut client, &mut server, b"data resets the count").await;
+        // One more than allowed: the connection is refused, not kept busy.
+        for _ in 0..=MAX_RECORDS_WITHOUT_DATA {
+            client.update_keys_after(0);
+            client.maybe_update_keys().unwrap();
+        }
+        client.write_all(b"late").await.unwrap();
+        client.flush().await.unwrap();
+        let err = server.read(&mut [0; 16]).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        assert!(err.to_string().contains("without data"), "{err}");
     }
 
     #[tokio::test]

@@ -71,9 +71,10 @@ pub enum RecordError {
     UnsupportedSuite,
 }
 
-/// The header of a record whose ciphertext (tag included) is `len` bytes.
+/// The header of a record whose ciphertext (tag included) is `len` bytes. Sealing never asks
+/// for more than [`MAX_CIPHERTEXT`]; a length past the 16-bit field saturates rather than wraps.
 pub fn header(len: usize) -> [u8; HEADER_LEN] {
-    let len = (len as u16).to_be_bytes();
+    let len = (len.min(usize::from(u16::MAX)) as u16).to_be_bytes();
     [OUTER_TYPE, VERSION[0], VERSION[1], len[0], len[1]]
 }
 
