@@ -15,6 +15,10 @@
 //! or in the consumer's hands and the socket takes the bytes at once (one task hop and one copy
 //! less per chunk); the rest is queued as usual, so the order always holds.
 //!
+//! Credit (WINDOW) for consumed bytes is written into the transport by the task that consumed
+//! them (the reader after a direct write, or the consumer) when nobody else is writing, and
+//! handed to the writer task otherwise: returning credit costs no wake-up of another thread.
+//!
 //! Bounds (see `docs/protocols/relay.md`):
 //! - per stream, the receive buffer holds at most `window` bytes (the peer's credit); a peer
 //!   that sends more is a FLOW_CONTROL_ERROR and the connection closes;
@@ -518,6 +522,32 @@ impl Inner {
         true
     }
 
+    /// Sends WINDOW frames: written into the transport by the calling task when nobody else
+    /// is writing (no wake-up of the writer task, which often sleeps on the other thread),
+    /// handed to the writer task otherwise. Credit may overtake queued frames.
+    fn send_credit(&self, frames: impl IntoIterator<Item = Frame>) {
+        if !self.closed.is_cancelled()
+            && let Ok(mut out) = self.out.try_lock()
+        {
+            for f in frames {
+                out.batch.push(f);
+            }
+            let Out { wr, batch } = &mut *out;
+            match batch.write_to(wr).now_or_never() {
+                Some(Ok(())) => {}
+                Some(Err(e)) => {
+                    drop(out);
+                    self.close(MuxError::Io(e.to_string()));
+                }
+                None => self.writer_wake.notify_one(),
+            }
+            return;
+        }
+        for f in frames {
+            let _ = self.urgent_tx.send((f, false));
+        }
+    }
+
     /// Queues an answer the peer caused; false if the peer owes too many.
     fn owe_peer(&self, frame: Frame) -> bool {
         if self.peer_urgent.fetch_add(1, Ordering::Relaxed) >= self.cfg.max_peer_urgent {
@@ -586,6 +616,8 @@ async fn read_loop<R: AsyncRead + Unpin>(
 struct DirectBatch {
     streams: Vec<(Arc<StreamShared>, VecDeque<Bytes>)>,
     len: usize,
+    /// WINDOW frames for the bytes written, sent by [`DirectBatch::flush`].
+    windows: Vec<Frame>,
 }
 
 /// Most bytes the reader holds for direct delivery before writing them.
@@ -596,7 +628,7 @@ impl DirectBatch {
         self.streams.iter().any(|(held, _)| Arc::ptr_eq(held, s))
     }
 
-    fn add(&mut self, inner: &Inner, s: Arc<StreamShared>, data: Bytes) {
+    fn add(&mut self, s: Arc<StreamShared>, data: Bytes) {
         self.len += data.len();
         let Some(i) = self
             .streams
@@ -612,20 +644,28 @@ impl DirectBatch {
             // and this stream's next DATA must queue behind it (`direct_ok` says so).
             let (s, mut chunks) = self.streams.swap_remove(i);
             let written = s.write_direct(&mut chunks);
-            if written > 0 {
-                return_credit(inner, &s, written);
-            }
+            self.credit(&s, written);
         }
     }
 
-    fn flush(&mut self, inner: &Inner) {
-        for (s, mut chunks) in self.streams.drain(..) {
-            let written = s.write_direct(&mut chunks);
-            if written > 0 {
-                return_credit(inner, &s, written);
-            }
+    fn credit(&mut self, s: &StreamShared, written: usize) {
+        if written > 0 {
+            self.windows.extend(window_update(s, written));
         }
+    }
+
+    /// Writes what is held, then the credit it returns.
+    fn flush(&mut self, inner: &Inner) {
+        let mut streams = std::mem::take(&mut self.streams);
+        for (s, mut chunks) in streams.drain(..) {
+            let written = s.write_direct(&mut chunks);
+            self.credit(&s, written);
+        }
+        self.streams = streams;
         self.len = 0;
+        if !self.windows.is_empty() {
+            inner.send_credit(self.windows.drain(..));
+        }
     }
 }
 
@@ -722,7 +762,7 @@ fn dispatch(
                 return false;
             }
             if direct.holds(&s) || s.direct_ok() {
-                direct.add(inner, s, data);
+                direct.add(s, data);
             } else {
                 let mut d = lock(&s.direct);
                 s.queue_data(&mut d, &data);
@@ -1108,14 +1148,18 @@ impl StreamRx {
 
 /// `n` bytes of `s` left the receive buffer: return credit to the peer once enough has.
 fn return_credit(inner: &Inner, s: &StreamShared, n: usize) {
-    let update = lock(&s.recv).on_consumed(n);
-    if let Some(increment) = update {
-        let frame = Frame::Window {
-            stream: s.id,
-            increment,
-        };
-        let _ = inner.urgent_tx.send((frame, false));
+    if let Some(frame) = window_update(s, n) {
+        inner.send_credit([frame]);
     }
+}
+
+/// The WINDOW frame owed for `n` bytes of `s` consumed, if the window calls for one now.
+fn window_update(s: &StreamShared, n: usize) -> Option<Frame> {
+    let increment = lock(&s.recv).on_consumed(n)?;
+    Some(Frame::Window {
+        stream: s.id,
+        increment,
+    })
 }
 
 impl MuxStream {
