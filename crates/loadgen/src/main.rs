@@ -11,6 +11,7 @@
 
 mod client;
 mod conns;
+mod delay;
 mod latency;
 mod longpoll;
 mod mailbox;
@@ -60,6 +61,19 @@ enum Command {
         /// Number of parallel connections.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=4096))]
         streams: u32,
+    },
+    /// TCP forwarder that holds every chunk for `--ms` milliseconds in each direction (a
+    /// wide-area round trip of twice that between two local processes).
+    Delay {
+        /// Address to listen on (port 0 picks a free port).
+        #[arg(long)]
+        listen: SocketAddr,
+        /// Where to forward each connection (host:port).
+        #[arg(long)]
+        to: String,
+        /// One-way delay in milliseconds.
+        #[arg(long, value_parser = clap::value_parser!(u64).range(0..=10_000))]
+        ms: u64,
     },
     /// Sequential round trips to an echo server over one connection.
     Rtt {
@@ -213,6 +227,9 @@ async fn run(command: Command, step: Duration) -> anyhow::Result<()> {
     match command {
         Command::Echo { listen } => server::run(server::Kind::Echo, listen, step).await,
         Command::Sink { listen } => server::run(server::Kind::Sink, listen, step).await,
+        Command::Delay { listen, to, ms } => {
+            delay::run(listen, to, Duration::from_millis(ms)).await
+        }
         Command::Throughput {
             addr,
             bytes,

@@ -20,8 +20,11 @@
 //! handed to the writer task otherwise: returning credit costs no wake-up of another thread.
 //!
 //! Bounds (see `docs/protocols/relay.md`):
-//! - per stream, the receive buffer holds at most `window` bytes (the peer's credit); a peer
-//!   that sends more is a FLOW_CONTROL_ERROR and the connection closes;
+//! - per stream, the receive buffer holds at most the stream's window (the peer's credit); a
+//!   peer that sends more is a FLOW_CONTROL_ERROR and the connection closes. A window starts at
+//!   `window` and doubles (up to `max_window`) when it held its stream back: credit came back
+//!   within two round trips, timed by one PING at a time, at most one per second. Growth over
+//!   all streams is at most `window_budget`;
 //! - per connection: at most `max_streams` streams, at most `write_queue` frames (each at most
 //!   32 KiB) waiting in the data queue, and at most `max_peer_urgent` answers owed to the peer
 //!   (PONGs, refusals) before it is treated as a flood and disconnected.
@@ -39,7 +42,7 @@ use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tube_proto::control::{ControlMessage, ErrorCode};
-use tube_proto::flow::{MAX_CREDIT, RecvWindow};
+use tube_proto::flow::{MAX_CREDIT, RecvWindow, tuned_window};
 use tube_proto::frame::{self, Frame, FrameLimits, MAX_DATA_PAYLOAD};
 
 use crate::codec::{CodecError, FrameCodec, HandshakeConn};
@@ -62,6 +65,11 @@ pub struct MuxConfig {
     pub control_queue: usize,
     /// Frame size limits.
     pub limits: FrameLimits,
+    /// Largest receive window a stream may grow to (see `tube_proto::flow::tuned_window`).
+    pub max_window: u32,
+    /// Most bytes of window growth over all streams of the connection at once: the receive
+    /// buffers hold at most `max_streams × window + window_budget`.
+    pub window_budget: usize,
 }
 
 impl Default for MuxConfig {
@@ -74,12 +82,23 @@ impl Default for MuxConfig {
             max_peer_urgent: 1024,
             control_queue: 64,
             limits: FrameLimits::default(),
+            max_window: DEFAULT_MAX_WINDOW,
+            window_budget: DEFAULT_WINDOW_BUDGET,
         }
     }
 }
 
 /// The default per-stream receive window (256 KiB), assumed for a peer that announces none.
 pub const DEFAULT_WINDOW: u32 = 256 * 1024;
+
+/// The default largest window a stream grows to (4 MiB).
+pub const DEFAULT_MAX_WINDOW: u32 = 4 * 1024 * 1024;
+
+/// The default budget for window growth per connection (4 MiB: one stream at the largest).
+pub const DEFAULT_WINDOW_BUDGET: usize = 4 * 1024 * 1024;
+
+/// Least time between two round-trip probes (PING) while data flows.
+const PROBE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Smallest window a peer may announce (one full DATA frame).
 pub const MIN_WINDOW: u32 = MAX_DATA_PAYLOAD;
@@ -184,6 +203,55 @@ struct Inner {
     next_id: AtomicU32,
     closed: CancellationToken,
     reason: Mutex<Option<MuxError>>,
+    /// Window growth in use over all streams (bytes beyond `cfg.window`), within
+    /// `cfg.window_budget`; each stream gives its share back when it is dropped.
+    grown: Arc<AtomicUsize>,
+    /// The round trip as PING and PONG measure it, for window tuning.
+    rtt: Mutex<Rtt>,
+}
+
+/// Round-trip probing: one PING at a time, at most one per [`PROBE_EVERY`], sent only while
+/// credit is being returned (data flows); the estimate is smoothed over samples.
+#[derive(Debug, Default)]
+struct Rtt {
+    smoothed: Option<std::time::Duration>,
+    /// The PING in flight: its payload and when it was sent.
+    probe: Option<(u64, std::time::Instant)>,
+    last_probe: Option<std::time::Instant>,
+    next: u64,
+}
+
+impl Rtt {
+    /// A PING to send now, if one is due.
+    fn probe_due(&mut self, now: std::time::Instant) -> Option<Frame> {
+        if self.probe.is_some()
+            || self
+                .last_probe
+                .is_some_and(|t| now.duration_since(t) < PROBE_EVERY)
+        {
+            return None;
+        }
+        self.next = self.next.wrapping_add(1);
+        self.probe = Some((self.next, now));
+        self.last_probe = Some(now);
+        Some(Frame::Ping(self.next))
+    }
+
+    /// Takes a PONG: a sample if it answers the PING in flight.
+    fn on_pong(&mut self, v: u64, now: std::time::Instant) {
+        let Some((sent_v, at)) = self.probe else {
+            return;
+        };
+        if sent_v != v {
+            return;
+        }
+        self.probe = None;
+        let sample = now.duration_since(at);
+        self.smoothed = Some(match self.smoothed {
+            Some(s) => (s * 7 + sample) / 8,
+            None => sample,
+        });
+    }
 }
 
 #[derive(Debug)]
@@ -195,8 +263,26 @@ struct StreamShared {
     /// peer granted, so it counts against [`MAX_CREDIT`].
     reserved: AtomicUsize,
     inbound: mpsc::UnboundedSender<Inbound>,
-    recv: Mutex<RecvWindow>,
+    recv: Mutex<Recv>,
     direct: Mutex<Direct>,
+    /// The connection's window growth in use (see [`Inner::grown`]).
+    grown: Arc<AtomicUsize>,
+}
+
+/// A stream's receive side: its window, and when credit was last returned.
+#[derive(Debug)]
+struct Recv {
+    window: RecvWindow,
+    /// Window growth this stream holds from the connection's budget.
+    grown: usize,
+    last_update: Option<std::time::Instant>,
+}
+
+impl Drop for StreamShared {
+    fn drop(&mut self) {
+        let grown = lock(&self.recv).grown;
+        self.grown.fetch_sub(grown, Ordering::Relaxed);
+    }
 }
 
 /// Direct delivery of one stream (see the module docs). Every item sent on `inbound` is counted
@@ -278,6 +364,7 @@ impl Mux {
         let mut cfg = cfg;
         cfg.window = clamp_window(cfg.window);
         cfg.peer_window = clamp_window(cfg.peer_window);
+        cfg.max_window = cfg.max_window.min(MAX_WINDOW);
         let parts = conn.into_parts();
         let (rd, wr) = tokio::io::split(parts.io);
         let mut reader = FramedRead::new(rd, FrameCodec { limits: cfg.limits });
@@ -310,6 +397,8 @@ impl Mux {
             next_id: AtomicU32::new(1),
             closed: cancel,
             reason: Mutex::new(None),
+            grown: Arc::new(AtomicUsize::new(0)),
+            rtt: Mutex::new(Rtt::default()),
         });
         tracker.spawn(write_loop(inner.clone(), data_rx, urgent_rx));
         tracker.spawn(read_loop(inner.clone(), reader, control_tx, incoming_tx));
@@ -419,8 +508,13 @@ fn new_stream(
         credit: Semaphore::new(inner.cfg.peer_window as usize),
         reserved: AtomicUsize::new(0),
         inbound: tx,
-        recv: Mutex::new(RecvWindow::new(inner.cfg.window)),
+        recv: Mutex::new(Recv {
+            window: RecvWindow::new(inner.cfg.window),
+            grown: 0,
+            last_update: None,
+        }),
         direct: Mutex::new(Direct::default()),
+        grown: inner.grown.clone(),
     });
     streams.insert(id, shared.clone());
     MuxStream {
@@ -522,9 +616,9 @@ impl Inner {
         true
     }
 
-    /// Sends WINDOW frames: written into the transport by the calling task when nobody else
-    /// is writing (no wake-up of the writer task, which often sleeps on the other thread),
-    /// handed to the writer task otherwise. Credit may overtake queued frames.
+    /// Sends WINDOW frames (and a probing PING): written into the transport by the calling
+    /// task when nobody else is writing (no wake-up of the writer task, which often sleeps on
+    /// the other thread), handed to the writer task otherwise. They may overtake queued frames.
     fn send_credit(&self, frames: impl IntoIterator<Item = Frame>) {
         if !self.closed.is_cancelled()
             && let Ok(mut out) = self.out.try_lock()
@@ -628,7 +722,7 @@ impl DirectBatch {
         self.streams.iter().any(|(held, _)| Arc::ptr_eq(held, s))
     }
 
-    fn add(&mut self, s: Arc<StreamShared>, data: Bytes) {
+    fn add(&mut self, inner: &Inner, s: Arc<StreamShared>, data: Bytes) {
         self.len += data.len();
         let Some(i) = self
             .streams
@@ -644,13 +738,13 @@ impl DirectBatch {
             // and this stream's next DATA must queue behind it (`direct_ok` says so).
             let (s, mut chunks) = self.streams.swap_remove(i);
             let written = s.write_direct(&mut chunks);
-            self.credit(&s, written);
+            self.credit(inner, &s, written);
         }
     }
 
-    fn credit(&mut self, s: &StreamShared, written: usize) {
+    fn credit(&mut self, inner: &Inner, s: &StreamShared, written: usize) {
         if written > 0 {
-            self.windows.extend(window_update(s, written));
+            window_update(inner, s, written, &mut self.windows);
         }
     }
 
@@ -659,7 +753,7 @@ impl DirectBatch {
         let mut streams = std::mem::take(&mut self.streams);
         for (s, mut chunks) in streams.drain(..) {
             let written = s.write_direct(&mut chunks);
-            self.credit(&s, written);
+            self.credit(inner, &s, written);
         }
         self.streams = streams;
         self.len = 0;
@@ -719,7 +813,7 @@ fn dispatch(
             }
         },
         Frame::Ping(v) => return inner.owe_peer(Frame::Pong(v)),
-        Frame::Pong(_) => {}
+        Frame::Pong(v) => lock(&inner.rtt).on_pong(v, std::time::Instant::now()),
         Frame::Open {
             stream,
             tunnel,
@@ -757,12 +851,12 @@ fn dispatch(
             let Some(s) = inner.stream(stream) else {
                 return true;
             };
-            if let Err(e) = lock(&s.recv).on_data(data.len()) {
+            if let Err(e) = lock(&s.recv).window.on_data(data.len()) {
                 inner.protocol_error(ErrorCode::FlowControlError, format!("stream {stream}: {e}"));
                 return false;
             }
             if direct.holds(&s) || s.direct_ok() {
-                direct.add(s, data);
+                direct.add(inner, s, data);
             } else {
                 let mut d = lock(&s.direct);
                 s.queue_data(&mut d, &data);
@@ -1115,6 +1209,11 @@ impl StreamRx {
         Some(item)
     }
 
+    /// The stream's receive window now (it grows while a fast stream runs).
+    pub fn window(&self) -> u32 {
+        lock(&self.shared.recv).window.window()
+    }
+
     /// Reports `n` bytes delivered to the application, returning credit to the peer.
     pub fn consumed(&self, n: usize) {
         return_credit(&self.mux, &self.shared, n);
@@ -1148,18 +1247,51 @@ impl StreamRx {
 
 /// `n` bytes of `s` left the receive buffer: return credit to the peer once enough has.
 fn return_credit(inner: &Inner, s: &StreamShared, n: usize) {
-    if let Some(frame) = window_update(s, n) {
-        inner.send_credit([frame]);
+    let mut frames = Vec::new();
+    window_update(inner, s, n, &mut frames);
+    if !frames.is_empty() {
+        inner.send_credit(frames);
     }
 }
 
-/// The WINDOW frame owed for `n` bytes of `s` consumed, if the window calls for one now.
-fn window_update(s: &StreamShared, n: usize) -> Option<Frame> {
-    let increment = lock(&s.recv).on_consumed(n)?;
-    Some(Frame::Window {
+/// Adds the WINDOW frame owed for `n` bytes of `s` consumed to `out`, if the window calls for
+/// one now, with the window grown when it held the stream back (and the connection's budget
+/// allows), and a PING if a round-trip probe is due.
+fn window_update(inner: &Inner, s: &StreamShared, n: usize, out: &mut Vec<Frame>) {
+    let mut r = lock(&s.recv);
+    let Some(mut increment) = r.window.on_consumed(n) else {
+        return;
+    };
+    let now = std::time::Instant::now();
+    let (rtt, probe) = {
+        let mut rtt = lock(&inner.rtt);
+        (rtt.smoothed, rtt.probe_due(now))
+    };
+    if let (Some(last), Some(rtt)) = (r.last_update, rtt) {
+        let current = r.window.window();
+        let want = tuned_window(current, now.duration_since(last), rtt, inner.cfg.max_window);
+        let more = (want - current) as usize;
+        if more > 0 && take_budget(&inner.grown, more, inner.cfg.window_budget) {
+            r.grown += more;
+            increment = increment.saturating_add(r.window.grow(want));
+        }
+    }
+    r.last_update = Some(now);
+    out.push(Frame::Window {
         stream: s.id,
         increment,
-    })
+    });
+    out.extend(probe);
+}
+
+/// Takes `n` bytes of window growth from a connection's budget of `budget`; false (nothing
+/// taken) if it does not hold that much.
+fn take_budget(grown: &AtomicUsize, n: usize, budget: usize) -> bool {
+    grown
+        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |g| {
+            g.checked_add(n).filter(|&t| t <= budget)
+        })
+        .is_ok()
 }
 
 impl MuxStream {
@@ -1334,6 +1466,91 @@ mod tests {
             }
             other => panic!("expected WINDOW, got {other:?}"),
         }
+    }
+
+    /// Sends half a window of DATA on each stream of `ids`, has the application consume it,
+    /// and returns each WINDOW increment in order, noting a PING's payload in `ping`.
+    async fn round(
+        raw: &mut HandshakeConn<tokio::io::DuplexStream>,
+        streams: &mut [&mut MuxStream],
+        ids: &[u32],
+        ping: &mut Option<u64>,
+    ) -> Vec<u32> {
+        let mut increments = Vec::new();
+        for (s, &id) in streams.iter_mut().zip(ids) {
+            raw.send(Frame::Data {
+                stream: id,
+                data: Bytes::from(vec![1u8; 32 * 1024]),
+            })
+            .await
+            .unwrap();
+            let Some(Inbound::Data(d)) = s.rx.recv().await else {
+                panic!("no data")
+            };
+            s.rx.consumed(d.len());
+            loop {
+                match raw.next().await {
+                    Some(Ok(Frame::Window { stream, increment })) => {
+                        assert_eq!(stream, id);
+                        increments.push(increment);
+                        break;
+                    }
+                    Some(Ok(Frame::Ping(v))) => *ping = Some(v),
+                    other => panic!("expected WINDOW or PING, got {other:?}"),
+                }
+            }
+        }
+        increments
+    }
+
+    #[tokio::test]
+    async fn a_window_that_holds_its_stream_back_doubles_within_the_budget() {
+        // Windows of 64 KiB return credit every 32 KiB. The raw peer answers the mux's PING
+        // only after 200 more updates per stream, so the measured round trip spans them all;
+        // the next update, as quick as the others, comes within two round trips: the window
+        // held the stream back and doubles, if the connection's budget (one doubling here)
+        // allows. A stream gives its growth back when it ends.
+        let cfg = MuxConfig {
+            window: 64 * 1024,
+            window_budget: 64 * 1024,
+            ..MuxConfig::default()
+        };
+        let (mux, _ev, mut raw, _t) = pair(Role::Opener, cfg);
+        let mut a = mux.open([1; 16], "u".into()).await.unwrap();
+        let mut b = mux.open([1; 16], "u".into()).await.unwrap();
+        let mut ids = Vec::new();
+        for _ in 0..2 {
+            let Some(Ok(Frame::Open { stream, .. })) = raw.next().await else {
+                panic!("no OPEN")
+            };
+            ids.push(stream);
+        }
+        let mut ping = None;
+        for _ in 0..200 {
+            let inc = round(&mut raw, &mut [&mut a, &mut b], &ids, &mut ping).await;
+            assert_eq!(
+                inc,
+                [32 * 1024, 32 * 1024],
+                "no growth without a round trip"
+            );
+        }
+        let v = ping
+            .take()
+            .expect("the mux probes the round trip while credit flows");
+        raw.send(Frame::Pong(v)).await.unwrap();
+        let inc = round(&mut raw, &mut [&mut a, &mut b], &ids, &mut ping).await;
+        // a: 32 KiB consumed plus the 64 KiB its window grew; b: the budget is spent.
+        assert_eq!(inc, [96 * 1024, 32 * 1024]);
+        assert_eq!((a.rx.window(), b.rx.window()), (128 * 1024, 64 * 1024));
+        // a is gone: its growth goes back to the budget and b may take it.
+        a.reset(ErrorCode::StreamAborted);
+        let Some(Ok(Frame::Reset { .. })) = raw.next().await else {
+            panic!("no RESET")
+        };
+        let inc = round(&mut raw, &mut [&mut b], &ids[1..], &mut ping).await;
+        assert_eq!(inc, [96 * 1024]);
+        assert_eq!(b.rx.window(), 128 * 1024);
+        assert_eq!(ping, None, "one probe per second at most");
     }
 
     #[tokio::test]

@@ -4,6 +4,10 @@
 //! flight. The receiver hands credit back (a WINDOW frame) only after the bytes have left its
 //! buffer, so a reader that stops reading stops its own stream and nothing else, and the
 //! receiver's buffer for the stream never exceeds the window.
+//!
+//! The window may grow while a stream runs ([`RecvWindow::grow`], [`tuned_window`]): a stream
+//! that hands back half its window in less than two round trips is held back by the window
+//! rather than by its reader, so its window doubles, up to a maximum the caller sets.
 
 /// A stream sent more than its window: a protocol violation that ends the connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -68,6 +72,36 @@ impl RecvWindow {
     pub fn peer_credit(&self) -> u32 {
         self.peer_credit
     }
+
+    /// The window: most bytes this stream may hold.
+    pub fn window(&self) -> u32 {
+        self.window
+    }
+
+    /// Grows the window to `to` and grants the peer the difference at once (returned: the
+    /// caller adds it to the WINDOW frame it sends now). A smaller `to` changes nothing.
+    pub fn grow(&mut self, to: u32) -> u32 {
+        let extra = to.saturating_sub(self.window);
+        self.window += extra;
+        self.peer_credit = self.peer_credit.saturating_add(extra);
+        extra
+    }
+}
+
+/// The window a stream should have: double `window` (at most `max`) when half of it was handed
+/// back in less than two round trips (`since_last_update` < 2 × `rtt`), since then the sender
+/// ran out of credit before an update could reach it; `window` otherwise.
+pub fn tuned_window(
+    window: u32,
+    since_last_update: std::time::Duration,
+    rtt: std::time::Duration,
+    max: u32,
+) -> u32 {
+    if since_last_update < rtt.saturating_mul(2) {
+        window.saturating_mul(2).min(max).max(window)
+    } else {
+        window
+    }
 }
 
 /// Largest credit a sender may hold; a WINDOW frame that would go past it is a protocol error.
@@ -94,6 +128,37 @@ mod tests {
         assert_eq!(w.peer_credit(), 50);
         assert!(w.on_data(50).is_ok());
         assert!(w.on_data(1).is_err());
+    }
+
+    #[test]
+    fn a_grown_window_grants_the_difference_and_accepts_that_much_more() {
+        let mut w = RecvWindow::new(100);
+        w.on_data(100).unwrap();
+        assert_eq!(w.on_consumed(50), Some(50));
+        assert_eq!(w.grow(200), 100);
+        assert_eq!(w.window(), 200);
+        assert_eq!(w.peer_credit(), 150);
+        assert!(w.on_data(150).is_ok());
+        assert!(w.on_data(1).is_err());
+        // Updates now come at half the grown window.
+        assert_eq!(w.on_consumed(99), None);
+        assert_eq!(w.on_consumed(1), Some(100));
+        // Shrinking is not growing.
+        assert_eq!(w.grow(50), 0);
+        assert_eq!(w.window(), 200);
+    }
+
+    #[test]
+    fn a_window_doubles_only_when_half_of_it_came_back_within_two_round_trips() {
+        use std::time::Duration;
+        let ms = Duration::from_millis;
+        assert_eq!(tuned_window(100, ms(19), ms(10), 1000), 200);
+        assert_eq!(tuned_window(100, ms(20), ms(10), 1000), 100);
+        assert_eq!(tuned_window(600, ms(1), ms(10), 1000), 1000);
+        assert_eq!(tuned_window(1000, ms(1), ms(10), 1000), 1000);
+        // A maximum below the window never shrinks it.
+        assert_eq!(tuned_window(1000, ms(1), ms(10), 500), 1000);
+        assert_eq!(tuned_window(u32::MAX, ms(1), ms(10), u32::MAX), u32::MAX);
     }
 
     #[test]
