@@ -5,6 +5,12 @@
 # same forwarder without tube gives the path's own limit. Prints one JSON line per system:
 # {"system":"path"|"tube", ...the loadgen throughput fields}.
 #
+# What it models: the delay of bytes, which is what tube's per-stream credit (WINDOW frames,
+# themselves bytes) has to cross. TCP's own acknowledgements are not delayed (the forwarder's
+# sockets are local and it holds up to 64 MiB), so a plain TCP connection through it is not held
+# back by its kernel window as on a real path; "path", and any plain-TCP tunnel through it, is
+# therefore an upper bound, not a comparison.
+#
 # Env knobs: DELAY_MS (one-way, default 10: a 20 ms round trip), BYTES (default 256 MiB),
 # STREAMS (default 1), BIN (directory with release tube and tube-loadgen; default
 # target/release after building).
