@@ -31,6 +31,8 @@
 #   LONGPOLL_RATE offered packets/s of the paced long-poll run (default 500), LONGPOLL_PACED
 #                its packets (default 1500; 0 skips the paced run)
 #   PARTS        which parts to run (default "chain mailbox longpoll")
+#   BIN          directory with release tube and tube-loadgen (default: target/release after
+#                building)
 #   OUT          results file (default bench/out/parts-<date>.jsonl)
 set -euo pipefail
 
@@ -66,9 +68,11 @@ ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" || true
 
 have_part() { [[ " $PARTS " == *" $1 "* ]]; }
 
-echo "building (release)..." >&2
-cargo build --release -p tube-cli -p tube-loadgen >&2
-BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release
+if [[ -z ${BIN:-} ]]; then
+    echo "building (release)..." >&2
+    cargo build --release -p tube-cli -p tube-loadgen >&2
+    BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release
+fi
 TUBE=$BIN/tube
 LOADGEN=$BIN/tube-loadgen
 

@@ -18,6 +18,7 @@ pub mod mux;
 pub mod proxy;
 pub mod record;
 pub mod secure;
+pub mod splice;
 pub mod tls;
 
 pub use mux::{Incoming, Mux, MuxConfig, MuxError, MuxEvents, MuxStream, Role};

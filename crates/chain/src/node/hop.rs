@@ -5,14 +5,12 @@
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use subtle::ConstantTimeEq;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 use tokio::task::JoinSet;
@@ -405,10 +403,6 @@ async fn check_preamble(
     Ok((tcp, leftover))
 }
 
-/// Bytes moved per read in each direction of a splice (tokio's default is 8 KiB): fewer system
-/// calls per byte; allocated once per hop while it carries a chain.
-const COPY_BUF: usize = 64 * 1024;
-
 /// How long a splice whose stream is already ending may go on after its chain was closed
 /// without a failure: the end of stream travels hop by hop, and the hub's `close_tube` can
 /// overtake the last bytes.
@@ -420,7 +414,7 @@ const DRAIN: Duration = Duration::from_secs(2);
 /// end of stream passed this node, lets the copy finish for up to [`DRAIN`] first (when the
 /// first node finishes cleanly, every node has seen at least one end of stream).
 async fn splice(
-    near: TcpStream,
+    mut near: TcpStream,
     far: TcpStream,
     leftover: Vec<u8>,
     bytes: &Arc<ChainBytes>,
@@ -431,34 +425,26 @@ async fn splice(
     // would pass on as a clean end of stream. Only a splice that ends cleanly closes with FIN.
     reset_on_close(&near, true);
     reset_on_close(&far, true);
-    let eof = Arc::new(AtomicBool::new(false));
-    let mut near = Counted {
-        inner: near,
-        read: bytes.clone(),
-        toward_endpoint: true,
-        eof: eof.clone(),
-    };
-    let mut far = Counted {
-        inner: far,
-        read: bytes.clone(),
-        toward_endpoint: false,
-        eof: eof.clone(),
-    };
+    let eof = AtomicBool::new(false);
     let mut result = Ok(());
     if !leftover.is_empty() {
-        result = near.inner.write_all(&leftover).await;
+        result = near.write_all(&leftover).await;
         add(&bytes.toward_requester, leftover.len());
     }
     if result.is_ok() {
-        let copy =
-            tokio::io::copy_bidirectional_with_sizes(&mut near, &mut far, COPY_BUF, COPY_BUF);
+        let counters = tube_net::splice::Counters {
+            a_to_b: &bytes.toward_endpoint,
+            b_to_a: &bytes.toward_requester,
+            eof: &eof,
+        };
+        let copy = tube_net::splice::copy_bidirectional(&near, &far, counters);
         tokio::pin!(copy);
         result = tokio::select! {
-            r = &mut copy => r.map(|_| ()),
+            r = &mut copy => r,
             _ = closing.closed() => {
                 if !closing.aborted() && eof.load(Ordering::SeqCst) {
                     match timeout(DRAIN, &mut copy).await {
-                        Ok(r) => r.map(|_| ()),
+                        Ok(r) => r,
                         Err(_) => Err(io::Error::other("chain closed")),
                     }
                 } else {
@@ -468,11 +454,11 @@ async fn splice(
         };
     }
     if result.is_err() {
-        tube_net::abort_tcp(near.inner);
-        tube_net::abort_tcp(far.inner);
+        tube_net::abort_tcp(near);
+        tube_net::abort_tcp(far);
     } else {
-        reset_on_close(&near.inner, false);
-        reset_on_close(&far.inner, false);
+        reset_on_close(&near, false);
+        reset_on_close(&far, false);
     }
     result
 }
@@ -488,56 +474,4 @@ fn reset_on_close(tcp: &TcpStream, on: bool) {
 
 fn add(counter: &AtomicU64, n: usize) {
     counter.fetch_add(n as u64, Ordering::Relaxed);
-}
-
-/// A TCP stream that counts the bytes read from it.
-struct Counted {
-    inner: TcpStream,
-    read: Arc<ChainBytes>,
-    /// Whether bytes read here travel towards the endpoint.
-    toward_endpoint: bool,
-    /// Set when either side's end of stream was read.
-    eof: Arc<AtomicBool>,
-}
-
-impl AsyncRead for Counted {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
-        let n = buf.filled().len().saturating_sub(before);
-        if n == 0 && matches!(r, Poll::Ready(Ok(()))) && buf.remaining() > 0 {
-            self.eof.store(true, Ordering::SeqCst);
-        }
-        if n > 0 {
-            let c = if self.toward_endpoint {
-                &self.read.toward_endpoint
-            } else {
-                &self.read.toward_requester
-            };
-            add(c, n);
-        }
-        r
-    }
-}
-
-impl AsyncWrite for Counted {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
 }
