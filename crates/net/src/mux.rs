@@ -280,8 +280,8 @@ struct Recv {
 
 impl Drop for StreamShared {
     fn drop(&mut self) {
-        let grown = lock(&self.recv).grown;
-        self.grown.fetch_sub(grown, Ordering::Relaxed);
+        let recv = self.recv.get_mut().unwrap_or_else(|e| e.into_inner());
+        self.grown.fetch_sub(recv.grown, Ordering::Relaxed);
     }
 }
 

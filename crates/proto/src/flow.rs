@@ -163,13 +163,16 @@ mod tests {
 
     #[test]
     fn buffered_bytes_never_exceed_the_window() {
-        // Whatever order data and consumption come in, bytes held = received - consumed
-        // stays within the window as long as on_data succeeds.
+        // Whatever order data, consumption and growth come in, bytes held = received -
+        // consumed stays within the window as long as on_data succeeds.
         let mut w = RecvWindow::new(64);
         let (mut held, mut step) = (0usize, 0u32);
         for i in 0..10_000u32 {
             step = step.wrapping_mul(1_103_515_245).wrapping_add(12_345 + i);
-            if step % 3 == 0 && held > 0 {
+            if step % 997 == 0 && w.window() < 4096 {
+                let before = w.window();
+                assert_eq!(w.grow(before * 2), before);
+            } else if step % 3 == 0 && held > 0 {
                 let n = (step as usize % held) + 1;
                 held -= n;
                 w.on_consumed(n);
@@ -179,7 +182,8 @@ mod tests {
                     held += n;
                 }
             }
-            assert!(held <= 64);
+            assert!(held <= w.window() as usize);
         }
+        assert!(w.window() > 64, "the run grew the window");
     }
 }
