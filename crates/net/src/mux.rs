@@ -1450,22 +1450,8 @@ mod tests {
         let Some(Ok(Frame::Open { stream: id, .. })) = raw.next().await else {
             panic!("no OPEN")
         };
-        raw.send(Frame::Data {
-            stream: id,
-            data: Bytes::from(vec![1u8; 32 * 1024]),
-        })
-        .await
-        .unwrap();
-        let Some(Inbound::Data(d)) = stream.rx.recv().await else {
-            panic!("no data")
-        };
-        stream.rx.consumed(d.len());
-        match tokio::time::timeout(Duration::from_secs(5), raw.next()).await {
-            Ok(Some(Ok(Frame::Window { stream, increment }))) => {
-                assert_eq!((stream, increment), (id, 32 * 1024));
-            }
-            other => panic!("expected WINDOW, got {other:?}"),
-        }
+        let increments = round(&mut raw, &mut [&mut stream], &[id], &mut None).await;
+        assert_eq!(increments, [32 * 1024]);
     }
 
     /// Sends half a window of DATA on each stream of `ids`, has the application consume it,
@@ -1489,13 +1475,13 @@ mod tests {
             };
             s.rx.consumed(d.len());
             loop {
-                match raw.next().await {
-                    Some(Ok(Frame::Window { stream, increment })) => {
+                match tokio::time::timeout(Duration::from_secs(5), raw.next()).await {
+                    Ok(Some(Ok(Frame::Window { stream, increment }))) => {
                         assert_eq!(stream, id);
                         increments.push(increment);
                         break;
                     }
-                    Some(Ok(Frame::Ping(v))) => *ping = Some(v),
+                    Ok(Some(Ok(Frame::Ping(v)))) => *ping = Some(v),
                     other => panic!("expected WINDOW or PING, got {other:?}"),
                 }
             }
