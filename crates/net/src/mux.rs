@@ -23,7 +23,7 @@
 //! - per stream, the receive buffer holds at most the stream's window (the peer's credit); a
 //!   peer that sends more is a FLOW_CONTROL_ERROR and the connection closes. A window starts at
 //!   `window` and doubles (up to `max_window`) when it held its stream back: credit came back
-//!   within two round trips, timed by one PING at a time, at most one per second. Growth over
+//!   within two round trips, timed by one PING at a time, at most one per 100 ms. Growth over
 //!   all streams is at most `window_budget`;
 //! - per connection: at most `max_streams` streams, at most `write_queue` frames (each at most
 //!   32 KiB) waiting in the data queue, and at most `max_peer_urgent` answers owed to the peer
@@ -98,7 +98,7 @@ pub const DEFAULT_MAX_WINDOW: u32 = 4 * 1024 * 1024;
 pub const DEFAULT_WINDOW_BUDGET: usize = 4 * 1024 * 1024;
 
 /// Least time between two round-trip probes (PING) while data flows.
-const PROBE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+const PROBE_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Smallest window a peer may announce (one full DATA frame).
 pub const MIN_WINDOW: u32 = MAX_DATA_PAYLOAD;
@@ -211,10 +211,12 @@ struct Inner {
 }
 
 /// Round-trip probing: one PING at a time, at most one per [`PROBE_EVERY`], sent only while
-/// credit is being returned (data flows); the estimate is smoothed over samples.
+/// credit is being returned (data flows). The estimate is the latest sample: the round trip
+/// credit sees depends on the load of the moment (a busy peer answers later), so a sample from
+/// an idle moment must not hold back a window under load, nor the reverse.
 #[derive(Debug, Default)]
 struct Rtt {
-    smoothed: Option<std::time::Duration>,
+    latest: Option<std::time::Duration>,
     /// The PING in flight: its payload and when it was sent.
     probe: Option<(u64, std::time::Instant)>,
     last_probe: Option<std::time::Instant>,
@@ -246,11 +248,7 @@ impl Rtt {
             return;
         }
         self.probe = None;
-        let sample = now.duration_since(at);
-        self.smoothed = Some(match self.smoothed {
-            Some(s) => (s * 7 + sample) / 8,
-            None => sample,
-        });
+        self.latest = Some(now.duration_since(at));
     }
 }
 
@@ -1265,7 +1263,7 @@ fn window_update(inner: &Inner, s: &StreamShared, n: usize, out: &mut Vec<Frame>
     let now = std::time::Instant::now();
     let (rtt, probe) = {
         let mut rtt = lock(&inner.rtt);
-        (rtt.smoothed, rtt.probe_due(now))
+        (rtt.latest, rtt.probe_due(now))
     };
     if let (Some(last), Some(rtt)) = (r.last_update, rtt) {
         let current = r.window.window();
@@ -1536,7 +1534,35 @@ mod tests {
         let inc = round(&mut raw, &mut [&mut b], &ids[1..], &mut ping).await;
         assert_eq!(inc, [96 * 1024]);
         assert_eq!(b.rx.window(), 128 * 1024);
-        assert_eq!(ping, None, "one probe per second at most");
+    }
+
+    #[test]
+    fn the_round_trip_is_probed_one_ping_at_a_time_and_the_latest_sample_counts() {
+        let t0 = std::time::Instant::now();
+        let ms = Duration::from_millis;
+        let mut rtt = Rtt::default();
+        let Some(Frame::Ping(first)) = rtt.probe_due(t0) else {
+            panic!("the first update probes")
+        };
+        assert!(rtt.probe_due(t0 + ms(500)).is_none(), "one PING in flight");
+        rtt.on_pong(first + 1, t0 + ms(3));
+        assert_eq!(
+            rtt.latest, None,
+            "a PONG that answers nothing of ours is no sample"
+        );
+        rtt.on_pong(first, t0 + ms(4));
+        assert_eq!(rtt.latest, Some(ms(4)));
+        assert!(
+            rtt.probe_due(t0 + ms(50)).is_none(),
+            "at most one per PROBE_EVERY"
+        );
+        let Some(Frame::Ping(second)) = rtt.probe_due(t0 + PROBE_EVERY) else {
+            panic!("due again")
+        };
+        rtt.on_pong(second, t0 + PROBE_EVERY + ms(1));
+        assert_eq!(rtt.latest, Some(ms(1)), "the latest sample, not an average");
+        rtt.on_pong(second, t0 + PROBE_EVERY + ms(9));
+        assert_eq!(rtt.latest, Some(ms(1)), "a PONG counts once");
     }
 
     #[tokio::test]
