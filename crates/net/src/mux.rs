@@ -602,6 +602,13 @@ impl Inner {
                 data: chunk,
             });
         }
+        self.write_now(out);
+        true
+    }
+
+    /// Writes what `out` holds as far as the transport takes it without waiting; the writer
+    /// task is woken to finish the rest. A write error closes the connection.
+    fn write_now(&self, mut out: tokio::sync::MutexGuard<'_, Out>) {
         let Out { wr, batch } = &mut *out;
         match batch.write_to(wr).now_or_never() {
             Some(Ok(())) => {}
@@ -611,7 +618,6 @@ impl Inner {
             }
             None => self.writer_wake.notify_one(),
         }
-        true
     }
 
     /// Sends WINDOW frames (and a probing PING): written into the transport by the calling
@@ -624,15 +630,7 @@ impl Inner {
             for f in frames {
                 out.batch.push(f);
             }
-            let Out { wr, batch } = &mut *out;
-            match batch.write_to(wr).now_or_never() {
-                Some(Ok(())) => {}
-                Some(Err(e)) => {
-                    drop(out);
-                    self.close(MuxError::Io(e.to_string()));
-                }
-                None => self.writer_wake.notify_one(),
-            }
+            self.write_now(out);
             return;
         }
         for f in frames {
