@@ -7,6 +7,7 @@
 //!   exchange control messages during a handshake.
 //! - [`mux`]: the stream multiplexer driver (one reader and one writer task per connection,
 //!   per-stream credit windows, bounded queues).
+//! - [`pool`]: read buffers shared by every stream, reused instead of allocated per read.
 //! - [`proxy`]: moves bytes between a TCP socket and a mux stream, carrying half-close and
 //!   resets.
 //! - [`record`]: TLS 1.3 record protection (pure), and [`secure`]: the stream built on it
@@ -15,6 +16,7 @@
 pub mod codec;
 pub mod files;
 pub mod mux;
+pub mod pool;
 pub mod proxy;
 pub mod record;
 pub mod secure;

@@ -2,8 +2,8 @@
 //!
 //! Reading from the socket waits for send credit first, so a stream whose peer stops reading
 //! stops reading its socket (TCP backpressure) instead of buffering. Idle streams hold no
-//! buffer: one is allocated only when the socket is readable, and handed to the writer as the
-//! frame payload. A FIN in either direction becomes a half-close on the other side; a reset or
+//! buffer: one is taken from [`crate::pool`] only when the socket is readable, and handed to
+//! the writer as the frame payload. A FIN in either direction becomes a half-close on the other side; a reset or
 //! socket error aborts both sides (the TCP peer sees RST, the mux peer a RESET frame). The
 //! mux's reader may write DATA to the socket itself while this side is idle
 //! ([`StreamRx::deliver_to`]).
@@ -13,13 +13,17 @@ use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use bytes::{BufMut, Bytes, BytesMut};
+use std::task::Poll;
+
+use bytes::Bytes;
+use tokio::io::{AsyncRead, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio_util::sync::CancellationToken;
 use tube_proto::control::ErrorCode;
 
 use crate::mux::{Inbound, MuxStream, StreamRx, StreamTx};
+use crate::pool::{self, ReadBuffer};
 
 /// How a proxied connection ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,16 +109,14 @@ pub async fn proxy(
     end
 }
 
-/// Reads at most `max` bytes of what `rd` holds into `buf` without waiting: `WouldBlock` when
-/// there is nothing. The cap is the send credit: `buf` may have more room than was reserved.
-async fn read_now(rd: &mut OwnedReadHalf, buf: &mut BytesMut, max: usize) -> io::Result<usize> {
-    let mut limited = buf.limit(max);
+/// Reads what `rd` holds into `buf` without waiting: `WouldBlock` when there is nothing. A
+/// read that comes up short of `buf` tells tokio the socket is drained.
+async fn read_now(rd: &mut OwnedReadHalf, buf: &mut [u8]) -> io::Result<usize> {
     std::future::poll_fn(|cx| {
-        match tokio_util::io::poll_read_buf(std::pin::Pin::new(&mut *rd), cx, &mut limited) {
-            std::task::Poll::Pending => {
-                std::task::Poll::Ready(Err(io::ErrorKind::WouldBlock.into()))
-            }
-            ready => ready,
+        let mut rb = ReadBuf::new(&mut *buf);
+        match std::pin::Pin::new(&mut *rd).poll_read(cx, &mut rb) {
+            Poll::Pending => Poll::Ready(Err(io::ErrorKind::WouldBlock.into())),
+            Poll::Ready(r) => Poll::Ready(r.map(|()| rb.filled().len())),
         }
     })
     .await
@@ -132,8 +134,10 @@ async fn socket_to_stream(
             tx.give_back(credit);
             return Err(Failure::Socket);
         }
-        let mut buf = BytesMut::with_capacity(credit);
-        match read_now(rd, &mut buf, credit).await {
+        // At most the credit reserved: the buffer may be larger.
+        let mut buf = ReadBuffer::take();
+        let room = credit.min(buf.space().len());
+        match read_now(rd, &mut buf.space()[..room]).await {
             Ok(0) => {
                 tx.give_back(credit);
                 tx.finish().await.map_err(|_| Failure::Stream)?;
@@ -149,12 +153,12 @@ async fn socket_to_stream(
                 } else {
                     (n * 2).max(FIRST_READ)
                 };
-                // A short read gets a buffer of its own size, so queued data never pins much
-                // more memory than it carries.
-                let data = if n < credit / 4 {
-                    Bytes::copy_from_slice(&buf)
+                // A short read is copied out and the buffer goes straight back, so queued
+                // data never pins much more memory than it carries.
+                let data = if n < pool::BUF_LEN / 4 {
+                    Bytes::copy_from_slice(&buf.space()[..n])
                 } else {
-                    buf.freeze()
+                    buf.freeze(n)
                 };
                 tx.send_reserved(data).await.map_err(|_| Failure::Stream)?;
             }
