@@ -332,9 +332,8 @@ impl StreamShared {
         let mut d = lock(&self.direct);
         let mut written = 0;
         if let Some((sock, count)) = &d.sink {
-            let (iov, n) = io_slices(chunks);
             // An error is left for the consumer's own write to find.
-            written = sock.try_write_vectored(&iov[..n]).unwrap_or(0);
+            written = try_write_bufs(sock, chunks).unwrap_or(0);
             count.fetch_add(written as u64, Ordering::Relaxed);
             advance(chunks, written);
         }
@@ -772,6 +771,23 @@ pub(crate) fn io_slices(bufs: &VecDeque<Bytes>) -> ([IoSlice<'_>; MAX_IOV], usiz
     (iov, n)
 }
 
+/// Writes the front of `bufs` to `sock` without waiting: one buffer with a plain `send` (a
+/// small message, the common case, skips the kernel's iovec handling), several with one
+/// vectored write. Returns the bytes written; `bufs` is left as it was.
+pub(crate) fn try_write_bufs(
+    sock: &tokio::net::tcp::OwnedWriteHalf,
+    bufs: &VecDeque<Bytes>,
+) -> std::io::Result<usize> {
+    match bufs.len() {
+        0 => Ok(0),
+        1 => sock.try_write(&bufs[0]),
+        _ => {
+            let (iov, n) = io_slices(bufs);
+            sock.try_write_vectored(&iov[..n])
+        }
+    }
+}
+
 /// Drops the first `n` bytes of `bufs` (what a vectored write took).
 pub(crate) fn advance(bufs: &mut VecDeque<Bytes>, mut n: usize) {
     while n > 0 {
@@ -1101,6 +1117,7 @@ impl StreamTx {
     pub async fn reserve(&self, max: usize) -> Result<usize, MuxError> {
         let max = max.clamp(1, MAX_RESERVE);
         let first = tokio::select! {
+            biased;
             p = self.shared.credit.acquire() => p,
             _ = self.mux.closed.cancelled() => return Err(MuxError::Closed),
         };

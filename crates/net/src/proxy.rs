@@ -235,10 +235,7 @@ const GATHER: usize = 256 * 1024;
 async fn write_all(tcp: &OwnedWriteHalf, bufs: &mut VecDeque<Bytes>) -> Result<(), Failure> {
     while !bufs.is_empty() {
         tcp.writable().await.map_err(|_| Failure::Socket)?;
-        let written = {
-            let (iov, n) = crate::mux::io_slices(bufs);
-            tcp.try_write_vectored(&iov[..n])
-        };
+        let written = crate::mux::try_write_bufs(tcp, bufs);
         match written {
             Ok(n) => crate::mux::advance(bufs, n),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
