@@ -21,7 +21,7 @@ pub const BUF_LEN: usize = crate::mux::MAX_RESERVE;
 pub const KEEP: usize = 32;
 
 /// A free list of buffers.
-pub struct Pool {
+struct Pool {
     free: Mutex<Vec<Vec<u8>>>,
     keep: usize,
 }
