@@ -901,8 +901,13 @@ fn dispatch(
     true
 }
 
-/// Bytes gathered before one write to the transport.
-const WRITE_BATCH: usize = 256 * 1024;
+/// Bytes gathered before one write to the transport: a batch stops growing once it holds this
+/// much, and with the DATA frame that took it there it is still at most what the TLS layer
+/// seals in one write ([`crate::secure::WRITE_BATCH`]). A batch over that left its last bytes
+/// for a second write: a tiny record, one more system call and one more wake-up of the peer
+/// per batch (eight 32 KiB frames with their headers are 72 bytes over 256 KiB).
+const WRITE_BATCH: usize =
+    crate::secure::WRITE_BATCH - frame::HEADER_LEN - MAX_DATA_PAYLOAD as usize;
 
 /// DATA payloads at least this long are written from where they lie instead of being copied
 /// into the batch.
@@ -1755,5 +1760,112 @@ mod tests {
             other => panic!("expected RESET of stream 3, got {other:?}"),
         }
         drop((a, b));
+    }
+
+    /// A transport that records how many bytes each write offers.
+    struct Recording {
+        io: tokio::io::DuplexStream,
+        offers: Arc<Mutex<Vec<usize>>>,
+    }
+
+    impl AsyncRead for Recording {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
+        }
+    }
+
+    impl AsyncWrite for Recording {
+        fn poll_write(
+            self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            self.poll_write_vectored(cx, &[IoSlice::new(buf)])
+        }
+
+        fn poll_write_vectored(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            bufs: &[IoSlice<'_>],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            lock(&self.offers).push(bufs.iter().map(|b| b.len()).sum());
+            std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+        }
+
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
+
+        fn poll_flush(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::pin::Pin::new(&mut self.io).poll_flush(cx)
+        }
+
+        fn poll_shutdown(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+        }
+    }
+
+    #[tokio::test]
+    async fn queued_data_goes_out_in_batches_the_tls_layer_seals_in_one_write() {
+        // The peer reads nothing at first, so frames queue up behind a full pipe and the
+        // writer task gathers them into full batches once it reads.
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let offers = Arc::new(Mutex::new(Vec::new()));
+        let tracker = TaskTracker::new();
+        let cfg = MuxConfig {
+            peer_window: 4 * 1024 * 1024,
+            ..MuxConfig::default()
+        };
+        let io = Recording {
+            io: a,
+            offers: offers.clone(),
+        };
+        let (mux, _ev) = Mux::start(
+            handshake_conn(io),
+            Role::Opener,
+            cfg,
+            CancellationToken::new(),
+            &tracker,
+        );
+        let stream = mux.open([1; 16], "u".into()).await.unwrap();
+        let total = 2 * 1024 * 1024;
+        let sender = tokio::spawn(async move {
+            let chunk = Bytes::from(vec![7u8; MAX_DATA_PAYLOAD as usize]);
+            for _ in 0..total / chunk.len() {
+                stream.tx.send(chunk.clone()).await.unwrap();
+            }
+            stream
+        });
+        let mut raw = handshake_conn(b);
+        let mut got = 0;
+        while got < total {
+            match raw.next().await {
+                Some(Ok(Frame::Data { data, .. })) => got += data.len(),
+                Some(Ok(_)) => {}
+                other => panic!("expected frames, got {other:?}"),
+            }
+        }
+        let _stream = sender.await.unwrap();
+        let offers = lock(&offers).clone();
+        // Batches did fill (the queue held more than one batch's worth) ...
+        let biggest = offers.iter().copied().max().unwrap_or(0);
+        assert!(biggest >= WRITE_BATCH, "biggest write {biggest}");
+        // ... and none went past what one TLS write takes, which would leave a tiny record
+        // and a second system call for its tail.
+        assert!(
+            biggest <= crate::secure::WRITE_BATCH,
+            "a write of {biggest} bytes"
+        );
+        mux.close();
     }
 }

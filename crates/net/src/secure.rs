@@ -32,10 +32,13 @@ use crate::record::{self, ContentType, Opener, PostHandshake, RecordError, Seale
 
 /// The receive buffer of a connection that exchanges small messages.
 pub const SMALL_BUF: usize = 4 * 1024;
-/// The receive buffer while the peer streams: up to this much per read.
-pub const BIG_BUF: usize = 256 * 1024;
 /// Most plaintext one write seals (in records of at most 16 KiB) before it goes out.
 pub const WRITE_BATCH: usize = 256 * 1024;
+/// The receive buffer while the peer streams: up to this much per read, one whole batch of
+/// [`WRITE_BATCH`] as sealed (records' overhead included), so a batch is read in one go and
+/// leaves no partial record to move to the front.
+pub const BIG_BUF: usize =
+    WRITE_BATCH + (WRITE_BATCH / record::MAX_PLAINTEXT + 1) * record::OVERHEAD;
 /// Most bytes of one handshake flight, and of application data that arrives with it.
 const MAX_HANDSHAKE: usize = 64 * 1024;
 /// Most records in a row that carry no data (empty ones, KeyUpdates, tickets): they cost work
