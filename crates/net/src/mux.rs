@@ -5,10 +5,10 @@
 //! queues (urgent: WINDOW, RESET, PONG, errors; data: OPEN, DATA, FIN, CONTROL) into batched
 //! writes. The reader never waits on the writer, so credit updates always flow.
 //!
-//! A stream task with DATA to send writes it into the transport itself when the writer task is
-//! idle and no frame handed to the data queue is still unwritten (one task hop less per
-//! chunk); otherwise it queues the frames for the writer task. Either way a stream's frames
-//! go out in the order they were sent.
+//! A stream task with DATA (or OPEN, FIN, RESET) to send writes it into the transport itself
+//! when the writer task is idle and no frame handed to the data queue is still unwritten (one
+//! task hop less per chunk, per new stream and per close); otherwise it queues the frames for
+//! the writer task. Either way a stream's frames go out in the order they were sent.
 //!
 //! A stream whose consumer registered its socket ([`StreamRx::deliver_to`]) gets DATA written
 //! by the reader itself, without waking the consumer, whenever nothing of that stream is queued
@@ -426,14 +426,13 @@ impl Mux {
             let stream = new_stream(inner, id, &mut streams);
             (stream, id)
         };
-        if inner
-            .queue(Frame::Open {
-                stream: id,
-                tunnel,
-                peer,
-            })
-            .await
-            .is_err()
+        let open = Frame::Open {
+            stream: id,
+            tunnel,
+            peer,
+        };
+        if let Err(open) = inner.write_frame_direct(open)
+            && inner.queue(open).await.is_err()
         {
             return Err(self.close_reason());
         }
@@ -553,9 +552,13 @@ impl Inner {
         self.close(MuxError::Protocol { code, message });
     }
 
-    /// Queues `frame` behind the data already queued (so a RESET never overtakes its own OPEN
-    /// or DATA), without waiting: if the queue is full, a task waits for room.
+    /// Sends `frame` behind the data already queued (so a RESET never overtakes its own OPEN
+    /// or DATA), without waiting: written directly when it can be, else queued; if the queue is
+    /// full, a task waits for room.
     fn send_ordered(&self, frame: Frame) {
+        let Err(frame) = self.write_frame_direct(frame) else {
+            return;
+        };
         self.unwritten.fetch_add(1, Ordering::AcqRel);
         match self.data_tx.try_send(frame) {
             Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
@@ -583,17 +586,9 @@ impl Inner {
     /// otherwise. What the transport does not take at once stays in the batch for the writer
     /// task, which is woken to finish it.
     fn write_direct(&self, id: u32, data: &mut Bytes) -> bool {
-        if self.closed.is_cancelled() {
-            return false;
-        }
-        let Ok(mut out) = self.out.try_lock() else {
+        let Some(mut out) = self.direct_out() else {
             return false;
         };
-        // A batch left by an earlier direct write that the transport did not take means the
-        // transport is slow: queue, so the data queue's bound holds back every stream.
-        if self.unwritten.load(Ordering::Acquire) != 0 || !out.batch.is_empty() {
-            return false;
-        }
         while !data.is_empty() {
             let chunk = data.split_to(data.len().min(MAX_DATA_PAYLOAD as usize));
             out.batch.push(Frame::Data {
@@ -603,6 +598,31 @@ impl Inner {
         }
         self.write_now(out);
         true
+    }
+
+    /// Writes `frame` (OPEN, FIN, RESET) into the transport from the calling task under the
+    /// same conditions as DATA (see [`Inner::write_direct`]): a new connection or a close costs
+    /// no wake-up of the writer task. The frame is handed back when it must be queued.
+    fn write_frame_direct(&self, frame: Frame) -> Result<(), Frame> {
+        let Some(mut out) = self.direct_out() else {
+            return Err(frame);
+        };
+        out.batch.push(frame);
+        self.write_now(out);
+        Ok(())
+    }
+
+    /// The transport, for a write from the calling task: only while the writer task is idle
+    /// and nothing handed to the data queue is still unwritten, so nothing overtakes a queued
+    /// frame.
+    fn direct_out(&self) -> Option<tokio::sync::MutexGuard<'_, Out>> {
+        if self.closed.is_cancelled() {
+            return None;
+        }
+        let out = self.out.try_lock().ok()?;
+        // A batch left by an earlier direct write that the transport did not take means the
+        // transport is slow: queue, so the data queue's bound holds back every stream.
+        (self.unwritten.load(Ordering::Acquire) == 0 && out.batch.is_empty()).then_some(out)
     }
 
     /// Writes what `out` holds as far as the transport takes it without waiting; the writer
@@ -1186,10 +1206,13 @@ impl StreamTx {
         if self.fin_sent.swap(true, Ordering::Relaxed) {
             return Ok(());
         }
-        let frame = Frame::Fin {
+        let fin = Frame::Fin {
             stream: self.shared.id,
         };
-        self.mux.queue(frame).await
+        match self.mux.write_frame_direct(fin) {
+            Ok(()) => Ok(()),
+            Err(fin) => self.mux.queue(fin).await,
+        }
     }
 }
 
@@ -1602,6 +1625,48 @@ mod tests {
                 other => panic!("unexpected {other:?}"),
             }
         }
+    }
+
+    #[tokio::test]
+    async fn a_fin_never_overtakes_its_data_written_directly_or_queued() {
+        // A small pipe the raw end does not read at first: the first DATA goes out directly,
+        // the rest queues behind the full pipe, and FIN must come after all of it.
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let tracker = TaskTracker::new();
+        let cfg = MuxConfig {
+            peer_window: 1 << 20,
+            ..MuxConfig::default()
+        };
+        let (mux, _ev) = Mux::start(
+            handshake_conn(a),
+            Role::Opener,
+            cfg,
+            CancellationToken::new(),
+            &tracker,
+        );
+        let total = 512 * 1024;
+        let sender = tokio::spawn({
+            let mux = mux.clone();
+            async move {
+                let s = mux.open([3; 16], "u".into()).await.unwrap();
+                s.tx.send(Bytes::from(vec![1u8; total])).await.unwrap();
+                s.tx.finish().await.unwrap();
+                s
+            }
+        });
+        let mut raw = handshake_conn(b);
+        let mut got = 0;
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), raw.next()).await {
+                Ok(Some(Ok(Frame::Open { .. }))) => {}
+                Ok(Some(Ok(Frame::Data { data, .. }))) => got += data.len(),
+                Ok(Some(Ok(Frame::Fin { .. }))) => break,
+                other => panic!("expected OPEN, DATA or FIN, got {other:?}"),
+            }
+        }
+        assert_eq!(got, total, "FIN after {got} of {total} bytes");
+        drop(sender.await.unwrap());
+        mux.close();
     }
 
     #[tokio::test]
