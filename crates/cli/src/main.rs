@@ -77,16 +77,26 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         let shutdown = CancellationToken::new();
         spawn_signal_handler(shutdown.clone());
-        match cli.command {
-            Command::Relay(args) => relay::run(args, shutdown).await,
-            Command::Token(args) => relay::token(args),
-            Command::Expose(args) => expose::run(args, shutdown).await,
-            Command::Hub(args) => hub::run_hub(args, shutdown).await,
-            Command::Node(args) => hub::run_node(args, shutdown).await,
-            Command::Peer(args) => mailbox::run_peer(args, shutdown).await,
-            Command::Msg(args) => mailbox::run_msg(args, shutdown).await,
-            Command::Chain(args) => chain::run(args, shutdown).await,
-            Command::Longpoll(args) => longpoll::run(args, shutdown).await,
+        // The command runs as a task on the worker threads, not on this one: a loop the
+        // workers wake (the agent's session, once per new stream) and the tasks it spawns
+        // then cost no wake-up of another thread.
+        let command = tokio::spawn(async move {
+            match cli.command {
+                Command::Relay(args) => relay::run(args, shutdown).await,
+                Command::Token(args) => relay::token(args),
+                Command::Expose(args) => expose::run(args, shutdown).await,
+                Command::Hub(args) => hub::run_hub(args, shutdown).await,
+                Command::Node(args) => hub::run_node(args, shutdown).await,
+                Command::Peer(args) => mailbox::run_peer(args, shutdown).await,
+                Command::Msg(args) => mailbox::run_msg(args, shutdown).await,
+                Command::Chain(args) => chain::run(args, shutdown).await,
+                Command::Longpoll(args) => longpoll::run(args, shutdown).await,
+            }
+        });
+        match command.await {
+            Ok(result) => result,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => Err(anyhow::anyhow!("the command's task ended early: {e}")),
         }
     });
     match result {
