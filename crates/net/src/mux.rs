@@ -1914,9 +1914,9 @@ mod tests {
         let mut raw = handshake_conn(b);
         let mut got = 0;
         while got < total {
-            match raw.next().await {
-                Some(Ok(Frame::Data { data, .. })) => got += data.len(),
-                Some(Ok(_)) => {}
+            match tokio::time::timeout(Duration::from_secs(10), raw.next()).await {
+                Ok(Some(Ok(Frame::Data { data, .. }))) => got += data.len(),
+                Ok(Some(Ok(_))) => {}
                 other => panic!("expected frames, got {other:?}"),
             }
         }
