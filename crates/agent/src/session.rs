@@ -318,7 +318,7 @@ impl Serving<'_> {
                     }
                     let target = self.locals.get(&inc.tunnel).cloned();
                     let traffic = target.as_ref().map(|(_, i)| self.traffic[*i].clone());
-                    self.streams.spawn(serve_stream(inc, target.map(|(l, _)| l), traffic, self.config.local_connect_timeout, self.token.clone()));
+                    self.streams.spawn(serve_stream(inc, target.map(|(l, _)| l), traffic, self.config.local_connect_timeout));
                 }
             }
         }
@@ -423,7 +423,6 @@ async fn serve_stream(
     local: Option<String>,
     traffic: Option<Arc<Traffic>>,
     connect_timeout: Duration,
-    token: CancellationToken,
 ) {
     let (Some(local), Some(traffic)) = (local, traffic) else {
         tracing::warn!(peer = %inc.peer, "stream for an unknown tunnel");
@@ -444,6 +443,6 @@ async fn serve_stream(
         }
     };
     tube_net::tune_tcp(&tcp);
-    let end = tube_net::proxy::proxy(tcp, inc.stream, &token, &traffic).await;
+    let end = tube_net::proxy::proxy(tcp, inc.stream, &traffic).await;
     tracing::debug!(peer = %inc.peer, ?end, "stream ended");
 }

@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::runtime::Runtime;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -38,10 +37,7 @@ struct Pair {
 
 impl Pair {
     /// Starts both ends over `a` and `b`; call inside the runtime.
-    fn start<T>(a: T, b: T) -> Pair
-    where
-        T: AsyncRead + AsyncWrite + Send + 'static,
-    {
+    fn start<T: tube_net::Transport>(a: T, b: T) -> Pair {
         let tracker = TaskTracker::new();
         let stop = CancellationToken::new();
         let cfg = MuxConfig::default();

@@ -23,7 +23,7 @@ pub mod secure;
 pub mod splice;
 pub mod tls;
 
-pub use mux::{Incoming, Mux, MuxConfig, MuxError, MuxEvents, MuxStream, Role};
+pub use mux::{Incoming, Mux, MuxConfig, MuxError, MuxEvents, MuxStream, Role, Transport};
 pub use secure::SecureStream;
 pub use tls::{Fingerprint, Identity, TlsError};
 pub use tokio_rustls;

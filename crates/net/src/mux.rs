@@ -3,7 +3,9 @@
 //! [`Mux::start`] takes a connection whose handshake is done and spawns two tasks on the given
 //! tracker: a reader that decodes frames and dispatches them, and a writer that drains two
 //! queues (urgent: WINDOW, RESET, PONG, errors; data: OPEN, DATA, FIN, CONTROL) into batched
-//! writes. The reader never waits on the writer, so credit updates always flow.
+//! writes. The reader never waits on the writer, so credit updates always flow. The connection
+//! is split into the reader's half and the writers' half ([`Transport`]); tube's TLS splits
+//! without a shared lock.
 //!
 //! A stream task with DATA (or OPEN, FIN, RESET) to send writes it into the transport itself
 //! when the writer task is idle and no frame handed to the data queue is still unwritten (one
@@ -14,6 +16,9 @@
 //! by the reader itself, without waking the consumer, whenever nothing of that stream is queued
 //! or in the consumer's hands and the socket takes the bytes at once (one task hop and one copy
 //! less per chunk); the rest is queued as usual, so the order always holds.
+//!
+//! The connection closes (every stream reset, every stream's abort signal raised) on a
+//! protocol error, an IO error, [`Mux::close`], or the cancellation of its token.
 //!
 //! Credit (WINDOW) for consumed bytes is written into the transport by the task that consumed
 //! them (the reader after a direct write, or the consumer) when nobody else is writing, and
@@ -178,6 +183,43 @@ pub struct MuxEvents {
     pub incoming: mpsc::Receiver<Incoming>,
 }
 
+/// A connection the mux takes apart into the halves its reader and writer own.
+pub trait Transport: AsyncRead + AsyncWrite + Send + 'static {
+    /// The half the reader task owns.
+    type Read: AsyncRead + Unpin + Send + 'static;
+    /// The half direct writes and the writer task share.
+    type Write: AsyncWrite + Unpin + Send + 'static;
+    /// Splits the connection.
+    fn into_halves(self) -> (Self::Read, Self::Write);
+}
+
+/// TLS from [`crate::secure`]: halves that share no lock.
+impl Transport for crate::secure::SecureStream<tokio::net::TcpStream> {
+    type Read = crate::secure::SecureReader<tokio::net::tcp::OwnedReadHalf>;
+    type Write = crate::secure::SecureWriter<tokio::net::tcp::OwnedWriteHalf>;
+    fn into_halves(self) -> (Self::Read, Self::Write) {
+        self.into_split()
+    }
+}
+
+/// Plain TCP (tests and benchmarks).
+impl Transport for tokio::net::TcpStream {
+    type Read = tokio::net::tcp::OwnedReadHalf;
+    type Write = tokio::net::tcp::OwnedWriteHalf;
+    fn into_halves(self) -> (Self::Read, Self::Write) {
+        self.into_split()
+    }
+}
+
+/// An in-memory pipe (tests and benchmarks).
+impl Transport for tokio::io::DuplexStream {
+    type Read = tokio::io::ReadHalf<tokio::io::DuplexStream>;
+    type Write = tokio::io::WriteHalf<tokio::io::DuplexStream>;
+    fn into_halves(self) -> (Self::Read, Self::Write) {
+        tokio::io::split(self)
+    }
+}
+
 /// A handle to a running multiplexed connection. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Mux {
@@ -202,6 +244,9 @@ struct Inner {
     streams: Mutex<HashMap<u32, Arc<StreamShared>>>,
     next_id: AtomicU32,
     closed: CancellationToken,
+    /// Set by [`Inner::close`] before `closed` is cancelled: what the hot paths check (a
+    /// token's state sits behind a mutex).
+    closing: AtomicBool,
     reason: Mutex<Option<MuxError>>,
     /// Window growth in use over all streams (bytes beyond `cfg.window`), within
     /// `cfg.window_budget`; each stream gives its share back when it is dropped.
@@ -265,6 +310,36 @@ struct StreamShared {
     direct: Mutex<Direct>,
     /// The connection's window growth in use (see [`Inner::grown`]).
     grown: Arc<AtomicUsize>,
+    /// Raised when the stream is reset by the peer or the connection closes.
+    aborted: Aborted,
+}
+
+/// A stream's abort signal: one flag and one waiter (the stream's own task), so waiting on it
+/// costs a couple of atomic operations per wake-up, not a lock.
+#[derive(Debug, Default)]
+struct Aborted {
+    set: AtomicBool,
+    waker: futures_util::task::AtomicWaker,
+}
+
+impl Aborted {
+    fn raise(&self) {
+        self.set.store(true, Ordering::Release);
+        self.waker.wake();
+    }
+
+    fn poll(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        if self.set.load(Ordering::Acquire) {
+            return std::task::Poll::Ready(());
+        }
+        self.waker.register(cx.waker());
+        // Raised between the check and the registration: its wake-up may have been missed.
+        if self.set.load(Ordering::Acquire) {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    }
 }
 
 /// A stream's receive side: its window, and when credit was last returned.
@@ -297,6 +372,14 @@ struct Direct {
 }
 
 impl StreamShared {
+    /// Ends the stream from the peer's side or the connection's: no more credit, the consumer
+    /// reads a reset, and a task waiting on [`StreamTx::aborted`] wakes.
+    fn abort(&self, code: u16) {
+        self.credit.close();
+        self.aborted.raise();
+        self.push(Inbound::Reset(code));
+    }
+
     /// Queues `item` for the consumer.
     fn push(&self, item: Inbound) {
         let mut d = lock(&self.direct);
@@ -356,14 +439,14 @@ impl Mux {
         tracker: &TaskTracker,
     ) -> (Mux, MuxEvents)
     where
-        T: AsyncRead + AsyncWrite + Send + 'static,
+        T: Transport,
     {
         let mut cfg = cfg;
         cfg.window = clamp_window(cfg.window);
         cfg.peer_window = clamp_window(cfg.peer_window);
         cfg.max_window = cfg.max_window.min(MAX_WINDOW);
         let parts = conn.into_parts();
-        let (rd, wr) = tokio::io::split(parts.io);
+        let (rd, wr) = parts.io.into_halves();
         let mut reader = FramedRead::new(rd, FrameCodec { limits: cfg.limits });
         *reader.read_buffer_mut() = parts.read_buf;
         let (data_tx, data_rx) = mpsc::channel(cfg.write_queue.max(1));
@@ -393,6 +476,7 @@ impl Mux {
             streams: Mutex::new(HashMap::new()),
             next_id: AtomicU32::new(1),
             closed: cancel,
+            closing: AtomicBool::new(false),
             reason: Mutex::new(None),
             grown: Arc::new(AtomicUsize::new(0)),
             rtt: Mutex::new(Rtt::default()),
@@ -411,7 +495,7 @@ impl Mux {
     /// Opens a stream to the peer for a user of `tunnel` coming from `peer`.
     pub async fn open(&self, tunnel: [u8; 16], peer: String) -> Result<MuxStream, MuxError> {
         let inner = &self.inner;
-        if inner.closed.is_cancelled() {
+        if inner.is_closing() {
             return Err(self.close_reason());
         }
         let (stream, id) = {
@@ -468,7 +552,7 @@ impl Mux {
 
     /// Whether the connection has ended.
     pub fn is_closed(&self) -> bool {
-        self.inner.closed.is_cancelled()
+        self.inner.is_closing() || self.inner.closed.is_cancelled()
     }
 
     /// Why the connection ended (`Closed` while it is still open).
@@ -511,8 +595,15 @@ fn new_stream(
         }),
         direct: Mutex::new(Direct::default()),
         grown: inner.grown.clone(),
+        aborted: Aborted::default(),
     });
-    streams.insert(id, shared.clone());
+    if inner.is_closing() {
+        // Made while the connection closes, after `Inner::close` emptied the map (it sets
+        // `closing` before taking the map's lock, which the caller holds): ended at once.
+        shared.abort(ErrorCode::StreamAborted as u16);
+    } else {
+        streams.insert(id, shared.clone());
+    }
     MuxStream {
         tx: StreamTx {
             shared: shared.clone(),
@@ -530,7 +621,13 @@ fn new_stream(
 }
 
 impl Inner {
+    /// Whether the connection is closing (see [`Inner::closing`]).
+    fn is_closing(&self) -> bool {
+        self.closing.load(Ordering::Acquire)
+    }
+
     fn close(&self, reason: MuxError) {
+        self.closing.store(true, Ordering::Release);
         {
             let mut r = lock(&self.reason);
             if r.is_none() {
@@ -540,8 +637,7 @@ impl Inner {
         self.closed.cancel();
         let streams: Vec<_> = lock(&self.streams).drain().map(|(_, s)| s).collect();
         for s in streams {
-            s.credit.close();
-            s.push(Inbound::Reset(ErrorCode::StreamAborted as u16));
+            s.abort(ErrorCode::StreamAborted as u16);
         }
     }
 
@@ -616,7 +712,7 @@ impl Inner {
     /// and nothing handed to the data queue is still unwritten, so nothing overtakes a queued
     /// frame.
     fn direct_out(&self) -> Option<tokio::sync::MutexGuard<'_, Out>> {
-        if self.closed.is_cancelled() {
+        if self.is_closing() {
             return None;
         }
         let out = self.out.try_lock().ok()?;
@@ -643,7 +739,7 @@ impl Inner {
     /// task when nobody else is writing (no wake-up of the writer task, which often sleeps on
     /// the other thread), handed to the writer task otherwise. They may overtake queued frames.
     fn send_credit(&self, frames: impl IntoIterator<Item = Frame>) {
-        if !self.closed.is_cancelled()
+        if !self.is_closing()
             && let Ok(mut out) = self.out.try_lock()
         {
             for f in frames {
@@ -682,9 +778,14 @@ async fn read_loop<R: AsyncRead + Unpin>(
     incoming_tx: mpsc::Sender<Incoming>,
 ) {
     let mut direct = DirectBatch::default();
+    // One wait for the whole loop: a new one per frame would register and unregister with
+    // the token each time.
+    let cancelled = inner.closed.cancelled();
+    tokio::pin!(cancelled);
     loop {
         if inner.closed.is_cancelled() {
-            return;
+            // Cancelled from outside, or closed: every stream ends with a reset.
+            return inner.close(MuxError::Closed);
         }
         // Frames already read are handled first; DATA held for direct delivery is written
         // only when no more is at hand, so one write carries as much as possible.
@@ -693,7 +794,8 @@ async fn read_loop<R: AsyncRead + Unpin>(
             None => {
                 direct.flush(&inner);
                 tokio::select! {
-                    _ = inner.closed.cancelled() => return,
+                    biased;
+                    _ = &mut cancelled => return inner.close(MuxError::Closed),
                     next = reader.next() => next,
                 }
             }
@@ -834,7 +936,7 @@ fn dispatch(
     match frame {
         Frame::Control(bytes) => match ControlMessage::from_bytes(&bytes) {
             Ok(msg) => {
-                if control_tx.try_send(msg).is_err() && !inner.closed.is_cancelled() {
+                if control_tx.try_send(msg).is_err() && !inner.is_closing() {
                     inner.protocol_error(ErrorCode::ProtocolError, "control queue full".into());
                     return false;
                 }
@@ -913,8 +1015,7 @@ fn dispatch(
         Frame::Reset { stream, code } => {
             let s = lock(&inner.streams).remove(&stream);
             if let Some(s) = s {
-                s.credit.close();
-                s.push(Inbound::Reset(code));
+                s.abort(code);
             }
         }
     }
@@ -966,6 +1067,19 @@ impl Batch {
 
     /// Writes everything gathered, then flushes.
     async fn write_to<W: AsyncWrite + Unpin>(&mut self, wr: &mut W) -> std::io::Result<()> {
+        if self.segs.is_empty() {
+            // Small frames only (the common case for messages): written from `head` as it
+            // is, which keeps its allocation for the next batch.
+            while !self.head.is_empty() {
+                let written = wr.write(&self.head).await?;
+                if written == 0 {
+                    return Err(std::io::ErrorKind::WriteZero.into());
+                }
+                self.head.advance(written);
+            }
+            self.len = 0;
+            return wr.flush().await;
+        }
         if !self.head.is_empty() {
             self.segs.push_back(self.head.split().freeze());
         }
@@ -1139,27 +1253,43 @@ impl MuxStream {
 impl StreamTx {
     /// Waits until the peer grants credit, and takes up to `max` bytes of it (at least 1, at
     /// most [`MAX_RESERVE`]). Unused credit must be handed back with [`StreamTx::give_back`].
+    ///
+    /// Fails once the stream is reset or the connection closes (both close the credit).
     pub async fn reserve(&self, max: usize) -> Result<usize, MuxError> {
         let max = max.clamp(1, MAX_RESERVE);
-        let first = tokio::select! {
-            biased;
-            p = self.shared.credit.acquire() => p,
-            _ = self.mux.closed.cancelled() => return Err(MuxError::Closed),
+        let credit = &self.shared.credit;
+        let at_hand = credit.available_permits().min(max);
+        let taken = match credit.try_acquire_many(at_hand as u32) {
+            Ok(p) if at_hand > 0 => {
+                p.forget();
+                at_hand
+            }
+            _ => {
+                // None at hand (or the credit is closed): wait for one byte's worth, then
+                // take what came with it.
+                credit
+                    .acquire()
+                    .await
+                    .map_err(|_| MuxError::Closed)?
+                    .forget();
+                let extra = credit.available_permits().min(max - 1);
+                match credit.try_acquire_many(extra as u32) {
+                    Ok(p) if extra > 0 => {
+                        p.forget();
+                        1 + extra
+                    }
+                    _ => 1,
+                }
+            }
         };
-        let Ok(first) = first else {
-            return Err(MuxError::Closed);
-        };
-        first.forget();
-        let mut taken = 1;
-        let extra = self.shared.credit.available_permits().min(max - 1);
-        if extra > 0
-            && let Ok(p) = self.shared.credit.try_acquire_many(extra as u32)
-        {
-            p.forget();
-            taken += extra;
-        }
         self.shared.reserved.fetch_add(taken, Ordering::Relaxed);
         Ok(taken)
+    }
+
+    /// Resolves once the stream is reset by the peer or the connection closes (for whatever
+    /// reason, its token's cancellation included). Cheap to poll on every wake-up.
+    pub fn aborted(&self) -> impl std::future::Future<Output = ()> + '_ {
+        std::future::poll_fn(|cx| self.shared.aborted.poll(cx))
     }
 
     /// Returns reserved credit that was not used.
@@ -1276,6 +1406,16 @@ impl StreamRx {
     /// Ends direct delivery: the reader drops its handle on the socket.
     pub fn release_sock(&self) {
         lock(&self.shared.direct).sink = None;
+    }
+
+    /// For tests: whether the consumer holds every queued item taken and not yet written.
+    #[cfg(test)]
+    pub(crate) fn consumer_holds_all(&self) -> impl Fn() -> bool + Send + 'static {
+        let shared = self.shared.clone();
+        move || {
+            let d = lock(&shared.direct);
+            d.busy && d.queued == 0
+        }
     }
 
     /// Counts an item taken from the queue: the consumer holds it until [`StreamRx::idle`].
@@ -1877,6 +2017,14 @@ mod tests {
             cx: &mut std::task::Context<'_>,
         ) -> std::task::Poll<std::io::Result<()>> {
             std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+        }
+    }
+
+    impl Transport for Recording {
+        type Read = tokio::io::ReadHalf<Recording>;
+        type Write = tokio::io::WriteHalf<Recording>;
+        fn into_halves(self) -> (Self::Read, Self::Write) {
+            tokio::io::split(self)
         }
     }
 

@@ -6,7 +6,8 @@
 //! the writer as the frame payload. A FIN in either direction becomes a half-close on the
 //! other side; a reset or socket error aborts both sides (the TCP peer sees RST, the mux peer
 //! a RESET frame). The mux's reader may write DATA to the socket itself while this side is
-//! idle ([`StreamRx::deliver_to`]).
+//! idle ([`StreamRx::deliver_to`]). The stream's abort signal (a reset from the peer, or the
+//! connection closing) ends the proxy whatever it waits on.
 
 use std::collections::VecDeque;
 use std::io;
@@ -18,7 +19,6 @@ use bytes::Bytes;
 use tokio::io::{AsyncRead, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio_util::sync::CancellationToken;
 use tube_proto::control::ErrorCode;
 
 use crate::mux::{Inbound, MuxStream, StreamRx, StreamTx};
@@ -31,10 +31,9 @@ pub enum ProxyEnd {
     Clean,
     /// The TCP side failed (reset, error); the stream was reset.
     SocketError,
-    /// The mux side reset the stream or the connection closed; the socket was reset.
+    /// The mux side reset the stream or the connection closed (its token cancelled
+    /// included); the socket was reset.
     StreamReset,
-    /// `cancel` fired; both sides were aborted.
-    Cancelled,
 }
 
 /// Byte counters, updated live while data flows (shared by all connections of a tunnel).
@@ -62,14 +61,10 @@ enum Failure {
     Stream,
 }
 
-/// Proxies until both directions end, either side fails, or `cancel` fires, counting bytes
-/// into `traffic` as they pass.
-pub async fn proxy(
-    tcp: TcpStream,
-    mut stream: MuxStream,
-    cancel: &CancellationToken,
-    traffic: &Traffic,
-) -> ProxyEnd {
+/// Proxies until both directions end or either side fails, counting bytes into `traffic` as
+/// they pass. The stream's reset, or the close of its connection (for whatever reason, the
+/// cancellation of the mux's token included), ends it whatever it is waiting on.
+pub async fn proxy(tcp: TcpStream, mut stream: MuxStream, traffic: &Traffic) -> ProxyEnd {
     // The read half is this task's alone, so reads go through `poll_read`, which takes a short
     // read as proof that the socket is drained (no extra `read` to learn it would block). The
     // write half is shared with the mux's reader for direct delivery.
@@ -81,21 +76,24 @@ pub async fn proxy(
     // Both directions are made inside the joining block: futures made outside and moved in
     // would take their room in the task twice (once captured, once joined), about 900 bytes
     // per connection.
+    // Both directions can wait on their sockets at once (a user who neither sends nor reads),
+    // where a reset queued for the stream would go unseen: the abort signal ends them.
     let result = tokio::select! {
+        // In order: no random pick on every wake-up.
+        biased;
         r = async {
             tokio::try_join!(
                 socket_to_stream(&mut rd, &stream.tx, &traffic.socket_to_stream),
                 stream_to_socket(&wr, &mut stream.rx, &traffic.stream_to_socket),
             )
-        } => Some(r),
-        _ = cancel.cancelled() => None,
+        } => r,
+        () = stream.tx.aborted() => Err(Failure::Stream),
     };
     stream.rx.release_sock();
     let end = match result {
-        Some(Ok(_)) => ProxyEnd::Clean,
-        Some(Err(Failure::Socket)) => ProxyEnd::SocketError,
-        Some(Err(Failure::Stream)) => ProxyEnd::StreamReset,
-        None => ProxyEnd::Cancelled,
+        Ok(_) => ProxyEnd::Clean,
+        Err(Failure::Socket) => ProxyEnd::SocketError,
+        Err(Failure::Stream) => ProxyEnd::StreamReset,
     };
     // The reader let go of its handle above, so this is the last one. Put back together, the
     // socket closes without the write half's shutdown-on-drop: a reset must not be preceded by
@@ -252,6 +250,7 @@ mod tests {
     use crate::mux::{Mux, MuxConfig, MuxEvents, Role};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
+    use tokio_util::sync::CancellationToken;
     use tokio_util::task::TaskTracker;
 
     /// Byte `i` of the test pattern (position-dependent, so a reorder or a loss shows).
@@ -299,10 +298,7 @@ mod tests {
         let inc = incoming.recv().await.expect("the stream arrives");
         let traffic = Arc::new(Traffic::default());
         let t = traffic.clone();
-        let task =
-            tokio::spawn(
-                async move { proxy(server, inc.stream, &CancellationToken::new(), &t).await },
-            );
+        let task = tokio::spawn(async move { proxy(server, inc.stream, &t).await });
         (stream, client, task, traffic, (opener, acceptor, tracker))
     }
 
@@ -379,5 +375,69 @@ mod tests {
             Err(io::ErrorKind::ConnectionReset),
             "the client must see a reset, not an orderly end"
         );
+    }
+
+    #[tokio::test]
+    async fn the_connection_closing_ends_a_proxy_whose_user_neither_reads_nor_sends() {
+        let (a, b) = tokio::io::duplex(1 << 20);
+        let tracker = TaskTracker::new();
+        let cfg = MuxConfig::default();
+        let (opener, _) = Mux::start(
+            handshake_conn(a),
+            Role::Opener,
+            cfg.clone(),
+            CancellationToken::new(),
+            &tracker,
+        );
+        let acceptor_token = CancellationToken::new();
+        let (_acceptor, MuxEvents { mut incoming, .. }) = Mux::start(
+            handshake_conn(b),
+            Role::Acceptor,
+            cfg,
+            acceptor_token.clone(),
+            &tracker,
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = tokio::net::TcpSocket::new_v4().unwrap();
+        client.set_recv_buffer_size(4096).unwrap();
+        let _client = client
+            .connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        socket2::SockRef::from(&server)
+            .set_send_buffer_size(4096)
+            .unwrap();
+        // The user reads nothing: fill the socket until the kernel takes no more, so the
+        // proxy's writes to it wait, while its reads wait on a user who sends nothing.
+        server.writable().await.unwrap();
+        let filler = [0u8; 16 * 1024];
+        loop {
+            match server.try_write(&filler) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("filling the socket: {e}"),
+            }
+        }
+        let stream = opener.open([0; 16], "test".into()).await.unwrap();
+        let inc = incoming.recv().await.expect("the stream arrives");
+        let traffic = Arc::new(Traffic::default());
+        let t = traffic.clone();
+        let holds = inc.stream.rx.consumer_holds_all();
+        let task = tokio::spawn(async move { proxy(server, inc.stream, &t).await });
+        send_pattern(&stream, 0, 1000).await;
+        // The test runs on one thread: once the proxy holds the bytes, it has yielded, which it
+        // does only in its socket waits (the write to the full socket, the read).
+        while !holds() {
+            tokio::task::yield_now().await;
+        }
+        // The acceptor's token is cancelled: its mux closes and the proxy must end, though
+        // neither of its sockets' waits will ever be woken.
+        acceptor_token.cancel();
+        let end = tokio::time::timeout(std::time::Duration::from_secs(10), task)
+            .await
+            .expect("the proxy ends within 10 s")
+            .unwrap();
+        assert_eq!(end, ProxyEnd::StreamReset);
     }
 }

@@ -8,6 +8,8 @@
 //! buffers: a received byte is read from the socket into one buffer, decrypted there and
 //! copied once to the reader, where rustls's buffered connection copies it three times; a sent
 //! byte is copied once into the record it is sealed in, with no allocation per record.
+//! [`SecureStream::into_split`] gives a reading and a writing half that share no lock (only
+//! the key schedule, taken for a KeyUpdate, and a flag for a KeyUpdate the peer asked for).
 //!
 //! Bounds: the receive buffer is [`SMALL_BUF`] bytes, or [`BIG_BUF`] while the peer streams
 //! (a read fills it), and shrinks back when a read finds nothing after several short ones; the send
@@ -19,6 +21,7 @@
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, ready};
 
 use rustls::client::{ClientConnectionData, UnbufferedClientConnection};
@@ -242,23 +245,30 @@ where
     let (tx_seq, tx) = secrets.tx;
     let (rx_seq, rx) = secrets.rx;
     let tx_limit = kernel.key_update_after();
-    let rbuf = RecvBuf::holding(&inbuf[..used]);
+    let keys = Arc::new(Keys {
+        kernel: std::sync::Mutex::new(kernel),
+        answer_key_update: AtomicBool::new(false),
+    });
     Ok(SecureStream {
         io,
-        kernel,
-        rx: Opener::new(&rx, rx_seq).map_err(invalid)?,
-        rbuf,
-        plain: 0..0,
-        record_end: 0,
-        early,
-        records_without_data: 0,
-        peer_closed: false,
-        tx: Sealer::new(&tx, tx_seq).map_err(invalid)?,
-        tx_limit,
-        answer_key_update: false,
-        wbuf: Vec::new(),
-        wpos: 0,
-        close_sent: false,
+        recv: RecvState {
+            keys: keys.clone(),
+            rx: Opener::new(&rx, rx_seq).map_err(invalid)?,
+            rbuf: RecvBuf::holding(&inbuf[..used]),
+            plain: 0..0,
+            record_end: 0,
+            early,
+            records_without_data: 0,
+            peer_closed: false,
+        },
+        send: SendState {
+            keys,
+            tx: Sealer::new(&tx, tx_seq).map_err(invalid)?,
+            tx_limit,
+            wbuf: Vec::new(),
+            wpos: 0,
+            close_sent: false,
+        },
     })
 }
 
@@ -279,10 +289,43 @@ where
     }
 }
 
+/// What both halves of a connection share: the key schedule (taken for a KeyUpdate or a
+/// ticket, rare) and a KeyUpdate the peer asked for, which the sending half answers.
+struct Keys {
+    kernel: std::sync::Mutex<Kernel>,
+    answer_key_update: AtomicBool,
+}
+
+impl Keys {
+    fn kernel(&self) -> std::sync::MutexGuard<'_, Kernel> {
+        // A panic while holding it leaves the key schedule as it was: still usable.
+        self.kernel.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 /// A TLS 1.3 connection after its handshake: reads and writes application data.
 pub struct SecureStream<T> {
     io: T,
-    kernel: Kernel,
+    recv: RecvState,
+    send: SendState,
+}
+
+/// The receiving half of a [`SecureStream`] split with [`SecureStream::into_split`]: reads
+/// application data, with no lock shared with the sending half.
+pub struct SecureReader<R> {
+    io: R,
+    recv: RecvState,
+}
+
+/// The sending half of a [`SecureStream`] split with [`SecureStream::into_split`].
+pub struct SecureWriter<W> {
+    io: W,
+    send: SendState,
+}
+
+/// The receiving side's state.
+struct RecvState {
+    keys: Arc<Keys>,
     rx: Opener,
     /// Bytes read from the socket: the opened record at the front (while `plain` is not
     /// empty), then records not yet opened.
@@ -297,11 +340,14 @@ pub struct SecureStream<T> {
     records_without_data: u32,
     /// The peer sent close_notify: reads return end of stream.
     peer_closed: bool,
+}
+
+/// The sending side's state.
+struct SendState {
+    keys: Arc<Keys>,
     tx: Sealer,
     /// Records `tx` may seal before its keys are replaced.
     tx_limit: u64,
-    /// The peer asked for a KeyUpdate; it goes out before the next data.
-    answer_key_update: bool,
     /// Sealed records not yet written, from `wpos` on.
     wbuf: Vec<u8>,
     wpos: usize,
@@ -311,8 +357,8 @@ pub struct SecureStream<T> {
 impl<T> std::fmt::Debug for SecureStream<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SecureStream")
-            .field("buffered_in", &self.rbuf.data().len())
-            .field("buffered_out", &(self.wbuf.len() - self.wpos))
+            .field("buffered_in", &self.recv.rbuf.data().len())
+            .field("buffered_out", &(self.send.wbuf.len() - self.send.wpos))
             .finish_non_exhaustive()
     }
 }
@@ -326,13 +372,43 @@ impl<T> SecureStream<T> {
     /// Replaces the sending keys after `records` more records (tests of KeyUpdate).
     #[cfg(test)]
     fn update_keys_after(&mut self, records: u64) {
-        self.tx_limit = self.tx.seq() + records;
+        self.send.tx_limit = self.send.tx.seq() + records;
     }
+}
 
+impl SecureStream<tokio::net::TcpStream> {
+    /// Splits the connection into a reading and a writing half that share no lock (unlike
+    /// `tokio::io::split`): each may live in its own task. A KeyUpdate the peer asks for is
+    /// still answered by the writing half before its next record of data.
+    pub fn into_split(
+        self,
+    ) -> (
+        SecureReader<tokio::net::tcp::OwnedReadHalf>,
+        SecureWriter<tokio::net::tcp::OwnedWriteHalf>,
+    ) {
+        let (rd, wr) = self.io.into_split();
+        (
+            SecureReader {
+                io: rd,
+                recv: self.recv,
+            },
+            SecureWriter {
+                io: wr,
+                send: self.send,
+            },
+        )
+    }
+}
+
+impl SendState {
     /// Seals a KeyUpdate with the current keys and moves to the next ones, when they are
     /// worn out or the peer asked for it.
     fn maybe_update_keys(&mut self) -> io::Result<()> {
-        if !self.answer_key_update && self.tx.seq() < self.tx_limit {
+        // Taken before the KeyUpdate goes out: a request that arrives after it is answered
+        // with one more (harmless), never lost.
+        let answer = &self.keys.answer_key_update;
+        let asked = answer.load(Ordering::Acquire) && answer.swap(false, Ordering::AcqRel);
+        if self.tx.seq() < self.tx_limit && !asked {
             return Ok(());
         }
         self.tx
@@ -342,13 +418,109 @@ impl<T> SecureStream<T> {
                 &mut self.wbuf,
             )
             .map_err(invalid)?;
-        let (seq, next) = self.kernel.next_tx().map_err(invalid)?;
+        let mut kernel = self.keys.kernel();
+        let (seq, next) = kernel.next_tx().map_err(invalid)?;
         self.tx = Sealer::new(&next, seq).map_err(invalid)?;
-        self.tx_limit = self.kernel.key_update_after();
-        self.answer_key_update = false;
+        self.tx_limit = kernel.key_update_after();
         Ok(())
     }
 
+    /// Writes the sealed records not yet written.
+    fn poll_drain<W>(&mut self, io: &mut W, cx: &mut Context<'_>) -> Poll<io::Result<()>>
+    where
+        W: AsyncWrite + Unpin,
+    {
+        while self.wpos < self.wbuf.len() {
+            let n = ready!(Pin::new(&mut *io).poll_write(cx, &self.wbuf[self.wpos..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.wpos += n;
+        }
+        if self.wbuf.len() < SMALL_BUF && self.wbuf.capacity() > 4 * SMALL_BUF {
+            // A small batch after a bulk one: give the grown buffer back.
+            self.wbuf = Vec::new();
+        }
+        self.wbuf.clear();
+        self.wpos = 0;
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_write_vectored<W>(
+        &mut self,
+        io: &mut W,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>>
+    where
+        W: AsyncWrite + Unpin,
+    {
+        ready!(self.poll_drain(io, cx))?;
+        if self.close_sent {
+            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+        }
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        if total == 0 {
+            return Poll::Ready(Ok(0));
+        }
+        // Room for the whole batch at once (a KeyUpdate included), so it never grows by copying.
+        let batch = total.min(WRITE_BATCH);
+        let records = batch.div_ceil(record::MAX_PLAINTEXT) + 1;
+        self.wbuf
+            .reserve_exact(batch + records * record::OVERHEAD + 5);
+        let (mut idx, mut off, mut taken) = (0, 0, 0);
+        while taken < batch {
+            self.maybe_update_keys()?;
+            let start = Sealer::begin(&mut self.wbuf);
+            let mut room = record::MAX_PLAINTEXT.min(batch - taken);
+            while room > 0 && idx < bufs.len() {
+                let b = &bufs[idx][off..];
+                let n = room.min(b.len());
+                self.wbuf.extend_from_slice(&b[..n]);
+                room -= n;
+                off += n;
+                taken += n;
+                if off == bufs[idx].len() {
+                    idx += 1;
+                    off = 0;
+                }
+            }
+            self.tx
+                .finish(&mut self.wbuf, start, ContentType::ApplicationData)
+                .map_err(invalid)?;
+        }
+        // What the socket does not take now goes out on the next write or flush.
+        if let Poll::Ready(Err(e)) = self.poll_drain(io, cx) {
+            return Poll::Ready(Err(e));
+        }
+        Poll::Ready(Ok(taken))
+    }
+
+    fn poll_flush<W>(&mut self, io: &mut W, cx: &mut Context<'_>) -> Poll<io::Result<()>>
+    where
+        W: AsyncWrite + Unpin,
+    {
+        ready!(self.poll_drain(io, cx))?;
+        Pin::new(io).poll_flush(cx)
+    }
+
+    fn poll_shutdown<W>(&mut self, io: &mut W, cx: &mut Context<'_>) -> Poll<io::Result<()>>
+    where
+        W: AsyncWrite + Unpin,
+    {
+        if !self.close_sent {
+            ready!(self.poll_drain(io, cx))?;
+            self.tx
+                .seal(ContentType::Alert, &record::CLOSE_NOTIFY, &mut self.wbuf)
+                .map_err(invalid)?;
+            self.close_sent = true;
+        }
+        ready!(self.poll_drain(io, cx))?;
+        Pin::new(io).poll_shutdown(cx)
+    }
+}
+
+impl RecvState {
     /// Handles the record just opened at the front of `rbuf` (`len` bytes of plaintext of
     /// type `typ`, the record `total` bytes long).
     fn opened(&mut self, typ: ContentType, len: usize, total: usize) -> io::Result<()> {
@@ -371,11 +543,13 @@ impl<T> SecureStream<T> {
                 for msg in record::post_handshake(&self.rbuf.data()[body]).map_err(invalid)? {
                     match msg {
                         PostHandshake::KeyUpdate { requested } => {
-                            let (seq, next) = self.kernel.next_rx().map_err(invalid)?;
+                            let (seq, next) = self.keys.kernel().next_rx().map_err(invalid)?;
                             self.rx = Opener::new(&next, seq).map_err(invalid)?;
-                            self.answer_key_update |= requested;
+                            if requested {
+                                self.keys.answer_key_update.store(true, Ordering::Release);
+                            }
                         }
-                        PostHandshake::NewSessionTicket(body) => self.kernel.ticket(body)?,
+                        PostHandshake::NewSessionTicket(body) => self.keys.kernel().ticket(body)?,
                     }
                 }
                 self.rbuf.consume(total);
@@ -394,25 +568,74 @@ impl<T> SecureStream<T> {
         Ok(())
     }
 
-    /// Writes the sealed records not yet written.
-    fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>
+    fn poll_read<R>(
+        &mut self,
+        io: &mut R,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>>
     where
-        T: AsyncWrite + Unpin,
+        R: AsyncRead + Unpin,
     {
-        while self.wpos < self.wbuf.len() {
-            let n = ready!(Pin::new(&mut self.io).poll_write(cx, &self.wbuf[self.wpos..]))?;
-            if n == 0 {
-                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+        let mut copied = false;
+        if !self.early.is_empty() {
+            let n = buf.remaining().min(self.early.len());
+            buf.put_slice(&self.early[..n]);
+            self.early.drain(..n);
+            if self.early.is_empty() {
+                self.early = Vec::new();
             }
-            self.wpos += n;
+            return Poll::Ready(Ok(()));
         }
-        if self.wbuf.len() < SMALL_BUF && self.wbuf.capacity() > 4 * SMALL_BUF {
-            // A small batch after a bulk one: give the grown buffer back.
-            self.wbuf = Vec::new();
+        loop {
+            if !self.plain.is_empty() {
+                let n = buf.remaining().min(self.plain.len());
+                buf.put_slice(&self.rbuf.data()[self.plain.start..self.plain.start + n]);
+                self.plain.start += n;
+                copied |= n > 0;
+                if !self.plain.is_empty() {
+                    return Poll::Ready(Ok(()));
+                }
+                self.rbuf.consume(self.record_end);
+            }
+            if buf.remaining() == 0 || self.peer_closed {
+                return Poll::Ready(Ok(()));
+            }
+            let need = match record::record_len(self.rbuf.data()).map_err(invalid)? {
+                Some(total) if self.rbuf.data().len() >= total => {
+                    let (typ, len) = self
+                        .rx
+                        .open(&mut self.rbuf.data_mut()[..total])
+                        .map_err(invalid)?;
+                    self.opened(typ, len, total)?;
+                    continue;
+                }
+                Some(total) => total,
+                None => record::HEADER_LEN,
+            };
+            if copied {
+                return Poll::Ready(Ok(()));
+            }
+            let room = self.rbuf.room(need);
+            let mut rb = ReadBuf::new(room);
+            match Pin::new(&mut *io).poll_read(cx, &mut rb) {
+                Poll::Pending => {
+                    self.rbuf.idle();
+                    return Poll::Pending;
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(())) => {
+                    let n = rb.filled().len();
+                    if n == 0 {
+                        return Poll::Ready(Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "peer closed without tls close_notify",
+                        )));
+                    }
+                    self.rbuf.filled(n);
+                }
+            }
         }
-        self.wbuf.clear();
-        self.wpos = 0;
-        Poll::Ready(Ok(()))
     }
 }
 
@@ -508,147 +731,61 @@ impl<T: AsyncRead + Unpin> AsyncRead for SecureStream<T> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        let mut copied = false;
-        if !this.early.is_empty() {
-            let n = buf.remaining().min(this.early.len());
-            buf.put_slice(&this.early[..n]);
-            this.early.drain(..n);
-            if this.early.is_empty() {
-                this.early = Vec::new();
-            }
-            return Poll::Ready(Ok(()));
-        }
-        loop {
-            if !this.plain.is_empty() {
-                let n = buf.remaining().min(this.plain.len());
-                buf.put_slice(&this.rbuf.data()[this.plain.start..this.plain.start + n]);
-                this.plain.start += n;
-                copied |= n > 0;
-                if !this.plain.is_empty() {
-                    return Poll::Ready(Ok(()));
-                }
-                this.rbuf.consume(this.record_end);
-            }
-            if buf.remaining() == 0 || this.peer_closed {
-                return Poll::Ready(Ok(()));
-            }
-            let need = match record::record_len(this.rbuf.data()).map_err(invalid)? {
-                Some(total) if this.rbuf.data().len() >= total => {
-                    let (typ, len) = this
-                        .rx
-                        .open(&mut this.rbuf.data_mut()[..total])
-                        .map_err(invalid)?;
-                    this.opened(typ, len, total)?;
-                    continue;
-                }
-                Some(total) => total,
-                None => record::HEADER_LEN,
-            };
-            if copied {
-                return Poll::Ready(Ok(()));
-            }
-            let room = this.rbuf.room(need);
-            let mut rb = ReadBuf::new(room);
-            match Pin::new(&mut this.io).poll_read(cx, &mut rb) {
-                Poll::Pending => {
-                    this.rbuf.idle();
-                    return Poll::Pending;
-                }
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Ready(Ok(())) => {
-                    let n = rb.filled().len();
-                    if n == 0 {
-                        return Poll::Ready(Err(io::Error::new(
-                            io::ErrorKind::UnexpectedEof,
-                            "peer closed without tls close_notify",
-                        )));
-                    }
-                    this.rbuf.filled(n);
-                }
-            }
-        }
+        this.recv.poll_read(&mut this.io, cx, buf)
     }
 }
 
-impl<T: AsyncWrite + Unpin> AsyncWrite for SecureStream<T> {
-    fn poll_write(
+impl<R: AsyncRead + Unpin> AsyncRead for SecureReader<R> {
+    fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        self.poll_write_vectored(cx, &[io::IoSlice::new(buf)])
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        ready!(this.poll_drain(cx))?;
-        if this.close_sent {
-            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
-        }
-        let total: usize = bufs.iter().map(|b| b.len()).sum();
-        if total == 0 {
-            return Poll::Ready(Ok(0));
-        }
-        // Room for the whole batch at once (a KeyUpdate included), so it never grows by copying.
-        let batch = total.min(WRITE_BATCH);
-        let records = batch.div_ceil(record::MAX_PLAINTEXT) + 1;
-        this.wbuf
-            .reserve_exact(batch + records * record::OVERHEAD + 5);
-        let (mut idx, mut off, mut taken) = (0, 0, 0);
-        while taken < total.min(WRITE_BATCH) {
-            this.maybe_update_keys()?;
-            let start = Sealer::begin(&mut this.wbuf);
-            let mut room = record::MAX_PLAINTEXT.min(WRITE_BATCH - taken);
-            while room > 0 && idx < bufs.len() {
-                let b = &bufs[idx][off..];
-                let n = room.min(b.len());
-                this.wbuf.extend_from_slice(&b[..n]);
-                room -= n;
-                off += n;
-                taken += n;
-                if off == bufs[idx].len() {
-                    idx += 1;
-                    off = 0;
-                }
-            }
-            this.tx
-                .finish(&mut this.wbuf, start, ContentType::ApplicationData)
-                .map_err(invalid)?;
-        }
-        // What the socket does not take now goes out on the next write or flush.
-        if let Poll::Ready(Err(e)) = this.poll_drain(cx) {
-            return Poll::Ready(Err(e));
-        }
-        Poll::Ready(Ok(taken))
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        true
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        ready!(this.poll_drain(cx))?;
-        Pin::new(&mut this.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if !this.close_sent {
-            ready!(this.poll_drain(cx))?;
-            this.tx
-                .seal(ContentType::Alert, &record::CLOSE_NOTIFY, &mut this.wbuf)
-                .map_err(invalid)?;
-            this.close_sent = true;
-        }
-        ready!(this.poll_drain(cx))?;
-        Pin::new(&mut this.io).poll_shutdown(cx)
+        this.recv.poll_read(&mut this.io, cx, buf)
     }
 }
+
+/// `AsyncWrite` for a type that holds its transport in `io` and its [`SendState`] in `send`.
+macro_rules! secure_write {
+    ($ty:ident, $t:ident) => {
+        impl<$t: AsyncWrite + Unpin> AsyncWrite for $ty<$t> {
+            fn poll_write(
+                self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+                buf: &[u8],
+            ) -> Poll<io::Result<usize>> {
+                self.poll_write_vectored(cx, &[io::IoSlice::new(buf)])
+            }
+
+            fn poll_write_vectored(
+                self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+                bufs: &[io::IoSlice<'_>],
+            ) -> Poll<io::Result<usize>> {
+                let this = self.get_mut();
+                this.send.poll_write_vectored(&mut this.io, cx, bufs)
+            }
+
+            fn is_write_vectored(&self) -> bool {
+                true
+            }
+
+            fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                let this = self.get_mut();
+                this.send.poll_flush(&mut this.io, cx)
+            }
+
+            fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                let this = self.get_mut();
+                this.send.poll_shutdown(&mut this.io, cx)
+            }
+        }
+    };
+}
+
+secure_write!(SecureStream, T);
+secure_write!(SecureWriter, W);
 
 #[cfg(test)]
 mod tests {
@@ -765,13 +902,13 @@ mod tests {
         // Our sending keys wear out after two more records: the rustls server must follow.
         client.update_keys_after(2);
         send_and_check(&mut client, &mut server, &pattern(100_000, 3)).await;
-        assert!(client.tx.seq() < 10, "keys were not replaced");
+        assert!(client.send.tx.seq() < 10, "keys were not replaced");
         // rustls replaces its keys and asks for ours to change too (update_requested).
         server.get_mut().1.refresh_traffic_keys().unwrap();
         send_and_check(&mut server, &mut client, b"after the server's update").await;
-        assert!(client.answer_key_update);
+        assert!(client.send.keys.answer_key_update.load(Ordering::Relaxed));
         send_and_check(&mut client, &mut server, b"answered").await;
-        assert!(!client.answer_key_update);
+        assert!(!client.send.keys.answer_key_update.load(Ordering::Relaxed));
         // close_notify ends the stream cleanly each way.
         client.shutdown().await.unwrap();
         let mut rest = Vec::new();
@@ -779,6 +916,43 @@ mod tests {
         assert!(rest.is_empty());
         server.shutdown().await.unwrap();
         assert_eq!(client.read(&mut [0; 16]).await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn split_halves_carry_data_and_the_writer_answers_a_key_update_the_reader_saw() {
+        let dir = tempfile::tempdir().unwrap();
+        let (id, _) = Identity::load_or_create(dir.path(), "relay").unwrap();
+        let (c, s) = tcp_pair().await;
+        let acceptor = TlsAcceptor::from(id.server_config().unwrap());
+        let cfg = tls::pinned_client_config(id.fingerprint()).unwrap();
+        let (client, server) =
+            tokio::join!(connect(c, cfg, tls::server_name()), acceptor.accept(s));
+        let (mut rd, mut wr) = client.unwrap().into_split();
+        let mut server = server.unwrap();
+        send_and_check(&mut wr, &mut server, &pattern(300_000, 6)).await;
+        send_and_check(&mut server, &mut rd, &pattern(200_000, 7)).await;
+        // rustls replaces its keys and asks for ours: the reading half sees the request, the
+        // writing half answers before its next data, with keys the server follows.
+        server.get_mut().1.refresh_traffic_keys().unwrap();
+        send_and_check(&mut server, &mut rd, b"after the server's update").await;
+        assert!(wr.send.keys.answer_key_update.load(Ordering::Relaxed));
+        let seq = wr.send.tx.seq();
+        send_and_check(&mut wr, &mut server, b"answered").await;
+        assert!(!wr.send.keys.answer_key_update.load(Ordering::Relaxed));
+        assert!(
+            wr.send.tx.seq() < seq,
+            "the writer's keys were not replaced"
+        );
+        send_and_check(&mut wr, &mut server, &pattern(100_000, 8)).await;
+        // Shutting the writing half down ends the stream for the server; the reading half
+        // still reads what the server sends afterwards, then its close.
+        wr.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        server.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty());
+        send_and_check(&mut server, &mut rd, b"after the client's close").await;
+        server.shutdown().await.unwrap();
+        assert_eq!(rd.read(&mut [0; 16]).await.unwrap(), 0);
     }
 
     #[tokio::test]
@@ -821,13 +995,13 @@ mod tests {
         // a key derivation, data resets the count).
         for _ in 0..MAX_RECORDS_WITHOUT_DATA {
             client.update_keys_after(0);
-            client.maybe_update_keys().unwrap();
+            client.send.maybe_update_keys().unwrap();
         }
         send_and_check(&mut client, &mut server, b"data resets the count").await;
         // One more than allowed: the connection is refused, not kept busy.
         for _ in 0..=MAX_RECORDS_WITHOUT_DATA {
             client.update_keys_after(0);
-            client.maybe_update_keys().unwrap();
+            client.send.maybe_update_keys().unwrap();
         }
         client.write_all(b"late").await.unwrap();
         client.flush().await.unwrap();

@@ -3,8 +3,8 @@
 //! The accept loop and every user connection it made run under the session's token. When the
 //! agent leaves, the token is cancelled first: the loop stops and drops the listener (the
 //! kernel resets connections still in its backlog), a connection accepted in that same instant
-//! is checked against the token and reset, and every proxied connection is reset. No user stays
-//! connected to a dead tunnel. When the relay stops, only the accept loop's own token (a child
+//! is checked against the token and reset, and every proxied connection is reset (the token is
+//! also the mux's, whose close resets every stream). No user stays connected to a dead tunnel. When the relay stops, only the accept loop's own token (a child
 //! of the session's) is cancelled at first: the port closes, proxied users go on until they end
 //! or the shutdown grace runs out. Users outside the tunnel's allow-list are reset before any
 //! byte is forwarded.
@@ -31,13 +31,13 @@ pub(crate) struct TunnelRun {
     pub(crate) counters: Arc<TunnelCounters>,
 }
 
-/// Runs the accept loop until `listening` (a child of `token`) is cancelled; each user
-/// connection runs on `users` until it ends or `token` is cancelled.
+/// Runs the accept loop until `listening` (a child of the session's token, which is also the
+/// mux's) is cancelled; each user connection runs on `users` until it ends or the mux closes
+/// (which resets its stream).
 pub(crate) async fn accept_loop(
     run: TunnelRun,
     mux: Mux,
     listening: CancellationToken,
-    token: CancellationToken,
     users: TaskTracker,
 ) {
     let TunnelRun {
@@ -60,13 +60,13 @@ pub(crate) async fn accept_loop(
         tube_net::tune_tcp(&tcp);
         counters.connections.fetch_add(1, Ordering::Relaxed);
         counters.active.fetch_add(1, Ordering::Relaxed);
-        let (mux, token, counters) = (mux.clone(), token.clone(), counters.clone());
+        let (mux, counters) = (mux.clone(), counters.clone());
         let span = tracing::debug_span!("user", %peer);
         users.spawn(
             async move {
                 match mux.open(*id.as_bytes(), peer.to_string()).await {
                     Ok(stream) => {
-                        let end = proxy(tcp, stream, &token, &counters.traffic).await;
+                        let end = proxy(tcp, stream, &counters.traffic).await;
                         if end != ProxyEnd::Clean {
                             tracing::debug!(?end, "user connection aborted");
                         }

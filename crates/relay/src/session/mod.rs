@@ -71,7 +71,7 @@ struct Session {
 impl Session {
     async fn run<T>(mut self, conn: HandshakeConn<T>, shutdown: CancellationToken, peer_window: u32)
     where
-        T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
+        T: tube_net::Transport,
     {
         // If this future is dropped, the agent's connection and user connections go with it.
         let _stop_on_drop = self.token.clone().drop_guard();
@@ -294,7 +294,6 @@ impl Session {
             run,
             mux.clone(),
             self.listening.clone(),
-            self.token.clone(),
             self.users.clone(),
         ));
         None
