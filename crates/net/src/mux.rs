@@ -40,7 +40,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering}
 use std::sync::{Arc, Mutex};
 
 use bytes::{Buf, Bytes, BytesMut};
-use futures_util::{FutureExt, StreamExt};
+use futures_util::StreamExt;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio_util::codec::FramedRead;
@@ -247,6 +247,9 @@ struct Inner {
     /// Set by [`Inner::close`] before `closed` is cancelled: what the hot paths check (a
     /// token's state sits behind a mutex).
     closing: AtomicBool,
+    /// Raised by [`Inner::close`]: the reader's cheap wait for the end (the token's
+    /// cancellation from outside reaches it through a watcher task that closes the mux).
+    reader_stop: Signal,
     reason: Mutex<Option<MuxError>>,
     /// Window growth in use over all streams (bytes beyond `cfg.window`), within
     /// `cfg.window_budget`; each stream gives its share back when it is dropped.
@@ -311,18 +314,18 @@ struct StreamShared {
     /// The connection's window growth in use (see [`Inner::grown`]).
     grown: Arc<AtomicUsize>,
     /// Raised when the stream is reset by the peer or the connection closes.
-    aborted: Aborted,
+    aborted: Signal,
 }
 
-/// A stream's abort signal: one flag and one waiter (the stream's own task), so waiting on it
-/// costs a couple of atomic operations per wake-up, not a lock.
+/// A one-way signal with one waiter (a stream's task, or the reader): a flag and a waker slot,
+/// so waiting on it costs a couple of atomic operations per wake-up, not a lock.
 #[derive(Debug, Default)]
-struct Aborted {
+struct Signal {
     set: AtomicBool,
     waker: futures_util::task::AtomicWaker,
 }
 
-impl Aborted {
+impl Signal {
     fn raise(&self) {
         self.set.store(true, Ordering::Release);
         self.waker.wake();
@@ -477,11 +480,19 @@ impl Mux {
             next_id: AtomicU32::new(1),
             closed: cancel,
             closing: AtomicBool::new(false),
+            reader_stop: Signal::default(),
             reason: Mutex::new(None),
             grown: Arc::new(AtomicUsize::new(0)),
             rtt: Mutex::new(Rtt::default()),
         });
         tracker.spawn(write_loop(inner.clone(), data_rx, urgent_rx));
+        // The token cancelled from outside closes the mux (every stream reset). Ends when the
+        // mux closes for any reason, which cancels the token.
+        let watched = inner.clone();
+        tracker.spawn(async move {
+            watched.closed.cancelled().await;
+            watched.close(MuxError::Closed);
+        });
         tracker.spawn(read_loop(inner.clone(), reader, control_tx, incoming_tx));
         (
             Mux { inner },
@@ -595,7 +606,7 @@ fn new_stream(
         }),
         direct: Mutex::new(Direct::default()),
         grown: inner.grown.clone(),
-        aborted: Aborted::default(),
+        aborted: Signal::default(),
     });
     if inner.is_closing() {
         // Made while the connection closes, after `Inner::close` emptied the map (it sets
@@ -635,6 +646,7 @@ impl Inner {
             }
         }
         self.closed.cancel();
+        self.reader_stop.raise();
         let streams: Vec<_> = lock(&self.streams).drain().map(|(_, s)| s).collect();
         for s in streams {
             s.abort(ErrorCode::StreamAborted as u16);
@@ -696,6 +708,19 @@ impl Inner {
         true
     }
 
+    /// [`Inner::write_direct`] for bytes the caller lends: copied straight into the batch (no
+    /// buffer of their own), or `false` with nothing taken.
+    fn write_direct_slice(&self, id: u32, data: &[u8]) -> bool {
+        let Some(mut out) = self.direct_out() else {
+            return false;
+        };
+        for chunk in data.chunks(MAX_DATA_PAYLOAD as usize) {
+            out.batch.push_data_slice(id, chunk);
+        }
+        self.write_now(out);
+        true
+    }
+
     /// Writes `frame` (OPEN, FIN, RESET) into the transport from the calling task under the
     /// same conditions as DATA (see [`Inner::write_direct`]): a new connection or a close costs
     /// no wake-up of the writer task. The frame is handed back when it must be queued.
@@ -725,13 +750,14 @@ impl Inner {
     /// task is woken to finish the rest. A write error closes the connection.
     fn write_now(&self, mut out: tokio::sync::MutexGuard<'_, Out>) {
         let Out { wr, batch } = &mut *out;
-        match batch.write_to(wr).now_or_never() {
-            Some(Ok(())) => {}
-            Some(Err(e)) => {
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        match batch.poll_write_to(wr, &mut cx) {
+            std::task::Poll::Ready(Ok(())) => {}
+            std::task::Poll::Ready(Err(e)) => {
                 drop(out);
                 self.close(MuxError::Io(e.to_string()));
             }
-            None => self.writer_wake.notify_one(),
+            std::task::Poll::Pending => self.writer_wake.notify_one(),
         }
     }
 
@@ -778,27 +804,25 @@ async fn read_loop<R: AsyncRead + Unpin>(
     incoming_tx: mpsc::Sender<Incoming>,
 ) {
     let mut direct = DirectBatch::default();
-    // One wait for the whole loop: a new one per frame would register and unregister with
-    // the token each time.
-    let cancelled = inner.closed.cancelled();
-    tokio::pin!(cancelled);
     loop {
-        if inner.closed.is_cancelled() {
-            // Cancelled from outside, or closed: every stream ends with a reset.
-            return inner.close(MuxError::Closed);
-        }
-        // Frames already read are handled first; DATA held for direct delivery is written
-        // only when no more is at hand, so one write carries as much as possible.
-        let next = match reader.next().now_or_never() {
-            Some(next) => next,
-            None => {
-                direct.flush(&inner);
-                tokio::select! {
-                    biased;
-                    _ = &mut cancelled => return inner.close(MuxError::Closed),
-                    next = reader.next() => next,
+        // One poll of the reader per wake-up: frames already read are handled first; DATA
+        // held for direct delivery is written only when no more is at hand, so one write
+        // carries as much as possible.
+        let next = std::future::poll_fn(|cx| {
+            if inner.reader_stop.poll(cx).is_ready() {
+                return std::task::Poll::Ready(None);
+            }
+            match reader.poll_next_unpin(cx) {
+                std::task::Poll::Ready(next) => std::task::Poll::Ready(Some(next)),
+                std::task::Poll::Pending => {
+                    direct.flush(&inner);
+                    std::task::Poll::Pending
                 }
             }
+        })
+        .await;
+        let Some(next) = next else {
+            return;
         };
         let frame = match next {
             None => return inner.close(MuxError::Closed),
@@ -829,7 +853,13 @@ struct DirectBatch {
     len: usize,
     /// WINDOW frames for the bytes written, sent by [`DirectBatch::flush`].
     windows: Vec<Frame>,
+    /// Emptied chunk lists kept for the next streams (at most [`SPARE_LISTS`]): no allocation
+    /// per message.
+    spare: Vec<VecDeque<Bytes>>,
 }
+
+/// Emptied chunk lists a [`DirectBatch`] keeps.
+const SPARE_LISTS: usize = 8;
 
 /// Most bytes the reader holds for direct delivery before writing them.
 const DIRECT_BATCH: usize = 256 * 1024;
@@ -846,7 +876,9 @@ impl DirectBatch {
             .iter()
             .position(|(held, _)| Arc::ptr_eq(held, &s))
         else {
-            self.streams.push((s, VecDeque::from([data])));
+            let mut chunks = self.spare.pop().unwrap_or_default();
+            chunks.push_back(data);
+            self.streams.push((s, chunks));
             return;
         };
         self.streams[i].1.push_back(data);
@@ -856,6 +888,14 @@ impl DirectBatch {
             let (s, mut chunks) = self.streams.swap_remove(i);
             let written = s.write_direct(&mut chunks);
             self.credit(inner, &s, written);
+            self.keep(chunks);
+        }
+    }
+
+    /// Keeps an emptied chunk list for reuse.
+    fn keep(&mut self, chunks: VecDeque<Bytes>) {
+        if self.spare.len() < SPARE_LISTS && chunks.capacity() <= MAX_IOV {
+            self.spare.push(chunks);
         }
     }
 
@@ -871,6 +911,7 @@ impl DirectBatch {
         for (s, mut chunks) in streams.drain(..) {
             let written = s.write_direct(&mut chunks);
             self.credit(inner, &s, written);
+            self.keep(chunks);
         }
         self.streams = streams;
         self.len = 0;
@@ -1045,6 +1086,14 @@ struct Batch {
 }
 
 impl Batch {
+    /// Adds a DATA frame of `stream` carrying a copy of `data` (at most one frame's payload).
+    fn push_data_slice(&mut self, stream: u32, data: &[u8]) {
+        self.head.reserve(frame::HEADER_LEN + data.len());
+        frame::encode_data_header(stream, data.len(), &mut self.head);
+        self.head.extend_from_slice(data);
+        self.len += frame::HEADER_LEN + data.len();
+    }
+
     fn push(&mut self, f: Frame) {
         match f {
             Frame::Data { stream, data } if data.len() >= GATHER_FROM => {
@@ -1067,34 +1116,43 @@ impl Batch {
 
     /// Writes everything gathered, then flushes.
     async fn write_to<W: AsyncWrite + Unpin>(&mut self, wr: &mut W) -> std::io::Result<()> {
+        std::future::poll_fn(|cx| self.poll_write_to(wr, cx)).await
+    }
+
+    /// [`Batch::write_to`] as a poll: what was written stays written when it is pending.
+    fn poll_write_to<W: AsyncWrite + Unpin>(
+        &mut self,
+        wr: &mut W,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::task::{Poll, ready};
         if self.segs.is_empty() {
             // Small frames only (the common case for messages): written from `head` as it
             // is, which keeps its allocation for the next batch.
             while !self.head.is_empty() {
-                let written = wr.write(&self.head).await?;
+                let written = ready!(std::pin::Pin::new(&mut *wr).poll_write(cx, &self.head))?;
                 if written == 0 {
-                    return Err(std::io::ErrorKind::WriteZero.into());
+                    return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
                 }
                 self.head.advance(written);
             }
-            self.len = 0;
-            return wr.flush().await;
-        }
-        if !self.head.is_empty() {
-            self.segs.push_back(self.head.split().freeze());
-        }
-        while !self.segs.is_empty() {
-            let written = {
-                let (iov, n) = io_slices(&self.segs);
-                wr.write_vectored(&iov[..n]).await?
-            };
-            if written == 0 {
-                return Err(std::io::ErrorKind::WriteZero.into());
+        } else {
+            if !self.head.is_empty() {
+                self.segs.push_back(self.head.split().freeze());
             }
-            self.advance(written);
+            while !self.segs.is_empty() {
+                let written = {
+                    let (iov, n) = io_slices(&self.segs);
+                    ready!(std::pin::Pin::new(&mut *wr).poll_write_vectored(cx, &iov[..n]))?
+                };
+                if written == 0 {
+                    return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+                }
+                self.advance(written);
+            }
         }
         self.len = 0;
-        wr.flush().await
+        std::pin::Pin::new(wr).poll_flush(cx)
     }
 
     fn advance(&mut self, n: usize) {
@@ -1286,6 +1344,22 @@ impl StreamTx {
         Ok(taken)
     }
 
+    /// Takes up to `max` bytes of the credit at hand without waiting (at most
+    /// [`MAX_RESERVE`]); 0 when there is none. Unused credit must be handed back with
+    /// [`StreamTx::give_back`].
+    pub fn try_reserve(&self, max: usize) -> usize {
+        let credit = &self.shared.credit;
+        let n = credit.available_permits().min(max.min(MAX_RESERVE));
+        match credit.try_acquire_many(n as u32) {
+            Ok(p) if n > 0 => {
+                p.forget();
+                self.shared.reserved.fetch_add(n, Ordering::Relaxed);
+                n
+            }
+            _ => 0,
+        }
+    }
+
     /// Resolves once the stream is reset by the peer or the connection closes (for whatever
     /// reason, its token's cancellation included). Cheap to poll on every wake-up.
     pub fn aborted(&self) -> impl std::future::Future<Output = ()> + '_ {
@@ -1320,6 +1394,19 @@ impl StreamTx {
             self.mux.queue(frame).await?;
         }
         Ok(())
+    }
+
+    /// [`StreamTx::send_reserved`] for bytes the caller lends (a short read from a socket):
+    /// written from the slice when the transport is free, copied into frames and queued
+    /// otherwise.
+    pub async fn send_reserved_slice(&self, data: &[u8]) -> Result<(), MuxError> {
+        if self.mux.write_direct_slice(self.shared.id, data) {
+            self.shared
+                .reserved
+                .fetch_sub(data.len(), Ordering::Relaxed);
+            return Ok(());
+        }
+        self.send_reserved(Bytes::copy_from_slice(data)).await
     }
 
     /// Sends all of `data`, waiting for credit as needed.

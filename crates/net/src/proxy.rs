@@ -129,9 +129,21 @@ async fn socket_to_stream(
     count: &AtomicU64,
 ) -> Result<(), Failure> {
     let mut want = FIRST_READ;
+    // Credit reserved and not yet used: kept from one read to the next (topped up to `want`
+    // without waiting), so a message costs no release and new acquisition of credit.
+    let mut credit = 0;
     loop {
-        let credit = tx.reserve(want).await.map_err(|_| Failure::Stream)?;
-        if rd.readable().await.is_err() {
+        if credit < want {
+            credit += tx.try_reserve(want - credit);
+        }
+        if credit == 0 {
+            credit = tx.reserve(want).await.map_err(|_| Failure::Stream)?;
+        }
+        // The socket's own readiness slot, not `readable()`'s waiter list (a lock per wait).
+        if std::future::poll_fn(|cx| rd.as_ref().poll_read_ready(cx))
+            .await
+            .is_err()
+        {
             tx.give_back(credit);
             return Err(Failure::Socket);
         }
@@ -145,25 +157,26 @@ async fn socket_to_stream(
                 return Ok(());
             }
             Ok(n) => {
-                tx.give_back(credit - n);
+                credit -= n;
                 count.fetch_add(n as u64, Ordering::Relaxed);
-                // A read that filled its buffer may have left more behind: the next asks for
+                // A read that filled its room may have left more behind: the next asks for
                 // four times as much (the mux caps it); a short one sizes the next to fit.
-                want = if n == credit {
-                    credit.saturating_mul(4)
+                want = if n == room {
+                    room.saturating_mul(4).min(crate::mux::MAX_RESERVE)
                 } else {
                     (n * 2).max(FIRST_READ)
                 };
-                // A short read is copied out and the buffer goes straight back, so queued
-                // data never pins much more memory than it carries.
-                let data = if n < pool::BUF_LEN / 4 {
-                    Bytes::copy_from_slice(&buf.space()[..n])
+                // A short read is copied out (into the TLS batch when it is written at once)
+                // and the buffer goes straight back, so queued data never pins much more
+                // memory than it carries.
+                let sent = if n < pool::BUF_LEN / 4 {
+                    tx.send_reserved_slice(&buf.space()[..n]).await
                 } else {
-                    buf.freeze(n)
+                    tx.send_reserved(buf.freeze(n)).await
                 };
-                tx.send_reserved(data).await.map_err(|_| Failure::Stream)?;
+                sent.map_err(|_| Failure::Stream)?;
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => tx.give_back(credit),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(_) => {
                 tx.give_back(credit);
                 return Err(Failure::Socket);
@@ -232,7 +245,9 @@ const GATHER: usize = 256 * 1024;
 /// Writes all of `bufs` to `tcp`, emptying it.
 async fn write_all(tcp: &OwnedWriteHalf, bufs: &mut VecDeque<Bytes>) -> Result<(), Failure> {
     while !bufs.is_empty() {
-        tcp.writable().await.map_err(|_| Failure::Socket)?;
+        std::future::poll_fn(|cx| tcp.as_ref().poll_write_ready(cx))
+            .await
+            .map_err(|_| Failure::Socket)?;
         let written = crate::mux::try_write_bufs(tcp, bufs);
         match written {
             Ok(n) => crate::mux::advance(bufs, n),
