@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# bench/instructions.sh: user-space instructions the relay and the agent (or rathole's server
+# and client) execute per 64-byte round trip, counted by valgrind's callgrind. Unlike time,
+# the count does not move with the machine's load (runs agree to a few instructions), so a
+# change of 1 % shows in one run; it leaves out the kernel and weighs every instruction alike
+# (a cache miss or a contended atomic costs more than its one instruction).
+#
+# Env knobs: SYSTEM (tube, the default, or rathole from $TOOLS/bin/rathole as
+# bench/compare.sh installs it), COUNT (round trips counted, default 2000, after 300 not
+# counted), OUT (directory for the callgrind files, default: a temporary one, removed),
+# BIN (directory with release tube and tube-loadgen; default target/release after building).
+# Needs valgrind (Debian package `valgrind`). Prints one JSON line; with OUT set, the files
+# can be read with `callgrind_annotate --inclusive=yes OUT/cg.PID.1`.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+SYSTEM=${SYSTEM:-tube}
+TOOLS=${TOOLS:-$ROOT/bench/.tools}
+COUNT=${COUNT:-2000}
+case $SYSTEM in
+tube) ;;
+rathole)
+    [[ -x $TOOLS/bin/rathole ]] || {
+        echo "error: no $TOOLS/bin/rathole (bench/compare.sh installs it)" >&2
+        exit 2
+    }
+    ;;
+*) echo "error: SYSTEM must be tube or rathole, got '$SYSTEM'" >&2; exit 2 ;;
+esac
+command -v valgrind >/dev/null && command -v callgrind_control >/dev/null ||
+    { echo "error: valgrind not found (apt-get install valgrind)" >&2; exit 1; }
+# Everything is about 50 times slower under valgrind: the handshake too.
+WAIT_SECS=60
+if [[ -z ${BIN:-} ]]; then
+    cargo build --release -p tube-cli -p tube-loadgen >&2
+    BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release
+fi
+
+# shellcheck source=bench/lib.sh
+source "$ROOT/bench/lib.sh"
+CG=${OUT:-$TMP/cg}
+mkdir -p "$CG"
+rm -f "$CG"/cg.*
+VG=(valgrind --tool=callgrind "--callgrind-out-file=$CG/cg.%p")
+
+start sink "$BIN/tube-loadgen" echo --listen 127.0.0.1:0
+wait_lines sink 1
+SINK=$(field sink 1 3)
+if [[ $SYSTEM == tube ]]; then
+    start relay "${VG[@]}" "$BIN/tube" relay --listen 127.0.0.1:0 --data-dir "$TMP/relay"
+    wait_lines relay 2
+    TOKEN=$("$BIN/tube" token --subject bench --data-dir "$TMP/relay")
+    start agent "${VG[@]}" "$BIN/tube" expose "$SINK" --relay "$(field relay 1 3)" \
+        --token "$TOKEN" --fingerprint "$(field relay 2 2)"
+    wait_lines agent 1
+    PUBLIC=$(field agent 1 2)
+    PROCS=("$PID_relay" "$PID_agent")
+else
+    free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+    CONTROL=$(free_port)
+    PORT=$(free_port)
+    printf '[server]\nbind_addr = "127.0.0.1:%s"\n[server.services.s]\ntoken = "bench"\nbind_addr = "127.0.0.1:%s"\n' \
+        "$CONTROL" "$PORT" >"$TMP/server.toml"
+    printf '[client]\nremote_addr = "127.0.0.1:%s"\n[client.services.s]\ntoken = "bench"\nlocal_addr = "%s"\n' \
+        "$CONTROL" "$SINK" >"$TMP/client.toml"
+    start server "${VG[@]}" "$TOOLS/bin/rathole" --server "$TMP/server.toml"
+    start client "${VG[@]}" "$TOOLS/bin/rathole" --client "$TMP/client.toml"
+    PUBLIC=127.0.0.1:$PORT
+    PROCS=("$PID_server" "$PID_client")
+    # Ready when a connection through it is carried end to end (bounded by WAIT_SECS).
+    for ((i = 0; ; i++)); do
+        "$BIN/tube-loadgen" --timeout 5 rtt --addr "$PUBLIC" --count 1 --size 8 >/dev/null 2>&1 &&
+            break
+        ((i < WAIT_SECS * 4)) || { echo "error: rathole carried nothing within ${WAIT_SECS}s" >&2; exit 1; }
+        sleep 0.25
+    done
+fi
+
+# Warm up (buffers, windows, the allocator), zero the counters, count COUNT round trips and
+# dump: the dump holds exactly what the round trips cost (and the idle ticks between them).
+"$BIN/tube-loadgen" --timeout 60 rtt --addr "$PUBLIC" --count 300 --size 64 >/dev/null
+callgrind_control -z "${PROCS[@]}" >/dev/null 2>&1
+"$BIN/tube-loadgen" --timeout 60 rtt --addr "$PUBLIC" --count "$COUNT" --size 64 >"$TMP/rtt.json"
+callgrind_control -d "${PROCS[@]}" >/dev/null 2>&1
+for ((i = 0; i < WAIT_SECS * 10; i++)); do
+    n=0
+    for pid in "${PROCS[@]}"; do [[ -s $CG/cg.$pid.1 ]] && n=$((n + 1)); done
+    ((n == ${#PROCS[@]})) && break
+    sleep 0.1
+done
+
+python3 - "$SYSTEM" "$COUNT" "$CG" "${PROCS[@]}" <<'PY'
+import json, re, sys
+system, count, cg, pids = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4:]
+names = ["relay", "agent"] if system == "tube" else ["server", "client"]
+out = {"system": system, "round_trips": count}
+total = 0
+for name, pid in zip(names, pids):
+    text = open(f"{cg}/cg.{pid}.1", errors="replace").read()
+    m = re.search(r"^(?:summary|totals):\s+(\d+)", text, re.M)
+    per = int(m.group(1)) / count
+    out[f"{name}_instructions_per_rtt"] = round(per)
+    total += per
+out["instructions_per_rtt"] = round(total)
+print(json.dumps(out))
+PY
