@@ -75,9 +75,8 @@ pub async fn proxy(tcp: TcpStream, mut stream: MuxStream, traffic: &Traffic) -> 
         .deliver_to(wr.clone(), traffic.stream_to_socket.clone());
     // Both directions are made inside the joining block: futures made outside and moved in
     // would take their room in the task twice (once captured, once joined), about 900 bytes
-    // per connection.
-    // Both directions can wait on their sockets at once (a user who neither sends nor reads),
-    // where a reset queued for the stream would go unseen: the abort signal ends them.
+    // per connection. Both can wait on their sockets at once (a user who neither sends nor
+    // reads), where a reset queued for the stream would go unseen: the abort signal ends them.
     let result = tokio::select! {
         // In order: no random pick on every wake-up.
         biased;
