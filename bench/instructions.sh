@@ -18,16 +18,6 @@ cd "$ROOT"
 SYSTEM=${SYSTEM:-tube}
 TOOLS=${TOOLS:-$ROOT/bench/.tools}
 COUNT=${COUNT:-2000}
-case $SYSTEM in
-tube) ;;
-rathole)
-    [[ -x $TOOLS/bin/rathole ]] || {
-        echo "error: no $TOOLS/bin/rathole (bench/compare.sh installs it)" >&2
-        exit 2
-    }
-    ;;
-*) echo "error: SYSTEM must be tube or rathole, got '$SYSTEM'" >&2; exit 2 ;;
-esac
 command -v valgrind >/dev/null && command -v callgrind_control >/dev/null ||
     { echo "error: valgrind not found (apt-get install valgrind)" >&2; exit 1; }
 # Everything is about 50 times slower under valgrind: the handshake too.
@@ -39,6 +29,7 @@ fi
 
 # shellcheck source=bench/lib.sh
 source "$ROOT/bench/lib.sh"
+check_system
 CG=${OUT:-$TMP/cg}
 mkdir -p "$CG"
 rm -f "$CG"/cg.*
@@ -57,24 +48,8 @@ if [[ $SYSTEM == tube ]]; then
     PUBLIC=$(field agent 1 2)
     PROCS=("$PID_relay" "$PID_agent")
 else
-    free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-    CONTROL=$(free_port)
-    PORT=$(free_port)
-    printf '[server]\nbind_addr = "127.0.0.1:%s"\n[server.services.s]\ntoken = "bench"\nbind_addr = "127.0.0.1:%s"\n' \
-        "$CONTROL" "$PORT" >"$TMP/server.toml"
-    printf '[client]\nremote_addr = "127.0.0.1:%s"\n[client.services.s]\ntoken = "bench"\nlocal_addr = "%s"\n' \
-        "$CONTROL" "$SINK" >"$TMP/client.toml"
-    start server "${VG[@]}" "$TOOLS/bin/rathole" --server "$TMP/server.toml"
-    start client "${VG[@]}" "$TOOLS/bin/rathole" --client "$TMP/client.toml"
-    PUBLIC=127.0.0.1:$PORT
+    start_rathole "$SINK" rtt "${VG[@]}"
     PROCS=("$PID_server" "$PID_client")
-    # Ready when a connection through it is carried end to end (bounded by WAIT_SECS).
-    for ((i = 0; ; i++)); do
-        "$BIN/tube-loadgen" --timeout 5 rtt --addr "$PUBLIC" --count 1 --size 8 >/dev/null 2>&1 &&
-            break
-        ((i < WAIT_SECS * 4)) || { echo "error: rathole carried nothing within ${WAIT_SECS}s" >&2; exit 1; }
-        sleep 0.25
-    done
 fi
 
 # Warm up (buffers, windows, the allocator), zero the counters, count COUNT round trips and

@@ -4,6 +4,8 @@
 #   wait_lines NAME N    wait (bounded by WAIT_SECS) for N stdout lines; die if NAME exited
 #   wait_err NAME TEXT   wait (bounded by WAIT_SECS) for a stderr line of NAME containing TEXT
 #   field NAME LINE WORD word WORD of line LINE of NAME's stdout
+#   check_system         SYSTEM is tube or rathole (then $TOOLS/bin/rathole must exist)
+#   start_rathole SINK PROBE [WRAP...]  rathole's server and client for one service to SINK
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/tube-bench.XXXXXX")
 PIDS=()
 cleanup() {
@@ -74,3 +76,44 @@ field() {
     sed -n "$2p" "$TMP/$1.out" | awk -v w="$3" '{ print $w }'
 }
 
+
+# check_system: dies unless SYSTEM is tube or rathole, and for rathole unless
+# $TOOLS/bin/rathole exists (bench/compare.sh installs it).
+check_system() {
+    case $SYSTEM in
+    tube) ;;
+    rathole)
+        [[ -x $TOOLS/bin/rathole ]] || {
+            echo "error: no $TOOLS/bin/rathole (bench/compare.sh installs it)" >&2
+            exit 2
+        }
+        ;;
+    *) echo "error: SYSTEM must be tube or rathole, got '$SYSTEM'" >&2; exit 2 ;;
+    esac
+}
+
+# start_rathole SINK PROBE [WRAP...]: starts rathole's server and client (each under the
+# command WRAP, if given) carrying one service to SINK over plain TCP; sets PUBLIC (its public
+# address), PID_server and PID_client. Returns once a PROBE (throughput, for a sink, or rtt,
+# for an echo server) has gone through it end to end, bounded by WAIT_SECS.
+start_rathole() {
+    local sink=$1 probe=$2 control port i
+    shift 2
+    free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+    control=$(free_port)
+    port=$(free_port)
+    printf '[server]\nbind_addr = "127.0.0.1:%s"\n[server.services.s]\ntoken = "bench"\nbind_addr = "127.0.0.1:%s"\n' \
+        "$control" "$port" >"$TMP/server.toml"
+    printf '[client]\nremote_addr = "127.0.0.1:%s"\n[client.services.s]\ntoken = "bench"\nlocal_addr = "%s"\n' \
+        "$control" "$sink" >"$TMP/client.toml"
+    start server "$@" "$TOOLS/bin/rathole" --server "$TMP/server.toml"
+    start client "$@" "$TOOLS/bin/rathole" --client "$TMP/client.toml"
+    PUBLIC=127.0.0.1:$port
+    local args=(rtt --addr "$PUBLIC" --count 1 --size 8)
+    [[ $probe == throughput ]] && args=(throughput --addr "$PUBLIC" --bytes 1 --streams 1)
+    for ((i = 0; ; i++)); do
+        "$BIN/tube-loadgen" --timeout 5 "${args[@]}" >/dev/null 2>&1 && break
+        ((i < WAIT_SECS * 4)) || { echo "error: rathole carried nothing within ${WAIT_SECS}s" >&2; exit 1; }
+        sleep 0.25
+    done
+}

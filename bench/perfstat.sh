@@ -26,16 +26,6 @@ case $TEST in
 throughput | rtt | connrate) ;;
 *) echo "error: TEST must be throughput, rtt or connrate, got '$TEST'" >&2; exit 2 ;;
 esac
-case $SYSTEM in
-tube) ;;
-rathole)
-    [[ -x $TOOLS/bin/rathole ]] || {
-        echo "error: no $TOOLS/bin/rathole (bench/compare.sh installs it)" >&2
-        exit 2
-    }
-    ;;
-*) echo "error: SYSTEM must be tube or rathole, got '$SYSTEM'" >&2; exit 2 ;;
-esac
 WAIT_SECS=20
 if [[ -z ${BIN:-} ]]; then
     cargo build --release -p tube-cli -p tube-loadgen >&2
@@ -45,6 +35,7 @@ command -v perf >/dev/null || { echo "error: perf not found" >&2; exit 1; }
 
 # shellcheck source=bench/lib.sh
 source "$ROOT/bench/lib.sh"
+check_system
 
 if [[ $TEST == throughput ]]; then
     start sink "$BIN/tube-loadgen" sink --listen 127.0.0.1:0
@@ -63,28 +54,9 @@ if [[ $SYSTEM == tube ]]; then
     PUBLIC=$(field agent 1 2)
     PROCS="$PID_relay,$PID_agent"
 else
-    free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-    CONTROL=$(free_port)
-    PORT=$(free_port)
-    printf '[server]\nbind_addr = "127.0.0.1:%s"\n[server.services.s]\ntoken = "bench"\nbind_addr = "127.0.0.1:%s"\n' \
-        "$CONTROL" "$PORT" >"$TMP/server.toml"
-    printf '[client]\nremote_addr = "127.0.0.1:%s"\n[client.services.s]\ntoken = "bench"\nlocal_addr = "%s"\n' \
-        "$CONTROL" "$SINK" >"$TMP/client.toml"
-    start server "$TOOLS/bin/rathole" --server "$TMP/server.toml"
-    start client "$TOOLS/bin/rathole" --client "$TMP/client.toml"
-    PUBLIC=127.0.0.1:$PORT
+    if [[ $TEST == throughput ]]; then PROBE=throughput; else PROBE=rtt; fi
+    start_rathole "$SINK" "$PROBE"
     PROCS="$PID_server,$PID_client"
-    # Ready when a connection through it is carried end to end (bounded by WAIT_SECS).
-    for ((i = 0; ; i++)); do
-        if [[ $TEST == throughput ]]; then
-            probe=(throughput --addr "$PUBLIC" --bytes 1 --streams 1)
-        else
-            probe=(rtt --addr "$PUBLIC" --count 1 --size 8)
-        fi
-        "$BIN/tube-loadgen" --timeout 2 "${probe[@]}" >/dev/null 2>&1 && break
-        ((i < WAIT_SECS * 4)) || { echo "error: rathole carried nothing within ${WAIT_SECS}s" >&2; exit 1; }
-        sleep 0.25
-    done
 fi
 
 SYSCALLS=(read write writev readv recvfrom sendto epoll_wait futex sched_yield accept4 connect

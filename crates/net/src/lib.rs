@@ -21,6 +21,8 @@ pub mod proxy;
 pub mod record;
 pub mod secure;
 pub mod splice;
+#[cfg(test)]
+mod test_util;
 pub mod tls;
 
 pub use mux::{Incoming, Mux, MuxConfig, MuxError, MuxEvents, MuxStream, Role, Transport};

@@ -1900,17 +1900,7 @@ mod tests {
     async fn data_arriving_while_earlier_data_is_queued_queues_behind_it_even_if_the_socket_has_room()
      {
         let (_mux, mut ev, mut raw, _t) = pair(Role::Acceptor, MuxConfig::default());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let client = tokio::net::TcpSocket::new_v4().unwrap();
-        client.set_recv_buffer_size(4096).unwrap();
-        let mut client = client
-            .connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (server, _) = listener.accept().await.unwrap();
-        socket2::SockRef::from(&server)
-            .set_send_buffer_size(4096)
-            .unwrap();
+        let (mut client, server) = crate::test_util::tight_tcp_pair(true).await;
         raw.send(Frame::Open {
             stream: 1,
             tunnel: [0; 16],

@@ -263,7 +263,6 @@ mod tests {
     use crate::codec::handshake_conn;
     use crate::mux::{Mux, MuxConfig, MuxEvents, Role};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::TcpListener;
     use tokio_util::sync::CancellationToken;
     use tokio_util::task::TaskTracker;
 
@@ -272,17 +271,11 @@ mod tests {
         ((i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56) as u8
     }
 
-    /// Two muxes over an in-memory pipe, a stream opened across them, and the acceptor's end
-    /// proxied to a real TCP connection whose server side has a small send buffer (so writes to
-    /// it come up short). Returns the opener's stream, the client socket, the proxy task and
-    /// the proxy's counters.
-    async fn proxied() -> (
-        MuxStream,
-        TcpStream,
-        tokio::task::JoinHandle<ProxyEnd>,
-        Arc<Traffic>,
-        (Mux, Mux, TaskTracker),
-    ) {
+    /// Two muxes over an in-memory pipe (the acceptor's closing when `acceptor_token` is
+    /// cancelled), and a stream opened across them: the opener's end and the acceptor's.
+    async fn stream_pair(
+        acceptor_token: CancellationToken,
+    ) -> (MuxStream, MuxStream, (Mux, Mux, TaskTracker)) {
         let (a, b) = tokio::io::duplex(1 << 20);
         let tracker = TaskTracker::new();
         let cfg = MuxConfig::default();
@@ -297,23 +290,30 @@ mod tests {
             handshake_conn(b),
             Role::Acceptor,
             cfg,
-            CancellationToken::new(),
+            acceptor_token,
             &tracker,
         );
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let client = TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (server, _) = listener.accept().await.unwrap();
-        socket2::SockRef::from(&server)
-            .set_send_buffer_size(4096)
-            .unwrap();
         let stream = opener.open([0; 16], "test".into()).await.unwrap();
         let inc = incoming.recv().await.expect("the stream arrives");
+        (stream, inc.stream, (opener, acceptor, tracker))
+    }
+
+    /// A stream across two muxes whose acceptor's end is proxied to a real TCP connection
+    /// whose server side has a small send buffer (so writes to it come up short). Returns the
+    /// opener's stream, the client socket, the proxy task and the proxy's counters.
+    async fn proxied() -> (
+        MuxStream,
+        TcpStream,
+        tokio::task::JoinHandle<ProxyEnd>,
+        Arc<Traffic>,
+        (Mux, Mux, TaskTracker),
+    ) {
+        let (stream, accepted, keep) = stream_pair(CancellationToken::new()).await;
+        let (client, server) = crate::test_util::tight_tcp_pair(false).await;
         let traffic = Arc::new(Traffic::default());
         let t = traffic.clone();
-        let task = tokio::spawn(async move { proxy(server, inc.stream, &t).await });
-        (stream, client, task, traffic, (opener, acceptor, tracker))
+        let task = tokio::spawn(async move { proxy(server, accepted, &t).await });
+        (stream, client, task, traffic, keep)
     }
 
     /// Sends `total` pattern bytes from `start` on `stream` in chunks of varying size.
@@ -393,35 +393,9 @@ mod tests {
 
     #[tokio::test]
     async fn the_connection_closing_ends_a_proxy_whose_user_neither_reads_nor_sends() {
-        let (a, b) = tokio::io::duplex(1 << 20);
-        let tracker = TaskTracker::new();
-        let cfg = MuxConfig::default();
-        let (opener, _) = Mux::start(
-            handshake_conn(a),
-            Role::Opener,
-            cfg.clone(),
-            CancellationToken::new(),
-            &tracker,
-        );
         let acceptor_token = CancellationToken::new();
-        let (_acceptor, MuxEvents { mut incoming, .. }) = Mux::start(
-            handshake_conn(b),
-            Role::Acceptor,
-            cfg,
-            acceptor_token.clone(),
-            &tracker,
-        );
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let client = tokio::net::TcpSocket::new_v4().unwrap();
-        client.set_recv_buffer_size(4096).unwrap();
-        let _client = client
-            .connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (server, _) = listener.accept().await.unwrap();
-        socket2::SockRef::from(&server)
-            .set_send_buffer_size(4096)
-            .unwrap();
+        let (stream, accepted, _keep) = stream_pair(acceptor_token.clone()).await;
+        let (_client, server) = crate::test_util::tight_tcp_pair(true).await;
         // The user reads nothing: fill the socket until the kernel takes no more, so the
         // proxy's writes to it wait, while its reads wait on a user who sends nothing.
         server.writable().await.unwrap();
@@ -433,12 +407,10 @@ mod tests {
                 Err(e) => panic!("filling the socket: {e}"),
             }
         }
-        let stream = opener.open([0; 16], "test".into()).await.unwrap();
-        let inc = incoming.recv().await.expect("the stream arrives");
         let traffic = Arc::new(Traffic::default());
         let t = traffic.clone();
-        let holds = inc.stream.rx.consumer_holds_all();
-        let task = tokio::spawn(async move { proxy(server, inc.stream, &t).await });
+        let holds = accepted.rx.consumer_holds_all();
+        let task = tokio::spawn(async move { proxy(server, accepted, &t).await });
         send_pattern(&stream, 0, 1000).await;
         // The test runs on one thread: once the proxy holds the bytes, it has yielded, which it
         // does only in its socket waits (the write to the full socket, the read).

@@ -808,6 +808,21 @@ mod tests {
         (a.unwrap(), b.unwrap().0)
     }
 
+    /// A secure client connected to a rustls server (tokio-rustls) over loopback TCP.
+    async fn with_rustls_server() -> (
+        SecureStream<TcpStream>,
+        tokio_rustls::server::TlsStream<TcpStream>,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let (id, _) = Identity::load_or_create(dir.path(), "relay").unwrap();
+        let (c, s) = tcp_pair().await;
+        let acceptor = TlsAcceptor::from(id.server_config().unwrap());
+        let cfg = tls::pinned_client_config(id.fingerprint()).unwrap();
+        let (client, server) =
+            tokio::join!(connect(c, cfg, tls::server_name()), acceptor.accept(s));
+        (client.unwrap(), server.unwrap())
+    }
+
     async fn send_and_check<W, R>(w: &mut W, r: &mut R, data: &[u8])
     where
         W: AsyncWrite + Unpin,
@@ -886,14 +901,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_secure_client_and_a_rustls_server_agree_across_key_updates_both_ways() {
-        let dir = tempfile::tempdir().unwrap();
-        let (id, _) = Identity::load_or_create(dir.path(), "relay").unwrap();
-        let (c, s) = tcp_pair().await;
-        let acceptor = TlsAcceptor::from(id.server_config().unwrap());
-        let cfg = tls::pinned_client_config(id.fingerprint()).unwrap();
-        let (client, server) =
-            tokio::join!(connect(c, cfg, tls::server_name()), acceptor.accept(s));
-        let (mut client, mut server) = (client.unwrap(), server.unwrap());
+        let (mut client, mut server) = with_rustls_server().await;
         // Bulk both ways: many full records, and a size that leaves a partial one.
         let up = pattern(1 << 20 | 123, 1);
         send_and_check(&mut client, &mut server, &up).await;
@@ -920,15 +928,8 @@ mod tests {
 
     #[tokio::test]
     async fn split_halves_carry_data_and_the_writer_answers_a_key_update_the_reader_saw() {
-        let dir = tempfile::tempdir().unwrap();
-        let (id, _) = Identity::load_or_create(dir.path(), "relay").unwrap();
-        let (c, s) = tcp_pair().await;
-        let acceptor = TlsAcceptor::from(id.server_config().unwrap());
-        let cfg = tls::pinned_client_config(id.fingerprint()).unwrap();
-        let (client, server) =
-            tokio::join!(connect(c, cfg, tls::server_name()), acceptor.accept(s));
-        let (mut rd, mut wr) = client.unwrap().into_split();
-        let mut server = server.unwrap();
+        let (client, mut server) = with_rustls_server().await;
+        let (mut rd, mut wr) = client.into_split();
         send_and_check(&mut wr, &mut server, &pattern(300_000, 6)).await;
         send_and_check(&mut server, &mut rd, &pattern(200_000, 7)).await;
         // rustls replaces its keys and asks for ours: the reading half sees the request, the
@@ -1033,14 +1034,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_tampered_record_is_an_error_and_not_data() {
-        let dir = tempfile::tempdir().unwrap();
-        let (id, _) = Identity::load_or_create(dir.path(), "relay").unwrap();
-        let (c, s) = tcp_pair().await;
-        let acceptor = TlsAcceptor::from(id.server_config().unwrap());
-        let cfg = tls::pinned_client_config(id.fingerprint()).unwrap();
-        let (client, server) =
-            tokio::join!(connect(c, cfg, tls::server_name()), acceptor.accept(s));
-        let (mut client, server) = (client.unwrap(), server.unwrap());
+        let (mut client, server) = with_rustls_server().await;
         // A record as the server would seal it, with one bit flipped, written raw.
         let (mut tcp, mut conn) = server.into_inner();
         conn.writer().write_all(b"hello").unwrap();
