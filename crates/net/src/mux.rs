@@ -907,6 +907,11 @@ impl DirectBatch {
 
     /// Writes what is held, then the credit it returns.
     fn flush(&mut self, inner: &Inner) {
+        if self.streams.is_empty() && self.windows.is_empty() {
+            // Nothing held (the reader calls this whenever it runs out of frames).
+            self.len = 0;
+            return;
+        }
         let mut streams = std::mem::take(&mut self.streams);
         for (s, mut chunks) in streams.drain(..) {
             let written = s.write_direct(&mut chunks);
@@ -1315,33 +1320,20 @@ impl StreamTx {
     /// Fails once the stream is reset or the connection closes (both close the credit).
     pub async fn reserve(&self, max: usize) -> Result<usize, MuxError> {
         let max = max.clamp(1, MAX_RESERVE);
-        let credit = &self.shared.credit;
-        let at_hand = credit.available_permits().min(max);
-        let taken = match credit.try_acquire_many(at_hand as u32) {
-            Ok(p) if at_hand > 0 => {
-                p.forget();
-                at_hand
-            }
-            _ => {
-                // None at hand (or the credit is closed): wait for one byte's worth, then
-                // take what came with it.
-                credit
-                    .acquire()
-                    .await
-                    .map_err(|_| MuxError::Closed)?
-                    .forget();
-                let extra = credit.available_permits().min(max - 1);
-                match credit.try_acquire_many(extra as u32) {
-                    Ok(p) if extra > 0 => {
-                        p.forget();
-                        1 + extra
-                    }
-                    _ => 1,
-                }
-            }
-        };
-        self.shared.reserved.fetch_add(taken, Ordering::Relaxed);
-        Ok(taken)
+        let at_hand = self.try_reserve(max);
+        if at_hand > 0 {
+            return Ok(at_hand);
+        }
+        // None at hand (or the credit is closed): wait for one byte's worth, then take what
+        // came with it.
+        self.shared
+            .credit
+            .acquire()
+            .await
+            .map_err(|_| MuxError::Closed)?
+            .forget();
+        self.shared.reserved.fetch_add(1, Ordering::Relaxed);
+        Ok(1 + self.try_reserve(max - 1))
     }
 
     /// Takes up to `max` bytes of the credit at hand without waiting (at most

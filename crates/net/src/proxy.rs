@@ -414,9 +414,13 @@ mod tests {
         send_pattern(&stream, 0, 1000).await;
         // The test runs on one thread: once the proxy holds the bytes, it has yielded, which it
         // does only in its socket waits (the write to the full socket, the read).
-        while !holds() {
-            tokio::task::yield_now().await;
-        }
+        tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            while !holds() {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the proxy takes the bytes within 10 s");
         // The acceptor's token is cancelled: its mux closes and the proxy must end, though
         // neither of its sockets' waits will ever be woken.
         acceptor_token.cancel();
