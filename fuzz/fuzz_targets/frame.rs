@@ -8,6 +8,8 @@
 //! - Feeding the stream in pseudo-random chunks gives the same frames and the same end
 //!   (done, incomplete or the same error) as decoding it in one piece.
 //! - Tighter limits only refuse (`TooLarge`), they never change what a frame decodes to.
+//! - `FrameParser`, fed the stream in pseudo-random runs, gives the same frames (DATA joined
+//!   from its pieces, each piece within its run and not empty) and the same end.
 
 #![no_main]
 
@@ -15,6 +17,7 @@ use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
 use tube_fuzz::{Rng, chunks, prefix_cuts};
 use tube_proto::frame::{self, DecodeError, Frame, FrameLimits};
+use tube_proto::frame_parser::{FrameParser, Parsed};
 
 /// Frames of one input whose prefixes are checked: the check costs a decode per byte, and an
 /// input of hundreds of tiny frames teaches nothing more after the first few.
@@ -32,6 +35,16 @@ fuzz_target!(|data: &[u8]| {
         streamed, whole,
         "chunked decode differs from one-shot decode"
     );
+
+    let parsed = parse_in_runs(data, &limits, &mut Rng::from_bytes(data));
+    assert_eq!(
+        parsed.frames, whole.frames,
+        "the parser differs from decode"
+    );
+    match (&parsed.end, &whole.end) {
+        (End::Incomplete(_), End::Incomplete(_)) => {}
+        (p, w) => assert_eq!(p, w, "the parser ends differently"),
+    }
 
     let tight = FrameLimits {
         max_control: 32,
@@ -159,6 +172,59 @@ fn decode_streamed(data: &[u8], limits: &FrameLimits, rng: &mut Rng) -> Outcome 
         End::Done
     } else {
         End::Incomplete(buf.len())
+    };
+    Outcome { frames, end }
+}
+
+/// Feeds `data` to a [`FrameParser`] in runs, joining DATA pieces back into frames.
+fn parse_in_runs(data: &[u8], limits: &FrameLimits, rng: &mut Rng) -> Outcome {
+    let mut parser = FrameParser::new(*limits);
+    let mut frames = Vec::new();
+    let mut piece: Option<(u32, Vec<u8>)> = None;
+    for run in chunks(data, rng) {
+        let mut pos = 0;
+        loop {
+            match parser.next(run, &mut pos) {
+                Ok(None) => break,
+                Ok(Some(Parsed::Frame(f))) => {
+                    assert!(piece.is_none(), "a frame inside a DATA frame");
+                    frames.push(f);
+                }
+                Ok(Some(Parsed::Data {
+                    stream,
+                    payload,
+                    last,
+                })) => {
+                    assert!(
+                        !payload.is_empty() && payload.end <= run.len(),
+                        "a bad piece"
+                    );
+                    let (s, mut bytes) = piece.take().unwrap_or((stream, Vec::new()));
+                    assert_eq!(s, stream, "pieces of one frame on two streams");
+                    bytes.extend_from_slice(&run[payload]);
+                    if last {
+                        frames.push(Frame::Data {
+                            stream,
+                            data: bytes.into(),
+                        });
+                    } else {
+                        piece = Some((s, bytes));
+                    }
+                }
+                Err(e) => {
+                    return Outcome {
+                        frames,
+                        end: End::Error(e),
+                    };
+                }
+            }
+        }
+        assert_eq!(pos, run.len(), "a run not used up");
+    }
+    let end = if parser.mid_frame() {
+        End::Incomplete(0)
+    } else {
+        End::Done
     };
     Outcome { frames, end }
 }

@@ -15,7 +15,9 @@
 //! A stream whose consumer registered its socket ([`StreamRx::deliver_to`]) gets DATA written
 //! by the reader itself, without waking the consumer, whenever nothing of that stream is queued
 //! or in the consumer's hands and the socket takes the bytes at once (one task hop and one copy
-//! less per chunk); the rest is queued as usual, so the order always holds.
+//! less per chunk); the rest is queued as usual, so the order always holds. The reader parses
+//! frames where the transport's plaintext lies ([`crate::source`]: over TLS, the record opened
+//! in place), so a DATA payload written directly is never copied in user space.
 //!
 //! The connection closes (every stream reset, every stream's abort signal raised) on a
 //! protocol error, an IO error, [`Mux::close`], or the cancellation of its token.
@@ -40,17 +42,17 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering}
 use std::sync::{Arc, Mutex};
 
 use bytes::{Buf, Bytes, BytesMut};
-use futures_util::StreamExt;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{Notify, Semaphore, mpsc};
-use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tube_proto::control::{ControlMessage, ErrorCode};
 use tube_proto::flow::{MAX_CREDIT, RecvWindow, tuned_window};
 use tube_proto::frame::{self, Frame, FrameLimits, MAX_DATA_PAYLOAD};
+use tube_proto::frame_parser::{FrameParser, Parsed};
 
-use crate::codec::{CodecError, FrameCodec, HandshakeConn};
+use crate::codec::HandshakeConn;
+use crate::source::{PlainRuns, Runs};
 
 /// Tunables of one multiplexed connection.
 #[derive(Debug, Clone)]
@@ -186,7 +188,7 @@ pub struct MuxEvents {
 /// A connection the mux takes apart into the halves its reader and writer own.
 pub trait Transport: AsyncRead + AsyncWrite + Send + 'static {
     /// The half the reader task owns.
-    type Read: AsyncRead + Unpin + Send + 'static;
+    type Read: Runs;
     /// The half direct writes and the writer task share.
     type Write: AsyncWrite + Unpin + Send + 'static;
     /// Splits the connection.
@@ -204,19 +206,21 @@ impl Transport for crate::secure::SecureStream<tokio::net::TcpStream> {
 
 /// Plain TCP (tests and benchmarks).
 impl Transport for tokio::net::TcpStream {
-    type Read = tokio::net::tcp::OwnedReadHalf;
+    type Read = PlainRuns<tokio::net::tcp::OwnedReadHalf>;
     type Write = tokio::net::tcp::OwnedWriteHalf;
     fn into_halves(self) -> (Self::Read, Self::Write) {
-        self.into_split()
+        let (rd, wr) = self.into_split();
+        (PlainRuns::new(rd), wr)
     }
 }
 
 /// An in-memory pipe (tests and benchmarks).
 impl Transport for tokio::io::DuplexStream {
-    type Read = tokio::io::ReadHalf<tokio::io::DuplexStream>;
+    type Read = PlainRuns<tokio::io::ReadHalf<tokio::io::DuplexStream>>;
     type Write = tokio::io::WriteHalf<tokio::io::DuplexStream>;
     fn into_halves(self) -> (Self::Read, Self::Write) {
-        tokio::io::split(self)
+        let (rd, wr) = tokio::io::split(self);
+        (PlainRuns::new(rd), wr)
     }
 }
 
@@ -411,20 +415,41 @@ impl StreamShared {
         }
     }
 
-    /// Writes `chunks` (in order, with nothing of this stream queued before them) to the
-    /// registered socket in one vectored write; what it does not take is queued. Returns the
-    /// bytes written, for which the caller returns credit.
-    fn write_direct(&self, chunks: &mut VecDeque<Bytes>) -> usize {
+    /// Writes the `pieces` of `buf` (in order, with nothing of this stream queued before them,
+    /// at most [`MAX_IOV`]) to the registered socket in one write; what it does not take is
+    /// queued, copied into one buffer. Returns the bytes written, for which the caller returns
+    /// credit.
+    fn write_direct(&self, buf: &[u8], pieces: &[std::ops::Range<usize>]) -> usize {
         let mut d = lock(&self.direct);
         let mut written = 0;
         if let Some((sock, count)) = &d.sink {
             // An error is left for the consumer's own write to find.
-            written = try_write_bufs(sock, chunks).unwrap_or(0);
+            written = match pieces {
+                [one] => sock.try_write(&buf[one.clone()]),
+                _ => {
+                    let mut iov = [IoSlice::new(&[]); MAX_IOV];
+                    for (slot, p) in iov.iter_mut().zip(pieces) {
+                        *slot = IoSlice::new(&buf[p.clone()]);
+                    }
+                    sock.try_write_vectored(&iov[..pieces.len().min(MAX_IOV)])
+                }
+            }
+            .unwrap_or(0);
             count.fetch_add(written as u64, Ordering::Relaxed);
-            advance(chunks, written);
         }
-        for c in chunks.drain(..) {
-            self.queue_data(&mut d, &c);
+        let total: usize = pieces.iter().map(|p| p.len()).sum();
+        if written < total {
+            let mut rest = BytesMut::with_capacity(total - written);
+            let mut skip = written;
+            for p in pieces {
+                let piece = &buf[p.clone()];
+                let from = skip.min(piece.len());
+                skip -= from;
+                rest.extend_from_slice(&piece[from..]);
+            }
+            if self.inbound.send(Inbound::Data(rest.freeze())).is_ok() {
+                d.queued += 1;
+            }
         }
         written
     }
@@ -450,8 +475,11 @@ impl Mux {
         cfg.max_window = cfg.max_window.min(MAX_WINDOW);
         let parts = conn.into_parts();
         let (rd, wr) = parts.io.into_halves();
-        let mut reader = FramedRead::new(rd, FrameCodec { limits: cfg.limits });
-        *reader.read_buffer_mut() = parts.read_buf;
+        let reader = Reader {
+            parser: FrameParser::new(cfg.limits),
+            // Read by the handshake past its last frame.
+            leftover: parts.read_buf,
+        };
         let (data_tx, data_rx) = mpsc::channel(cfg.write_queue.max(1));
         let pending_write = parts.write_buf;
         let out = Out {
@@ -493,7 +521,13 @@ impl Mux {
             watched.closed.cancelled().await;
             watched.close(MuxError::Closed);
         });
-        tracker.spawn(read_loop(inner.clone(), reader, control_tx, incoming_tx));
+        tracker.spawn(read_loop(
+            inner.clone(),
+            rd,
+            reader,
+            control_tx,
+            incoming_tx,
+        ));
         (
             Mux { inner },
             MuxEvents {
@@ -797,68 +831,175 @@ impl Inner {
     }
 }
 
-async fn read_loop<R: AsyncRead + Unpin>(
+/// The reader task's parsing state: the frame parser, and what the handshake read past its last
+/// frame (parsed first).
+struct Reader {
+    parser: FrameParser,
+    leftover: BytesMut,
+}
+
+/// The channels the reader hands control messages and new streams to.
+struct Outlets {
+    control: mpsc::Sender<ControlMessage>,
+    incoming: mpsc::Sender<Incoming>,
+}
+
+async fn read_loop<R: Runs>(
     inner: Arc<Inner>,
-    mut reader: FramedRead<R, FrameCodec>,
+    mut src: R,
+    reader: Reader,
     control_tx: mpsc::Sender<ControlMessage>,
     incoming_tx: mpsc::Sender<Incoming>,
 ) {
+    let Reader {
+        mut parser,
+        leftover,
+    } = reader;
+    let out = Outlets {
+        control: control_tx,
+        incoming: incoming_tx,
+    };
     let mut direct = DirectBatch::default();
+    // Bytes received before the first run: their DATA is queued (nothing is held yet, so
+    // order holds).
+    for pre in [&leftover[..], &src.take_early()[..]] {
+        if !parse_run(&inner, &mut parser, pre, 0..pre.len(), None, &out) {
+            return;
+        }
+    }
+    drop(leftover);
     loop {
-        // One poll of the reader per wake-up: frames already read are handled first; DATA
-        // held for direct delivery is written only when no more is at hand, so one write
-        // carries as much as possible.
-        let next = std::future::poll_fn(|cx| {
+        // Every run at hand is parsed, DATA for sockets held where it lies; it is written
+        // when no more is at hand (one write carries as much as possible), before the next
+        // fill lets the runs go.
+        loop {
+            let run = match src.next_run() {
+                Ok(Some(run)) => run,
+                Ok(None) => break,
+                Err(e) => return inner.close(MuxError::Io(e.to_string())),
+            };
+            if !parse_run(
+                &inner,
+                &mut parser,
+                src.buffer(),
+                run,
+                Some(&mut direct),
+                &out,
+            ) {
+                return;
+            }
+        }
+        direct.flush(&inner, src.buffer());
+        let filled = std::future::poll_fn(|cx| {
             if inner.reader_stop.poll(cx).is_ready() {
                 return std::task::Poll::Ready(None);
             }
-            match reader.poll_next_unpin(cx) {
-                std::task::Poll::Ready(next) => std::task::Poll::Ready(Some(next)),
-                std::task::Poll::Pending => {
-                    direct.flush(&inner);
-                    std::task::Poll::Pending
-                }
-            }
+            src.poll_fill(cx).map(Some)
         })
         .await;
-        let Some(next) = next else {
-            return;
-        };
-        let frame = match next {
-            None => return inner.close(MuxError::Closed),
-            Some(Err(CodecError::Io(e))) => return inner.close(MuxError::Io(e.to_string())),
-            Some(Err(CodecError::Decode(e))) => {
-                return inner.protocol_error(ErrorCode::ProtocolError, e.to_string());
+        match filled {
+            None => return,
+            Some(Ok(true)) => {}
+            Some(Ok(false)) if parser.mid_frame() => {
+                return inner.close(MuxError::Io(
+                    "connection closed in the middle of a frame".into(),
+                ));
             }
-            Some(Ok(f)) => f,
-        };
-        if matches!(frame, Frame::Fin { .. } | Frame::Reset { .. }) {
-            // FIN and RESET must not overtake the DATA held before them.
-            direct.flush(&inner);
-        }
-        if !dispatch(&inner, frame, &control_tx, &incoming_tx, &mut direct) {
-            return;
-        }
-        if direct.len >= DIRECT_BATCH {
-            direct.flush(&inner);
+            Some(Ok(false)) => return inner.close(MuxError::Closed),
+            Some(Err(e)) => return inner.close(MuxError::Io(e.to_string())),
         }
     }
 }
 
-/// DATA the reader holds for direct delivery (see the module docs), per stream in arrival
-/// order, until it has no more frames at hand or holds [`DIRECT_BATCH`] bytes.
+/// Parses the frames of `buf[run]` and handles them; DATA goes to `direct` for sockets that
+/// take it directly (queued for their consumers when `direct` is `None`). False once the
+/// connection is closed.
+fn parse_run(
+    inner: &Arc<Inner>,
+    parser: &mut FrameParser,
+    buf: &[u8],
+    run: std::ops::Range<usize>,
+    mut direct: Option<&mut DirectBatch>,
+    out: &Outlets,
+) -> bool {
+    let bytes = &buf[..run.end];
+    let mut pos = run.start;
+    loop {
+        match parser.next(bytes, &mut pos) {
+            Ok(None) => return true,
+            Err(e) => {
+                inner.protocol_error(ErrorCode::ProtocolError, e.to_string());
+                return false;
+            }
+            Ok(Some(Parsed::Data {
+                stream, payload, ..
+            })) => {
+                if !on_data(inner, stream, bytes, payload, direct.as_deref_mut()) {
+                    return false;
+                }
+            }
+            Ok(Some(Parsed::Frame(frame))) => {
+                if let Some(d) = direct.as_deref_mut()
+                    && matches!(frame, Frame::Fin { .. } | Frame::Reset { .. })
+                {
+                    // FIN and RESET must not overtake the DATA held before them.
+                    d.flush(inner, bytes);
+                }
+                if !dispatch(inner, frame, out) {
+                    return false;
+                }
+            }
+        }
+        if let Some(d) = direct.as_deref_mut()
+            && d.len >= DIRECT_BATCH
+        {
+            d.flush(inner, bytes);
+        }
+    }
+}
+
+/// Handles DATA for `stream` (a whole frame's payload or a piece of it): `buf[payload]`, held
+/// in `direct` when its socket may take it directly, queued for the consumer otherwise. False
+/// once the connection is closed.
+fn on_data(
+    inner: &Inner,
+    stream: u32,
+    buf: &[u8],
+    payload: std::ops::Range<usize>,
+    direct: Option<&mut DirectBatch>,
+) -> bool {
+    let Some(s) = inner.stream(stream) else {
+        return true;
+    };
+    if let Err(e) = lock(&s.recv).window.on_data(payload.len()) {
+        inner.protocol_error(ErrorCode::FlowControlError, format!("stream {stream}: {e}"));
+        return false;
+    }
+    match direct {
+        Some(d) if d.holds(&s) || s.direct_ok() => d.add(inner, s, payload, buf),
+        _ => {
+            let mut d = lock(&s.direct);
+            s.queue_data(&mut d, &buf[payload]);
+        }
+    }
+    true
+}
+
+/// DATA the reader holds for direct delivery (see the module docs): per stream in arrival order,
+/// ranges of the runs at hand, until it has no more frames at hand or holds [`DIRECT_BATCH`]
+/// bytes.
 #[derive(Default)]
 struct DirectBatch {
-    streams: Vec<(Arc<StreamShared>, VecDeque<Bytes>)>,
+    streams: Vec<(Arc<StreamShared>, Vec<std::ops::Range<usize>>)>,
     len: usize,
     /// WINDOW frames for the bytes written, sent by [`DirectBatch::flush`].
     windows: Vec<Frame>,
-    /// Emptied chunk lists kept for the next streams (at most [`SPARE_LISTS`]): no allocation
+    /// Emptied piece lists kept for the next streams (at most [`SPARE_LISTS`]): no allocation
     /// per message.
-    spare: Vec<VecDeque<Bytes>>,
+    spare: Vec<Vec<std::ops::Range<usize>>>,
 }
 
-/// Emptied chunk lists a [`DirectBatch`] keeps.
+/// Emptied piece lists a [`DirectBatch`] keeps.
 const SPARE_LISTS: usize = 8;
 
 /// Most bytes the reader holds for direct delivery before writing them.
@@ -869,33 +1010,40 @@ impl DirectBatch {
         self.streams.iter().any(|(held, _)| Arc::ptr_eq(held, s))
     }
 
-    fn add(&mut self, inner: &Inner, s: Arc<StreamShared>, data: Bytes) {
-        self.len += data.len();
+    fn add(
+        &mut self,
+        inner: &Inner,
+        s: Arc<StreamShared>,
+        piece: std::ops::Range<usize>,
+        buf: &[u8],
+    ) {
+        self.len += piece.len();
         let Some(i) = self
             .streams
             .iter()
             .position(|(held, _)| Arc::ptr_eq(held, &s))
         else {
-            let mut chunks = self.spare.pop().unwrap_or_default();
-            chunks.push_back(data);
-            self.streams.push((s, chunks));
+            let mut pieces = self.spare.pop().unwrap_or_default();
+            pieces.push(piece);
+            self.streams.push((s, pieces));
             return;
         };
-        self.streams[i].1.push_back(data);
+        self.streams[i].1.push(piece);
         if self.streams[i].1.len() >= MAX_IOV {
             // Written now and let go: if the socket did not take it all, the rest is queued
             // and this stream's next DATA must queue behind it (`direct_ok` says so).
-            let (s, mut chunks) = self.streams.swap_remove(i);
-            let written = s.write_direct(&mut chunks);
+            let (s, pieces) = self.streams.swap_remove(i);
+            let written = s.write_direct(buf, &pieces);
             self.credit(inner, &s, written);
-            self.keep(chunks);
+            self.keep(pieces);
         }
     }
 
-    /// Keeps an emptied chunk list for reuse.
-    fn keep(&mut self, chunks: VecDeque<Bytes>) {
-        if self.spare.len() < SPARE_LISTS && chunks.capacity() <= MAX_IOV {
-            self.spare.push(chunks);
+    /// Keeps an emptied piece list for reuse.
+    fn keep(&mut self, mut pieces: Vec<std::ops::Range<usize>>) {
+        if self.spare.len() < SPARE_LISTS && pieces.capacity() <= MAX_IOV {
+            pieces.clear();
+            self.spare.push(pieces);
         }
     }
 
@@ -905,18 +1053,18 @@ impl DirectBatch {
         }
     }
 
-    /// Writes what is held, then the credit it returns.
-    fn flush(&mut self, inner: &Inner) {
+    /// Writes what is held (ranges of `buf`), then the credit it returns.
+    fn flush(&mut self, inner: &Inner, buf: &[u8]) {
         if self.streams.is_empty() && self.windows.is_empty() {
             // Nothing held (the reader calls this whenever it runs out of frames).
             self.len = 0;
             return;
         }
         let mut streams = std::mem::take(&mut self.streams);
-        for (s, mut chunks) in streams.drain(..) {
-            let written = s.write_direct(&mut chunks);
+        for (s, pieces) in streams.drain(..) {
+            let written = s.write_direct(buf, &pieces);
             self.credit(inner, &s, written);
-            self.keep(chunks);
+            self.keep(pieces);
         }
         self.streams = streams;
         self.len = 0;
@@ -972,13 +1120,8 @@ pub(crate) fn advance(bufs: &mut VecDeque<Bytes>, mut n: usize) {
 }
 
 /// Handles one frame; false once the connection is closed.
-fn dispatch(
-    inner: &Arc<Inner>,
-    frame: Frame,
-    control_tx: &mpsc::Sender<ControlMessage>,
-    incoming_tx: &mpsc::Sender<Incoming>,
-    direct: &mut DirectBatch,
-) -> bool {
+fn dispatch(inner: &Arc<Inner>, frame: Frame, out: &Outlets) -> bool {
+    let (control_tx, incoming_tx) = (&out.control, &out.incoming);
     match frame {
         Frame::Control(bytes) => match ControlMessage::from_bytes(&bytes) {
             Ok(msg) => {
@@ -1027,21 +1170,8 @@ fn dispatch(
                 peer,
             });
         }
-        Frame::Data { stream, data } => {
-            let Some(s) = inner.stream(stream) else {
-                return true;
-            };
-            if let Err(e) = lock(&s.recv).window.on_data(data.len()) {
-                inner.protocol_error(ErrorCode::FlowControlError, format!("stream {stream}: {e}"));
-                return false;
-            }
-            if direct.holds(&s) || s.direct_ok() {
-                direct.add(inner, s, data);
-            } else {
-                let mut d = lock(&s.direct);
-                s.queue_data(&mut d, &data);
-            }
-        }
+        // The parser hands DATA out as pieces (see `on_data`); a whole frame is queued.
+        Frame::Data { stream, data } => return on_data(inner, stream, &data, 0..data.len(), None),
         Frame::Window { stream, increment } => {
             let Some(s) = inner.stream(stream) else {
                 return true;
@@ -1591,7 +1721,7 @@ impl Drop for MuxStream {
 mod tests {
     use super::*;
     use crate::codec::handshake_conn;
-    use futures_util::SinkExt;
+    use futures_util::{SinkExt, StreamExt};
     use std::time::Duration;
     use tokio::io::AsyncReadExt;
 
@@ -2090,10 +2220,11 @@ mod tests {
     }
 
     impl Transport for Recording {
-        type Read = tokio::io::ReadHalf<Recording>;
+        type Read = PlainRuns<tokio::io::ReadHalf<Recording>>;
         type Write = tokio::io::WriteHalf<Recording>;
         fn into_halves(self) -> (Self::Read, Self::Write) {
-            tokio::io::split(self)
+            let (rd, wr) = tokio::io::split(self);
+            (PlainRuns::new(rd), wr)
         }
     }
 

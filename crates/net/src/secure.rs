@@ -260,6 +260,7 @@ where
             early,
             records_without_data: 0,
             peer_closed: false,
+            handed: 0,
         },
         send: SendState {
             keys,
@@ -340,6 +341,9 @@ struct RecvState {
     records_without_data: u32,
     /// The peer sent close_notify: reads return end of stream.
     peer_closed: bool,
+    /// The length of the record whose plaintext [`SecureReader::next_run`] handed out: let go
+    /// (consumed) on the next call or fill.
+    handed: usize,
 }
 
 /// The sending side's state.
@@ -521,6 +525,77 @@ impl SendState {
 }
 
 impl RecvState {
+    /// Consumes the record [`RecvState::next_run`] handed out.
+    fn let_go(&mut self) {
+        if self.handed > 0 {
+            self.rbuf.consume(self.handed);
+            self.handed = 0;
+        }
+    }
+
+    /// See [`SecureReader::next_run`].
+    fn next_run(&mut self) -> io::Result<Option<std::ops::Range<usize>>> {
+        self.let_go();
+        loop {
+            if !self.plain.is_empty() {
+                let start = self.rbuf.start;
+                let run = start + self.plain.start..start + self.plain.end;
+                self.plain = 0..0;
+                self.handed = self.record_end;
+                return Ok(Some(run));
+            }
+            if self.peer_closed {
+                return Ok(None);
+            }
+            match record::record_len(self.rbuf.data()).map_err(invalid)? {
+                Some(total) if self.rbuf.data().len() >= total => {
+                    let (typ, len) = self
+                        .rx
+                        .open(&mut self.rbuf.data_mut()[..total])
+                        .map_err(invalid)?;
+                    self.opened(typ, len, total)?;
+                }
+                _ => return Ok(None),
+            }
+        }
+    }
+
+    /// See [`SecureReader::poll_fill`].
+    fn poll_fill<R>(&mut self, io: &mut R, cx: &mut Context<'_>) -> Poll<io::Result<bool>>
+    where
+        R: AsyncRead + Unpin,
+    {
+        self.let_go();
+        if self.peer_closed {
+            return Poll::Ready(Ok(false));
+        }
+        let need = match record::record_len(self.rbuf.data()).map_err(invalid)? {
+            // A whole record is waiting: nothing to read.
+            Some(total) if self.rbuf.data().len() >= total => return Poll::Ready(Ok(true)),
+            Some(total) => total,
+            None => record::HEADER_LEN,
+        };
+        let mut rb = ReadBuf::new(self.rbuf.room(need));
+        match Pin::new(io).poll_read(cx, &mut rb) {
+            Poll::Pending => {
+                self.rbuf.idle();
+                Poll::Pending
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Ready(Ok(())) => {
+                let n = rb.filled().len();
+                if n == 0 {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "peer closed without tls close_notify",
+                    )));
+                }
+                self.rbuf.filled(n);
+                Poll::Ready(Ok(true))
+            }
+        }
+    }
+
     /// Handles the record just opened at the front of `rbuf` (`len` bytes of plaintext of
     /// type `typ`, the record `total` bytes long).
     fn opened(&mut self, typ: ContentType, len: usize, total: usize) -> io::Result<()> {
@@ -577,6 +652,7 @@ impl RecvState {
     where
         R: AsyncRead + Unpin,
     {
+        self.let_go();
         let mut copied = false;
         if !self.early.is_empty() {
             let n = buf.remaining().min(self.early.len());
@@ -743,6 +819,34 @@ impl<R: AsyncRead + Unpin> AsyncRead for SecureReader<R> {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         this.recv.poll_read(&mut this.io, cx, buf)
+    }
+}
+
+impl<R: AsyncRead + Unpin> SecureReader<R> {
+    /// Application data that came with the handshake: read it before the first run.
+    pub fn take_early(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.recv.early)
+    }
+
+    /// The next run of application data already received, as a range of [`Self::buffer`]: a
+    /// record opened where it lies, its plaintext not copied. The run handed out before is let
+    /// go. `None`: no complete record is buffered (or the peer closed); [`Self::poll_fill`]
+    /// reads more. Runs stay where they are until the next fill, so several can be used
+    /// together (written out in one vectored write).
+    pub fn next_run(&mut self) -> io::Result<Option<std::ops::Range<usize>>> {
+        self.recv.next_run()
+    }
+
+    /// What the ranges [`Self::next_run`] hands out refer to.
+    pub fn buffer(&self) -> &[u8] {
+        &self.recv.rbuf.buf
+    }
+
+    /// Reads more from the socket, which may move what is buffered (every run handed out is
+    /// let go). `Ok(false)`: the peer closed with close_notify. An end without close_notify
+    /// is an error (a truncation attack looks the same).
+    pub fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
+        self.recv.poll_fill(&mut self.io, cx)
     }
 }
 
@@ -954,6 +1058,60 @@ mod tests {
         send_and_check(&mut server, &mut rd, b"after the client's close").await;
         server.shutdown().await.unwrap();
         assert_eq!(rd.read(&mut [0; 16]).await.unwrap(), 0);
+    }
+
+    /// Reads at least `want` bytes from `rd` as runs, checking before each fill that every run
+    /// handed out since the last one is still where it was (opening the next record in place
+    /// must not touch it).
+    async fn read_runs(
+        rd: &mut SecureReader<tokio::net::tcp::OwnedReadHalf>,
+        want: usize,
+    ) -> Vec<u8> {
+        let mut got = Vec::new();
+        loop {
+            let mut held = Vec::new();
+            while let Some(run) = rd.next_run().unwrap() {
+                held.push((run.clone(), rd.buffer()[run].to_vec()));
+            }
+            for (run, copy) in held {
+                assert!(
+                    rd.buffer()[run] == copy[..],
+                    "a run changed before the fill"
+                );
+                got.extend_from_slice(&copy);
+            }
+            if got.len() >= want {
+                return got;
+            }
+            let more = std::future::poll_fn(|cx| rd.poll_fill(cx)).await.unwrap();
+            assert!(more, "the stream ended after {} bytes", got.len());
+        }
+    }
+
+    #[tokio::test]
+    async fn runs_are_records_opened_in_place_and_stay_until_the_next_fill() {
+        let (client, mut server) = with_rustls_server().await;
+        let (mut rd, _wr) = client.into_split();
+        // Bulk (many records per read, and records split across reads), then a KeyUpdate
+        // between two small messages, then close_notify.
+        let bulk = pattern(1 << 20 | 123, 9);
+        let send = async {
+            server.write_all(&bulk).await?;
+            server.flush().await
+        };
+        let (sent, got) = tokio::join!(send, read_runs(&mut rd, bulk.len()));
+        sent.unwrap();
+        assert!(got == bulk, "bytes differ");
+        server.write_all(b"before").await.unwrap();
+        server.flush().await.unwrap();
+        assert_eq!(read_runs(&mut rd, 6).await, b"before");
+        server.get_mut().1.refresh_traffic_keys().unwrap();
+        server.write_all(b"after the update").await.unwrap();
+        server.shutdown().await.unwrap();
+        assert_eq!(read_runs(&mut rd, 16).await, b"after the update");
+        let end = std::future::poll_fn(|cx| rd.poll_fill(cx)).await.unwrap();
+        assert!(!end, "close_notify must end the runs cleanly");
+        assert!(rd.next_run().unwrap().is_none());
     }
 
     #[tokio::test]

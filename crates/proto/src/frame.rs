@@ -246,16 +246,25 @@ pub fn encode_data_header(stream: u32, len: usize, dst: &mut BytesMut) {
     dst.put_u32(len as u32);
 }
 
-/// Takes one frame off the front of `src`.
-///
-/// `Ok(None)`: not enough bytes yet (nothing consumed). `Err`: the connection must be closed.
-pub fn decode(src: &mut BytesMut, limits: &FrameLimits) -> Result<Option<Frame>, DecodeError> {
-    if src.len() < HEADER_LEN {
-        return Ok(None);
-    }
-    let kind_byte = src[0];
-    let stream = u32::from_be_bytes([src[1], src[2], src[3], src[4]]);
-    let len = u32::from_be_bytes([src[5], src[6], src[7], src[8]]);
+/// A frame header that passed every check a header alone allows: `len` bytes of payload
+/// follow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    /// The frame type.
+    pub kind: FrameKind,
+    /// Stream id (0 for connection-level frames).
+    pub stream: u32,
+    /// Payload length, within the limit for `kind`.
+    pub len: u32,
+}
+
+/// Checks a frame header: a known type, a length within the limit for it (so nothing is
+/// reserved for a frame that will be refused), stream 0 exactly for connection-level frames, and
+/// DATA not empty.
+pub fn decode_header(b: &[u8; HEADER_LEN], limits: &FrameLimits) -> Result<Header, DecodeError> {
+    let kind_byte = b[0];
+    let stream = u32::from_be_bytes([b[1], b[2], b[3], b[4]]);
+    let len = u32::from_be_bytes([b[5], b[6], b[7], b[8]]);
     let kind = FrameKind::from_byte(kind_byte).ok_or(DecodeError::UnknownType(kind_byte))?;
     let (limit, connection_level) = match kind {
         FrameKind::Control => (limits.max_control, true),
@@ -279,13 +288,33 @@ pub fn decode(src: &mut BytesMut, limits: &FrameLimits) -> Result<Option<Frame>,
             stream,
         });
     }
-    let total = HEADER_LEN + len as usize;
+    if kind == FrameKind::Data && len == 0 {
+        return Err(DecodeError::Malformed("data"));
+    }
+    Ok(Header { kind, stream, len })
+}
+
+/// Takes one frame off the front of `src`.
+///
+/// `Ok(None)`: not enough bytes yet (nothing consumed). `Err`: the connection must be closed.
+pub fn decode(src: &mut BytesMut, limits: &FrameLimits) -> Result<Option<Frame>, DecodeError> {
+    let Some(head) = src.first_chunk::<HEADER_LEN>() else {
+        return Ok(None);
+    };
+    let header = decode_header(head, limits)?;
+    let total = HEADER_LEN + header.len as usize;
     if src.len() < total {
         src.reserve(total - src.len());
         return Ok(None);
     }
     src.advance(HEADER_LEN);
-    let mut payload = src.split_to(len as usize);
+    let payload = src.split_to(header.len as usize);
+    decode_payload(header, payload).map(Some)
+}
+
+/// The frame `header` announced, from its payload (`header.len` bytes).
+pub fn decode_payload(header: Header, mut payload: BytesMut) -> Result<Frame, DecodeError> {
+    let Header { kind, stream, .. } = header;
     let frame = match kind {
         FrameKind::Control => {
             if payload.is_empty() {
@@ -355,7 +384,7 @@ pub fn decode(src: &mut BytesMut, limits: &FrameLimits) -> Result<Option<Frame>,
             }
         }
     };
-    Ok(Some(frame))
+    Ok(frame)
 }
 
 #[cfg(test)]

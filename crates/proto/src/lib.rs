@@ -5,6 +5,7 @@
 //! testable without a runtime. The async edge lives in `tube-net` and the services.
 //!
 //! - [`frame`]: the relay's framing layer (control frames and multiplexed stream frames).
+//! - [`frame_parser`]: frames from runs of bytes that stay in place (DATA as ranges, no copy).
 //! - [`control`]: the JSON control messages of seed 001 and the error codes.
 //! - [`flow`]: credit-based flow-control windows for multiplexed streams.
 //! - [`lifecycle`]: the agent lifecycle state machine (seed 001, section 3.1).
@@ -24,6 +25,7 @@ pub mod cidr;
 pub mod control;
 pub mod flow;
 pub mod frame;
+pub mod frame_parser;
 pub mod heartbeat;
 pub mod lifecycle;
 pub mod longpoll;
