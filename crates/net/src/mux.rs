@@ -2019,6 +2019,42 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn messages_a_tiny_pipe_takes_a_few_bytes_at_a_time_arrive_whole_and_in_order() {
+        // A pipe that holds 5 bytes, read empty before each message: every message is written
+        // directly into it, which takes 5 bytes of its frame's header, and the rest must follow
+        // from the batch (finished by the writer task) before anything else.
+        let (a, b) = tokio::io::duplex(5);
+        let tracker = TaskTracker::new();
+        let (mux, _ev) = Mux::start(
+            handshake_conn(a),
+            Role::Opener,
+            MuxConfig::default(),
+            CancellationToken::new(),
+            &tracker,
+        );
+        let mut raw = handshake_conn(b);
+        let s = mux.open([4; 16], "u".into()).await.unwrap();
+        async fn next(raw: &mut HandshakeConn<tokio::io::DuplexStream>) -> Frame {
+            match tokio::time::timeout(Duration::from_secs(10), raw.next()).await {
+                Ok(Some(Ok(f))) => f,
+                other => panic!("expected a frame, got {other:?}"),
+            }
+        }
+        assert!(matches!(next(&mut raw).await, Frame::Open { .. }));
+        for i in 0..50u32 {
+            let m: Vec<u8> = (0..1 + i * 7 % 97).map(|k| (i * 31 + k) as u8).collect();
+            let n = s.tx.reserve(m.len()).await.unwrap();
+            assert_eq!(n, m.len(), "credit for a whole message");
+            s.tx.send_reserved_slice(&m).await.unwrap();
+            match next(&mut raw).await {
+                Frame::Data { data, .. } => assert!(data[..] == m[..], "message {i} differs"),
+                other => panic!("expected DATA, got {other:?}"),
+            }
+        }
+        mux.close();
+    }
+
+    #[tokio::test]
     async fn data_arriving_while_earlier_data_is_queued_queues_behind_it_even_if_the_socket_has_room()
      {
         let (_mux, mut ev, mut raw, _t) = pair(Role::Acceptor, MuxConfig::default());
