@@ -5,6 +5,7 @@
 #   wait_err NAME TEXT   wait (bounded by WAIT_SECS) for a stderr line of NAME containing TEXT
 #   field NAME LINE WORD word WORD of line LINE of NAME's stdout
 #   check_system         SYSTEM is tube or rathole (then $TOOLS/bin/rathole must exist)
+#   start_tube SINK [WRAP...]           tube's relay and agent for one service to SINK
 #   start_rathole SINK PROBE [WRAP...]  rathole's server and client for one service to SINK
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/tube-bench.XXXXXX")
 PIDS=()
@@ -90,6 +91,21 @@ check_system() {
         ;;
     *) echo "error: SYSTEM must be tube or rathole, got '$SYSTEM'" >&2; exit 2 ;;
     esac
+}
+
+# start_tube SINK [WRAP...]: starts tube's relay (fresh data dir) and an agent exposing SINK
+# (each under the command WRAP, if given); sets PUBLIC (the exposed address), PID_relay and
+# PID_agent. Returns once both printed their contract lines, bounded by WAIT_SECS.
+start_tube() {
+    local sink=$1 token
+    shift
+    start relay "$@" "$BIN/tube" relay --listen 127.0.0.1:0 --data-dir "$TMP/relay"
+    wait_lines relay 2
+    token=$("$BIN/tube" token --subject bench --data-dir "$TMP/relay")
+    start agent "$@" "$BIN/tube" expose "$sink" --relay "$(field relay 1 3)" --token "$token" \
+        --fingerprint "$(field relay 2 2)"
+    wait_lines agent 1
+    PUBLIC=$(field agent 1 2)
 }
 
 # start_rathole SINK PROBE [WRAP...]: starts rathole's server and client (each under the

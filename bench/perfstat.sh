@@ -45,13 +45,7 @@ fi
 wait_lines sink 1
 SINK=$(field sink 1 3)
 if [[ $SYSTEM == tube ]]; then
-    start relay "$BIN/tube" relay --listen 127.0.0.1:0 --data-dir "$TMP/relay"
-    wait_lines relay 2
-    TOKEN=$("$BIN/tube" token --subject bench --data-dir "$TMP/relay")
-    start agent "$BIN/tube" expose "$SINK" --relay "$(field relay 1 3)" --token "$TOKEN" \
-        --fingerprint "$(field relay 2 2)"
-    wait_lines agent 1
-    PUBLIC=$(field agent 1 2)
+    start_tube "$SINK"
     PROCS="$PID_relay,$PID_agent"
 else
     if [[ $TEST == throughput ]]; then PROBE=throughput; else PROBE=rtt; fi

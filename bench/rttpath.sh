@@ -40,13 +40,7 @@ start sink "$BIN/tube-loadgen" echo --listen 127.0.0.1:0
 wait_lines sink 1
 SINK=$(field sink 1 3)
 if [[ $SYSTEM == tube ]]; then
-    start relay "$BIN/tube" relay --listen 127.0.0.1:0 --data-dir "$TMP/relay"
-    wait_lines relay 2
-    TOKEN=$("$BIN/tube" token --subject bench --data-dir "$TMP/relay")
-    start agent "$BIN/tube" expose "$SINK" --relay "$(field relay 1 3)" \
-        --token "$TOKEN" --fingerprint "$(field relay 2 2)"
-    wait_lines agent 1
-    PUBLIC=$(field agent 1 2)
+    start_tube "$SINK"
     PROCS=("$PID_relay" "$PID_agent")
 else
     start_rathole "$SINK" rtt

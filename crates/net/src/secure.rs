@@ -544,19 +544,27 @@ impl RecvState {
                 self.handed = self.record_end;
                 return Ok(Some(run));
             }
-            if self.peer_closed {
+            if self.peer_closed || self.open_front()?.is_some() {
                 return Ok(None);
             }
-            match record::record_len(self.rbuf.data()).map_err(invalid)? {
-                Some(total) if self.rbuf.data().len() >= total => {
-                    let (typ, len) = self
-                        .rx
-                        .open(&mut self.rbuf.data_mut()[..total])
-                        .map_err(invalid)?;
-                    self.opened(typ, len, total)?;
-                }
-                _ => return Ok(None),
+        }
+    }
+
+    /// Opens the whole record at the front of the buffer and handles it: `None`. With no whole
+    /// record there: the bytes the next one needs, its header included.
+    #[inline]
+    fn open_front(&mut self) -> io::Result<Option<usize>> {
+        match record::record_len(self.rbuf.data()).map_err(invalid)? {
+            Some(total) if self.rbuf.data().len() >= total => {
+                let (typ, len) = self
+                    .rx
+                    .open(&mut self.rbuf.data_mut()[..total])
+                    .map_err(invalid)?;
+                self.opened(typ, len, total)?;
+                Ok(None)
             }
+            Some(total) => Ok(Some(total)),
+            None => Ok(Some(record::HEADER_LEN)),
         }
     }
 
@@ -569,12 +577,26 @@ impl RecvState {
         if self.peer_closed {
             return Poll::Ready(Ok(false));
         }
-        let need = match record::record_len(self.rbuf.data()).map_err(invalid)? {
-            // A whole record is waiting: nothing to read.
-            Some(total) if self.rbuf.data().len() >= total => return Poll::Ready(Ok(true)),
-            Some(total) => total,
-            None => record::HEADER_LEN,
+        // A whole record waiting is opened, for the next run: nothing to read.
+        let Some(need) = self.open_front()? else {
+            return Poll::Ready(Ok(true));
         };
+        self.poll_read_more(io, cx, need).map_ok(|()| true)
+    }
+
+    /// Reads from the socket into the receive buffer, with room for a record of `need` bytes
+    /// (header included) at its front. The socket's end is an error: a peer ends with
+    /// close_notify, and an end without it looks the same as a truncation attack.
+    #[inline]
+    fn poll_read_more<R>(
+        &mut self,
+        io: &mut R,
+        cx: &mut Context<'_>,
+        need: usize,
+    ) -> Poll<io::Result<()>>
+    where
+        R: AsyncRead + Unpin,
+    {
         let mut rb = ReadBuf::new(self.rbuf.room(need));
         match Pin::new(io).poll_read(cx, &mut rb) {
             Poll::Pending => {
@@ -582,16 +604,14 @@ impl RecvState {
                 Poll::Pending
             }
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Ready(Ok(())) if rb.filled().is_empty() => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "peer closed without tls close_notify",
+            ))),
             Poll::Ready(Ok(())) => {
                 let n = rb.filled().len();
-                if n == 0 {
-                    return Poll::Ready(Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "peer closed without tls close_notify",
-                    )));
-                }
                 self.rbuf.filled(n);
-                Poll::Ready(Ok(true))
+                Poll::Ready(Ok(()))
             }
         }
     }
@@ -677,40 +697,13 @@ impl RecvState {
             if buf.remaining() == 0 || self.peer_closed {
                 return Poll::Ready(Ok(()));
             }
-            let need = match record::record_len(self.rbuf.data()).map_err(invalid)? {
-                Some(total) if self.rbuf.data().len() >= total => {
-                    let (typ, len) = self
-                        .rx
-                        .open(&mut self.rbuf.data_mut()[..total])
-                        .map_err(invalid)?;
-                    self.opened(typ, len, total)?;
-                    continue;
-                }
-                Some(total) => total,
-                None => record::HEADER_LEN,
+            let Some(need) = self.open_front()? else {
+                continue;
             };
             if copied {
                 return Poll::Ready(Ok(()));
             }
-            let room = self.rbuf.room(need);
-            let mut rb = ReadBuf::new(room);
-            match Pin::new(&mut *io).poll_read(cx, &mut rb) {
-                Poll::Pending => {
-                    self.rbuf.idle();
-                    return Poll::Pending;
-                }
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Ready(Ok(())) => {
-                    let n = rb.filled().len();
-                    if n == 0 {
-                        return Poll::Ready(Err(io::Error::new(
-                            io::ErrorKind::UnexpectedEof,
-                            "peer closed without tls close_notify",
-                        )));
-                    }
-                    self.rbuf.filled(n);
-                }
-            }
+            ready!(self.poll_read_more(io, cx, need))?;
         }
     }
 }
