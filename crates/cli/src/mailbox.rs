@@ -2,12 +2,12 @@
 //! lives in `tube-mailbox`; this file parses flags, keeps the client's data dir (identity,
 //! contacts, the last peer used) and prints the contract lines.
 
-use std::io::Read as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
+use tokio::io::AsyncReadExt as _;
 use tokio_util::sync::CancellationToken;
 use tube_mailbox::client::{self, Address, ClientConfig, Inbox, Opened, PeerAddr, Received};
 use tube_mailbox::contacts::Contacts;
@@ -337,9 +337,10 @@ pub(crate) async fn run_msg(args: MsgArgs, shutdown: CancellationToken) -> anyho
                 Some(t) => t,
                 None => {
                     let mut s = String::new();
-                    std::io::stdin()
+                    tokio::io::stdin()
                         .take(64 * 1024 + 1)
                         .read_to_string(&mut s)
+                        .await
                         .context("error: reading the message from standard input")?;
                     s.trim_end_matches('\n').to_owned()
                 }
