@@ -424,17 +424,8 @@ impl StreamShared {
         let mut written = 0;
         if let Some((sock, count)) = &d.sink {
             // An error is left for the consumer's own write to find.
-            written = match pieces {
-                [one] => sock.try_write(&buf[one.clone()]),
-                _ => {
-                    let mut iov = [IoSlice::new(&[]); MAX_IOV];
-                    for (slot, p) in iov.iter_mut().zip(pieces) {
-                        *slot = IoSlice::new(&buf[p.clone()]);
-                    }
-                    sock.try_write_vectored(&iov[..pieces.len().min(MAX_IOV)])
-                }
-            }
-            .unwrap_or(0);
+            written =
+                try_write_pieces(sock, pieces.len(), |i| &buf[pieces[i].clone()]).unwrap_or(0);
             count.fetch_add(written as u64, Ordering::Relaxed);
         }
         let total: usize = pieces.iter().map(|p| p.len()).sum();
@@ -475,11 +466,6 @@ impl Mux {
         cfg.max_window = cfg.max_window.min(MAX_WINDOW);
         let parts = conn.into_parts();
         let (rd, wr) = parts.io.into_halves();
-        let reader = Reader {
-            parser: FrameParser::new(cfg.limits),
-            // Read by the handshake past its last frame.
-            leftover: parts.read_buf,
-        };
         let (data_tx, data_rx) = mpsc::channel(cfg.write_queue.max(1));
         let pending_write = parts.write_buf;
         let out = Out {
@@ -521,13 +507,11 @@ impl Mux {
             watched.closed.cancelled().await;
             watched.close(MuxError::Closed);
         });
-        tracker.spawn(read_loop(
-            inner.clone(),
-            rd,
-            reader,
-            control_tx,
-            incoming_tx,
-        ));
+        let outlets = Outlets {
+            control: control_tx,
+            incoming: incoming_tx,
+        };
+        tracker.spawn(read_loop(inner.clone(), rd, parts.read_buf, outlets));
         (
             Mux { inner },
             MuxEvents {
@@ -831,34 +815,16 @@ impl Inner {
     }
 }
 
-/// The reader task's parsing state: the frame parser, and what the handshake read past its last
-/// frame (parsed first).
-struct Reader {
-    parser: FrameParser,
-    leftover: BytesMut,
-}
-
 /// The channels the reader hands control messages and new streams to.
 struct Outlets {
     control: mpsc::Sender<ControlMessage>,
     incoming: mpsc::Sender<Incoming>,
 }
 
-async fn read_loop<R: Runs>(
-    inner: Arc<Inner>,
-    mut src: R,
-    reader: Reader,
-    control_tx: mpsc::Sender<ControlMessage>,
-    incoming_tx: mpsc::Sender<Incoming>,
-) {
-    let Reader {
-        mut parser,
-        leftover,
-    } = reader;
-    let out = Outlets {
-        control: control_tx,
-        incoming: incoming_tx,
-    };
+/// The reader task: parses `leftover` (what the handshake read past its last frame), then
+/// every run `src` brings, until the connection closes.
+async fn read_loop<R: Runs>(inner: Arc<Inner>, mut src: R, leftover: BytesMut, out: Outlets) {
+    let mut parser = FrameParser::new(inner.cfg.limits);
     let mut direct = DirectBatch::default();
     // Bytes received before the first run: their DATA is queued (nothing is held yet, so
     // order holds).
@@ -1087,18 +1053,32 @@ pub(crate) fn io_slices(bufs: &VecDeque<Bytes>) -> ([IoSlice<'_>; MAX_IOV], usiz
     (iov, n)
 }
 
-/// Writes the front of `bufs` to `sock` without waiting: one buffer with a plain `send` (a
-/// small message, the common case, skips the kernel's iovec handling), several with one
-/// vectored write. Returns the bytes written; `bufs` is left as it was.
+/// Writes the front of `bufs` to `sock` without waiting (see [`try_write_pieces`]). Returns the
+/// bytes written; `bufs` is left as it was.
 pub(crate) fn try_write_bufs(
     sock: &tokio::net::tcp::OwnedWriteHalf,
     bufs: &VecDeque<Bytes>,
 ) -> std::io::Result<usize> {
-    match bufs.len() {
+    try_write_pieces(sock, bufs.len(), |i| &bufs[i])
+}
+
+/// Writes the first (at most [`MAX_IOV`]) of `count` pieces, `piece(i)` each, to `sock` without
+/// waiting: one with a plain `send` (a small message, the common case, skips the kernel's iovec
+/// handling), several with one vectored write. Returns the bytes written.
+fn try_write_pieces<'a>(
+    sock: &tokio::net::tcp::OwnedWriteHalf,
+    count: usize,
+    piece: impl Fn(usize) -> &'a [u8],
+) -> std::io::Result<usize> {
+    match count {
         0 => Ok(0),
-        1 => sock.try_write(&bufs[0]),
+        1 => sock.try_write(piece(0)),
         _ => {
-            let (iov, n) = io_slices(bufs);
+            let n = count.min(MAX_IOV);
+            let mut iov = [IoSlice::new(&[]); MAX_IOV];
+            for (i, slot) in iov[..n].iter_mut().enumerate() {
+                *slot = IoSlice::new(piece(i));
+            }
             sock.try_write_vectored(&iov[..n])
         }
     }
@@ -2016,6 +1996,56 @@ mod tests {
         assert_eq!(got, total, "FIN after {got} of {total} bytes");
         drop(sender.await.unwrap());
         mux.close();
+    }
+
+    #[tokio::test]
+    async fn frames_the_handshake_read_past_its_last_message_reach_the_mux() {
+        // The peer's last handshake message, an OPEN, DATA and FIN arrive in one write: the
+        // handshake's read takes them all, and the mux must start from what it left.
+        let (a, b) = tokio::io::duplex(1 << 16);
+        let mut raw = handshake_conn(a);
+        raw.feed(Frame::Control(Bytes::from_static(b"{}")))
+            .await
+            .unwrap();
+        raw.feed(Frame::Open {
+            stream: 1,
+            tunnel: [5; 16],
+            peer: "u".into(),
+        })
+        .await
+        .unwrap();
+        raw.feed(Frame::Data {
+            stream: 1,
+            data: Bytes::from_static(b"early bytes"),
+        })
+        .await
+        .unwrap();
+        raw.feed(Frame::Fin { stream: 1 }).await.unwrap();
+        raw.flush().await.unwrap();
+        let mut conn = handshake_conn(b);
+        assert!(matches!(conn.next().await, Some(Ok(Frame::Control(_)))));
+        assert!(
+            !conn.read_buffer().is_empty(),
+            "the handshake read past its message"
+        );
+        let tracker = TaskTracker::new();
+        let (_mux, mut ev) = Mux::start(
+            conn,
+            Role::Acceptor,
+            MuxConfig::default(),
+            CancellationToken::new(),
+            &tracker,
+        );
+        let mut inc = tokio::time::timeout(Duration::from_secs(10), ev.incoming.recv())
+            .await
+            .expect("the stream arrives within 10 s")
+            .expect("the stream arrives");
+        assert_eq!(inc.tunnel, [5; 16]);
+        match inc.stream.rx.recv().await {
+            Some(Inbound::Data(d)) => assert_eq!(&d[..], b"early bytes"),
+            other => panic!("expected DATA, got {other:?}"),
+        }
+        assert!(matches!(inc.stream.rx.recv().await, Some(Inbound::Fin)));
     }
 
     #[tokio::test]
