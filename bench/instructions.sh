@@ -42,16 +42,7 @@ if [[ -n ${CACHE:-} ]]; then
     VG+=(--cache-sim=yes --I1=32768,8,64 --D1=32768,8,64 --LL=1048576,16,64)
 fi
 
-start sink "$BIN/tube-loadgen" echo --listen 127.0.0.1:0
-wait_lines sink 1
-SINK=$(field sink 1 3)
-if [[ $SYSTEM == tube ]]; then
-    start_tube "$SINK" "${VG[@]}"
-    PROCS=("$PID_relay" "$PID_agent")
-else
-    start_rathole "$SINK" rtt "${VG[@]}"
-    PROCS=("$PID_server" "$PID_client")
-fi
+start_system echo "${VG[@]}"
 
 # Warm up (buffers, windows, the allocator), zero the counters, count COUNT round trips and
 # dump: the dump holds exactly what the round trips cost (and the idle ticks between them).

@@ -7,6 +7,7 @@
 #   check_system         SYSTEM is tube or rathole (then $TOOLS/bin/rathole must exist)
 #   start_tube SINK [WRAP...]           tube's relay and agent for one service to SINK
 #   start_rathole SINK PROBE [WRAP...]  rathole's server and client for one service to SINK
+#   start_system KIND [WRAP...]  a tube-loadgen KIND (echo or sink) and $SYSTEM in front of it
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/tube-bench.XXXXXX")
 PIDS=()
 cleanup() {
@@ -132,4 +133,23 @@ start_rathole() {
         ((i < WAIT_SECS * 4)) || { echo "error: rathole carried nothing within ${WAIT_SECS}s" >&2; exit 1; }
         sleep 0.25
     done
+}
+
+# start_system KIND [WRAP...]: starts `tube-loadgen KIND` (echo or sink) and, in front of it,
+# the system SYSTEM names (tube's relay and agent, or rathole's server and client, each under
+# the command WRAP, if given); sets SINK, PUBLIC and PROCS (the system's two process ids).
+start_system() {
+    local kind=$1 probe=rtt
+    shift
+    start sink "$BIN/tube-loadgen" "$kind" --listen 127.0.0.1:0
+    wait_lines sink 1
+    SINK=$(field sink 1 3)
+    if [[ $SYSTEM == tube ]]; then
+        start_tube "$SINK" "$@"
+        PROCS=("$PID_relay" "$PID_agent")
+    else
+        [[ $kind == sink ]] && probe=throughput
+        start_rathole "$SINK" "$probe" "$@"
+        PROCS=("$PID_server" "$PID_client")
+    fi
 }

@@ -37,21 +37,8 @@ command -v perf >/dev/null || { echo "error: perf not found" >&2; exit 1; }
 source "$ROOT/bench/lib.sh"
 check_system
 
-if [[ $TEST == throughput ]]; then
-    start sink "$BIN/tube-loadgen" sink --listen 127.0.0.1:0
-else
-    start sink "$BIN/tube-loadgen" echo --listen 127.0.0.1:0
-fi
-wait_lines sink 1
-SINK=$(field sink 1 3)
-if [[ $SYSTEM == tube ]]; then
-    start_tube "$SINK"
-    PROCS="$PID_relay,$PID_agent"
-else
-    if [[ $TEST == throughput ]]; then PROBE=throughput; else PROBE=rtt; fi
-    start_rathole "$SINK" "$PROBE"
-    PROCS="$PID_server,$PID_client"
-fi
+if [[ $TEST == throughput ]]; then start_system sink; else start_system echo; fi
+PID_LIST=$(IFS=,; echo "${PROCS[*]}")
 
 SYSCALLS=(read write writev readv recvfrom sendto epoll_wait futex sched_yield accept4 connect
     epoll_ctl setsockopt shutdown close)
@@ -59,7 +46,7 @@ EVENTS=task-clock,context-switches,raw_syscalls:sys_enter
 for s in "${SYSCALLS[@]}"; do EVENTS+=,syscalls:sys_enter_$s; done
 
 for ((run = 1; run <= RUNS; run++)); do
-    perf stat -x, -o "$TMP/perf.$run" -e "$EVENTS" -p "$PROCS" &
+    perf stat -x, -o "$TMP/perf.$run" -e "$EVENTS" -p "$PID_LIST" &
     PERF=$!
     sleep 0.3 # perf attaches asynchronously; nothing to wait on (context only, not a result)
     case $TEST in

@@ -36,16 +36,7 @@ fi
 source "$ROOT/bench/lib.sh"
 check_system
 
-start sink "$BIN/tube-loadgen" echo --listen 127.0.0.1:0
-wait_lines sink 1
-SINK=$(field sink 1 3)
-if [[ $SYSTEM == tube ]]; then
-    start_tube "$SINK"
-    PROCS=("$PID_relay" "$PID_agent")
-else
-    start_rathole "$SINK" rtt
-    PROCS=("$PID_server" "$PID_client")
-fi
+start_system echo
 
 "$BIN/tube-loadgen" rtt --addr "$PUBLIC" --count 2000 --size 64 >/dev/null
 EVENTS=()
