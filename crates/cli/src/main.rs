@@ -64,10 +64,24 @@ fn main() -> ExitCode {
     // tube's the process default, so nothing that builds a rustls config without naming a
     // provider can panic at run time for lack of one. Ours always name it.
     let _ = (*tube_net::tls::provider()).clone().install_default();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // Servers run on tokio's multi-threaded runtime: their connections spread over the cores.
+    // Client commands (the agent, `msg`) hold one connection whose frames one task
+    // reads and whose writes take one lock, so a second thread would only add the scheduler's
+    // cross-thread bookkeeping to every wake-up: they run on this thread alone.
+    let client = matches!(
+        cli.command,
+        Command::Expose(_) | Command::Msg(_) | Command::Token(_)
+    );
+    let built = if client {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+    };
+    let runtime = match built {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -77,9 +91,9 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         let shutdown = CancellationToken::new();
         spawn_signal_handler(shutdown.clone());
-        // The command runs as a task on the worker threads, not on this one: a loop the
-        // workers wake (the agent's session, once per new stream) and the tasks it spawns
-        // then cost no wake-up of another thread.
+        // The command runs as a task: on the multi-threaded runtime that puts it on the
+        // workers, not on this thread, so a loop the workers wake and the tasks it spawns cost
+        // no wake-up of another thread.
         let command = tokio::spawn(async move {
             match cli.command {
                 Command::Relay(args) => relay::run(args, shutdown).await,
