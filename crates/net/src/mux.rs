@@ -1040,6 +1040,12 @@ impl DirectBatch {
     }
 }
 
+/// Whether the calling task runs on a single-threaded runtime (see [`StreamTx::send_reserved`]).
+fn on_one_thread() -> bool {
+    tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread)
+}
+
 /// Most buffers handed to one vectored write.
 pub(crate) const MAX_IOV: usize = 64;
 
@@ -1480,11 +1486,19 @@ impl StreamTx {
 
     /// Sends bytes for which credit was reserved, as DATA frames of at most
     /// [`MAX_DATA_PAYLOAD`] bytes each (cut without copying).
+    ///
+    /// On a single-threaded runtime they always go to the writer task: it runs after the
+    /// tasks woken in the same turn as this one, so what the connection's other streams send
+    /// meanwhile is sealed and written with them in one batch, where writing directly would
+    /// cost every stream a TLS write of its own. (Short messages take
+    /// [`StreamTx::send_reserved_slice`], which writes directly.) On several threads the
+    /// streams' tasks write concurrently, and the writer task gathers whatever finds the
+    /// transport busy.
     pub async fn send_reserved(&self, mut data: Bytes) -> Result<(), MuxError> {
         self.shared
             .reserved
             .fetch_sub(data.len(), Ordering::Relaxed);
-        if self.mux.write_direct(self.shared.id, &mut data) {
+        if !on_one_thread() && self.mux.write_direct(self.shared.id, &mut data) {
             return Ok(());
         }
         while !data.is_empty() {

@@ -216,14 +216,11 @@ impl Relay {
                     continue;
                 }
             };
-            tracker.spawn(session::serve(
-                tcp,
-                peer,
-                shared.clone(),
-                tls.clone(),
-                shutdown.clone(),
-                permit,
-            ));
+            let (shared, tls, shutdown) = (shared.clone(), tls.clone(), shutdown.clone());
+            // The agent's session, its tunnel and its users' connections live on one shard.
+            tube_net::shard::spawn_conn(&tracker, tcp, move |tcp| {
+                session::serve(tcp, peer, shared, tls, shutdown, permit)
+            });
         }
         shared.state.set_ready(false);
         drop(listener);
