@@ -64,20 +64,15 @@ fn main() -> ExitCode {
     // tube's the process default, so nothing that builds a rustls config without naming a
     // provider can panic at run time for lack of one. Ours always name it.
     let _ = (*tube_net::tls::provider()).clone().install_default();
-    // The relay runs one single-threaded runtime per core (`tube_net::shard`) and places each
-    // agent's connection on one, where its tunnel and its users' connections stay; this
-    // thread's runtime accepts and runs the command. Client commands (the agent, `msg`) hold
-    // one connection whose frames one task reads and whose writes take one lock: this thread
-    // alone runs them, without the multi-threaded scheduler's cross-thread bookkeeping on
-    // every wake-up. The other servers, whose connections share state, and `tube chain`, which
-    // copies many connections, keep tokio's multi-threaded runtime.
-    let sharded = matches!(cli.command, Command::Relay(_));
-    let single = sharded
-        || matches!(
-            cli.command,
-            Command::Expose(_) | Command::Msg(_) | Command::Token(_)
-        );
-    let built = if single {
+    // Servers run on tokio's multi-threaded runtime: their connections spread over the cores.
+    // Client commands (the agent, `msg`) hold one connection whose frames one task reads and
+    // whose writes take one lock, so a second thread would only add the scheduler's
+    // cross-thread bookkeeping to every wake-up: they run on this thread alone.
+    let client = matches!(
+        cli.command,
+        Command::Expose(_) | Command::Msg(_) | Command::Token(_)
+    );
+    let built = if client {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -92,18 +87,6 @@ fn main() -> ExitCode {
             eprintln!("error: cannot start the async runtime: {e}");
             return ExitCode::FAILURE;
         }
-    };
-    let shards = if sharded {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        match tube_net::shard::Shards::start(cores) {
-            Ok(s) => Some(s),
-            Err(e) => {
-                eprintln!("error: cannot start the runtime's threads: {e}");
-                return ExitCode::FAILURE;
-            }
-        }
-    } else {
-        None
     };
     let result = runtime.block_on(async {
         let shutdown = CancellationToken::new();
@@ -130,8 +113,6 @@ fn main() -> ExitCode {
             Err(e) => Err(anyhow::anyhow!("the command's task ended early: {e}")),
         }
     });
-    // The relay has waited for its sessions; what is left on the shards ends here.
-    drop(shards);
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -12,8 +12,6 @@
 //!   resets.
 //! - [`record`]: TLS 1.3 record protection (pure), and [`secure`]: the stream built on it
 //!   after a rustls handshake, for the relay's agent connections.
-//! - [`shard`]: one single-threaded runtime per core; servers place each accepted
-//!   connection on one, where it and its tasks stay.
 //! - [`source`]: the mux reader's input as runs of plaintext that stay in place (a TLS record
 //!   opened where it lies), so DATA is written to sockets without a copy.
 
@@ -24,7 +22,6 @@ pub mod pool;
 pub mod proxy;
 pub mod record;
 pub mod secure;
-pub mod shard;
 pub mod source;
 pub mod splice;
 #[cfg(test)]

@@ -1971,9 +1971,21 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_fin_never_overtakes_its_data_queued_for_the_writer_task() {
+        // On one thread, bulk DATA goes to the writer task (see `StreamTx::send_reserved`).
+        fin_after_all_data().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_fin_never_overtakes_its_data_written_directly_or_queued() {
-        // A small pipe the raw end does not read at first: the first DATA goes out directly,
-        // the rest queues behind the full pipe, and FIN must come after all of it.
+        // On several threads the first DATA goes out directly, the rest queues behind the
+        // full pipe.
+        fin_after_all_data().await;
+    }
+
+    /// Sends 512 KiB and FIN on a stream over a small pipe the raw end does not read at first;
+    /// FIN must come after all of the data.
+    async fn fin_after_all_data() {
         let (a, b) = tokio::io::duplex(64 * 1024);
         let tracker = TaskTracker::new();
         let cfg = MuxConfig {
@@ -2306,6 +2318,67 @@ mod tests {
             let (rd, wr) = tokio::io::split(self);
             (PlainRuns::new(rd), wr)
         }
+    }
+
+    #[tokio::test]
+    async fn on_one_thread_bulk_chunks_that_streams_send_in_one_turn_go_out_in_one_write() {
+        let (a, b) = tokio::io::duplex(4 * 1024 * 1024);
+        let offers = Arc::new(Mutex::new(Vec::new()));
+        let tracker = TaskTracker::new();
+        let cfg = MuxConfig {
+            peer_window: 4 * 1024 * 1024,
+            ..MuxConfig::default()
+        };
+        let io = Recording {
+            io: a,
+            offers: offers.clone(),
+        };
+        let (mux, _ev) = Mux::start(
+            handshake_conn(io),
+            Role::Opener,
+            cfg,
+            CancellationToken::new(),
+            &tracker,
+        );
+        let mut streams = Vec::new();
+        for i in 0..3u8 {
+            streams.push(mux.open([i; 16], "u".into()).await.unwrap());
+        }
+        let opened = lock(&offers).len();
+        // Three streams' tasks, woken in the same turn, each send one bulk chunk.
+        let chunk = 64 * 1024;
+        let senders: Vec<_> = streams
+            .into_iter()
+            .map(|s| {
+                tokio::spawn(async move {
+                    s.tx.send(Bytes::from(vec![5u8; chunk])).await.unwrap();
+                    s
+                })
+            })
+            .collect();
+        let mut raw = handshake_conn(b);
+        let mut got = 0;
+        while got < 3 * chunk {
+            match tokio::time::timeout(Duration::from_secs(10), raw.next()).await {
+                Ok(Some(Ok(Frame::Data { data, .. }))) => got += data.len(),
+                Ok(Some(Ok(_))) => {}
+                other => panic!("expected frames, got {other:?}"),
+            }
+        }
+        let mut kept = Vec::new();
+        for s in senders {
+            kept.push(s.await.unwrap());
+        }
+        // Taken before the streams are dropped (each drop writes a RESET).
+        let writes = lock(&offers)[opened..].to_vec();
+        assert_eq!(
+            writes,
+            // Each chunk is two DATA frames of MAX_DATA_PAYLOAD.
+            [3 * (2 * frame::HEADER_LEN + chunk)],
+            "one write for the three chunks"
+        );
+        drop(kept);
+        mux.close();
     }
 
     #[tokio::test]

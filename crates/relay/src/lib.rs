@@ -216,11 +216,14 @@ impl Relay {
                     continue;
                 }
             };
-            let (shared, tls, shutdown) = (shared.clone(), tls.clone(), shutdown.clone());
-            // The agent's session, its tunnel and its users' connections live on one shard.
-            tube_net::shard::spawn_conn(&tracker, tcp, move |tcp| {
-                session::serve(tcp, peer, shared, tls, shutdown, permit)
-            });
+            tracker.spawn(session::serve(
+                tcp,
+                peer,
+                shared.clone(),
+                tls.clone(),
+                shutdown.clone(),
+                permit,
+            ));
         }
         shared.state.set_ready(false);
         drop(listener);
