@@ -2320,9 +2320,18 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn on_one_thread_bulk_chunks_that_streams_send_in_one_turn_go_out_in_one_write() {
-        let (a, b) = tokio::io::duplex(4 * 1024 * 1024);
+    /// An opener mux (4 MiB of peer credit per stream) over a pipe of `pipe` bytes whose
+    /// transport records the size of every write it is offered. Returns the mux, the raw
+    /// peer end, the recorded sizes, and what must stay alive while it runs.
+    fn recording_opener(
+        pipe: usize,
+    ) -> (
+        Mux,
+        tokio::io::DuplexStream,
+        Arc<Mutex<Vec<usize>>>,
+        (MuxEvents, TaskTracker),
+    ) {
+        let (a, b) = tokio::io::duplex(pipe);
         let offers = Arc::new(Mutex::new(Vec::new()));
         let tracker = TaskTracker::new();
         let cfg = MuxConfig {
@@ -2333,13 +2342,19 @@ mod tests {
             io: a,
             offers: offers.clone(),
         };
-        let (mux, _ev) = Mux::start(
+        let (mux, ev) = Mux::start(
             handshake_conn(io),
             Role::Opener,
             cfg,
             CancellationToken::new(),
             &tracker,
         );
+        (mux, b, offers, (ev, tracker))
+    }
+
+    #[tokio::test]
+    async fn on_one_thread_bulk_chunks_that_streams_send_in_one_turn_go_out_in_one_write() {
+        let (mux, b, offers, _keep) = recording_opener(4 * 1024 * 1024);
         let mut streams = Vec::new();
         for i in 0..3u8 {
             streams.push(mux.open([i; 16], "u".into()).await.unwrap());
@@ -2385,24 +2400,7 @@ mod tests {
     async fn queued_data_goes_out_in_batches_the_tls_layer_seals_in_one_write() {
         // The peer reads nothing at first, so frames queue up behind a full pipe and the
         // writer task gathers them into full batches once it reads.
-        let (a, b) = tokio::io::duplex(64 * 1024);
-        let offers = Arc::new(Mutex::new(Vec::new()));
-        let tracker = TaskTracker::new();
-        let cfg = MuxConfig {
-            peer_window: 4 * 1024 * 1024,
-            ..MuxConfig::default()
-        };
-        let io = Recording {
-            io: a,
-            offers: offers.clone(),
-        };
-        let (mux, _ev) = Mux::start(
-            handshake_conn(io),
-            Role::Opener,
-            cfg,
-            CancellationToken::new(),
-            &tracker,
-        );
+        let (mux, b, offers, _keep) = recording_opener(64 * 1024);
         let stream = mux.open([1; 16], "u".into()).await.unwrap();
         let total = 2 * 1024 * 1024;
         let sender = tokio::spawn(async move {
