@@ -2320,6 +2320,9 @@ mod tests {
         }
     }
 
+    /// Sizes of the writes a [`Recording`] transport was offered, in order.
+    type Offers = Arc<Mutex<Vec<usize>>>;
+
     /// An opener mux (4 MiB of peer credit per stream) over a pipe of `pipe` bytes whose
     /// transport records the size of every write it is offered. Returns the mux, the raw
     /// peer end, the recorded sizes, and what must stay alive while it runs.
@@ -2328,7 +2331,7 @@ mod tests {
     ) -> (
         Mux,
         tokio::io::DuplexStream,
-        Arc<Mutex<Vec<usize>>>,
+        Offers,
         (MuxEvents, TaskTracker),
     ) {
         let (a, b) = tokio::io::duplex(pipe);
