@@ -260,6 +260,9 @@ struct Inner {
     grown: Arc<AtomicUsize>,
     /// The round trip as PING and PONG measure it, for window tuning.
     rtt: Mutex<Rtt>,
+    /// The mux runs on a single-threaded runtime: bulk DATA goes to the writer task (see
+    /// [`StreamTx::send_reserved`]).
+    one_thread: bool,
 }
 
 /// Round-trip probing: one PING at a time, at most one per [`PROBE_EVERY`], sent only while
@@ -498,6 +501,8 @@ impl Mux {
             reason: Mutex::new(None),
             grown: Arc::new(AtomicUsize::new(0)),
             rtt: Mutex::new(Rtt::default()),
+            one_thread: tokio::runtime::Handle::try_current()
+                .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread),
         });
         tracker.spawn(write_loop(inner.clone(), data_rx, urgent_rx));
         // The token cancelled from outside closes the mux (every stream reset). Ends when the
@@ -1040,12 +1045,6 @@ impl DirectBatch {
     }
 }
 
-/// Whether the calling task runs on a single-threaded runtime (see [`StreamTx::send_reserved`]).
-fn on_one_thread() -> bool {
-    tokio::runtime::Handle::try_current()
-        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread)
-}
-
 /// Most buffers handed to one vectored write.
 pub(crate) const MAX_IOV: usize = 64;
 
@@ -1487,18 +1486,18 @@ impl StreamTx {
     /// Sends bytes for which credit was reserved, as DATA frames of at most
     /// [`MAX_DATA_PAYLOAD`] bytes each (cut without copying).
     ///
-    /// On a single-threaded runtime they always go to the writer task: it runs after the
-    /// tasks woken in the same turn as this one, so what the connection's other streams send
-    /// meanwhile is sealed and written with them in one batch, where writing directly would
-    /// cost every stream a TLS write of its own. (Short messages take
-    /// [`StreamTx::send_reserved_slice`], which writes directly.) On several threads the
-    /// streams' tasks write concurrently, and the writer task gathers whatever finds the
-    /// transport busy.
+    /// On a single-threaded runtime (the one the mux was started on) they always go to the
+    /// writer task: it runs after the tasks woken in the same turn as this one, so what the
+    /// connection's other streams send meanwhile is sealed and written with them in one
+    /// batch, where writing directly would cost every stream a TLS write of its own. (Short
+    /// messages take [`StreamTx::send_reserved_slice`], which writes directly.) On several
+    /// threads the streams' tasks write concurrently, and the writer task gathers whatever
+    /// finds the transport busy.
     pub async fn send_reserved(&self, mut data: Bytes) -> Result<(), MuxError> {
         self.shared
             .reserved
             .fetch_sub(data.len(), Ordering::Relaxed);
-        if !on_one_thread() && self.mux.write_direct(self.shared.id, &mut data) {
+        if !self.mux.one_thread && self.mux.write_direct(self.shared.id, &mut data) {
             return Ok(());
         }
         while !data.is_empty() {
