@@ -6,6 +6,7 @@
 #   field NAME LINE WORD word WORD of line LINE of NAME's stdout
 #   check_system         SYSTEM is tube or rathole (then $TOOLS/bin/rathole must exist)
 #   start_tube SINK [WRAP...]           tube's relay and agent for one service to SINK
+#                                        (TUBE_NAME=x: a further instance, relayx/agentx)
 #   start_rathole SINK PROBE [WRAP...]  rathole's server and client for one service to SINK
 #   start_system KIND [WRAP...]  a tube-loadgen KIND (echo or sink) and $SYSTEM in front of it
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/tube-bench.XXXXXX")
@@ -96,17 +97,19 @@ check_system() {
 
 # start_tube SINK [WRAP...]: starts tube's relay (fresh data dir) and an agent exposing SINK
 # (each under the command WRAP, if given); sets PUBLIC (the exposed address), PID_relay and
-# PID_agent. Returns once both printed their contract lines, bounded by WAIT_SECS.
+# PID_agent. Returns once both printed their contract lines, bounded by WAIT_SECS. With
+# TUBE_NAME=x set for the call, a further instance: relayx and agentx (PID_relayx, PID_agentx,
+# its own data dir).
 start_tube() {
-    local sink=$1 token
+    local sink=$1 token relay=relay${TUBE_NAME:-} agent=agent${TUBE_NAME:-}
     shift
-    start relay "$@" "$BIN/tube" relay --listen 127.0.0.1:0 --data-dir "$TMP/relay"
-    wait_lines relay 2
-    token=$("$BIN/tube" token --subject bench --data-dir "$TMP/relay")
-    start agent "$@" "$BIN/tube" expose "$sink" --relay "$(field relay 1 3)" --token "$token" \
-        --fingerprint "$(field relay 2 2)"
-    wait_lines agent 1
-    PUBLIC=$(field agent 1 2)
+    start "$relay" "$@" "$BIN/tube" relay --listen 127.0.0.1:0 --data-dir "$TMP/$relay"
+    wait_lines "$relay" 2
+    token=$("$BIN/tube" token --subject bench --data-dir "$TMP/$relay")
+    start "$agent" "$@" "$BIN/tube" expose "$sink" --relay "$(field "$relay" 1 3)" \
+        --token "$token" --fingerprint "$(field "$relay" 2 2)"
+    wait_lines "$agent" 1
+    PUBLIC=$(field "$agent" 1 2)
 }
 
 # start_rathole SINK PROBE [WRAP...]: starts rathole's server and client (each under the

@@ -37,13 +37,8 @@ SYSTEMS=(tube rathole)
 start_rathole "$ECHO" rtt
 ADDR[rathole]=$PUBLIC
 if [[ -n ${BIN2:-} ]]; then
-    start relay2 "$BIN2/tube" relay --listen 127.0.0.1:0 --data-dir "$TMP/relay2"
-    wait_lines relay2 2
-    token=$("$BIN2/tube" token --subject bench --data-dir "$TMP/relay2")
-    start agent2 "$BIN2/tube" expose "$ECHO" --relay "$(field relay2 1 3)" --token "$token" \
-        --fingerprint "$(field relay2 2 2)"
-    wait_lines agent2 1
-    ADDR[tube2]=$(field agent2 1 2)
+    BIN=$BIN2 TUBE_NAME=2 start_tube "$ECHO"
+    ADDR[tube2]=$PUBLIC
     SYSTEMS+=(tube2)
 fi
 
