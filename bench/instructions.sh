@@ -71,8 +71,8 @@ for name, pid in zip(names, pids):
     out[f"{name}_instructions_per_rtt"] = round(got["Ir"])
     total += got["Ir"]
     if "I1mr" in got:
-        out[f"{name}_l1i_misses_per_rtt"] = round(got["I1mr"])
-        out[f"{name}_l1d_misses_per_rtt"] = round(got["D1mr"] + got["D1mw"])
+        out[f"{name}_l1i_misses_per_rtt"] = round(got["I1mr"], 1)
+        out[f"{name}_l1d_misses_per_rtt"] = round(got["D1mr"] + got["D1mw"], 1)
 out["instructions_per_rtt"] = round(total)
 print(json.dumps(out))
 PY
