@@ -8,6 +8,8 @@
 #   start_tube SINK [WRAP...]           tube's relay and agent for one service to SINK
 #                                        (TUBE_NAME=x: a further instance, relayx/agentx)
 #   start_rathole SINK PROBE [WRAP...]  rathole's server and client for one service to SINK
+#                                        (RATHOLE_TLS=1: over its TLS transport;
+#                                        RATHOLE_NAME=x: a further instance, serverx/clientx)
 #   start_system KIND [WRAP...]  a tube-loadgen KIND (echo or sink) and $SYSTEM in front of it
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/tube-bench.XXXXXX")
 PIDS=()
@@ -103,6 +105,7 @@ check_system() {
 start_tube() {
     local sink=$1 token relay=relay${TUBE_NAME:-} agent=agent${TUBE_NAME:-}
     shift
+    rm -rf "${TMP:?}/$relay"
     start "$relay" "$@" "$BIN/tube" relay --listen 127.0.0.1:0 --data-dir "$TMP/$relay"
     wait_lines "$relay" 2
     token=$("$BIN/tube" token --subject bench --data-dir "$TMP/$relay")
@@ -115,19 +118,34 @@ start_tube() {
 # start_rathole SINK PROBE [WRAP...]: starts rathole's server and client (each under the
 # command WRAP, if given) carrying one service to SINK over plain TCP; sets PUBLIC (its public
 # address), PID_server and PID_client. Returns once a PROBE (throughput, for a sink, or rtt,
-# for an echo server) has gone through it end to end, bounded by WAIT_SECS.
+# for an echo server) has gone through it end to end, bounded by WAIT_SECS. With RATHOLE_TLS=1
+# set for the call, server and client talk over rathole's TLS transport (OpenSSL through
+# native-tls; a self-signed certificate for "localhost" made with the openssl command, which
+# the client trusts) instead; with RATHOLE_NAME=x, a further instance: serverx and clientx
+# (PID_serverx, PID_clientx).
 start_rathole() {
-    local sink=$1 probe=$2 control port i
+    local sink=$1 probe=$2 control port i name=${RATHOLE_NAME:-} tls_server='' tls_client=''
+    local server=server$name client=client$name
     shift 2
     free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
     control=$(free_port)
     port=$(free_port)
-    printf '[server]\nbind_addr = "127.0.0.1:%s"\n[server.services.s]\ntoken = "bench"\nbind_addr = "127.0.0.1:%s"\n' \
-        "$control" "$port" >"$TMP/server.toml"
-    printf '[client]\nremote_addr = "127.0.0.1:%s"\n[client.services.s]\ntoken = "bench"\nlocal_addr = "%s"\n' \
-        "$control" "$sink" >"$TMP/client.toml"
-    start server "$@" "$TOOLS/bin/rathole" --server "$TMP/server.toml"
-    start client "$@" "$TOOLS/bin/rathole" --client "$TMP/client.toml"
+    if [[ -n ${RATHOLE_TLS:-} ]]; then
+        command -v openssl >/dev/null || { echo "error: RATHOLE_TLS needs the openssl command" >&2; exit 1; }
+        openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+            -subj /CN=localhost -addext subjectAltName=DNS:localhost \
+            -keyout "$TMP/$server.key" -out "$TMP/$server.pem" 2>/dev/null
+        openssl pkcs12 -export -inkey "$TMP/$server.key" -in "$TMP/$server.pem" \
+            -passout pass:bench -out "$TMP/$server.pfx"
+        tls_server=$(printf '[server.transport]\ntype = "tls"\n[server.transport.tls]\npkcs12 = "%s"\npkcs12_password = "bench"\n' "$TMP/$server.pfx")
+        tls_client=$(printf '[client.transport]\ntype = "tls"\n[client.transport.tls]\ntrusted_root = "%s"\nhostname = "localhost"\n' "$TMP/$server.pem")
+    fi
+    printf '[server]\nbind_addr = "127.0.0.1:%s"\n%s\n[server.services.s]\ntoken = "bench"\nbind_addr = "127.0.0.1:%s"\n' \
+        "$control" "$tls_server" "$port" >"$TMP/$server.toml"
+    printf '[client]\nremote_addr = "127.0.0.1:%s"\n%s\n[client.services.s]\ntoken = "bench"\nlocal_addr = "%s"\n' \
+        "$control" "$tls_client" "$sink" >"$TMP/$client.toml"
+    start "$server" "$@" "$TOOLS/bin/rathole" --server "$TMP/$server.toml"
+    start "$client" "$@" "$TOOLS/bin/rathole" --client "$TMP/$client.toml"
     PUBLIC=127.0.0.1:$port
     local args=(rtt --addr "$PUBLIC" --count 1 --size 8)
     [[ $probe == throughput ]] && args=(throughput --addr "$PUBLIC" --bytes 1 --streams 1)

@@ -2,15 +2,18 @@
 # bench/rttpath.sh: where a 64-byte round trip's time goes, hop by hop. Traces the system calls
 # of every process (`perf record -a` on the sendto, recvfrom and epoll_wait tracepoints, in
 # nanoseconds) during COUNT round trips through relay and agent (or rathole's server and
-# client) to an echo server, and prints one JSON line of means in microseconds:
+# client) to an echo server, and prints one JSON line of medians in microseconds:
 #   <proc>_wake_to_recv, <proc>_recv, <proc>_recv_to_send: a wake-up's path, from epoll_wait's
 #     return to the forwarding sendto (the user-space work between the two calls is
-#     recv_to_send: opening or sealing a record, the mux, tokio);
+#     recv_to_send: opening or sealing a record, the mux, tokio); the same again for each
+#     direction apart, as <proc>_from_<sender>_... (the relay woken by the load tool seals a
+#     record, woken by the agent opens one);
 #   <proc>_after_send: from sendto's return to the next epoll_wait, when the process was not
 #     preempted on the way (under 5 us); <proc>_preempted: the share of wake-ups in which it was
 #     (the woken peer ran on its CPU first);
 #   hop_<from>_<to>: from a sendto's return to the receiver's wake-up (epoll_wait's return, or
 #     recvfrom's for the load tool and the echo server): the scheduler's part.
+# Each figure is a median over the round trips (a mean would follow the rare slow ones).
 # Tracing adds about a microsecond per system call to every system alike; compare systems in
 # one run. Needs perf with tracepoint access (Debian package `linux-perf`, run as root or with
 # kernel.perf_event_paranoid <= -1).
@@ -82,22 +85,25 @@ for t, pid, tid, e in events:
         last_send = (t, who)
         continue
     waking = (e == "sys_exit_epoll_wait") if who in forwarders else (e == "sys_exit_recvfrom")
+    sender = None
     if waking and last_send and last_send[1] != who:
-        seg[f"hop_{last_send[1]}_{who}"].append(t - last_send[0])
+        sender = last_send[1]
+        seg[f"hop_{sender}_{who}"].append(t - last_send[0])
         last_send = None
     if who not in forwarders:
         continue
     if e == "sys_exit_epoll_wait":
-        state[tid] = {"wake": t}
+        state[tid] = {"wake": t, "from": sender}
     elif e == "sys_enter_recvfrom" and "wake" in s and "r0" not in s:
         s["r0"] = t
     elif e == "sys_exit_recvfrom" and "r0" in s and "r1" not in s:
         s["r1"] = t
     elif e == "sys_enter_sendto" and "r1" in s and "s0" not in s:
         s["s0"] = t
-        seg[f"{who}_wake_to_recv"].append(s["r0"] - s["wake"])
-        seg[f"{who}_recv"].append(s["r1"] - s["r0"])
-        seg[f"{who}_recv_to_send"].append(t - s["r1"])
+        for key in [who] + ([f"{who}_from_{s['from']}"] if s["from"] else []):
+            seg[f"{key}_wake_to_recv"].append(s["r0"] - s["wake"])
+            seg[f"{key}_recv"].append(s["r1"] - s["r0"])
+            seg[f"{key}_recv_to_send"].append(t - s["r1"])
     elif e == "sys_enter_epoll_wait" and "sent" in s:
         after = t - s["sent"]
         seg[f"{who}_preempted"].append(1.0 if after >= 5e-6 else 0.0)
@@ -111,7 +117,9 @@ for key in sorted(seg):
     values = seg[key]
     if len(values) < out["round_trips"] // 2:
         continue  # stray pairs (a heartbeat, the tool's own calls)
-    mean = statistics.mean(values)
-    out[key] = round(mean, 3) if key.endswith("preempted") else round(mean * 1e6, 3)
+    if key.endswith("preempted"):
+        out[key] = round(statistics.mean(values), 3)
+    else:
+        out[key] = round(statistics.median(values) * 1e6, 3)
 print(json.dumps(out))
 PY
