@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # bench/compare.sh: the relay benchmark suite (docs/performance.md). Direct loopback, tube
 # (relay + agent, TLS 1.3), rathole and bore (both plain TCP), side by side in one run: each
-# round runs every test on every system one after the other (A B C D), so all see the same
-# machine state; the summary takes medians over the rounds.
+# round runs every test on every system one after the other (A B C D, and D C B A in the next
+# round: the first system of a round tends to measure slower), so all see the same machine
+# state; the summary takes medians over the rounds.
 #
 # Figures: bulk throughput with 1 and 8 streams (tube-loadgen, and iperf3 when installed),
 # 64-byte round trip p50/p99 over one connection, new connections per second at concurrency 50
@@ -229,21 +230,23 @@ iperf_json() {
 : >"$OUT"
 for ((round = 1; round <= ROUNDS; round++)); do
     echo "round $round/$ROUNDS" >&2
+    ORDER=$SYSTEMS
+    ((round % 2)) || ORDER=$(echo "$SYSTEMS" | tr ' ' '\n' | tac | tr '\n' ' ')
     for streams in 1 8; do
-        for s in $SYSTEMS; do
+        for s in $ORDER; do
             record "$s" "$round" "$LOADGEN" throughput --addr "${SINK_OF[$s]}" --bytes "$BYTES" --streams "$streams"
         done
         if [[ -n $IPERF ]]; then
-            for s in $SYSTEMS; do
+            for s in $ORDER; do
                 record "$s" "$round" iperf_json "${IPERF_OF[$s]}" "$streams"
             done
         fi
     done
-    for s in $SYSTEMS; do
+    for s in $ORDER; do
         record "$s" "$round" "$LOADGEN" rtt --addr "${ECHO_OF[$s]}" --count "$COUNT" --size "$RTT_SIZE"
     done
     if "$LOADGEN" connrate --help >/dev/null 2>&1; then
-        for s in $SYSTEMS; do
+        for s in $ORDER; do
             record "$s" "$round" "$LOADGEN" connrate --addr "${ECHO_OF[$s]}" --connections "$CONNS" \
                 --concurrency "$CONC" --size "$RTT_SIZE"
         done
