@@ -14,7 +14,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use tokio::process::Command;
-use tube_testkit::proc::{LINE_LIMIT, Proc, field};
+use tube_testkit::proc::{Hub, LINE_LIMIT, Node, Proc, field};
 use tube_testkit::*;
 
 const TUBE: &str = env!("CARGO_BIN_EXE_tube");
@@ -66,97 +66,32 @@ fn last_line(text: &str) -> &str {
     text.trim_end().lines().last().unwrap_or_default()
 }
 
-/// A running `tube hub` and what it printed.
-struct Hub {
-    proc: Proc,
-    control: String,
-    fingerprint: String,
+/// Starts a `tube hub` in `dir` logging at `level`, and checks its stdout lines.
+async fn hub(dir: &Path, level: &str) -> Hub {
+    let hub = Hub::start(TUBE, dir, &[], &[("RUST_LOG", level)]).await;
+    for line in &hub.lines {
+        assert_contract_line(line);
+    }
+    assert!(hub.control.starts_with("127.0.0.1:"), "{}", hub.control);
+    hub
 }
 
-impl Hub {
-    async fn start(dir: &Path) -> Self {
-        Self::start_logging(dir, "info").await
-    }
-
-    async fn start_logging(dir: &Path, level: &str) -> Self {
-        let d = dir.to_str().expect("utf-8 dir");
-        let args = ["hub", "--listen", "127.0.0.1:0", "--data-dir", d];
-        let mut proc = tube(&args, Stdio::null(), level);
-        let first = proc.line().await;
-        assert_contract_line(&first);
-        let control = field(&first, "listening control ");
-        assert!(control.starts_with("127.0.0.1:"), "{control}");
-        let second = proc.line().await;
-        assert_contract_line(&second);
-        let fingerprint = field(&second, "fingerprint ");
-        Self {
-            proc,
-            control,
-            fingerprint,
-        }
-    }
-}
-
-/// A running `tube node`, its front API address and its data dir.
-struct Node {
-    proc: Proc,
-    api: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Node {
-    /// Starts `tube node --name name --bind bind` on `hub`, with a front API on
-    /// 127.0.0.1:0 and its own data dir, and reads its `listening api` line.
-    async fn start(hub: &Hub, name: &str, bind: &str) -> Self {
-        Self::start_logging(hub, name, bind, "info").await
-    }
-
-    async fn start_logging(hub: &Hub, name: &str, bind: &str, level: &str) -> Self {
-        let dir = tempfile::tempdir().expect("node data dir");
-        let d = dir.path().to_str().expect("utf-8 dir");
-        let mut proc = tube(
-            &[
-                "node",
-                "--hub",
-                &hub.control,
-                "--hub-fingerprint",
-                &hub.fingerprint,
-                "--name",
-                name,
-                "--bind",
-                bind,
-                "--api",
-                "127.0.0.1:0",
-                "--data-dir",
-                d,
-            ],
-            Stdio::null(),
-            level,
-        );
-        let line = proc.line().await;
-        assert_contract_line(&line);
-        let api = field(&line, "listening api ");
-        assert!(api.starts_with("127.0.0.1:"), "{name}: {api}");
-        Self {
-            proc,
-            api,
-            _dir: dir,
-        }
-    }
-
-    /// Waits until the node has logged in to the hub (its log line on stderr).
-    async fn logged_in(&mut self) {
-        if let Err(err) = self.proc.stderr_line("logged in to the hub").await {
-            panic!("the node ended before logging in; stderr:\n{err}");
-        }
-    }
+/// Starts `tube node --name name --bind bind` on `hub` (its own data dir) logging at `level`,
+/// and checks its `listening api` line.
+async fn node(hub: &Hub, name: &str, bind: &str, level: &str) -> Node {
+    let node = hub
+        .node(TUBE, name, bind, None, &[("RUST_LOG", level)])
+        .await;
+    assert_contract_line(&node.line);
+    assert!(node.api.starts_with("127.0.0.1:"), "{name}: {}", node.api);
+    node
 }
 
 /// Starts the hub's nodes `names[i]` bound to `binds[i]` and waits until all are logged in.
 async fn nodes(hub: &Hub, names: &[&str], binds: &[&str]) -> Vec<Node> {
     let mut ns = Vec::new();
     for (name, bind) in names.iter().zip(binds) {
-        ns.push(Node::start(hub, name, bind).await);
+        ns.push(node(hub, name, bind, "info").await);
     }
     for n in &mut ns {
         n.logged_in().await;
@@ -206,7 +141,7 @@ async fn stop_checking_contract(proc: &mut Proc) {
 async fn chain_cli_connect_echoes_bytes_through_two_intermediates() {
     deadline(LIMIT, async {
         let hub_dir = tempfile::tempdir().expect("hub data dir");
-        let mut hub = Hub::start(hub_dir.path()).await;
+        let mut hub = hub(hub_dir.path(), "info").await;
         let mut ns = nodes(
             &hub,
             &["n2", "n3", "n4", "n5"],
@@ -282,7 +217,7 @@ async fn chain_cli_connect_echoes_bytes_through_two_intermediates() {
 async fn chain_cli_refusals_print_one_error_line() {
     deadline(LIMIT, async {
         let hub_dir = tempfile::tempdir().expect("hub data dir");
-        let mut hub = Hub::start(hub_dir.path()).await;
+        let mut hub = hub(hub_dir.path(), "info").await;
         let mut ns = nodes(&hub, &["n2", "n3"], &["127.0.0.2", "127.0.0.3"]).await;
         let api = ns[0].api.clone();
 
@@ -320,7 +255,7 @@ async fn chain_cli_refusals_print_one_error_line() {
 async fn chain_cli_accept_asks_and_follows_the_answers() {
     deadline(LIMIT, async {
         let hub_dir = tempfile::tempdir().expect("hub data dir");
-        let mut hub = Hub::start(hub_dir.path()).await;
+        let mut hub = hub(hub_dir.path(), "info").await;
         let mut ns = nodes(&hub, &["n2", "n3"], &["127.0.0.2", "127.0.0.3"]).await;
         let svc = echo_server().await;
         let forward = svc.addr.to_string();
@@ -498,14 +433,14 @@ async fn chain_cli_listen_gives_each_connection_a_chain_and_close_ends_one() {
     deadline(LIMIT, async {
         // Trace logging everywhere: afterwards no log may hold a node's password.
         let hub_dir = tempfile::tempdir().expect("hub data dir");
-        let mut hub = Hub::start_logging(hub_dir.path(), "trace").await;
+        let mut hub = hub(hub_dir.path(), "trace").await;
         let mut ns = Vec::new();
         for (name, bind) in [
             ("n2", "127.0.0.2"),
             ("n3", "127.0.0.3"),
             ("n4", "127.0.0.4"),
         ] {
-            ns.push(Node::start_logging(&hub, name, bind, "trace").await);
+            ns.push(node(&hub, name, bind, "trace").await);
         }
         for n in &mut ns {
             n.logged_in().await;
@@ -569,7 +504,7 @@ async fn chain_cli_listen_gives_each_connection_a_chain_and_close_ends_one() {
         let mut logs = Vec::new();
         let mut passwords = Vec::new();
         for (n, name) in ns.iter_mut().zip(["n2", "n3", "n4"]) {
-            let path = n._dir.path().join(format!("node-{name}.password"));
+            let path = n.dir().join(format!("node-{name}.password"));
             passwords.push(
                 std::fs::read_to_string(path)
                     .expect("password file")
@@ -602,7 +537,7 @@ async fn a_chain_whose_middle_node_dies_resets_the_user_of_chain_listen_within_2
     use tokio::io::AsyncReadExt;
     deadline(LIMIT, async {
         let hub_dir = tempfile::tempdir().expect("hub data dir");
-        let hub = Hub::start(hub_dir.path()).await;
+        let hub = hub(hub_dir.path(), "info").await;
         // Three nodes: n3 is the only one that can relay, so every chain is n2 -> n3 -> n4.
         let mut ns = nodes(
             &hub,

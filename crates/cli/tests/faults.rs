@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tube_agent::{AgentError, AgentEvent};
 use tube_chain::front::FrontClient;
 use tube_proto::chain::FrontMessage;
-use tube_testkit::proc::{Proc, RelayLines, field};
+use tube_testkit::proc::{Hub, Node, Proc, RelayLines};
 use tube_testkit::*;
 
 const TUBE: &str = env!("CARGO_BIN_EXE_tube");
@@ -516,70 +516,6 @@ async fn agents_are_back_on_their_ports_within_the_backoff_cap_plus_2_s_of_a_rel
     .await;
 }
 
-/// A running `tube hub`.
-struct Hub {
-    _proc: Proc,
-    control: String,
-    fingerprint: String,
-}
-
-impl Hub {
-    async fn start(dir: &Path, intermediates: &str) -> Self {
-        let d = dir.to_str().expect("utf-8 dir");
-        let args = [
-            "hub",
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            d,
-            "--intermediates",
-            intermediates,
-        ];
-        let mut proc = Proc::spawn(TUBE, &args, &[], Stdio::null());
-        let control = field(&proc.line().await, "listening control ");
-        let fingerprint = field(&proc.line().await, "fingerprint ");
-        Self {
-            _proc: proc,
-            control,
-            fingerprint,
-        }
-    }
-
-    /// `tube node --name name --bind bind` with its own data dir, once logged in.
-    async fn node(&self, name: &str, bind: &str, dir: &Path) -> Node {
-        let d = dir.to_str().expect("utf-8 dir");
-        let args = [
-            "node",
-            "--hub",
-            &self.control,
-            "--hub-fingerprint",
-            &self.fingerprint,
-            "--name",
-            name,
-            "--bind",
-            bind,
-            "--api",
-            "127.0.0.1:0",
-            "--data-dir",
-            d,
-        ];
-        let mut proc = Proc::spawn(TUBE, &args, &[], Stdio::null());
-        let api = field(&proc.line().await, "listening api ")
-            .parse()
-            .expect("api address");
-        if let Err(all) = proc.stderr_line("logged in to the hub").await {
-            panic!("node {name} did not log in:\n{all}");
-        }
-        Node { proc, api }
-    }
-}
-
-/// A running `tube node` and its front API.
-struct Node {
-    proc: Proc,
-    api: SocketAddr,
-}
-
 /// The TCP ports `pid` is listening on (its socket inodes matched against /proc/net/tcp*).
 fn listening_ports(pid: u32) -> BTreeSet<u16> {
     let inodes: BTreeSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
@@ -680,10 +616,20 @@ async fn chain_ends(
 /// and a and e must end with the listeners they had before the chain.
 async fn kill_the_middle_node(busy_chain: bool) {
     let dirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
-    let hub = Hub::start(dirs[0].path(), "1").await;
-    let a = hub.node("a", "127.0.0.2", dirs[1].path()).await;
-    let mut m = hub.node("m", "127.0.0.3", dirs[2].path()).await;
-    let e = hub.node("e", "127.0.0.4", dirs[3].path()).await;
+    let hub = Hub::start(TUBE, dirs[0].path(), &["--intermediates", "1"], &[]).await;
+    let mut nodes = Vec::new();
+    for (i, (name, bind)) in [("a", "127.0.0.2"), ("m", "127.0.0.3"), ("e", "127.0.0.4")]
+        .into_iter()
+        .enumerate()
+    {
+        let mut node = hub
+            .node(TUBE, name, bind, Some(dirs[i + 1].path()), &[])
+            .await;
+        node.logged_in().await;
+        nodes.push(node);
+    }
+    let [a, mut m, e] = <[Node; 3]>::try_from(nodes).unwrap_or_else(|_| unreachable!());
+    let api = |n: &Node| -> SocketAddr { n.api.parse().expect("api address") };
     let pids = [
         a.proc.child.id().expect("pid"),
         e.proc.child.id().expect("pid"),
@@ -691,14 +637,14 @@ async fn kill_the_middle_node(busy_chain: bool) {
     let before: Vec<_> = pids.iter().map(|p| listening_ports(*p)).collect();
     assert!(before.iter().all(|l| !l.is_empty()), "each API listens");
 
-    let mut endpoint = FrontClient::connect(e.api).await.expect("front");
+    let mut endpoint = FrontClient::connect(api(&e)).await.expect("front");
     endpoint
         .send(&FrontMessage::Subscribe {})
         .await
         .expect("subscribe");
     // The answer says the subscription is active: requests for e reach this front from now on.
     while !matches!(endpoint.recv().await, Ok(FrontMessage::Tubes { .. })) {}
-    let (mut near, mut far, hops, _owner) = chain_ends(a.api, &mut endpoint, "e").await;
+    let (mut near, mut far, hops, _owner) = chain_ends(api(&a), &mut endpoint, "e").await;
     assert_eq!(hops, Some(2), "one intermediate: a -> m -> e");
     near.write_all(b"ping").await.unwrap();
     let mut buf = [0u8; 4];

@@ -39,7 +39,7 @@ use tube_proto::control::{ClientInfo, ControlMessage, TunnelInfo};
 use tube_proto::frame::Frame;
 use tube_proto::ratelimit::RateLimit;
 use tube_relay::JwtSecret;
-use tube_testkit::proc::{LINE_LIMIT, Proc, field};
+use tube_testkit::proc::{Hub, LINE_LIMIT, Proc, field};
 use tube_testkit::*;
 
 const TUBE: &str = env!("CARGO_BIN_EXE_tube");
@@ -194,51 +194,26 @@ async fn the_eleventh_tunnel_in_an_hour_is_refused_per_source_address_across_ide
     .await;
 }
 
-/// A running `tube hub` and what it printed.
-struct Hub {
-    proc: Proc,
-    control: String,
-    fingerprint: String,
+/// Starts a `tube hub` (one intermediate per chain) in `dir` with `env`.
+async fn start_hub(dir: &Path, env: &[(&str, &str)]) -> Hub {
+    Hub::start(TUBE, dir, &["--intermediates", "1"], env).await
 }
 
-impl Hub {
-    async fn start(dir: &Path, env: &[(&str, &str)]) -> Self {
-        let d = dir.to_str().expect("utf-8 dir");
-        let args = [
-            "hub",
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            d,
-            "--intermediates",
-            "1",
-        ];
-        let mut proc = Proc::spawn(TUBE, &args, env, Stdio::null());
-        let control = field(&proc.line().await, "listening control ");
-        let fingerprint = field(&proc.line().await, "fingerprint ");
-        Self {
-            proc,
-            control,
-            fingerprint,
-        }
-    }
-
-    /// Sends `first` on a fresh hub connection and returns the answer and how long it took
-    /// (from the message written to the answer read; TLS is set up before the clock starts).
-    async fn ask(&self, first: HubMessage) -> (HubMessage, Duration) {
-        let addr = self.control.parse().expect("hub address");
-        let fp = self.fingerprint.parse().expect("hub fingerprint");
-        let mut c = tls_from([127, 0, 0, 1].into(), addr, fp).await;
-        let t0 = Instant::now();
-        c.send(Frame::Control(first.to_bytes()))
-            .await
-            .expect("send");
-        let answer = match c.next().await {
-            Some(Ok(Frame::Control(b))) => HubMessage::from_bytes(&b).expect("a hub message"),
-            other => panic!("no answer from the hub: {other:?}"),
-        };
-        (answer, Instant::now() - t0)
-    }
+/// Sends `first` on a fresh connection to `hub` and returns the answer and how long it took
+/// (from the message written to the answer read; TLS is set up before the clock starts).
+async fn ask(hub: &Hub, first: HubMessage) -> (HubMessage, Duration) {
+    let addr = hub.control.parse().expect("hub address");
+    let fp = hub.fingerprint.parse().expect("hub fingerprint");
+    let mut c = tls_from([127, 0, 0, 1].into(), addr, fp).await;
+    let t0 = Instant::now();
+    c.send(Frame::Control(first.to_bytes()))
+        .await
+        .expect("send");
+    let answer = match c.next().await {
+        Some(Ok(Frame::Control(b))) => HubMessage::from_bytes(&b).expect("a hub message"),
+        other => panic!("no answer from the hub: {other:?}"),
+    };
+    (answer, Instant::now() - t0)
 }
 
 fn median(mut v: Vec<Duration>) -> Duration {
@@ -257,14 +232,16 @@ fn random_password() -> String {
 async fn hub_logins_with_an_unknown_name_or_a_wrong_password_take_the_same_time() {
     deadline(LIMIT, async {
         let dir = tempfile::tempdir().unwrap();
-        let hub = Hub::start(dir.path(), &[]).await;
-        let (answer, _) = hub
-            .ask(HubMessage::Register {
+        let hub = start_hub(dir.path(), &[]).await;
+        let (answer, _) = ask(
+            &hub,
+            HubMessage::Register {
                 version: CHAIN_PROTOCOL_VERSION.into(),
                 name: "alice".into(),
                 relay: false,
-            })
-            .await;
+            },
+        )
+        .await;
         assert!(
             matches!(
                 answer,
@@ -288,7 +265,7 @@ async fn hub_logins_with_an_unknown_name_or_a_wrong_password_take_the_same_time(
                 (format!("mallory{i}"), &mut unknown),
                 ("alice".into(), &mut wrong),
             ] {
-                let (answer, took) = hub.ask(login(&name)).await;
+                let (answer, took) = ask(&hub, login(&name)).await;
                 match answer {
                     HubMessage::AuthResult {
                         is_success: false,
@@ -598,32 +575,12 @@ async fn no_secret_reaches_the_relay_or_agent_logs_at_trace_level() {
     .await;
 }
 
-/// A `tube node` with trace logs; its front API address.
+/// A `tube node` with trace logs, once logged in; its front API address.
 async fn node(hub: &Hub, name: &str, bind: &str, dir: &Path) -> (Proc, SocketAddr) {
-    let d = dir.to_str().expect("utf-8 dir");
-    let args = [
-        "node",
-        "--hub",
-        &hub.control,
-        "--hub-fingerprint",
-        &hub.fingerprint,
-        "--name",
-        name,
-        "--bind",
-        bind,
-        "--api",
-        "127.0.0.1:0",
-        "--data-dir",
-        d,
-    ];
-    let mut p = Proc::spawn(TUBE, &args, &TRACE, Stdio::null());
-    let api = field(&p.line().await, "listening api ")
-        .parse()
-        .expect("api");
-    if let Err(all) = p.stderr_line("logged in to the hub").await {
-        panic!("node {name} did not log in:\n{all}");
-    }
-    (p, api)
+    let mut node = hub.node(TUBE, name, bind, Some(dir), &TRACE).await;
+    node.logged_in().await;
+    let api = node.api.parse().expect("api");
+    (node.proc, api)
 }
 
 #[tokio::test]
@@ -631,7 +588,7 @@ async fn no_secret_reaches_the_hub_or_node_logs_at_trace_level() {
     deadline(LIMIT, async {
         let mut logs = Logs::default();
         let dirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
-        let mut hub = Hub::start(dirs[0].path(), &TRACE).await;
+        let mut hub = start_hub(dirs[0].path(), &TRACE).await;
         logs.public
             .push(hub.fingerprint["sha256:".len()..].to_string());
         logs.pem_secret("the hub's private key", &dirs[0].path().join("hub-key.pem"));

@@ -2,8 +2,10 @@
 //! line by line, stderr collected continuously in the background (so a chatty trace log never
 //! fills the pipe and stalls the child), and waits on events — a stdout line, a stderr line
 //! containing some text, the exit — each bounded by [`LINE_LIMIT`]. The process is killed when
-//! the handle drops.
+//! the handle drops. Also what `tube relay`, `tube hub` and `tube node` print once ready
+//! ([`RelayLines`], [`Hub`], [`Node`]).
 
+use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -205,5 +207,112 @@ impl RelayLines {
             admin,
             fingerprint,
         })
+    }
+}
+
+/// A running `tube hub` and what it printed on stdout once ready: `listening control ADDR`,
+/// then `fingerprint sha256:HEX`.
+pub struct Hub {
+    /// The hub's process.
+    pub proc: Proc,
+    /// Both stdout lines as printed, for tests that check the contract's format.
+    pub lines: [String; 2],
+    /// The control listener's address, where nodes log in.
+    pub control: String,
+    /// The certificate fingerprint nodes pin, `sha256:HEX`.
+    pub fingerprint: String,
+}
+
+impl Hub {
+    /// Starts `bin hub --listen 127.0.0.1:0 --data-dir dir extra...` with `env` and reads its
+    /// two lines; any other line fails the test.
+    pub async fn start(bin: &str, dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Self {
+        let d = dir.to_str().expect("utf-8 dir");
+        let mut args = vec!["hub", "--listen", "127.0.0.1:0", "--data-dir", d];
+        args.extend_from_slice(extra);
+        let mut proc = Proc::spawn(bin, &args, env, Stdio::null());
+        let lines = [proc.line().await, proc.line().await];
+        let control = field(&lines[0], "listening control ");
+        let fingerprint = field(&lines[1], "fingerprint ");
+        Self {
+            proc,
+            lines,
+            control,
+            fingerprint,
+        }
+    }
+
+    /// Starts `bin node` on this hub as `name`, bound to `bind`, with its front API on
+    /// 127.0.0.1:0, its data in `dir` (a fresh temporary one, kept by the node, if `None`) and
+    /// `env`; reads its `listening api ADDR` line. It may not have logged in yet:
+    /// [`Node::logged_in`] waits for that.
+    pub async fn node(
+        &self,
+        bin: &str,
+        name: &str,
+        bind: &str,
+        dir: Option<&Path>,
+        env: &[(&str, &str)],
+    ) -> Node {
+        let temp = match dir {
+            Some(_) => None,
+            None => Some(tempfile::tempdir().expect("node data dir")),
+        };
+        let d = dir
+            .or(temp.as_ref().map(|t| t.path()))
+            .and_then(Path::to_str)
+            .expect("utf-8 dir");
+        let args = [
+            "node",
+            "--hub",
+            &self.control,
+            "--hub-fingerprint",
+            &self.fingerprint,
+            "--name",
+            name,
+            "--bind",
+            bind,
+            "--api",
+            "127.0.0.1:0",
+            "--data-dir",
+            d,
+        ];
+        let mut proc = Proc::spawn(bin, &args, env, Stdio::null());
+        let line = proc.line().await;
+        let api = field(&line, "listening api ");
+        Node {
+            proc,
+            line,
+            api,
+            dir: PathBuf::from(d),
+            _temp: temp,
+        }
+    }
+}
+
+/// A running `tube node` (see [`Hub::node`]).
+pub struct Node {
+    /// The node's process.
+    pub proc: Proc,
+    /// Its stdout line as printed.
+    pub line: String,
+    /// Its front API's address.
+    pub api: String,
+    dir: PathBuf,
+    _temp: Option<tempfile::TempDir>,
+}
+
+impl Node {
+    /// Its data dir.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Waits until the node has logged in to its hub (its log line on stderr); fails the test,
+    /// with the node's stderr, if it ends first.
+    pub async fn logged_in(&mut self) {
+        if let Err(err) = self.proc.stderr_line("logged in to the hub").await {
+            panic!("the node ended before logging in; stderr:\n{err}");
+        }
     }
 }
