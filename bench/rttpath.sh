@@ -13,7 +13,7 @@
 #     (the woken peer ran on its CPU first);
 #   hop_<from>_<to>: from a sendto's return to the receiver's wake-up (epoll_wait's return, or
 #     recvfrom's for the load tool and the echo server): the scheduler's part.
-# Each figure is a median over the round trips (a mean would follow the rare slow ones).
+# Each time is a median over the round trips (a mean would follow the rare slow ones).
 # Tracing adds about a microsecond per system call to every system alike; compare systems in
 # one run. Needs perf with tracepoint access (Debian package `linux-perf`, run as root or with
 # kernel.perf_event_paranoid <= -1).
