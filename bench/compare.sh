@@ -108,14 +108,7 @@ LOCALS=("$SINK" "$ECHO")
 [[ -n $IPERF ]] && LOCALS+=("127.0.0.1:$IPERF_PORT")
 
 if have_system tube; then
-    start relay "$TUBE" relay --listen 127.0.0.1:0 --data-dir "$TMP/relay"
-    wait_lines relay 2
-    CONTROL=$(field relay 1 3)
-    FINGERPRINT=$(field relay 2 2)
-    TOKEN=$("$TUBE" token --subject bench --data-dir "$TMP/relay")
-    start agent "$TUBE" expose "${LOCALS[@]}" --relay "$CONTROL" --token "$TOKEN" \
-        --fingerprint "$FINGERPRINT"
-    wait_lines agent "${#LOCALS[@]}"
+    start_tube "${LOCALS[*]}"
     SINK_OF[tube]=$(field agent 1 2)
     ECHO_OF[tube]=$(field agent 2 2)
     [[ -n $IPERF ]] && IPERF_OF[tube]=$(field agent 3 2)

@@ -5,8 +5,9 @@
 #   wait_err NAME TEXT   wait (bounded by WAIT_SECS) for a stderr line of NAME containing TEXT
 #   field NAME LINE WORD word WORD of line LINE of NAME's stdout
 #   check_system         SYSTEM is tube or rathole (then $TOOLS/bin/rathole must exist)
-#   start_tube SINK [WRAP...]           tube's relay and agent for one service to SINK
+#   start_tube "LOCAL..." [WRAP...]     tube's relay and an agent exposing the LOCAL services
 #                                        (TUBE_NAME=x: a further instance, relayx/agentx)
+#   start_chain_nodes NAME...           a hub (one intermediate per chain) and its nodes
 #   start_rathole SINK PROBE [WRAP...]  rathole's server and client for one service to SINK
 #                                        (RATHOLE_TLS=1: over its TLS transport;
 #                                        RATHOLE_NAME=x: a further instance, serverx/clientx)
@@ -97,22 +98,57 @@ check_system() {
     esac
 }
 
-# start_tube SINK [WRAP...]: starts tube's relay (fresh data dir) and an agent exposing SINK
-# (each under the command WRAP, if given); sets PUBLIC (the exposed address), PID_relay and
-# PID_agent. Returns once both printed their contract lines, bounded by WAIT_SECS. With
-# TUBE_NAME=x set for the call, a further instance: relayx and agentx (PID_relayx, PID_agentx,
-# its own data dir).
+# start_tube "LOCAL..." [WRAP...]: starts tube's relay (fresh data dir) and an agent exposing
+# the local services of the first argument (addresses separated by spaces; each under the
+# command WRAP, if given); sets PUBLIC (the first service's public address; the others' are
+# `field agent N 2`), PID_relay and PID_agent. Returns once both printed their contract lines,
+# bounded by WAIT_SECS; dies if a tunnel line names another service than asked. With
+# TUBE_NAME=x set for the call, a further instance: relayx and agentx (PID_relayx,
+# PID_agentx, its own data dir).
 start_tube() {
-    local sink=$1 token relay=relay${TUBE_NAME:-} agent=agent${TUBE_NAME:-}
+    local token relay=relay${TUBE_NAME:-} agent=agent${TUBE_NAME:-} i
+    local -a locals
+    read -r -a locals <<<"$1"
     shift
     rm -rf "${TMP:?}/$relay"
     start "$relay" "$@" "$BIN/tube" relay --listen 127.0.0.1:0 --data-dir "$TMP/$relay"
     wait_lines "$relay" 2
     token=$("$BIN/tube" token --subject bench --data-dir "$TMP/$relay")
-    start "$agent" "$@" "$BIN/tube" expose "$sink" --relay "$(field "$relay" 1 3)" \
+    start "$agent" "$@" "$BIN/tube" expose "${locals[@]}" --relay "$(field "$relay" 1 3)" \
         --token "$token" --fingerprint "$(field "$relay" 2 2)"
-    wait_lines "$agent" 1
+    wait_lines "$agent" "${#locals[@]}"
+    for ((i = 0; i < ${#locals[@]}; i++)); do
+        [[ $(field "$agent" $((i + 1)) 3) == "${locals[i]}" ]] || {
+            echo "error: unexpected tunnel lines (asked for ${locals[*]}):" >&2
+            cat "$TMP/$agent.out" >&2
+            exit 1
+        }
+    done
     PUBLIC=$(field "$agent" 1 2)
+}
+
+# start_chain_nodes NAME...: starts a `tube hub --intermediates 1` (hub, fresh data dir) and
+# one `tube node` per NAME (node_NAME, bound to 127.0.0.2, .3, ... in the order given, its front
+# API on 127.0.0.1:0, its data in $TMP/node-NAME; the names listed in NO_RELAY refuse to relay
+# for others). Returns once every node has logged in to the hub, bounded by WAIT_SECS. A node's
+# front API: `field node_NAME 1 3`.
+start_chain_nodes() {
+    local name octet=2
+    local -a extra
+    start hub "$BIN/tube" hub --listen 127.0.0.1:0 --data-dir "$TMP/hub" --intermediates 1
+    wait_lines hub 2
+    for name in "$@"; do
+        extra=()
+        [[ " ${NO_RELAY:-} " == *" $name "* ]] && extra=(--no-relay)
+        start "node_$name" "$BIN/tube" node --hub "$(field hub 1 3)" \
+            --hub-fingerprint "$(field hub 2 2)" --name "$name" --bind "127.0.0.$octet" \
+            --api 127.0.0.1:0 --data-dir "$TMP/node-$name" "${extra[@]}"
+        octet=$((octet + 1))
+    done
+    for name in "$@"; do
+        wait_lines "node_$name" 1
+        wait_err "node_$name" "logged in to the hub"
+    done
 }
 
 # start_rathole SINK PROBE [WRAP...]: starts rathole's server and client (each under the

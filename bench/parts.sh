@@ -88,21 +88,11 @@ source "$ROOT/bench/lib.sh"
 if have_part chain; then
     start sink "$LOADGEN" sink --listen 127.0.0.1:0
     start echo "$LOADGEN" echo --listen 127.0.0.1:0
-    start relay "$TUBE" relay --listen 127.0.0.1:0 --data-dir "$TMP/relay"
     wait_lines sink 1
     wait_lines echo 1
-    wait_lines relay 2
     SINK=$(field sink 1 3)
     ECHO=$(field echo 1 3)
-    CONTROL=$(field relay 1 3)
-    TOKEN=$("$TUBE" token --subject bench --data-dir "$TMP/relay")
-    start agent "$TUBE" expose "$SINK" "$ECHO" --relay "$CONTROL" --token "$TOKEN" \
-        --fingerprint "$(field relay 2 2)"
-    wait_lines agent 2
-    [[ $(field agent 1 3) == "$SINK" && $(field agent 2 3) == "$ECHO" ]] || {
-        echo "error: unexpected tunnel lines: $(cat "$TMP/agent.out")" >&2
-        exit 1
-    }
+    start_tube "$SINK $ECHO"
     declare -A SINK_OF ECHO_OF
     SINK_OF[direct]=$SINK
     ECHO_OF[direct]=$ECHO
@@ -112,23 +102,7 @@ if have_part chain; then
     # The hub builds chains with one intermediate. Four nodes: a requests, c (in front of the
     # sink) and d (in front of the echo server) are endpoints that refuse to relay, so every
     # chain is a -> b -> c or a -> b -> d: three nodes.
-    start hub "$TUBE" hub --listen 127.0.0.1:0 --data-dir "$TMP/hub" --intermediates 1
-    wait_lines hub 2
-    HUB=$(field hub 1 3)
-    HUB_FINGERPRINT=$(field hub 2 2)
-    octet=2
-    for name in a b c d; do
-        extra=()
-        [[ $name == c || $name == d ]] && extra=(--no-relay)
-        start "node_$name" "$TUBE" node --hub "$HUB" --hub-fingerprint "$HUB_FINGERPRINT" \
-            --name "$name" --bind "127.0.0.$octet" --api 127.0.0.1:0 --data-dir "$TMP/node-$name" \
-            "${extra[@]}"
-        octet=$((octet + 1))
-    done
-    for name in a b c d; do
-        wait_lines "node_$name" 1
-        wait_err "node_$name" "logged in to the hub"
-    done
+    NO_RELAY="c d" start_chain_nodes a b c d
     start accept_c "$TUBE" chain --api "$(field node_c 1 3)" accept --forward "$SINK" --allow a
     start accept_d "$TUBE" chain --api "$(field node_d 1 3)" accept --forward "$ECHO" --allow a
     wait_err accept_c "accepting chains"

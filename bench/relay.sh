@@ -35,32 +35,19 @@ source "$ROOT/bench/lib.sh"
 
 start sink "$LOADGEN" sink --listen 127.0.0.1:0
 start echo "$LOADGEN" echo --listen 127.0.0.1:0
-start relay "$TUBE" relay --listen 127.0.0.1:0 --data-dir "$TMP/relay"
 wait_lines sink 1
 wait_lines echo 1
-wait_lines relay 2
 SINK=$(field sink 1 3)
 ECHO=$(field echo 1 3)
-CONTROL=$(field relay 1 3)
-FINGERPRINT=$(field relay 2 2)
-TOKEN=$("$TUBE" token --subject bench --data-dir "$TMP/relay")
-
-start agent "$TUBE" expose "$SINK" "$ECHO" --relay "$CONTROL" --token "$TOKEN" \
-    --fingerprint "$FINGERPRINT"
-wait_lines agent 2
+start_tube "$SINK $ECHO"
 TUBE_SINK=$(field agent 1 2)
 TUBE_ECHO=$(field agent 2 2)
-[[ $(field agent 1 3) == "$SINK" && $(field agent 2 3) == "$ECHO" ]] || {
-    echo "error: unexpected tunnel lines:" >&2
-    cat "$TMP/agent.out" >&2
-    exit 1
-}
 
 {
     echo "date:    $(date -u +%Y-%m-%dT%H:%M:%SZ)"
     echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')"
     echo "direct:  sink $SINK, echo $ECHO"
-    echo "tube:    sink $TUBE_SINK, echo $TUBE_ECHO (relay $CONTROL)"
+    echo "tube:    sink $TUBE_SINK, echo $TUBE_ECHO (relay $(field relay 1 3))"
     echo "rounds $ROUNDS, bytes $BYTES, count $COUNT; results in $OUT"
 } >&2
 

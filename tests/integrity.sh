@@ -73,20 +73,10 @@ echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ); machine: $(nproc) cores"
 
 # Relay and agent, exposing an echo server.
 start echo "$LOADGEN" echo --listen 127.0.0.1:0
-start relay "$TUBE" relay --listen 127.0.0.1:0 --data-dir "$TMP/relay"
 wait_lines echo 1
-wait_lines relay 2
 ECHO=$(field echo 1 3)
-CONTROL=$(field relay 1 3)
-FINGERPRINT=$(field relay 2 2)
-TOKEN=$("$TUBE" token --subject integrity --data-dir "$TMP/relay")
-start agent "$TUBE" expose "$ECHO" --relay "$CONTROL" --token "$TOKEN" --fingerprint "$FINGERPRINT"
-wait_lines agent 1
-TUNNEL=$(field agent 1 2)
-[[ $(field agent 1 3) == "$ECHO" ]] || {
-    echo "error: unexpected tunnel line: $(cat "$TMP/agent.out")" >&2
-    exit 1
-}
+start_tube "$ECHO"
+TUNNEL=$PUBLIC
 
 figure "$(human "$RELAY_BYTES") each way through relay and agent, every byte checked" \
     "$TUNNEL" 1 "$RELAY_BYTES"
@@ -95,20 +85,7 @@ figure "$STREAMS concurrent streams x $(human "$STREAM_BYTES") each way through 
 
 # A hub that builds chains with one intermediate, and exactly three nodes: the chain from a to
 # c can only go through b.
-start hub "$TUBE" hub --listen 127.0.0.1:0 --data-dir "$TMP/hub" --intermediates 1
-wait_lines hub 2
-HUB=$(field hub 1 3)
-HUB_FINGERPRINT=$(field hub 2 2)
-octet=2
-for name in a b c; do
-    start "node_$name" "$TUBE" node --hub "$HUB" --hub-fingerprint "$HUB_FINGERPRINT" \
-        --name "$name" --bind "127.0.0.$octet" --api 127.0.0.1:0 --data-dir "$TMP/node-$name"
-    octet=$((octet + 1))
-done
-for name in a b c; do
-    wait_lines "node_$name" 1
-    wait_err "node_$name" "logged in to the hub"
-done
+start_chain_nodes a b c
 API_A=$(field node_a 1 3)
 API_C=$(field node_c 1 3)
 start accept "$TUBE" chain --api "$API_C" accept --forward "$ECHO" --allow a

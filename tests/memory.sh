@@ -38,16 +38,8 @@ source "$ROOT/bench/lib.sh"
 rss_kib() { awk '/^VmRSS/ { print $2 }' "/proc/$1/status"; }
 
 start echo "$LOADGEN" echo --listen 127.0.0.1:0
-start relay "$TUBE" relay --listen 127.0.0.1:0 --data-dir "$TMP/relay"
 wait_lines echo 1
-wait_lines relay 2
-ECHO=$(field echo 1 3)
-CONTROL=$(field relay 1 3)
-FINGERPRINT=$(field relay 2 2)
-TOKEN=$("$TUBE" token --subject memory --data-dir "$TMP/relay")
-start agent "$TUBE" expose "$ECHO" --relay "$CONTROL" --token "$TOKEN" --fingerprint "$FINGERPRINT"
-wait_lines agent 1
-PUBLIC=$(field agent 1 2)
+start_tube "$(field echo 1 3)"
 
 # One connection there and back first, so one-time setup is in the baseline.
 "$LOADGEN" --timeout 10 rtt --addr "$PUBLIC" --count 1 --size 16 >/dev/null

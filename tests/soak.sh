@@ -62,32 +62,13 @@ echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ); machine: $(nproc) cores; duration ${
 
 # Relay and agent, exposing an echo server.
 start echo "$LOADGEN" echo --listen 127.0.0.1:0
-start relay "$TUBE" relay --listen 127.0.0.1:0 --data-dir "$TMP/relay"
 wait_lines echo 1
-wait_lines relay 2
 ECHO=$(field echo 1 3)
-CONTROL=$(field relay 1 3)
-FINGERPRINT=$(field relay 2 2)
-TOKEN=$("$TUBE" token --subject soak --data-dir "$TMP/relay")
-start agent "$TUBE" expose "$ECHO" --relay "$CONTROL" --token "$TOKEN" --fingerprint "$FINGERPRINT"
-wait_lines agent 1
-TUNNEL=$(field agent 1 2)
+start_tube "$ECHO"
+TUNNEL=$PUBLIC
 
 # A chain a -> b -> c to the same echo.
-start hub "$TUBE" hub --listen 127.0.0.1:0 --data-dir "$TMP/hub" --intermediates 1
-wait_lines hub 2
-HUB=$(field hub 1 3)
-HUB_FINGERPRINT=$(field hub 2 2)
-octet=2
-for name in a b c; do
-    start "node_$name" "$TUBE" node --hub "$HUB" --hub-fingerprint "$HUB_FINGERPRINT" \
-        --name "$name" --bind "127.0.0.$octet" --api 127.0.0.1:0 --data-dir "$TMP/node-$name"
-    octet=$((octet + 1))
-done
-for name in a b c; do
-    wait_lines "node_$name" 1
-    wait_err "node_$name" "logged in to the hub"
-done
+start_chain_nodes a b c
 start accept "$TUBE" chain --api "$(field node_c 1 3)" accept --forward "$ECHO" --allow a
 wait_err accept "accepting chains"
 start listen "$TUBE" chain --api "$(field node_a 1 3)" listen c --local 127.0.0.1:0
