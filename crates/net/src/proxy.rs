@@ -12,7 +12,7 @@
 use std::collections::VecDeque;
 use std::io;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::Poll;
 
 use bytes::Bytes;
@@ -70,6 +70,9 @@ pub async fn proxy(tcp: TcpStream, mut stream: MuxStream, traffic: &Traffic) -> 
     // write half is shared with the mux's reader for direct delivery.
     let (mut rd, wr) = tcp.into_split();
     let wr = Arc::new(wr);
+    // Set once the socket's read side has ended (its peer's FIN): a FIN from the stream then
+    // needs no `shutdown`, as the close right after sends the socket's FIN.
+    let read_ended = AtomicBool::new(false);
     stream
         .rx
         .deliver_to(wr.clone(), traffic.stream_to_socket.clone());
@@ -82,8 +85,8 @@ pub async fn proxy(tcp: TcpStream, mut stream: MuxStream, traffic: &Traffic) -> 
         biased;
         r = async {
             tokio::try_join!(
-                socket_to_stream(&mut rd, &stream.tx, &traffic.socket_to_stream),
-                stream_to_socket(&wr, &mut stream.rx, &traffic.stream_to_socket),
+                socket_to_stream(&mut rd, &stream.tx, &traffic.socket_to_stream, &read_ended),
+                stream_to_socket(&wr, &mut stream.rx, &traffic.stream_to_socket, &read_ended),
             )
         } => r,
         () = stream.tx.aborted() => Err(Failure::Stream),
@@ -126,6 +129,7 @@ async fn socket_to_stream(
     rd: &mut OwnedReadHalf,
     tx: &StreamTx,
     count: &AtomicU64,
+    ended: &AtomicBool,
 ) -> Result<(), Failure> {
     let mut want = FIRST_READ;
     // Credit reserved and not yet used: kept from one read to the next (topped up to `want`
@@ -151,6 +155,7 @@ async fn socket_to_stream(
         let room = credit.min(buf.space().len());
         match read_now(rd, &mut buf.space()[..room]).await {
             Ok(0) => {
+                ended.store(true, Ordering::Relaxed);
                 tx.give_back(credit);
                 tx.finish().await.map_err(|_| Failure::Stream)?;
                 return Ok(());
@@ -188,6 +193,7 @@ async fn stream_to_socket(
     tcp: &OwnedWriteHalf,
     rx: &mut StreamRx,
     count: &AtomicU64,
+    read_ended: &AtomicBool,
 ) -> Result<(), Failure> {
     let mut batch: VecDeque<Bytes> = VecDeque::new();
     loop {
@@ -225,7 +231,13 @@ async fn stream_to_socket(
         match end {
             None => {}
             Some(Some(Inbound::Fin)) => {
-                let _ = socket2::SockRef::from(tcp.as_ref()).shutdown(std::net::Shutdown::Write);
+                // With the read side ended, both directions are done and the proxy closes the
+                // socket next: its close sends the FIN (nothing unread is left to turn it into
+                // a reset), one system call fewer per connection.
+                if !read_ended.load(Ordering::Relaxed) {
+                    let _ =
+                        socket2::SockRef::from(tcp.as_ref()).shutdown(std::net::Shutdown::Write);
+                }
                 return Ok(());
             }
             Some(_) => return Err(Failure::Stream),
@@ -371,6 +383,28 @@ mod tests {
         assert_eq!(task.await.unwrap(), ProxyEnd::Clean);
         let (_, to_socket) = traffic.get();
         assert_eq!(to_socket, at as u64, "every byte counted once");
+    }
+
+    #[tokio::test]
+    async fn a_fin_after_the_users_own_end_still_reaches_the_user_as_an_orderly_end() {
+        let (mut stream, mut client, task, _traffic, _keep) = proxied().await;
+        // The user ends its side first; the stream reads its end before anything comes back.
+        client.shutdown().await.unwrap();
+        assert!(matches!(stream.rx.recv().await, Some(Inbound::Fin)));
+        // Then the other side's reply and end: every byte, then end of stream, no reset.
+        send_pattern(&stream, 0, 5000).await;
+        stream.tx.finish().await.unwrap();
+        expect_pattern(&mut client, 0, 5000).await;
+        let mut buf = [0u8; 16];
+        let read = tokio::time::timeout(std::time::Duration::from_secs(10), client.read(&mut buf))
+            .await
+            .expect("the socket ends within 10 s");
+        assert_eq!(
+            read.map_err(|e| e.kind()),
+            Ok(0),
+            "an orderly end, not a reset"
+        );
+        assert_eq!(task.await.unwrap(), ProxyEnd::Clean);
     }
 
     #[tokio::test]
