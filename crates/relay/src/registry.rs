@@ -87,7 +87,8 @@ pub(crate) fn allocate(
 
 /// Binds a listener on `ip:port`.
 ///
-/// SO_REUSEADDR is set on Unix: there it only lets a listener bind over connections still in
+/// TCP_NODELAY is set on the listener, for the connections it accepts to inherit
+/// ([`tube_net::tune_accepted`]). SO_REUSEADDR is set on Unix: there it only lets a listener bind over connections still in
 /// TIME_WAIT (after a relay restart with users connected, a tunnel's port would otherwise stay
 /// unavailable for a minute); two live listeners can still never share a port (that would take
 /// SO_REUSEPORT). Windows gives SO_REUSEADDR a different, unsafe meaning, so it is not set there.
@@ -99,6 +100,24 @@ pub(crate) fn bind(ip: IpAddr, port: u16) -> std::io::Result<TcpListener> {
     };
     #[cfg(unix)]
     sock.set_reuseaddr(true)?;
+    tube_net::nodelay_listener(&sock);
     sock.bind(addr)?;
     sock.listen(1024)
+}
+
+#[cfg(test)]
+mod tests {
+    /// The relay's users get no `TCP_NODELAY` call of their own on Linux: this checks the
+    /// kernel still hands it down from the listener.
+    #[tokio::test]
+    async fn a_connection_accepted_from_a_relay_listener_has_nodelay() {
+        let listener = super::bind([127, 0, 0, 1].into(), 0).expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let (user, accepted) =
+            tokio::join!(tokio::net::TcpStream::connect(addr), listener.accept());
+        let _user = user.expect("connect");
+        let (accepted, _) = accepted.expect("accept");
+        tube_net::tune_accepted(&accepted);
+        assert!(accepted.nodelay().expect("read TCP_NODELAY"));
+    }
 }

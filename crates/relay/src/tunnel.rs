@@ -57,7 +57,7 @@ pub(crate) async fn accept_loop(
             tube_net::abort_tcp(tcp);
             continue;
         }
-        tube_net::tune_tcp(&tcp);
+        tube_net::tune_accepted(&tcp);
         counters.connections.fetch_add(1, Ordering::Relaxed);
         counters.active.fetch_add(1, Ordering::Relaxed);
         let (mux, counters) = (mux.clone(), counters.clone());
