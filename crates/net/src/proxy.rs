@@ -356,6 +356,15 @@ mod tests {
         }
     }
 
+    /// How the next read from `sock` ends (bounded by 10 s): `Ok(0)` for an orderly end.
+    async fn socket_end(sock: &mut TcpStream) -> Result<usize, io::ErrorKind> {
+        let mut buf = [0u8; 16];
+        tokio::time::timeout(std::time::Duration::from_secs(10), sock.read(&mut buf))
+            .await
+            .expect("the socket ends within 10 s")
+            .map_err(|e| e.kind())
+    }
+
     #[tokio::test]
     async fn small_messages_and_a_bulk_flow_to_a_slow_socket_arrive_in_order_and_counted() {
         let (mut stream, mut client, task, traffic, _keep) = proxied().await;
@@ -395,12 +404,8 @@ mod tests {
         send_pattern(&stream, 0, 5000).await;
         stream.tx.finish().await.unwrap();
         expect_pattern(&mut client, 0, 5000).await;
-        let mut buf = [0u8; 16];
-        let read = tokio::time::timeout(std::time::Duration::from_secs(10), client.read(&mut buf))
-            .await
-            .expect("the socket ends within 10 s");
         assert_eq!(
-            read.map_err(|e| e.kind()),
+            socket_end(&mut client).await,
             Ok(0),
             "an orderly end, not a reset"
         );
@@ -414,12 +419,8 @@ mod tests {
         expect_pattern(&mut client, 0, 100).await;
         stream.reset(ErrorCode::StreamAborted);
         assert_eq!(task.await.unwrap(), ProxyEnd::StreamReset);
-        let mut buf = [0u8; 16];
-        let read = tokio::time::timeout(std::time::Duration::from_secs(10), client.read(&mut buf))
-            .await
-            .expect("the socket ends within 10 s");
         assert_eq!(
-            read.map_err(|e| e.kind()),
+            socket_end(&mut client).await,
             Err(io::ErrorKind::ConnectionReset),
             "the client must see a reset, not an orderly end"
         );

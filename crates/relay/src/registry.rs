@@ -88,10 +88,11 @@ pub(crate) fn allocate(
 /// Binds a listener on `ip:port`.
 ///
 /// TCP_NODELAY is set on the listener, for the connections it accepts to inherit
-/// ([`tube_net::tune_accepted`]). SO_REUSEADDR is set on Unix: there it only lets a listener bind over connections still in
-/// TIME_WAIT (after a relay restart with users connected, a tunnel's port would otherwise stay
-/// unavailable for a minute); two live listeners can still never share a port (that would take
-/// SO_REUSEPORT). Windows gives SO_REUSEADDR a different, unsafe meaning, so it is not set there.
+/// ([`tube_net::tune_accepted`]). SO_REUSEADDR is set on Unix: there it only lets a listener
+/// bind over connections still in TIME_WAIT (after a relay restart with users connected, a
+/// tunnel's port would otherwise stay unavailable for a minute); two live listeners can still
+/// never share a port (that would take SO_REUSEPORT). Windows gives SO_REUSEADDR a different,
+/// unsafe meaning, so it is not set there.
 pub(crate) fn bind(ip: IpAddr, port: u16) -> std::io::Result<TcpListener> {
     let addr = SocketAddr::new(ip, port);
     let sock = match ip {
