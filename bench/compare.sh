@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # bench/compare.sh: the relay benchmark suite (docs/performance.md). Direct loopback, tube
-# (relay + agent, TLS 1.3), rathole and bore (both plain TCP), side by side in one run: each
+# (relay + agent, TLS 1.3), rathole and bore (both plain TCP; rathole over its TLS transport
+# too when SYSTEMS names rathole_tls), side by side in one run: each
 # round runs every test on every system one after the other (A B C D, and D C B A in the next
 # round: the first system of a round tends to measure slower), so all see the same machine
 # state; the summary takes medians over the rounds.
@@ -19,7 +20,8 @@
 #   COUNT     timed round trips per rtt run (default 20000)
 #   CONNS     connections per connrate run (default 2000), CONC their concurrency (default 50)
 #   IDLE      idle connection counts for the memory test (default "1000 10000")
-#   SYSTEMS   systems to run (default "direct tube rathole bore")
+#   SYSTEMS   systems to run (default "direct tube rathole bore"; add rathole_tls for rathole
+#             over its TLS transport, with a self-signed certificate made by openssl)
 #   TOOLS     where rathole and bore get installed (default bench/.tools)
 #   OUT       results file (default bench/out/compare-<date>.jsonl)
 set -euo pipefail
@@ -55,10 +57,13 @@ drop_system() {
 }
 
 # The competitors, built from crates.io into $TOOLS (a few minutes the first time).
-if have_system rathole && [[ ! -x $TOOLS/bin/rathole ]]; then
+if { have_system rathole || have_system rathole_tls; } && [[ ! -x $TOOLS/bin/rathole ]]; then
     echo "installing rathole into $TOOLS..." >&2
     # rathole's lock file pins a `time` that no longer builds on current Rust: resolve afresh.
-    cargo install --root "$TOOLS" rathole >&2 || drop_system rathole "cargo install failed"
+    if ! cargo install --root "$TOOLS" rathole >&2; then
+        drop_system rathole "cargo install failed"
+        drop_system rathole_tls "cargo install failed"
+    fi
 fi
 if have_system bore && [[ ! -x $TOOLS/bin/bore ]]; then
     echo "installing bore into $TOOLS..." >&2
@@ -115,34 +120,41 @@ if have_system tube; then
     PROCS_OF[tube]="$PID_relay $PID_agent"
 fi
 
-if have_system rathole; then
+# rathole, and with rathole_tls in SYSTEMS rathole over its TLS transport too.
+for rh in rathole rathole_tls; do
+    have_system "$rh" || continue
     RH_CONTROL=$(free_port)
+    RATHOLE_TLS_SERVER='' RATHOLE_TLS_CLIENT=''
+    [[ $rh == rathole_tls ]] && rathole_tls "$rh"
     {
         echo "[server]"
         echo "bind_addr = \"127.0.0.1:$RH_CONTROL\""
-    } >"$TMP/rathole-server.toml"
+        echo "$RATHOLE_TLS_SERVER"
+    } >"$TMP/$rh-server.toml"
     {
         echo "[client]"
         echo "remote_addr = \"127.0.0.1:$RH_CONTROL\""
-    } >"$TMP/rathole-client.toml"
+        echo "$RATHOLE_TLS_CLIENT"
+    } >"$TMP/$rh-client.toml"
     names=(sink echo iperf)
     for i in "${!LOCALS[@]}"; do
         port=$(free_port)
         printf '[server.services.%s]\ntoken = "bench"\nbind_addr = "127.0.0.1:%s"\n' \
-            "${names[$i]}" "$port" >>"$TMP/rathole-server.toml"
+            "${names[$i]}" "$port" >>"$TMP/$rh-server.toml"
         printf '[client.services.%s]\ntoken = "bench"\nlocal_addr = "%s"\n' \
-            "${names[$i]}" "${LOCALS[$i]}" >>"$TMP/rathole-client.toml"
+            "${names[$i]}" "${LOCALS[$i]}" >>"$TMP/$rh-client.toml"
         case ${names[$i]} in
-            sink) SINK_OF[rathole]=127.0.0.1:$port ;;
-            echo) ECHO_OF[rathole]=127.0.0.1:$port ;;
-            iperf) IPERF_OF[rathole]=127.0.0.1:$port ;;
+            sink) SINK_OF[$rh]=127.0.0.1:$port ;;
+            echo) ECHO_OF[$rh]=127.0.0.1:$port ;;
+            iperf) IPERF_OF[$rh]=127.0.0.1:$port ;;
         esac
     done
-    start rathole_server "$TOOLS/bin/rathole" --server "$TMP/rathole-server.toml"
-    start rathole_client "$TOOLS/bin/rathole" --client "$TMP/rathole-client.toml"
-    wait_echo "${ECHO_OF[rathole]}" rathole
-    PROCS_OF[rathole]="$PID_rathole_server $PID_rathole_client"
-fi
+    start "${rh}_server" "$TOOLS/bin/rathole" --server "$TMP/$rh-server.toml"
+    start "${rh}_client" "$TOOLS/bin/rathole" --client "$TMP/$rh-client.toml"
+    wait_echo "${ECHO_OF[$rh]}" "$rh"
+    server_pid="PID_${rh}_server" client_pid="PID_${rh}_client"
+    PROCS_OF[$rh]="${!server_pid} ${!client_pid}"
+done
 
 if have_system bore; then
     # bore's control port is fixed at 7835.

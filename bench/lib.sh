@@ -11,6 +11,7 @@
 #   start_rathole SINK PROBE [WRAP...]  rathole's server and client for one service to SINK
 #                                        (RATHOLE_TLS=1: over its TLS transport;
 #                                        RATHOLE_NAME=x: a further instance, serverx/clientx)
+#   rathole_tls NAME                    a certificate and the configuration for rathole's TLS
 #   start_system KIND [WRAP...]  a tube-loadgen KIND (echo or sink) and $SYSTEM in front of it
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/tube-bench.XXXXXX")
 PIDS=()
@@ -151,6 +152,22 @@ start_chain_nodes() {
     done
 }
 
+# rathole_tls NAME: a self-signed certificate for "localhost" ($TMP/NAME.pem, its key and a
+# pkcs12 bundle, made with the openssl command) and the sections of rathole's configuration
+# that put server and client on its TLS transport with it: RATHOLE_TLS_SERVER and
+# RATHOLE_TLS_CLIENT (the client trusts the certificate).
+rathole_tls() {
+    local name=$1
+    command -v openssl >/dev/null || { echo "error: rathole over TLS needs the openssl command" >&2; exit 1; }
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+        -subj /CN=localhost -addext subjectAltName=DNS:localhost \
+        -keyout "$TMP/$name.key" -out "$TMP/$name.pem" 2>/dev/null
+    openssl pkcs12 -export -inkey "$TMP/$name.key" -in "$TMP/$name.pem" \
+        -passout pass:bench -out "$TMP/$name.pfx"
+    RATHOLE_TLS_SERVER=$(printf '[server.transport]\ntype = "tls"\n[server.transport.tls]\npkcs12 = "%s"\npkcs12_password = "bench"\n' "$TMP/$name.pfx")
+    RATHOLE_TLS_CLIENT=$(printf '[client.transport]\ntype = "tls"\n[client.transport.tls]\ntrusted_root = "%s"\nhostname = "localhost"\n' "$TMP/$name.pem")
+}
+
 # start_rathole SINK PROBE [WRAP...]: starts rathole's server and client (each under the
 # command WRAP, if given) carrying one service to SINK over plain TCP; sets PUBLIC (its public
 # address), PID_server and PID_client. Returns once a PROBE (throughput, for a sink, or rtt,
@@ -167,14 +184,9 @@ start_rathole() {
     control=$(free_port)
     port=$(free_port)
     if [[ -n ${RATHOLE_TLS:-} ]]; then
-        command -v openssl >/dev/null || { echo "error: RATHOLE_TLS needs the openssl command" >&2; exit 1; }
-        openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
-            -subj /CN=localhost -addext subjectAltName=DNS:localhost \
-            -keyout "$TMP/$server.key" -out "$TMP/$server.pem" 2>/dev/null
-        openssl pkcs12 -export -inkey "$TMP/$server.key" -in "$TMP/$server.pem" \
-            -passout pass:bench -out "$TMP/$server.pfx"
-        tls_server=$(printf '[server.transport]\ntype = "tls"\n[server.transport.tls]\npkcs12 = "%s"\npkcs12_password = "bench"\n' "$TMP/$server.pfx")
-        tls_client=$(printf '[client.transport]\ntype = "tls"\n[client.transport.tls]\ntrusted_root = "%s"\nhostname = "localhost"\n' "$TMP/$server.pem")
+        rathole_tls "$server"
+        tls_server=$RATHOLE_TLS_SERVER
+        tls_client=$RATHOLE_TLS_CLIENT
     fi
     printf '[server]\nbind_addr = "127.0.0.1:%s"\n%s\n[server.services.s]\ntoken = "bench"\nbind_addr = "127.0.0.1:%s"\n' \
         "$control" "$tls_server" "$port" >"$TMP/$server.toml"
