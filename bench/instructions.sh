@@ -26,13 +26,10 @@ command -v valgrind >/dev/null && command -v callgrind_control >/dev/null ||
     { echo "error: valgrind not found (apt-get install valgrind)" >&2; exit 1; }
 # Everything is about 50 times slower under valgrind: the handshake too.
 WAIT_SECS=60
-if [[ -z ${BIN:-} ]]; then
-    cargo build --release -p tube-cli -p tube-loadgen >&2
-    BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release
-fi
 
 # shellcheck source=bench/lib.sh
 source "$ROOT/bench/lib.sh"
+release_bin
 check_system
 CG=${OUT:-$TMP/cg}
 mkdir -p "$CG"

@@ -4,6 +4,7 @@
 #   wait_lines NAME N    wait (bounded by WAIT_SECS) for N stdout lines; die if NAME exited
 #   wait_err NAME TEXT   wait (bounded by WAIT_SECS) for a stderr line of NAME containing TEXT
 #   field NAME LINE WORD word WORD of line LINE of NAME's stdout
+#   release_bin          BIN: the release tube and tube-loadgen (built unless BIN is set)
 #   check_system         SYSTEM is tube or rathole (then $TOOLS/bin/rathole must exist)
 #   start_tube "LOCAL..." [WRAP...]     tube's relay and an agent exposing the LOCAL services
 #                                        (TUBE_NAME=x: a further instance, relayx/agentx)
@@ -83,6 +84,16 @@ field() {
     sed -n "$2p" "$TMP/$1.out" | awk -v w="$3" '{ print $w }'
 }
 
+
+# release_bin: sets BIN to the directory of release `tube` and `tube-loadgen`: the one BIN
+# already names, or target/release (CARGO_TARGET_DIR's) after building them.
+release_bin() {
+    if [[ -z ${BIN:-} ]]; then
+        echo "building (release)..." >&2
+        cargo build --release -p tube-cli -p tube-loadgen >&2
+        BIN=${CARGO_TARGET_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/target}/release
+    fi
+}
 
 # check_system: dies unless SYSTEM is tube or rathole, and for rathole unless
 # $TOOLS/bin/rathole exists (bench/compare.sh installs it).

@@ -68,16 +68,11 @@ ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" || true
 
 have_part() { [[ " $PARTS " == *" $1 "* ]]; }
 
-if [[ -z ${BIN:-} ]]; then
-    echo "building (release)..." >&2
-    cargo build --release -p tube-cli -p tube-loadgen >&2
-    BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release
-fi
-TUBE=$BIN/tube
-LOADGEN=$BIN/tube-loadgen
-
 # shellcheck source=bench/lib.sh
 source "$ROOT/bench/lib.sh"
+release_bin
+TUBE=$BIN/tube
+LOADGEN=$BIN/tube-loadgen
 
 {
     echo "date:    $(date -u +%Y-%m-%dT%H:%M:%SZ)"

@@ -27,14 +27,11 @@ throughput | rtt | connrate) ;;
 *) echo "error: TEST must be throughput, rtt or connrate, got '$TEST'" >&2; exit 2 ;;
 esac
 WAIT_SECS=20
-if [[ -z ${BIN:-} ]]; then
-    cargo build --release -p tube-cli -p tube-loadgen >&2
-    BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release
-fi
 command -v perf >/dev/null || { echo "error: perf not found" >&2; exit 1; }
 
 # shellcheck source=bench/lib.sh
 source "$ROOT/bench/lib.sh"
+release_bin
 check_system
 
 if [[ $TEST == throughput ]]; then start_system sink; else start_system echo; fi

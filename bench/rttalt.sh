@@ -30,14 +30,11 @@ TOOLS=${TOOLS:-$ROOT/bench/.tools}
 ROUNDS=${ROUNDS:-15}
 COUNT=${COUNT:-5000}
 WAIT_SECS=20
-if [[ -z ${BIN:-} ]]; then
-    cargo build --release -p tube-cli -p tube-loadgen >&2
-    BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release
-fi
 [[ -x $TOOLS/bin/rathole ]] || { echo "error: no rathole in $TOOLS/bin (bench/compare.sh installs it)" >&2; exit 1; }
 
 # shellcheck source=bench/lib.sh
 source "$ROOT/bench/lib.sh"
+release_bin
 start echo "$BIN/tube-loadgen" echo --listen 127.0.0.1:0
 wait_lines echo 1
 ECHO=$(field echo 1 3)

@@ -30,13 +30,10 @@ TOOLS=${TOOLS:-$ROOT/bench/.tools}
 COUNT=${COUNT:-5000}
 WAIT_SECS=20
 command -v perf >/dev/null || { echo "error: perf not found (apt-get install linux-perf)" >&2; exit 1; }
-if [[ -z ${BIN:-} ]]; then
-    cargo build --release -p tube-cli -p tube-loadgen >&2
-    BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release
-fi
 
 # shellcheck source=bench/lib.sh
 source "$ROOT/bench/lib.sh"
+release_bin
 check_system
 
 start_system echo

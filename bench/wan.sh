@@ -22,13 +22,10 @@ DELAY_MS=${DELAY_MS:-10}
 BYTES=${BYTES:-268435456}
 STREAMS=${STREAMS:-1}
 WAIT_SECS=20
-if [[ -z ${BIN:-} ]]; then
-    cargo build --release -p tube-cli -p tube-loadgen >&2
-    BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release
-fi
 
 # shellcheck source=bench/lib.sh
 source "$ROOT/bench/lib.sh"
+release_bin
 
 run() {
     local system=$1 addr=$2 line
