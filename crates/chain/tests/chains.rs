@@ -6,191 +6,29 @@
 //! logout, and concurrent chains; and issue 8's integrity figure, 256 MiB byte-exact through
 //! a chain of three nodes.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::Path;
+mod common;
+
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use common::*;
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
-use tube_chain::SqliteAccounts;
 use tube_chain::front::FrontClient;
-use tube_chain::hub::{Hub, HubConfig, HubState};
-use tube_chain::node::{NodeConfig, NodeError, NodeStats};
+use tube_chain::node::{NodeConfig, NodeError};
+use tube_chain::{AccountError, AccountStore, MemoryAccounts, Password};
 use tube_net::codec::handshake_conn;
-use tube_net::tokio_rustls::TlsConnector;
-use tube_net::{Fingerprint, Identity, tls};
+use tube_net::tokio_rustls::{TlsAcceptor, TlsConnector};
+use tube_net::{Identity, tls};
 use tube_proto::chain::{
     CHAIN_PROTOCOL_VERSION, FrontMessage, HubMessage, encode_hop_hello, parse_tunnel_id,
 };
 use tube_proto::frame::Frame;
 use tube_testkit::{deadline, echo_server, ended, init_tracing, read_hash, write_pattern};
-
-const LIMIT: Duration = Duration::from_secs(60);
-
-/// A hub on 127.0.0.1 port 0 with its accounts in a temp dir.
-struct TestHub {
-    identity: Identity,
-    task: Option<JoinHandle<Result<(), tube_chain::hub::HubError>>>,
-    addr: SocketAddr,
-    fingerprint: Fingerprint,
-    state: HubState,
-    shutdown: CancellationToken,
-    dir: Option<tempfile::TempDir>,
-}
-
-impl TestHub {
-    /// Stops the hub (nodes get 6013) and starts it again on the same address, certificate
-    /// and account database.
-    async fn restart(mut self) -> TestHub {
-        self.shutdown.cancel();
-        if let Some(t) = self.task.take() {
-            deadline(LIMIT, t)
-                .await
-                .expect("hub task")
-                .expect("hub ran");
-        }
-        let listener = TcpListener::bind(self.addr).await.expect("rebind hub");
-        let dir = self.dir.take().expect("dir");
-        run_hub(
-            dir,
-            self.identity.clone(),
-            listener,
-            0,
-            Duration::from_secs(5),
-        )
-    }
-}
-
-impl Drop for TestHub {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
-    }
-}
-
-async fn start_hub(intermediates: usize) -> TestHub {
-    start_hub_with(intermediates, Duration::from_secs(5)).await
-}
-
-/// A hub whose nodes get `hop_timeout` to answer each `make_tube`.
-async fn start_hub_with(intermediates: usize, hop_timeout: Duration) -> TestHub {
-    init_tracing();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let identity = Identity::generate(&["localhost"]).expect("identity");
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind hub");
-    run_hub(dir, identity, listener, intermediates, hop_timeout)
-}
-
-/// Runs a hub on `listener` with the accounts in `dir` (a restart passes the same ones).
-fn run_hub(
-    dir: tempfile::TempDir,
-    identity: Identity,
-    listener: TcpListener,
-    intermediates: usize,
-    hop_timeout: Duration,
-) -> TestHub {
-    let accounts = SqliteAccounts::open(&dir.path().join("nodes.sqlite3")).expect("accounts");
-    let fingerprint = identity.fingerprint();
-    let mut config = HubConfig::new(identity, Arc::new(accounts));
-    config.intermediates = intermediates;
-    config.hop_timeout = hop_timeout;
-    config.approval_timeout = Duration::from_secs(10);
-    let addr = listener.local_addr().expect("addr");
-    let config_identity = config.identity.clone();
-    let hub = Hub::new(config);
-    let state = hub.state();
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn(hub.run(listener, shutdown.clone()));
-    TestHub {
-        identity: config_identity,
-        task: Some(task),
-        addr,
-        fingerprint,
-        state,
-        shutdown,
-        dir: Some(dir),
-    }
-}
-
-/// A node on 127.0.0.`octet`, its front API on 127.0.0.1 port 0.
-struct TestNode {
-    api: SocketAddr,
-    stats: NodeStats,
-    shutdown: CancellationToken,
-    task: JoinHandle<Result<(), NodeError>>,
-}
-
-impl Drop for TestNode {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
-    }
-}
-
-fn ip(octet: u8) -> IpAddr {
-    IpAddr::V4(Ipv4Addr::new(127, 0, 0, octet))
-}
-
-fn node_config(hub: &TestHub, name: &str, octet: u8, dir: &Path) -> NodeConfig {
-    let mut c = NodeConfig::new(
-        hub.addr.to_string(),
-        hub.fingerprint,
-        name.into(),
-        dir.to_path_buf(),
-    );
-    c.bind = ip(octet);
-    c.hop_timeout = Duration::from_secs(5);
-    c
-}
-
-async fn spawn_node(config: NodeConfig) -> TestNode {
-    let api = TcpListener::bind("127.0.0.1:0").await.expect("bind api");
-    let addr = api.local_addr().expect("addr");
-    let stats = NodeStats::default();
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn(tube_chain::node::run_with_stats(
-        api,
-        config,
-        stats.clone(),
-        shutdown.clone(),
-    ));
-    TestNode {
-        api: addr,
-        stats,
-        shutdown,
-        task,
-    }
-}
-
-/// Starts a node and waits until it is logged in.
-async fn start_node(hub: &TestHub, name: &str, octet: u8, dir: &Path) -> TestNode {
-    let node = spawn_node(node_config(hub, name, octet, dir)).await;
-    node.online().await;
-    node
-}
-
-impl TestNode {
-    async fn online(&self) {
-        let mut w = self.stats.sessions();
-        deadline(LIMIT, w.wait_for(|s| s.online))
-            .await
-            .expect("node logged in");
-    }
-
-    /// Graceful stop (sends `logout`); returns how `run` ended.
-    async fn stop(mut self) -> Result<(), NodeError> {
-        self.shutdown.cancel();
-        deadline(LIMIT, &mut self.task).await.expect("node task")
-    }
-
-    /// Like a killed process: every task and socket of the node goes at once, no `logout`.
-    async fn kill(mut self) {
-        self.task.abort();
-        let _ = (&mut self.task).await;
-    }
-}
 
 /// An endpoint front: subscribes, answers every request with `allow`, and connects each
 /// established chain to `forward`. Returns once the subscription is active.
@@ -642,15 +480,23 @@ async fn hop_port_refuses_strangers_and_wrong_secrets_then_takes_the_right_hop()
     .await;
 }
 
-/// The password in the node's file (64 hex digits; the file ends in a newline).
-fn read_password(config: &NodeConfig) -> String {
-    let text = std::fs::read_to_string(config.password_path()).expect("password file");
-    text.trim_end().to_string()
-}
-
 /// A bare `auth` as `name` with `password`, like a node that dies right after the answer
 /// (it never stores the next password, never sends `password_stored`): the answer.
 async fn auth_and_vanish(hub: &TestHub, name: &str, password: &str) -> HubMessage {
+    first_answer(
+        hub,
+        HubMessage::Auth {
+            version: CHAIN_PROTOCOL_VERSION.into(),
+            name: name.into(),
+            password: tube_proto::chain::ChainSecret::new(password),
+            relay: false,
+        },
+    )
+    .await
+}
+
+/// The hub's answer to `login` (`register` or `auth`) on a fresh connection.
+async fn first_answer(hub: &TestHub, login: HubMessage) -> HubMessage {
     let tcp = TcpStream::connect(hub.addr).await.expect("connect hub");
     let cfg = tls::pinned_client_config(hub.fingerprint).expect("tls config");
     let tls = TlsConnector::from(cfg)
@@ -658,18 +504,12 @@ async fn auth_and_vanish(hub: &TestHub, name: &str, password: &str) -> HubMessag
         .await
         .expect("tls to the hub");
     let mut conn = handshake_conn(tls);
-    let auth = HubMessage::Auth {
-        version: CHAIN_PROTOCOL_VERSION.into(),
-        name: name.into(),
-        password: tube_proto::chain::ChainSecret::new(password),
-        relay: false,
-    };
-    conn.send(Frame::Control(auth.to_bytes()))
+    conn.send(Frame::Control(login.to_bytes()))
         .await
-        .expect("send auth");
+        .expect("send login");
     match deadline(LIMIT, conn.next()).await {
         Some(Ok(Frame::Control(b))) => HubMessage::from_bytes(&b).expect("a hub message"),
-        other => panic!("expected an answer to auth, got {other:?}"),
+        other => panic!("expected an answer to the login, got {other:?}"),
     }
 }
 
@@ -682,6 +522,197 @@ fn refused(answer: &HubMessage) -> bool {
             ..
         }
     )
+}
+
+/// An account store that fails while `failing` is set (a database locked or gone), counting
+/// the calls it failed.
+#[derive(Debug)]
+struct FlakyAccounts {
+    inner: MemoryAccounts,
+    failing: AtomicBool,
+    failed: tokio::sync::watch::Sender<u64>,
+}
+
+impl FlakyAccounts {
+    fn new() -> Arc<Self> {
+        Arc::new(Self {
+            inner: MemoryAccounts::default(),
+            failing: AtomicBool::new(false),
+            failed: tokio::sync::watch::channel(0).0,
+        })
+    }
+
+    fn check(&self) -> Result<(), AccountError> {
+        if self.failing.load(Ordering::SeqCst) {
+            self.failed.send_modify(|n| *n += 1);
+            return Err(AccountError::Store("database is locked".into()));
+        }
+        Ok(())
+    }
+
+    /// Waits until `n` more calls failed than `before`.
+    async fn failed_more(&self, before: u64, n: u64) {
+        let mut w = self.failed.subscribe();
+        deadline(LIMIT, w.wait_for(|f| *f >= before + n))
+            .await
+            .expect("calls failed");
+    }
+}
+
+impl AccountStore for FlakyAccounts {
+    fn register(&self, name: &str) -> Result<Password, AccountError> {
+        self.check()?;
+        self.inner.register(name)
+    }
+    fn authenticate(&self, name: &str, password: &str) -> Result<Password, AccountError> {
+        self.check()?;
+        self.inner.authenticate(name, password)
+    }
+    fn confirm_stored(&self, name: &str, password: &Password) -> Result<(), AccountError> {
+        self.inner.confirm_stored(name, password)
+    }
+    fn remove(&self, name: &str) -> Result<(), AccountError> {
+        self.inner.remove(name)
+    }
+    fn exists(&self, name: &str) -> Result<bool, AccountError> {
+        self.inner.exists(name)
+    }
+    fn blocks(&self) -> bool {
+        false
+    }
+}
+
+/// Reconnects after 10 to 50 ms, so a test sees several sessions quickly.
+fn quick_retry(mut config: NodeConfig) -> NodeConfig {
+    config.reconnect.initial = Duration::from_millis(10);
+    config.reconnect.max = Duration::from_millis(50);
+    config
+}
+
+fn unavailable(answer: &HubMessage) -> bool {
+    matches!(
+        answer,
+        HubMessage::RegisterResult {
+            is_success: false,
+            code: Some(6014),
+            ..
+        } | HubMessage::AuthResult {
+            is_success: false,
+            code: Some(6014),
+            ..
+        }
+    )
+}
+
+#[tokio::test]
+async fn a_hub_whose_account_store_fails_answers_6014_and_nodes_retry_until_it_recovers() {
+    deadline(LIMIT, async {
+        let accounts = FlakyAccounts::new();
+        let hub = start_hub_on(accounts.clone()).await;
+        accounts.failing.store(true, Ordering::SeqCst);
+        let register = HubMessage::Register {
+            version: CHAIN_PROTOCOL_VERSION.into(),
+            name: "x".into(),
+            relay: false,
+        };
+        let answer = first_answer(&hub, register).await;
+        assert!(unavailable(&answer), "register: {answer:?}");
+
+        // A node registering meanwhile is not stopped by it (6002 would stop it for good):
+        // it tries again and again, and logs in once the store works.
+        let dir = tempfile::tempdir().unwrap();
+        let config = quick_retry(node_config(&hub, "s", 2, dir.path()));
+        let before = *accounts.failed.borrow();
+        let node = spawn_node(config.clone()).await;
+        accounts.failed_more(before, 3).await;
+        assert!(!node.task.is_finished(), "the node gave up");
+        accounts.failing.store(false, Ordering::SeqCst);
+        node.online_then_stop().await;
+
+        // The same for a login (`auth`; 6001 would stop it for good), and the password it
+        // holds still works afterwards: a failed store rotated nothing.
+        accounts.failing.store(true, Ordering::SeqCst);
+        let answer = auth_and_vanish(&hub, "s", &read_password(&config)).await;
+        assert!(unavailable(&answer), "auth: {answer:?}");
+        let before = *accounts.failed.borrow();
+        let node = spawn_node(config.clone()).await;
+        accounts.failed_more(before, 3).await;
+        assert!(!node.task.is_finished(), "the node gave up");
+        accounts.failing.store(false, Ordering::SeqCst);
+        node.online_then_stop().await;
+    })
+    .await;
+}
+
+/// The hub side of a connection from a node, for a hub the test scripts.
+type HubSide = tube_net::codec::HandshakeConn<tube_net::tokio_rustls::server::TlsStream<TcpStream>>;
+
+async fn next_from_node(conn: &mut HubSide) -> Option<HubMessage> {
+    match deadline(LIMIT, conn.next()).await {
+        Some(Ok(Frame::Control(b))) => Some(HubMessage::from_bytes(&b).expect("node message")),
+        Some(Ok(other)) => panic!("node sent {other:?}"),
+        Some(Err(_)) | None => None,
+    }
+}
+
+#[tokio::test]
+async fn a_node_answers_every_protocol_error_of_its_hub_with_6009_before_closing() {
+    deadline(LIMIT, async {
+        init_tracing();
+        let identity = Identity::generate(&["localhost"]).expect("identity");
+        let acceptor = TlsAcceptor::from(identity.server_config().expect("tls"));
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = NodeConfig::new(
+            listener.local_addr().unwrap().to_string(),
+            identity.fingerprint(),
+            "n".into(),
+            dir.path().to_path_buf(),
+        );
+        config.bind = ip(2);
+        let node = spawn_node(quick_retry(config)).await;
+        // Every session: log the node in, then send what only a node may send. The node's
+        // `error` and its close race each other, so several sessions are needed to see that
+        // the error always goes first.
+        for session in 0..8u32 {
+            let (tcp, _) = deadline(LIMIT, listener.accept()).await.expect("accept");
+            let mut conn = handshake_conn(acceptor.accept(tcp).await.expect("tls"));
+            let password = tube_proto::chain::ChainSecret::new(format!("{session:064x}"));
+            let answer = match next_from_node(&mut conn).await {
+                Some(HubMessage::Register { .. }) => HubMessage::RegisterResult {
+                    is_success: true,
+                    message: "registered".into(),
+                    password: Some(password),
+                    code: None,
+                },
+                Some(HubMessage::Auth { .. }) => HubMessage::AuthResult {
+                    is_success: true,
+                    message: "welcome".into(),
+                    next_password: Some(password),
+                    code: None,
+                },
+                other => panic!("session {session}: expected a login, got {other:?}"),
+            };
+            conn.send(Frame::Control(answer.to_bytes())).await.unwrap();
+            assert!(matches!(
+                next_from_node(&mut conn).await,
+                Some(HubMessage::PasswordStored {})
+            ));
+            conn.send(Frame::Control(HubMessage::Logout {}.to_bytes()))
+                .await
+                .unwrap();
+            let mut sent = Vec::new();
+            while let Some(m) = next_from_node(&mut conn).await {
+                sent.push(m);
+            }
+            assert!(
+                matches!(sent.as_slice(), [HubMessage::Error { code: 6009, .. }]),
+                "session {session}: the node sent {sent:?} before closing"
+            );
+        }
+        assert!(!node.task.is_finished(), "6009 is not final");
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -739,17 +770,6 @@ async fn passwords_are_single_use_across_restarts_and_survive_a_crash_before_sto
         spawn_node(config.clone()).await.online_then_stop().await;
     })
     .await;
-}
-
-impl TestNode {
-    async fn online_then_stop(self) {
-        self.online().await;
-        self.stop().await.expect("clean stop");
-    }
-
-    async fn task_result(mut self) -> Result<(), NodeError> {
-        (&mut self.task).await.expect("node task")
-    }
 }
 
 #[tokio::test]

@@ -1200,11 +1200,13 @@ pub enum ChainErrorCode {
     UnknownTunnel = 6012,
     /// The hub is stopping.
     ShuttingDown = 6013,
+    /// The hub could not serve the login now (its account store failed); try again later.
+    Unavailable = 6014,
 }
 
 impl ChainErrorCode {
     /// Every code, for documentation and tests.
-    pub const ALL: [ChainErrorCode; 13] = [
+    pub const ALL: [ChainErrorCode; 14] = [
         Self::AuthFailed,
         Self::NameTaken,
         Self::UnknownNode,
@@ -1218,6 +1220,7 @@ impl ChainErrorCode {
         Self::UnsupportedVersion,
         Self::UnknownTunnel,
         Self::ShuttingDown,
+        Self::Unavailable,
     ];
 
     /// The code for a number, if known.
@@ -1241,6 +1244,7 @@ impl ChainErrorCode {
             Self::UnsupportedVersion => "UNSUPPORTED_VERSION",
             Self::UnknownTunnel => "UNKNOWN_TUNNEL",
             Self::ShuttingDown => "SHUTTING_DOWN",
+            Self::Unavailable => "UNAVAILABLE",
         }
     }
 

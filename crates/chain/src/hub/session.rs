@@ -142,7 +142,10 @@ async fn login(
                         }
                         other => {
                             tracing::error!(error = %other, "account store failed");
-                            (None, "hub error, try again later".into())
+                            (
+                                Some(ChainErrorCode::Unavailable),
+                                "hub error, try again later".into(),
+                            )
                         }
                     };
                     let m = HubMessage::RegisterResult {
@@ -178,19 +181,19 @@ async fn login(
                         next,
                     ),
                     Err(e) => {
-                        let code = match e {
+                        let (code, message) = match e {
                             AccountError::Store(other) => {
                                 tracing::error!(error = %other, "account store failed");
-                                None
+                                (ChainErrorCode::Unavailable, "hub error, try again later")
                             }
                             // Unknown name and wrong password get the same answer.
-                            _ => Some(ChainErrorCode::AuthFailed as u16),
+                            _ => (ChainErrorCode::AuthFailed, "authentication failed"),
                         };
                         let m = HubMessage::AuthResult {
                             is_success: false,
-                            message: "authentication failed".into(),
+                            message: message.into(),
                             next_password: None,
-                            code,
+                            code: Some(code as u16),
                         };
                         return refuse(conn, m, "auth refused").await;
                     }
@@ -522,8 +525,8 @@ async fn request_tube(
         Err(e) => {
             tracing::error!(error = %e, "account store failed");
             Some(refusal(
-                ChainErrorCode::EndpointOffline,
-                format!("{endpoint} is offline"),
+                ChainErrorCode::Unavailable,
+                "hub error, try again later".into(),
             ))
         }
     }

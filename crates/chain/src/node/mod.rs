@@ -126,9 +126,20 @@ pub enum NodeError {
         /// What failed.
         message: String,
     },
-    /// The password file could not be read or written.
+    /// The password file could not be read, or does not hold a password: final (retrying
+    /// cannot help until someone mends the file).
     #[error("password file {}: {source}", .path.display())]
     PasswordFile {
+        /// The file.
+        path: PathBuf,
+        /// The failure (never holds the password).
+        source: std::io::Error,
+    },
+    /// The password a login returned could not be stored. Not final: the node closes the
+    /// session and logs in again later with the password it still has, which the hub still
+    /// accepts (chain.md section 4.2).
+    #[error("storing the password in {}: {source}", .path.display())]
+    PasswordStore {
         /// The file.
         path: PathBuf,
         /// The failure (never holds the password).
@@ -146,7 +157,8 @@ pub enum NodeError {
 }
 
 impl NodeError {
-    /// Whether retrying cannot help (6001, 6002, 6011, a wrong fingerprint).
+    /// Whether retrying cannot help (6001, 6002, 6011, a wrong fingerprint, an unreadable
+    /// password file, an unusable front API).
     pub fn is_final(&self) -> bool {
         match self {
             NodeError::Hub { code, .. } => matches!(code, 6001 | 6002 | 6011),
@@ -276,7 +288,7 @@ pub async fn run(
 ///
 /// The front API serves from the start and across hub sessions (a `request_tube` without a
 /// session is refused with 6010). A session that ends for any reason but a final one (6001,
-/// 6002, 6011, a wrong fingerprint, an unusable password file) closes every chain and is
+/// 6002, 6011, a wrong fingerprint, an unreadable password file) closes every chain and is
 /// followed by a new one after the reconnect backoff; the backoff starts over after every
 /// session that logged in. On shutdown the node sends `logout` and waits briefly for its answer.
 pub async fn run_with_stats(
@@ -448,9 +460,14 @@ impl Node {
             drop(hub_tx);
             let _ = timeout(Duration::from_secs(2), writer).await;
         } else {
-            session.cancel();
+            // The writer sends what is queued (the `error` 6009 of our own protocol error) and
+            // ends; a hub that does not take it within a second is cut off.
             drop(hub_tx);
-            let _ = writer.await;
+            let mut writer = writer;
+            if timeout(Duration::from_secs(1), &mut writer).await.is_err() {
+                session.cancel();
+                let _ = writer.await;
+            }
         }
         (true, result)
     }
@@ -599,11 +616,17 @@ async fn hub_writer(
 ) {
     loop {
         let msg = tokio::select! {
+            // Queued messages first: cancelling ends the writer, not what it was given.
+            biased;
             m = rx.recv() => m,
             _ = token.cancelled() => None,
         };
         let Some(msg) = msg else { break };
-        if let Err(e) = sink.send(Frame::Control(msg.to_bytes())).await {
+        let sent = tokio::select! {
+            r = sink.send(Frame::Control(msg.to_bytes())) => r,
+            _ = token.cancelled() => break,
+        };
+        if let Err(e) = sent {
             tracing::warn!(error = %e, "writing to the hub failed");
             token.cancel();
             break;
@@ -761,10 +784,14 @@ async fn login(config: &NodeConfig, conn: &mut Conn) -> Result<(), NodeError> {
         .parse()
         .map_err(|_| NodeError::Protocol("the hub sent a malformed password".into()))?;
     let store_path = path.clone();
+    let store_err = |source| NodeError::PasswordStore {
+        path: path.clone(),
+        source,
+    };
     tokio::task::spawn_blocking(move || password_file::store(&store_path, &password))
         .await
-        .map_err(|e| file_err(std::io::Error::other(e.to_string())))?
-        .map_err(file_err)?;
+        .map_err(|e| store_err(std::io::Error::other(e.to_string())))?
+        .map_err(store_err)?;
     // On disk: the hub may now void the password this login used.
     conn.send(Frame::Control(HubMessage::PasswordStored {}.to_bytes()))
         .await
