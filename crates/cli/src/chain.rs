@@ -72,7 +72,7 @@ enum ChainCommand {
     List,
     /// Close a chain.
     Close {
-        /// The tunnel id.
+        /// The chain's tunnel id, as `tube chain list` shows it.
         id: String,
     },
 }

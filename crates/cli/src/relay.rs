@@ -327,7 +327,7 @@ pub(crate) async fn run(args: RelayArgs, shutdown: CancellationToken) -> anyhow:
     // No token on this line: logs travel (journald, aggregators) and a JWT in them is a
     // credential anyone reading them could use. The command mints its own.
     tracing::info!(
-        "expose a local service with: TUBE_TOKEN=$(tube token --data-dir {}) tube expose 127.0.0.1:3000 --relay {host}:{} --fingerprint {fingerprint}",
+        "expose a local service with: TUBE_TOKEN=$(tube token --subject agent --data-dir {}) tube expose 127.0.0.1:3000 --relay {host}:{} --fingerprint {fingerprint}",
         dir.display(),
         addr.port()
     );

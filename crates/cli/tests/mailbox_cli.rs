@@ -166,6 +166,12 @@ async fn two_clients_exchange_messages_and_the_peer_writes_nothing_to_disk() {
         assert_eq!(addr_a.lines().count(), 1);
         assert!(addr_b.ends_with(&format!("@{p2}")), "{addr_b}");
 
+        // The TLS peer dialled without its fingerprint: a hint, not a packet-type error.
+        let (ok, _, err) = msg(b.path(), &["fetch", "--peer", p2_addr]).await;
+        assert!(
+            !ok && err.contains("the peer speaks TLS: put its fingerprint in the address"),
+            "{err}"
+        );
         // b registers once (its peer learns its certificate), then a writes while b is offline.
         assert!(msg(b.path(), &["fetch", "--peer", &p2]).await.0);
         for text in ["hello bob", "second line"] {

@@ -569,6 +569,24 @@ async fn no_secret_reaches_the_relay_or_agent_logs_at_trace_level() {
             "the example command: {relay_log}"
         );
         assert!(!relay_log.contains("eyJ"), "a JWT in the relay's log");
+        // ... and that part, run as logged, mints one.
+        let minting = relay_log
+            .split("TUBE_TOKEN=$(tube token ")
+            .nth(1)
+            .and_then(|rest| rest.split(')').next())
+            .expect("the token command");
+        let out = tokio::process::Command::new(TUBE)
+            .arg("token")
+            .args(minting.split_whitespace())
+            .output()
+            .await
+            .expect("run tube token");
+        let token = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && token.starts_with("eyJ"),
+            "`tube token {minting}`: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         logs.log("the relay", relay_log);
         logs.check();
     })

@@ -24,6 +24,11 @@ use crate::wire::{self, Conn};
 fn wire_error(e: wire::WireError) -> ClientError {
     match e {
         wire::WireError::Io(e) => ClientError::Unavailable(e.to_string()),
+        // 21 and 22 open TLS records (an alert, a handshake): a TLS peer reached in plain TCP.
+        wire::WireError::Packet(codec::PacketError::UnknownType(21 | 22)) => ClientError::Protocol(
+            "the peer speaks TLS: put its fingerprint in the address (host:port/sha256:<hex>)"
+                .into(),
+        ),
         wire::WireError::Packet(e) => ClientError::Protocol(e.to_string()),
     }
 }
