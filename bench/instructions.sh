@@ -35,6 +35,8 @@ CG=${OUT:-$TMP/cg}
 mkdir -p "$CG"
 rm -f "$CG"/cg.*
 VG=(valgrind --tool=callgrind "--callgrind-out-file=$CG/cg.%p")
+# With OUT, costs per instruction too: which code lines a round trip touches.
+[[ -n ${OUT:-} ]] && VG+=(--dump-instr=yes)
 if [[ -n ${CACHE:-} ]]; then
     VG+=(--cache-sim=yes --I1=32768,8,64 --D1=32768,8,64 --LL=1048576,16,64)
 fi
