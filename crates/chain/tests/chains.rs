@@ -710,6 +710,24 @@ async fn a_node_answers_every_protocol_error_of_its_hub_with_6009_before_closing
                 "session {session}: the node sent {sent:?} before closing"
             );
         }
+        // The same when the answer to the login itself is one only a node may send.
+        let (tcp, _) = deadline(LIMIT, listener.accept()).await.expect("accept");
+        let mut conn = handshake_conn(acceptor.accept(tcp).await.expect("tls"));
+        assert!(matches!(
+            next_from_node(&mut conn).await,
+            Some(HubMessage::Auth { .. })
+        ));
+        conn.send(Frame::Control(HubMessage::Logout {}.to_bytes()))
+            .await
+            .unwrap();
+        let mut sent = Vec::new();
+        while let Some(m) = next_from_node(&mut conn).await {
+            sent.push(m);
+        }
+        assert!(
+            matches!(sent.as_slice(), [HubMessage::Error { code: 6009, .. }]),
+            "login: the node sent {sent:?} before closing"
+        );
         assert!(!node.task.is_finished(), "6009 is not final");
     })
     .await;

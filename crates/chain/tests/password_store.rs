@@ -12,8 +12,26 @@ use std::time::Duration;
 
 use common::*;
 
+/// A directory where the process's atomic write number `n` of the node `p`'s password file
+/// puts its temporary file, so that write fails.
+fn block_write(dir: &std::path::Path, n: u64) -> std::path::PathBuf {
+    let blocker = dir.join(format!(".node-p.password.{}.{n}.tmp", std::process::id()));
+    std::fs::create_dir(&blocker).unwrap();
+    std::fs::write(blocker.join("keep"), b"").unwrap();
+    blocker
+}
+
+/// Waits until the node is logged in; fails at once if it stopped instead.
+async fn online_or_stopped(node: &mut TestNode) {
+    let mut sessions = node.stats.sessions();
+    tokio::select! {
+        r = sessions.wait_for(|s| s.online) => { r.expect("node stats"); }
+        r = &mut node.task => panic!("the node stopped: {r:?}"),
+    }
+}
+
 #[tokio::test]
-async fn a_node_that_cannot_store_its_next_password_logs_in_again_with_the_one_it_has() {
+async fn a_node_that_cannot_store_its_next_password_logs_in_again_with_it() {
     tube_testkit::deadline(LIMIT, async {
         let hub = start_hub(0).await;
         let dir = tempfile::tempdir().unwrap();
@@ -21,33 +39,33 @@ async fn a_node_that_cannot_store_its_next_password_logs_in_again_with_the_one_i
         config.reconnect.initial = Duration::from_millis(10);
         config.reconnect.max = Duration::from_millis(50);
 
-        // Registering stores password 1: this process's atomic write number 0.
-        spawn_node(config.clone()).await.online_then_stop().await;
-        let p1 = read_password(&config);
-        // Write number 1, of password 2 after the next login, will fail.
-        let blocker = dir
-            .path()
-            .join(format!(".node-p.password.{}.1.tmp", std::process::id()));
-        std::fs::create_dir(&blocker).unwrap();
-        std::fs::write(blocker.join("keep"), b"").unwrap();
-
-        // The login with 1 gets 2 and cannot store it; the node logs in again with 1 (the hub
-        // keeps it until a successor is stored), gets 3 and stores it (write number 2).
+        // The password `register` returns cannot be stored (write 0). Registering again
+        // would get 6002 and stop the node for good; it logs in with the password it kept in
+        // memory instead, gets the next one and stores that (write 1).
+        let first = block_write(dir.path(), 0);
         let mut node = spawn_node(config.clone()).await;
-        let mut sessions = node.stats.sessions();
-        tokio::select! {
-            r = sessions.wait_for(|s| s.online) => { r.expect("node stats"); }
-            r = &mut node.task => panic!("the node stopped: {r:?}"),
-        }
+        online_or_stopped(&mut node).await;
         assert_eq!(
             node.stats.sessions().borrow().logins,
             1,
             "one session got through"
         );
-        let p3 = read_password(&config);
-        assert_ne!(p1, p3, "the file holds a newer password");
+        let p2 = read_password(&config);
         node.stop().await.expect("clean stop");
-        assert!(blocker.is_dir(), "the failed write left its obstacle alone");
+
+        // Later the password of an `auth` cannot be stored (write 2): the node logs in with
+        // it (or could with the one on disk, which the hub still accepts) and stores the next
+        // one (write 3).
+        let second = block_write(dir.path(), 2);
+        let mut node = spawn_node(config.clone()).await;
+        online_or_stopped(&mut node).await;
+        let p4 = read_password(&config);
+        assert_ne!(p2, p4, "the file holds a newer password");
+        node.stop().await.expect("clean stop");
+        assert!(
+            first.is_dir() && second.is_dir(),
+            "the failed writes met their obstacles"
+        );
 
         // The stored password logs in.
         spawn_node(config.clone()).await.online_then_stop().await;

@@ -319,6 +319,7 @@ pub async fn run_with_stats(
         tracker: tracker.clone(),
         token: token.clone(),
         next_id: AtomicU64::new(1),
+        unsaved: Mutex::new(None),
     });
     tracker.spawn(node.clone().accept_fronts(api));
     let result = loop {
@@ -367,6 +368,8 @@ struct Node {
     token: CancellationToken,
     /// The node's request ids towards the hub (one counter for the whole process).
     next_id: AtomicU64,
+    /// The newest password, while it could not be stored: the next login uses it.
+    unsaved: Mutex<Option<Password>>,
 }
 
 impl Node {
@@ -426,7 +429,7 @@ impl Node {
                     addr: config.hub.clone(),
                     message: "timed out".into(),
                 })??;
-            login(config, &mut conn).await?;
+            login(config, &mut conn, &self.unsaved).await?;
             Ok::<_, NodeError>(conn)
         };
         let conn = tokio::select! {
@@ -635,6 +638,19 @@ async fn hub_writer(
     let _ = timeout(Duration::from_secs(1), sink.close()).await;
 }
 
+/// Answers a hub that broke the protocol during the login with `error` 6009 (a second at
+/// most: the connection closes next anyway).
+async fn login_protocol_error(conn: &mut Conn, why: String) -> NodeError {
+    tracing::warn!(reason = %why, "hub broke the protocol");
+    let error = HubMessage::error(ChainErrorCode::ProtocolError, "protocol error");
+    let _ = timeout(
+        Duration::from_secs(1),
+        conn.send(Frame::Control(error.to_bytes())),
+    )
+    .await;
+    NodeError::Protocol(why)
+}
+
 /// Dials `addr` from `bind` (any local address when `bind` is unspecified).
 async fn connect_from(bind: IpAddr, addr: SocketAddr) -> std::io::Result<TcpStream> {
     let tcp = if bind.is_unspecified() {
@@ -692,14 +708,24 @@ async fn connect(config: &NodeConfig) -> Result<Conn, NodeError> {
 }
 
 /// `register` or `auth`, then stores the password the hub handed out and tells the hub
-/// (`password_stored`) before returning.
-async fn login(config: &NodeConfig, conn: &mut Conn) -> Result<(), NodeError> {
+/// (`password_stored`) before returning. A password that cannot be stored stays in `unsaved`
+/// for the next login (the hub accepts it, chain.md section 4.2), so a node whose disk fails
+/// right after `register` keeps its account while it runs.
+async fn login(
+    config: &NodeConfig,
+    conn: &mut Conn,
+    unsaved: &Mutex<Option<Password>>,
+) -> Result<(), NodeError> {
     let path = config.password_path();
     let file_err = |source| NodeError::PasswordFile {
         path: path.clone(),
         source,
     };
-    let stored = password_file::load(&path).map_err(file_err)?;
+    let kept = lock(unsaved).clone();
+    let stored = match kept {
+        Some(p) => Some(p),
+        None => password_file::load(&path).map_err(file_err)?,
+    };
     let first = match &stored {
         None => HubMessage::Register {
             version: CHAIN_PROTOCOL_VERSION.into(),
@@ -720,11 +746,14 @@ async fn login(config: &NodeConfig, conn: &mut Conn) -> Result<(), NodeError> {
     let reply = match timeout(config.handshake_timeout, conn.next()).await {
         Err(_) => return Err(lost("no answer to the login".into())),
         Ok(None) => return Err(lost("closed before answering the login".into())),
-        Ok(Some(Err(e))) => return Err(NodeError::Protocol(e.to_string())),
-        Ok(Some(Ok(Frame::Control(b)))) => {
-            HubMessage::from_bytes(&b).map_err(|e| NodeError::Protocol(e.to_string()))?
+        Ok(Some(Err(e))) => return Err(login_protocol_error(conn, e.to_string()).await),
+        Ok(Some(Ok(Frame::Control(b)))) => match HubMessage::from_bytes(&b) {
+            Ok(m) => m,
+            Err(e) => return Err(login_protocol_error(conn, e.to_string()).await),
+        },
+        Ok(Some(Ok(_))) => {
+            return Err(login_protocol_error(conn, "frame other than CONTROL".into()).await);
         }
-        Ok(Some(Ok(_))) => return Err(NodeError::Protocol("frame other than CONTROL".into())),
     };
     let fresh = match (reply, stored.is_some()) {
         (
@@ -773,16 +802,16 @@ async fn login(config: &NodeConfig, conn: &mut Conn) -> Result<(), NodeError> {
         }
         (HubMessage::Error { code, message }, _) => return Err(NodeError::Hub { code, message }),
         (other, _) => {
-            return Err(NodeError::Protocol(format!(
-                "unexpected {} in answer to the login",
-                other.kind()
-            )));
+            let why = format!("unexpected {} in answer to the login", other.kind());
+            return Err(login_protocol_error(conn, why).await);
         }
     };
-    let password: Password = fresh
-        .expose()
-        .parse()
-        .map_err(|_| NodeError::Protocol("the hub sent a malformed password".into()))?;
+    let Ok(password) = fresh.expose().parse::<Password>() else {
+        let why = "the hub sent a malformed password".into();
+        return Err(login_protocol_error(conn, why).await);
+    };
+    // Kept until it is on disk: if storing fails, the next login uses it.
+    *lock(unsaved) = Some(password.clone());
     let store_path = path.clone();
     let store_err = |source| NodeError::PasswordStore {
         path: path.clone(),
@@ -792,6 +821,7 @@ async fn login(config: &NodeConfig, conn: &mut Conn) -> Result<(), NodeError> {
         .await
         .map_err(|e| store_err(std::io::Error::other(e.to_string())))?
         .map_err(store_err)?;
+    *lock(unsaved) = None;
     // On disk: the hub may now void the password this login used.
     conn.send(Frame::Control(HubMessage::PasswordStored {}.to_bytes()))
         .await
