@@ -488,6 +488,78 @@ async fn the_relay_drops_an_agent_that_stops_sending_heartbeats() {
     .await;
 }
 
+#[tokio::test(start_paused = true)]
+async fn the_relay_drops_an_agent_that_stops_reading_its_answers() {
+    init_tracing();
+    deadline(Duration::from_secs(900), async {
+        let keys = Keys::new();
+        let relay = TestRelay::start_with(keys.config(None)).await;
+        let alice = keys.jwt.mint("alice", Duration::from_secs(3600));
+        // A small receive buffer, so that what the relay sends backs up soon.
+        let sock = TcpSocket::new_v4().unwrap();
+        sock.set_recv_buffer_size(4096).unwrap();
+        let tcp = sock.connect(relay.addr).await.unwrap();
+        let cfg = tls::pinned_client_config(keys.identity.fingerprint()).unwrap();
+        let tls = TlsConnector::from(cfg)
+            .connect(tls::server_name(), tcp)
+            .await
+            .unwrap();
+        let mut c = handshake_conn(tls);
+        assert!(matches!(
+            recv_control(&mut c).await.unwrap(),
+            ControlMessage::Hello { .. }
+        ));
+        assert!(matches!(
+            auth(&mut c, &alice).await,
+            ControlMessage::AuthResponse { .. }
+        ));
+        let (_, endpoint, _) = open_tunnel(&mut c, tcp_tunnel("deaf")).await;
+        // Users send (each up to its stream's window) to an agent that reads nothing more,
+        // so the relay's writes to it back up, and so does its answer to a heartbeat. The
+        // agent keeps sending one every 30 s, as a live one would: only what the relay reads
+        // counts. When the liveness deadline passes, the relay drops the agent and its users.
+        let mut users = Vec::new();
+        let mut writers = Vec::new();
+        for _ in 0..32 {
+            let user = TcpStream::connect(endpoint).await.unwrap();
+            let (r, mut w) = user.into_split();
+            writers.push(tokio::spawn(async move {
+                let _ = w.write_all(&vec![7u8; 1 << 20]).await;
+                w
+            }));
+            users.push(r);
+        }
+        let (mut sink, _unread) = c.split();
+        let beats = tokio::spawn(async move {
+            loop {
+                let hb = ControlMessage::Heartbeat {
+                    tunnel_id: "x".into(),
+                    stats: TunnelStats::default(),
+                };
+                let f = tube_proto::Frame::Control(hb.to_bytes());
+                if futures_util::SinkExt::send(&mut sink, f).await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_secs(30)).await;
+            }
+        });
+        for user in &mut users {
+            let mut buf = [0u8; 64];
+            let end = tokio::time::timeout(Duration::from_secs(600), user.read(&mut buf)).await;
+            assert!(
+                matches!(end, Ok(Ok(0)) | Ok(Err(_))),
+                "a user of a deaf agent is still connected: {end:?}"
+            );
+        }
+        beats.abort();
+        for w in writers {
+            w.abort();
+        }
+        relay.stop().await;
+    })
+    .await;
+}
+
 /// A fake relay that completes the handshake and registration, then never answers again.
 async fn silent_relay() -> (
     SocketAddr,

@@ -359,6 +359,9 @@ struct Recv {
     /// Window growth this stream holds from the connection's budget.
     grown: usize,
     last_update: Option<std::time::Instant>,
+    /// The peer sent FIN: DATA or another FIN after it is a protocol error (each would queue
+    /// an item the consumer, done reading, never takes).
+    fin: bool,
 }
 
 impl Drop for StreamShared {
@@ -626,6 +629,7 @@ fn new_stream(
             window: RecvWindow::new(inner.cfg.window),
             grown: 0,
             last_update: None,
+            fin: false,
         }),
         direct: Mutex::new(Direct::default()),
         grown: inner.grown.clone(),
@@ -942,9 +946,19 @@ fn on_data(
     let Some(s) = inner.stream(stream) else {
         return true;
     };
-    if let Err(e) = lock(&s.recv).window.on_data(payload.len()) {
-        inner.protocol_error(ErrorCode::FlowControlError, format!("stream {stream}: {e}"));
-        return false;
+    {
+        let mut r = lock(&s.recv);
+        if r.fin {
+            drop(r);
+            let why = format!("stream {stream}: DATA after FIN");
+            inner.protocol_error(ErrorCode::ProtocolError, why);
+            return false;
+        }
+        if let Err(e) = r.window.on_data(payload.len()) {
+            drop(r);
+            inner.protocol_error(ErrorCode::FlowControlError, format!("stream {stream}: {e}"));
+            return false;
+        }
     }
     match direct {
         Some(d) if d.holds(&s) || s.direct_ok() => d.add(inner, s, payload, buf),
@@ -1170,6 +1184,11 @@ fn dispatch(inner: &Arc<Inner>, frame: Frame, out: &Outlets) -> bool {
         }
         Frame::Fin { stream } => {
             if let Some(s) = inner.stream(stream) {
+                if std::mem::replace(&mut lock(&s.recv).fin, true) {
+                    let why = format!("stream {stream}: a second FIN");
+                    inner.protocol_error(ErrorCode::ProtocolError, why);
+                    return false;
+                }
                 s.push(Inbound::Fin);
             }
         }
@@ -1749,6 +1768,37 @@ mod tests {
             }
         }
         None
+    }
+
+    #[tokio::test]
+    async fn data_or_a_second_fin_after_fin_is_a_protocol_error() {
+        for after in [
+            Frame::Fin { stream: 0 },
+            Frame::Data {
+                stream: 0,
+                data: Bytes::from_static(b"late"),
+            },
+        ] {
+            let (mux, _ev, mut raw, _t) = pair(Role::Opener, MuxConfig::default());
+            let stream = mux.open([1; 16], "u".into()).await.unwrap();
+            let id = match raw.next().await {
+                Some(Ok(Frame::Open { stream, .. })) => stream,
+                other => panic!("expected OPEN, got {other:?}"),
+            };
+            let after = match after {
+                Frame::Fin { .. } => Frame::Fin { stream: id },
+                Frame::Data { data, .. } => Frame::Data { stream: id, data },
+                _ => unreachable!(),
+            };
+            // The stream's consumer keeps it open (it has not sent its own FIN), so the id is
+            // live: every repeat would queue one more item nobody reads.
+            raw.send(Frame::Fin { stream: id }).await.unwrap();
+            raw.send(after).await.unwrap();
+            let error = tokio::time::timeout(Duration::from_secs(10), next_error(&mut raw)).await;
+            assert_eq!(error.ok(), Some(Some(ErrorCode::ProtocolError as u16)));
+            mux.closed().await;
+            drop(stream);
+        }
     }
 
     #[tokio::test]

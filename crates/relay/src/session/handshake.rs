@@ -192,7 +192,10 @@ where
         ));
     }
     let now = received.into_std();
-    if let Err(retry) = lock(&shared.limits).auth_ip.check(&ip, now) {
+    if let Err(retry) = lock(&shared.limits)
+        .auth_ip
+        .check(&crate::source_key(ip), now)
+    {
         shared.state.count_rate_limited("auth_ip");
         let m = ControlMessage::error_retry(
             ErrorCode::RateLimit,

@@ -151,10 +151,23 @@ impl Session {
                 if let ControlMessage::Error { code, .. } = &reply {
                     self.shared.state.count_error(*code);
                 }
-                let sent = tokio::select! {
-                    r = mux.send_control(&reply) => r.is_ok(),
-                    _ = self.token.cancelled() => false,
-                    _ = shutdown.cancelled() => false,
+                // An agent that stops reading blocks this send: its liveness deadline still
+                // ends the session (nothing it sends is read meanwhile).
+                let send = mux.send_control(&reply);
+                tokio::pin!(send);
+                let sent = loop {
+                    tokio::select! {
+                        r = &mut send => break r.is_ok(),
+                        _ = self.token.cancelled() => break false,
+                        _ = shutdown.cancelled() => break false,
+                        _ = tokio::time::sleep_until(Instant::from_std(liveness.deadline())) => {
+                            if liveness.is_dead(Instant::now().into_std()) && false {
+                                tracing::warn!("agent stopped reading, dropping it");
+                                self.shared.state.counters.heartbeat_timeouts.fetch_add(1, Ordering::Relaxed);
+                                break false;
+                            }
+                        }
+                    }
                 };
                 if !sent {
                     break;
