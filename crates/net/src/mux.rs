@@ -380,6 +380,12 @@ struct Direct {
     sink: Option<(Arc<tokio::net::tcp::OwnedWriteHalf>, Arc<AtomicU64>)>,
     /// Items sent on `inbound` and not yet taken by the consumer.
     queued: usize,
+    /// DATA after every queued item, gathered into one buffer instead of an item per frame:
+    /// a peer sending 1-byte frames to a consumer that does not read would otherwise hold a
+    /// channel slot and an allocation (about 75 bytes) per byte of window. Sent on `inbound`
+    /// once it holds [`COALESCE`] bytes, when the consumer has taken every item before it, or
+    /// before a FIN or RESET. Never holds bytes while nothing is queued.
+    tail: BytesMut,
     /// The consumer holds items it has not finished writing.
     busy: bool,
 }
@@ -396,7 +402,19 @@ impl StreamShared {
     /// Queues `item` for the consumer.
     fn push(&self, item: Inbound) {
         let mut d = lock(&self.direct);
+        self.send_tail(&mut d);
         if self.inbound.send(item).is_ok() {
+            d.queued += 1;
+        }
+    }
+
+    /// Sends the gathered tail (if any) as one item.
+    fn send_tail(&self, d: &mut Direct) {
+        if d.tail.is_empty() {
+            return;
+        }
+        let tail = std::mem::take(&mut d.tail).freeze();
+        if self.inbound.send(Inbound::Data(tail)).is_ok() {
             d.queued += 1;
         }
     }
@@ -411,7 +429,15 @@ impl StreamShared {
     /// Queues DATA for the consumer, copied out of the read buffer: a zero-copy slice would
     /// keep the whole buffer allocation alive while the consumer is slow, so memory held could
     /// exceed the window by far. One memcpy per queued frame buys a hard bound.
+    /// Small DATA behind queued items goes into the tail (see [`Direct::tail`]).
     fn queue_data(&self, d: &mut Direct, data: &[u8]) {
+        if !d.tail.is_empty() || (d.queued > 0 && data.len() < COALESCE) {
+            d.tail.extend_from_slice(data);
+            if d.tail.len() >= COALESCE {
+                self.send_tail(d);
+            }
+            return;
+        }
         if self
             .inbound
             .send(Inbound::Data(Bytes::copy_from_slice(data)))
@@ -1059,6 +1085,9 @@ impl DirectBatch {
     }
 }
 
+/// Queued DATA is gathered into buffers of about this size (see [`Direct::tail`]).
+const COALESCE: usize = 16 * 1024;
+
 /// Most buffers handed to one vectored write.
 pub(crate) const MAX_IOV: usize = 64;
 
@@ -1629,6 +1658,12 @@ impl StreamRx {
         lock(&self.shared.direct).sink = None;
     }
 
+    /// For tests: items queued and not yet taken.
+    #[cfg(test)]
+    pub(crate) fn queued_items(&self) -> usize {
+        lock(&self.shared.direct).queued
+    }
+
     /// For tests: whether the consumer holds every queued item taken and not yet written.
     #[cfg(test)]
     pub(crate) fn consumer_holds_all(&self) -> impl Fn() -> bool + Send + 'static {
@@ -1640,10 +1675,14 @@ impl StreamRx {
     }
 
     /// Counts an item taken from the queue: the consumer holds it until [`StreamRx::idle`].
+    /// The last queued item taken, the gathered tail becomes the next one.
     fn taken(&self) {
         let mut d = lock(&self.shared.direct);
         d.queued = d.queued.saturating_sub(1);
         d.busy = true;
+        if d.queued == 0 {
+            self.shared.send_tail(&mut d);
+        }
     }
 }
 
@@ -1768,6 +1807,52 @@ mod tests {
             }
         }
         None
+    }
+
+    #[tokio::test]
+    async fn tiny_frames_for_a_consumer_that_does_not_read_are_gathered_not_queued_one_by_one() {
+        let (mux, _ev, mut raw, _t) = pair(Role::Opener, MuxConfig::default());
+        let mut stream = mux.open([1; 16], "u".into()).await.unwrap();
+        let id = match raw.next().await {
+            Some(Ok(Frame::Open { stream, .. })) => stream,
+            other => panic!("expected OPEN, got {other:?}"),
+        };
+        const N: usize = 40_000;
+        for i in 0..N {
+            let data = Bytes::copy_from_slice(&[(i % 251) as u8]);
+            raw.feed(Frame::Data { stream: id, data }).await.unwrap();
+        }
+        // The answer to a PING comes after every frame before it was handled.
+        raw.send(Frame::Ping(77)).await.unwrap();
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), raw.next()).await {
+                Ok(Some(Ok(Frame::Pong(77)))) => break,
+                Ok(Some(Ok(_))) => {}
+                other => panic!("no PONG: {other:?}"),
+            }
+        }
+        // One item for the first frame, then buffers of COALESCE bytes; the rest in the tail.
+        let items = stream.rx.queued_items();
+        assert!(
+            items <= 1 + N / COALESCE,
+            "{items} items queued for {N} bytes"
+        );
+        raw.send(Frame::Fin { stream: id }).await.unwrap();
+        let mut got = Vec::new();
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), stream.rx.recv()).await {
+                Ok(Some(Inbound::Data(d))) => got.extend_from_slice(&d),
+                Ok(Some(Inbound::Fin)) => break,
+                other => panic!("expected data or FIN, got {other:?}"),
+            }
+        }
+        let want: Vec<u8> = (0..N).map(|i| (i % 251) as u8).collect();
+        assert!(
+            got == want,
+            "{} bytes, in order: {}",
+            got.len(),
+            got == want
+        );
     }
 
     #[tokio::test]
