@@ -161,7 +161,7 @@ impl Session {
                         _ = self.token.cancelled() => break false,
                         _ = shutdown.cancelled() => break false,
                         _ = tokio::time::sleep_until(Instant::from_std(liveness.deadline())) => {
-                            if liveness.is_dead(Instant::now().into_std()) && false {
+                            if liveness.is_dead(Instant::now().into_std()) {
                                 tracing::warn!("agent stopped reading, dropping it");
                                 self.shared.state.counters.heartbeat_timeouts.fetch_add(1, Ordering::Relaxed);
                                 break false;
