@@ -119,11 +119,17 @@ pub(crate) fn new_tag() -> String {
     hex::encode(b)
 }
 
+/// Packets kept for [`Inbox::next`] while waiting for an answer, at most: the most a peer
+/// queues towards one connection (its outbox, `docs/protocols/mailbox.md` section 9), which is
+/// more than a recipient's queue holds by default. A peer that sends more without answering
+/// breaks the protocol (and would otherwise make us buffer without bound until the timeout).
+pub(crate) const MAX_STASH: usize = 1024;
+
 /// A [`Link`] plus what arrived while waiting for something else.
 pub(crate) struct Chan {
     pub(crate) link: Link,
     /// Received but not yet consumed by [`Inbox::next`] (messages, and over TCP the end of
-    /// the backlog).
+    /// the backlog); at most [`MAX_STASH`].
     pub(crate) stash: VecDeque<Incoming>,
 }
 
@@ -136,7 +142,8 @@ impl Chan {
     }
 
     /// Sends `p` and waits up to `limit` for its answer. Messages arriving meanwhile are
-    /// stashed for [`Inbox::next`]; an ERROR answer is a refusal.
+    /// stashed for [`Inbox::next`] (more than [`MAX_STASH`] is a protocol error); an ERROR
+    /// answer is a refusal.
     pub(crate) async fn request(
         &mut self,
         p: Packet,
@@ -148,7 +155,7 @@ impl Chan {
             let mut got = self.link.send(p, &tag).await?;
             loop {
                 if let Some(inc) = got.take()
-                    && let Some(answer) = self.sort(inc, kind, &tag)
+                    && let Some(answer) = self.sort(inc, kind, &tag)?
                 {
                     return match answer {
                         Packet::Error { code, message } => {
@@ -166,11 +173,11 @@ impl Chan {
     }
 
     /// The answer to a request of type `kind` tagged `tag`, or `None` (stashed or dropped).
-    fn sort(&mut self, inc: Incoming, kind: u8, tag: &str) -> Option<Packet> {
+    fn sort(&mut self, inc: Incoming, kind: u8, tag: &str) -> Result<Option<Packet>, ClientError> {
         let http = self.link.is_http();
-        match inc.packet {
+        Ok(match inc.packet {
             Packet::Message { .. } => {
-                self.stash.push_back(inc);
+                self.keep(inc)?;
                 None
             }
             // Over HTTP only the answer with our tag is ours: others are stale or unsolicited.
@@ -183,11 +190,22 @@ impl Chan {
             }
             Packet::Keepalive if kind != Packet::Keepalive.kind() => None,
             Packet::QueueEnd { .. } if kind != Packet::Fetch.kind() => {
-                self.stash.push_back(inc);
+                self.keep(inc)?;
                 None
             }
             p => Some(p),
+        })
+    }
+
+    /// Stashes `inc` for [`Inbox::next`], up to [`MAX_STASH`].
+    fn keep(&mut self, inc: Incoming) -> Result<(), ClientError> {
+        if self.stash.len() >= MAX_STASH {
+            return Err(ClientError::Protocol(format!(
+                "the peer sent more than {MAX_STASH} messages without answering"
+            )));
         }
+        self.stash.push_back(inc);
+        Ok(())
     }
 }
 
@@ -478,5 +496,63 @@ impl Inbox {
         if let Link::Tcp(conn) = &mut self.chan.link {
             let _ = timeout(self.cfg.timeout, conn.close()).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::{TcpListener, TcpStream};
+
+    use crate::wire::Stream;
+
+    /// A peer that reads one request, sends `messages` MESSAGEs, then answers it with a
+    /// KEEPALIVE if `answer`, and keeps the connection open until the client closes it.
+    async fn scripted_peer(messages: u64, answer: bool) -> std::net::SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut conn = wire::conn(Stream::Plain(tcp));
+            let _request = conn.next().await;
+            for seq in 1..=messages {
+                let m = Packet::Message {
+                    seq,
+                    received_ms: 0,
+                    blob: Bytes::from_static(b"sealed"),
+                };
+                if conn.feed(m).await.is_err() {
+                    return;
+                }
+            }
+            if answer {
+                let _ = conn.feed(Packet::Keepalive).await;
+            }
+            let _ = conn.flush().await;
+            while let Some(Ok(_)) = conn.next().await {}
+        });
+        addr
+    }
+
+    async fn ping(peer: std::net::SocketAddr) -> (Result<Packet, ClientError>, Chan) {
+        let tcp = TcpStream::connect(peer).await.unwrap();
+        let mut chan = Chan::new(Link::Tcp(wire::conn(Stream::Plain(tcp))));
+        let limit = Duration::from_secs(10);
+        let got = chan.request(Packet::Keepalive, limit).await;
+        (got, chan)
+    }
+
+    #[tokio::test]
+    async fn messages_before_an_answer_are_kept_up_to_the_limit() {
+        let (got, chan) = ping(scripted_peer(MAX_STASH as u64, true).await).await;
+        assert_eq!(got.unwrap(), Packet::Keepalive);
+        assert_eq!(chan.stash.len(), MAX_STASH);
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_sends_more_messages_instead_of_answering_breaks_the_protocol() {
+        let (got, chan) = ping(scripted_peer(MAX_STASH as u64 + 1, false).await).await;
+        assert!(matches!(got, Err(ClientError::Protocol(_))), "{got:?}");
+        assert_eq!(chan.stash.len(), MAX_STASH);
     }
 }

@@ -21,7 +21,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
+use tokio_util::task::{AbortOnDropHandle, TaskTracker};
 use tube_net::tokio_rustls::TlsAcceptor;
 use tube_proto::mailbox::{Fingerprint, MailboxError, Packet, proof_message};
 use tube_proto::ratelimit::RateLimit;
@@ -51,10 +51,10 @@ pub struct PeerConfig {
     pub idle_timeout: Duration,
     /// Time from accept to a completed TLS handshake.
     pub handshake_timeout: Duration,
-    /// Registrations per source address and per fingerprint.
+    /// Registrations per source (IPv4 address or IPv6 /64) and per fingerprint.
     pub register_limit: RateLimit,
-    /// Deliveries per source address and per recipient (over HTTP: per sending client, as
-    /// every request comes from the proxy's address).
+    /// Deliveries per source (IPv4 address or IPv6 /64) and per recipient (over HTTP: per
+    /// sending client, as every request comes from the proxy's address).
     pub deliver_limit: RateLimit,
     /// How long the HTTP backend holds an empty fetch open waiting for a message; keep it
     /// under the proxy's backend timeout (60 s by default).
@@ -83,6 +83,11 @@ impl Default for PeerConfig {
 /// Packets queued towards one connection before it counts as too slow (it is then closed; its
 /// messages stay queued until acknowledged).
 const OUTBOX: usize = 1024;
+
+/// Once a connection's session has ended, how long its writer may take to send what is still
+/// queued (the closing ERROR included) and close; then it is stopped and the socket dropped,
+/// so a client that does not read cannot keep a socket (or its outbox) after its session.
+const FLUSH: Duration = Duration::from_secs(2);
 
 /// Counters of a running peer (tests and the admin view).
 #[derive(Clone)]
@@ -113,6 +118,12 @@ impl PeerState {
     pub fn counters(&self) -> (u64, u64, u64) {
         let st = self.0.lock();
         (st.delivered, st.refused_full, st.expired)
+    }
+
+    /// Open TCP connections: accepted and not yet closed (a connection stops counting only
+    /// once its socket is released).
+    pub fn connections(&self) -> usize {
+        usize::try_from(self.0.connections.load(Ordering::Relaxed)).unwrap_or(usize::MAX)
     }
 
     /// HTTP fetches held open right now (the HTTP backend's long polls).
@@ -186,6 +197,7 @@ impl Peer {
             let (s, a, stop) = (shared.clone(), acceptor.clone(), shutdown.clone());
             let id = next_conn;
             tracker.spawn(async move {
+                // `serve` returns only once both halves of the socket are dropped.
                 serve(&s, tcp, addr, a, id, stop).await;
                 s.connections.fetch_sub(1, Ordering::Relaxed);
             });
@@ -211,6 +223,7 @@ async fn sweeper(shared: Arc<Shared>, shutdown: CancellationToken) {
 /// Per-connection state.
 struct Session {
     id: u64,
+    /// The client's address (the rate limits count its source, see `registry::source_key`).
     addr: IpAddr,
     tx: mpsc::Sender<Packet>,
     kill: CancellationToken,
@@ -251,28 +264,33 @@ async fn serve(
     let (tx, mut rx) = mpsc::channel::<Packet>(OUTBOX);
     let kill = shutdown.child_token();
     let writer_kill = kill.clone();
-    let writer = tokio::spawn(async move {
+    // The writer may block on a client that does not read for as long as the session lives
+    // (the full outbox then ends the session); after that `serve` gives it `FLUSH` at most.
+    let mut writer = AbortOnDropHandle::new(tokio::spawn(async move {
+        // An ERROR alone does not end the connection (7003 to 7007 leave it open): the
+        // writer stops once the session has ended.
         loop {
             let p = tokio::select! {
+                biased;
                 p = rx.recv() => p,
                 _ = writer_kill.cancelled() => None,
             };
             let Some(p) = p else { break };
-            // An ERROR alone does not end the connection (7003 to 7007 leave it open): the
-            // writer stops once the session has ended and dropped every sender.
             if sink.send(p).await.is_err() {
-                break;
+                // A failed write ends the session too.
+                writer_kill.cancel();
+                return;
             }
         }
-        // Flush what is still queued when asked to stop, bounded.
+        // Send what is still queued (the closing ERROR included), then close.
         while let Ok(p) = rx.try_recv() {
-            if timeout(Duration::from_secs(1), sink.send(p)).await.is_err() {
+            if sink.feed(p).await.is_err() {
                 break;
             }
         }
-        let _ = timeout(Duration::from_secs(1), sink.close()).await;
+        let _ = sink.close().await;
         writer_kill.cancel();
-    });
+    }));
     let mut s = Session {
         id,
         addr: addr.ip(),
@@ -315,9 +333,16 @@ async fn serve(
             c.live = None;
         }
     }
+    // The writer sends what is queued, then closes. A client that does not read gets
+    // `FLUSH`, then the writer is stopped; awaiting it makes sure its half of the socket is
+    // dropped before we return (and the connection stops counting).
     drop(s);
-    let _ = timeout(Duration::from_secs(2), writer).await;
     kill.cancel();
+    if timeout(FLUSH, &mut writer).await.is_err() {
+        tracing::debug!(%addr, "the client does not read, dropping the connection");
+        writer.abort();
+        let _ = writer.await;
+    }
 }
 
 fn send(s: &Session, p: Packet) -> Next {
@@ -332,7 +357,7 @@ fn handle(shared: &Shared, s: &mut Session, packet: Packet) -> Next {
     let now = Instant::now();
     match packet {
         Packet::Register { cert } => {
-            if let Err(wait) = shared.lock().reg_ip.check(&s.addr, now) {
+            if let Err(wait) = shared.check_register_source(s.addr, now) {
                 let why = format!("too many registrations, retry in {}s", wait.as_secs() + 1);
                 return send(s, Packet::error(MailboxError::RateLimited, why));
             }

@@ -10,7 +10,7 @@
 //! either way.
 
 use std::collections::{HashMap, VecDeque};
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr};
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -72,12 +72,33 @@ pub(crate) struct Live {
     pub(crate) listening: bool,
 }
 
-/// Who a rate limit per source counts: the TCP connection's address, or over HTTP (where every
-/// request comes from the proxy's address) the authenticated client.
+/// Who a rate limit per source counts: the TCP connection's address (counted as its
+/// [`source_key`]), or over HTTP (where every request comes from the proxy's address) the
+/// authenticated client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) enum Source {
     Addr(IpAddr),
     Client(Fingerprint),
+}
+
+impl Source {
+    /// The key the limiter counts: an address as its source, a client as itself.
+    fn key(self) -> Self {
+        match self {
+            Source::Addr(ip) => Source::Addr(source_key(ip)),
+            client => client,
+        }
+    }
+}
+
+/// What a per-address rate limit counts a client as: its IPv4 address (IPv4-mapped IPv6
+/// included), or the /64 of its IPv6 address, since one host can usually pick any address of
+/// its /64 (the relay's handshake and tunnel caps count sources the same way).
+pub(crate) fn source_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !u128::from(u64::MAX))),
+        v4 => v4,
+    }
 }
 
 /// How a registration reaches the client.
@@ -110,6 +131,7 @@ pub(crate) enum Fetched {
 pub(crate) struct Inner {
     pub(crate) clients: HashMap<Fingerprint, Client>,
     pub(crate) total_bytes: usize,
+    /// Registrations per source, keyed by [`source_key`].
     pub(crate) reg_ip: KeyedLimiter<IpAddr>,
     pub(crate) reg_fp: KeyedLimiter<Fingerprint>,
     pub(crate) del_src: KeyedLimiter<Source>,
@@ -167,6 +189,12 @@ impl Shared {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Counts a registration attempt from `ip` against the limit per source ([`source_key`]):
+    /// `Err` is how long to wait.
+    pub(crate) fn check_register_source(&self, ip: IpAddr, now: Instant) -> Result<(), Duration> {
+        self.lock().reg_ip.check(&source_key(ip), now)
+    }
+
     /// Registers `fp` (its proof already checked): rate limit per fingerprint, client limit.
     /// Over TCP the connection becomes the client's live one (see the module docs for
     /// takeovers). `Err` is the refusal to send.
@@ -185,7 +213,12 @@ impl Shared {
         if !st.clients.contains_key(&fp) && st.clients.len() >= self.config.max_clients {
             return Err(Packet::error(MailboxError::Busy, "client limit reached"));
         }
-        let c = st.clients.entry(fp).or_insert_with(|| Client::new(cert));
+        // A copy: `cert` may share the connection's whole read buffer, and a registration
+        // lives for as long as the peer runs.
+        let c = st
+            .clients
+            .entry(fp)
+            .or_insert_with(|| Client::new(Bytes::copy_from_slice(&cert)));
         if let Via::Tcp(live) = via {
             let conn = live.conn;
             // The newest connection of a client wins; an older one is closed.
@@ -224,7 +257,7 @@ impl Shared {
         }
         let limited = st
             .del_src
-            .check(&src, now)
+            .check(&src.key(), now)
             .and_then(|()| st.del_fp.check(&to, now));
         if let Err(wait) = limited {
             let why = format!("too many deliveries, retry in {}s", wait.as_secs() + 1);
@@ -242,6 +275,10 @@ impl Shared {
             st.refused_full += 1;
             return Packet::error(MailboxError::QueueFull, "the recipient's queue is full");
         }
+        // Queued as a copy of exactly its bytes: the decoded blob shares the allocation of the
+        // connection's read buffer (8 KiB or more, however small the blob) or of the HTTP
+        // body, and the queue limits count `blob.len()` only.
+        let blob = Bytes::copy_from_slice(&blob);
         let seq = c.next_seq;
         c.next_seq += 1;
         let received_ms = now_ms();
@@ -382,6 +419,9 @@ pub(crate) fn expire(st: &mut Inner, fp: &Fingerprint, now: Instant, max_age: Du
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::BytesMut;
+    use tube_proto::mailbox::{decode, encode};
+    use tube_proto::ratelimit::RateLimit;
 
     #[test]
     fn messages_older_than_max_age_are_dropped_and_counted() {
@@ -485,5 +525,127 @@ mod tests {
         s.ack(&b, 1);
         assert_eq!(s.lock().clients[&b].queue.len(), 1);
         assert_eq!(s.cert(&[5; 32]).kind(), 15);
+    }
+
+    /// The first packet on a connection's read buffer (8 KiB, as the framed reader starts).
+    fn decoded(p: &Packet) -> (Packet, BytesMut) {
+        let mut buf = BytesMut::with_capacity(READ_BUF);
+        encode(p, &mut buf);
+        let p = decode(&mut buf).unwrap().unwrap();
+        assert!(buf.is_empty());
+        (p, buf)
+    }
+
+    const READ_BUF: usize = 8 * 1024;
+
+    #[test]
+    fn a_queued_blob_does_not_keep_the_read_buffer_alive() {
+        let s = shared();
+        let now = Instant::now();
+        let to = [3u8; 32];
+        s.register(to, Bytes::from_static(b"c"), now, Via::Http)
+            .unwrap();
+        let deliver = Packet::Deliver {
+            to,
+            id: [1; 16],
+            blob: Bytes::from_static(b"tiny"),
+        };
+        let (Packet::Deliver { to, id, blob }, mut buf) = decoded(&deliver) else {
+            panic!("not a deliver");
+        };
+        // Decoding is zero-copy: while the decoded blob lives, the buffer is shared.
+        assert!(!buf.try_reclaim(READ_BUF));
+        let answer = s.deliver(Source::Client([9; 32]), to, id, blob, now, None);
+        assert_eq!(answer, Packet::Stored { id });
+        assert!(
+            buf.try_reclaim(READ_BUF),
+            "the queued 4-byte blob still holds the whole read buffer"
+        );
+        let st = s.lock();
+        assert_eq!(&st.clients[&to].queue[0].blob[..], b"tiny");
+        assert_eq!((st.clients[&to].bytes, st.total_bytes), (4, 4));
+    }
+
+    #[test]
+    fn a_registered_certificate_does_not_keep_the_read_buffer_alive() {
+        let s = shared();
+        let register = Packet::Register {
+            cert: Bytes::from_static(b"\x30\x03der"),
+        };
+        let (Packet::Register { cert }, mut buf) = decoded(&register) else {
+            panic!("not a register");
+        };
+        assert!(!buf.try_reclaim(READ_BUF));
+        s.register([4; 32], cert, Instant::now(), Via::Http)
+            .unwrap();
+        assert!(
+            buf.try_reclaim(READ_BUF),
+            "the registered certificate still holds the whole read buffer"
+        );
+        let cert = Bytes::from_static(b"\x30\x03der");
+        assert_eq!(s.cert(&[4; 32]), Packet::Cert { cert });
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_source_is_an_ipv4_address_or_an_ipv6_64() {
+        assert_eq!(source_key(ip("::ffff:192.0.2.7")), ip("192.0.2.7"));
+        assert_eq!(source_key(ip("192.0.2.7")), ip("192.0.2.7"));
+        assert_eq!(source_key(ip("2001:db8:1:2:aaaa::1")), ip("2001:db8:1:2::"));
+        assert_eq!(
+            source_key(ip("2001:db8:1:2:bbbb::9")),
+            source_key(ip("2001:db8:1:2:aaaa::1"))
+        );
+        assert_ne!(source_key(ip("2001:db8:1:3::1")), ip("2001:db8:1:2::"));
+    }
+
+    #[test]
+    fn addresses_in_one_ipv6_64_share_the_per_source_limits() {
+        let one = RateLimit {
+            burst: 1,
+            period: Duration::from_secs(60),
+        };
+        let s = Shared::new(PeerConfig {
+            register_limit: one,
+            deliver_limit: one,
+            ..PeerConfig::default()
+        });
+        let now = Instant::now();
+        // Registrations: the whole /64 is one source, and one limiter key.
+        assert!(s.check_register_source(ip("2001:db8:1:2::1"), now).is_ok());
+        for host in 2..100u16 {
+            let a = ip(&format!("2001:db8:1:2:{host:x}:{host:x}::1"));
+            assert!(s.check_register_source(a, now).is_err(), "{a}");
+        }
+        assert!(s.check_register_source(ip("2001:db8:1:3::1"), now).is_ok());
+        assert!(s.check_register_source(ip("192.0.2.7"), now).is_ok());
+        assert!(
+            s.check_register_source(ip("::ffff:192.0.2.7"), now)
+                .is_err()
+        );
+        assert_eq!(s.lock().reg_ip.len(), 3);
+        // Deliveries (each to another recipient, so the per-recipient limit stays out of it):
+        // the first passes the limit (and finds nobody), the next from the same /64 is refused.
+        let deliver = |from: &str, to: u8| {
+            let p = s.deliver(
+                Source::Addr(ip(from)),
+                [to; 32],
+                [0; 16],
+                Bytes::from_static(b"x"),
+                now,
+                None,
+            );
+            match p {
+                Packet::Error { code, .. } => code,
+                other => panic!("{other:?}"),
+            }
+        };
+        assert_eq!(deliver("2001:db8:1:2::1", 1), 7003);
+        assert_eq!(deliver("2001:db8:1:2:ffff::2", 2), 7005);
+        assert_eq!(deliver("2001:db8:1:3::1", 3), 7003);
+        assert_eq!(s.lock().del_src.len(), 2);
     }
 }

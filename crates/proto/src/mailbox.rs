@@ -283,6 +283,10 @@ pub fn to_bytes(packet: &Packet) -> Bytes {
 }
 
 /// Takes one packet off the front of `src`: `Ok(None)` (nothing consumed) while incomplete.
+///
+/// Zero-copy: the byte fields of the packet (`cert`, `blob`) share `src`'s allocation, so one
+/// kept after the packet is handled keeps that whole buffer alive; whoever stores one copies
+/// it (the mailbox peer copies what it queues and registers).
 pub fn decode(src: &mut BytesMut) -> Result<Option<Packet>, PacketError> {
     let Some(&kind) = src.first() else {
         return Ok(None);
