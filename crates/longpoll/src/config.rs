@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use tube_net::http::HttpLimits;
+
 /// Longest value of any duration setting: far beyond a sensible one (100 years), and far
 /// enough from the clock's range that "now + setting" cannot overflow.
 pub const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
@@ -36,6 +38,13 @@ pub struct LongpollConfig {
     pub max_clients: usize,
     /// Live tokens per client id (the oldest is dropped).
     pub max_tokens_per_client: usize,
+    /// Time to receive the body of `POST /`, `/auth` or `/register` once its header is in:
+    /// past it the request gets 408 and its connection closes.
+    pub body_timeout: Duration,
+    /// The client listener's header and keep-alive timeouts and its cap on open connections
+    /// (one held request per online client; 10 000 by default, the mailbox peer's bound on
+    /// held fetches, which the proxy keeps one of per online client).
+    pub http: HttpLimits,
 }
 
 impl LongpollConfig {
@@ -55,6 +64,8 @@ impl LongpollConfig {
             max_total_bytes: 256 << 20,
             max_clients: 100_000,
             max_tokens_per_client: 8,
+            body_timeout: Duration::from_secs(30),
+            http: HttpLimits::default(),
         }
     }
 
@@ -68,6 +79,10 @@ impl LongpollConfig {
             ("backend_timeout", self.backend_timeout),
             ("backoff_min", self.backoff_min),
             ("backoff_max", self.backoff_max),
+            ("body_timeout", self.body_timeout),
+            ("http.header_timeout", self.http.header_timeout),
+            ("http.idle_timeout", self.http.idle_timeout),
+            ("http.shutdown_grace", self.http.shutdown_grace),
         ];
         match durations.iter().find(|(_, d)| *d > MAX_DURATION) {
             Some((name, _)) => Err(format!("{name} is longer than 100 years")),
@@ -115,8 +130,8 @@ mod tests {
         #[test]
         fn longpoll_config_any_values_are_accepted_or_refused_without_panicking(
             backends in prop::collection::vec(backend(), 0..4),
-            d in prop::array::uniform6(duration()),
-            n in any::<[usize; 6]>(),
+            d in prop::array::uniform10(duration()),
+            n in any::<[usize; 7]>(),
         ) {
             let config = LongpollConfig {
                 backends: backends.clone(),
@@ -132,6 +147,13 @@ mod tests {
                 max_total_bytes: n[3],
                 max_clients: n[4],
                 max_tokens_per_client: n[5],
+                body_timeout: d[6],
+                http: HttpLimits {
+                    header_timeout: d[7],
+                    idle_timeout: d[8],
+                    max_connections: n[6],
+                    shutdown_grace: d[9],
+                },
             };
             let valid = !backends.is_empty()
                 && backends.iter().all(|b| is_http_url(b))
@@ -146,13 +168,17 @@ mod tests {
 
     #[test]
     fn longpoll_config_every_duration_over_100_years_is_refused_by_name() {
-        let fields: [(&str, Setting); 6] = [
+        let fields: [(&str, Setting); 10] = [
             ("poll_timeout", |c| &mut c.poll_timeout),
             ("token_ttl", |c| &mut c.token_ttl),
             ("idle_timeout", |c| &mut c.idle_timeout),
             ("backend_timeout", |c| &mut c.backend_timeout),
             ("backoff_min", |c| &mut c.backoff_min),
             ("backoff_max", |c| &mut c.backoff_max),
+            ("body_timeout", |c| &mut c.body_timeout),
+            ("http.header_timeout", |c| &mut c.http.header_timeout),
+            ("http.idle_timeout", |c| &mut c.http.idle_timeout),
+            ("http.shutdown_grace", |c| &mut c.http.shutdown_grace),
         ];
         for (name, field) in fields {
             let mut c = LongpollConfig::new(vec!["http://127.0.0.1:1/".into()]);

@@ -71,22 +71,31 @@ impl Longpoll {
         })
     }
 
-    /// Serves clients on `listener` until shutdown; waiting requests are answered empty then.
+    /// Serves clients on `listener` until shutdown, under [`LongpollConfig::http`]; waiting
+    /// requests are answered empty then.
     pub async fn run(&self, listener: TcpListener) -> std::io::Result<()> {
         let sweeper = tokio::spawn(self.shared.clone().sweeper());
-        let stop = self.shared.shutdown.clone();
-        let result = axum::serve(listener, routes::router(self.shared.clone()))
-            .with_graceful_shutdown(async move { stop.cancelled().await })
-            .await;
+        tube_net::http::serve(
+            listener,
+            routes::router(self.shared.clone()),
+            self.shared.config.http,
+            self.shared.shutdown.clone(),
+        )
+        .await;
         sweeper.abort();
-        result
+        Ok(())
     }
 
-    /// Serves the admin routes on `listener` until shutdown.
+    /// Serves the admin routes on `listener` until shutdown (at most
+    /// [`tube_net::http::ADMIN_MAX_CONNECTIONS`] connections).
     pub async fn run_admin(&self, listener: TcpListener) -> std::io::Result<()> {
-        let stop = self.shared.shutdown.clone();
-        axum::serve(listener, admin::router(self.shared.clone()))
-            .with_graceful_shutdown(async move { stop.cancelled().await })
-            .await
+        tube_net::http::serve(
+            listener,
+            admin::router(self.shared.clone()),
+            tube_net::http::HttpLimits::admin(),
+            self.shared.shutdown.clone(),
+        )
+        .await;
+        Ok(())
     }
 }

@@ -1,6 +1,7 @@
 //! The client endpoints of seed 004 (`docs/protocols/longpoll.md` sections 1, 3 and 4):
 //! `POST /auth` and `POST /register` pass through to a backend; `POST /` queues a packet and
-//! long-polls for the oldest packet waiting for the client.
+//! long-polls for the oldest packet waiting for the client. Each reads its body within
+//! `body_timeout` (408 past it) and at most `max_body` bytes (413).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -8,12 +9,13 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use bytes::Bytes;
+use http_body_util::{BodyExt, LengthLimitError, Limited};
 use tokio::time::Instant;
 use tube_proto::longpoll::{self as h, RequestType};
 
@@ -23,19 +25,18 @@ use crate::state::{Admitted, Shared, token_key};
 
 /// The client routes.
 pub(crate) fn router(shared: Arc<Shared>) -> Router {
-    let limit = shared.config.max_body;
     Router::new()
         .route("/", post(packet))
         .route("/auth", post(auth))
         .route("/register", post(register))
-        .layer(DefaultBodyLimit::max(limit))
         .layer(middleware::from_fn_with_state(shared.clone(), body_limit))
         .with_state(shared)
 }
 
 /// 413 for a body over `max_body`: at once when `Content-Length` claims more (without waiting
-/// for a body that may never come), else when reading passes the limit. Either way the
-/// connection is closed: the rest of the body is not read.
+/// for a body that may never come), else when reading passes the limit ([`read_body`]). Either
+/// way, and for a body too slow (408), the connection is closed: the rest of the body is not
+/// read.
 async fn body_limit(State(s): State<Arc<Shared>>, request: Request, next: Next) -> Response {
     let claimed = request
         .headers()
@@ -47,7 +48,10 @@ async fn body_limit(State(s): State<Arc<Shared>>, request: Request, next: Next) 
     } else {
         next.run(request).await
     };
-    if response.status() == StatusCode::PAYLOAD_TOO_LARGE {
+    if matches!(
+        response.status(),
+        StatusCode::PAYLOAD_TOO_LARGE | StatusCode::REQUEST_TIMEOUT
+    ) {
         response
             .headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -92,12 +96,38 @@ fn busy(status: StatusCode, retry_after: u64, why: &'static str) -> Refusal {
     }
 }
 
-async fn auth(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
-    authorize(s, RequestType::Auth, headers, body).await
+/// The request body, read within `body_timeout` and up to `max_body` bytes; else 408, 413, or
+/// 400 for a body that broke off.
+async fn read_body(s: &Shared, body: Body) -> Result<Bytes, Refusal> {
+    let read = Limited::new(body, s.config.max_body).collect();
+    match tokio::time::timeout(s.config.body_timeout, read).await {
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(e)) if e.is::<LengthLimitError>() => {
+            Err(refuse(StatusCode::PAYLOAD_TOO_LARGE, "body over the limit"))
+        }
+        Ok(Err(_)) => Err(refuse(StatusCode::BAD_REQUEST, "unreadable body")),
+        Err(_) => {
+            tracing::debug!("request body not received in time");
+            Err(refuse(
+                StatusCode::REQUEST_TIMEOUT,
+                "body not received in time",
+            ))
+        }
+    }
 }
 
-async fn register(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
-    authorize(s, RequestType::Register, headers, body).await
+async fn auth(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Body) -> Response {
+    match read_body(&s, body).await {
+        Ok(body) => authorize(s, RequestType::Auth, headers, body).await,
+        Err(r) => r.into_response(),
+    }
+}
+
+async fn register(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Body) -> Response {
+    match read_body(&s, body).await {
+        Ok(body) => authorize(s, RequestType::Register, headers, body).await,
+        Err(r) => r.into_response(),
+    }
 }
 
 /// `/auth` and `/register`: ask backends in turn until one answers.
@@ -296,7 +326,11 @@ impl Drop for Waiting<'_> {
 }
 
 /// `POST /`.
-async fn packet(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
+async fn packet(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Body) -> Response {
+    let body = match read_body(&s, body).await {
+        Ok(b) => b,
+        Err(r) => return r.into_response(),
+    };
     let started = Instant::now();
     let ask = match parse_ask(&headers) {
         Ok(a) => a,

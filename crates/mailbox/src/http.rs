@@ -29,6 +29,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tube_net::http::HttpLimits;
 use tube_proto::longpoll::{self as lp, RequestType};
 use tube_proto::mailbox::{self, Fingerprint, MailboxError, MessageId, Packet};
 
@@ -201,16 +202,28 @@ pub fn router(state: PeerState, shutdown: CancellationToken) -> Router {
     })
 }
 
-/// Serves the HTTP backend on `listener` until `shutdown`.
+/// Serves the HTTP backend on `listener` until `shutdown`, with a header timeout, an idle
+/// timeout and a cap on connections (see `limits`).
 pub async fn serve(
     listener: TcpListener,
     state: PeerState,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
+    let limits = limits(&state.0.config);
     let app = router(state, shutdown.clone());
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
+    tube_net::http::serve(listener, app, limits, shutdown).await;
+    Ok(())
+}
+
+/// The HTTP backend's listener limits: the defaults (their idle timeout outlasts the proxy's
+/// unused pooled connections, 90 s), with twice `max_connections` open connections, as the
+/// proxy keeps up to one held fetch (at most `max_connections` of them, see `Shared::held`)
+/// and one send per online client.
+fn limits(config: &crate::peer::PeerConfig) -> HttpLimits {
+    HttpLimits {
+        max_connections: config.max_connections.saturating_mul(2),
+        ..HttpLimits::default()
+    }
 }
 
 async fn handle(State(b): State<Backend>, req: Request) -> Response {

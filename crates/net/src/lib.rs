@@ -1,6 +1,7 @@
 //! The async edge shared by tube's services.
 //!
 //! - [`files`]: private and atomic writes of secrets in a data dir.
+//! - [`http`]: serving an axum router with header and idle timeouts and a connection cap.
 //! - [`tls`]: TLS 1.3 only (rustls + aws-lc-rs), self-signed identities kept in a data dir,
 //!   and certificate pinning by SHA-256 fingerprint.
 //! - [`codec`]: `tokio_util` adapters over the pure frame codec of `tube-proto`, and helpers to
@@ -17,6 +18,7 @@
 
 pub mod codec;
 pub mod files;
+pub mod http;
 pub mod mux;
 pub mod pool;
 pub mod proxy;

@@ -25,15 +25,16 @@ pub fn router(state: Arc<RelayState>) -> Router {
         .with_state(state)
 }
 
-/// Serves the admin routes on `listener` until `shutdown`.
+/// Serves the admin routes on `listener` until `shutdown` (at most
+/// [`tube_net::http::ADMIN_MAX_CONNECTIONS`] connections).
 pub async fn serve(
     listener: TcpListener,
     state: Arc<RelayState>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
+    let limits = tube_net::http::HttpLimits::admin();
+    tube_net::http::serve(listener, router(state), limits, shutdown).await;
+    Ok(())
 }
 
 async fn metrics(State(s): State<Arc<RelayState>>) -> impl IntoResponse {
