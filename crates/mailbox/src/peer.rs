@@ -223,7 +223,7 @@ async fn sweeper(shared: Arc<Shared>, shutdown: CancellationToken) {
 /// Per-connection state.
 struct Session {
     id: u64,
-    /// The client's address (the rate limits count its source, see `registry::source_key`).
+    /// The client's address (the rate limits count its source, see `tube_proto::ratelimit::source_key`).
     addr: IpAddr,
     tx: mpsc::Sender<Packet>,
     kill: CancellationToken,

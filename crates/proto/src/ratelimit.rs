@@ -18,7 +18,18 @@
 
 use std::collections::HashMap;
 use std::hash::Hash;
+use std::net::{IpAddr, Ipv6Addr};
 use std::time::{Duration, Instant};
+
+/// What a limit per source counts an address as: an IPv4 address (IPv4-mapped IPv6
+/// included), or the /64 of an IPv6 address, since one host can usually pick any address of
+/// its /64. Used by every per-address limit and cap (relay, mailbox peer).
+pub fn source_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !u128::from(u64::MAX))),
+        v4 => v4,
+    }
+}
 
 const NANOS_PER_SEC: u128 = 1_000_000_000;
 
@@ -272,6 +283,19 @@ fn round_up_secs(nanos: u128) -> Duration {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn sources_are_ipv4_addresses_or_ipv6_slash_64s() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(source_key(ip("::ffff:192.0.2.7")), ip("192.0.2.7"));
+        assert_eq!(source_key(ip("192.0.2.7")), ip("192.0.2.7"));
+        assert_eq!(source_key(ip("2001:db8:1:2:aaaa::1")), ip("2001:db8:1:2::"));
+        assert_eq!(
+            source_key(ip("2001:db8:1:2:bbbb::9")),
+            source_key(ip("2001:db8:1:2:aaaa::1"))
+        );
+        assert_ne!(source_key(ip("2001:db8:1:3::1")), ip("2001:db8:1:2::"));
+    }
     use super::*;
     use proptest::prelude::*;
 

@@ -17,7 +17,7 @@ pub mod store;
 mod tunnel;
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -26,6 +26,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tube_proto::ratelimit::KeyedLimiter;
+pub(crate) use tube_proto::ratelimit::source_key;
 use uuid::Uuid;
 
 pub use auth::JwtSecret;
@@ -324,15 +325,6 @@ impl Drop for HandshakeSlot {
     }
 }
 
-/// What a handshake cap counts a source as: its IPv4 address (IPv4-mapped IPv6 included), or
-/// the /64 of its IPv6 address, since one host can usually pick any address of its /64.
-pub(crate) fn source_key(ip: IpAddr) -> IpAddr {
-    match ip.to_canonical() {
-        IpAddr::V6(v6) => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !u128::from(u64::MAX))),
-        v4 => v4,
-    }
-}
-
 /// Logs refused connections at most once a second, with the number left out since the last
 /// line, so a flood does not become a flood of log lines.
 #[derive(Debug, Default)]
@@ -447,14 +439,6 @@ mod tests {
 
     #[test]
     fn sources_are_ipv4_addresses_or_ipv6_slash_64s() {
-        assert_eq!(source_key(ip("::ffff:192.0.2.7")), ip("192.0.2.7"));
-        assert_eq!(source_key(ip("192.0.2.7")), ip("192.0.2.7"));
-        assert_eq!(source_key(ip("2001:db8:1:2:aaaa::1")), ip("2001:db8:1:2::"));
-        assert_eq!(
-            source_key(ip("2001:db8:1:2:bbbb::9")),
-            source_key(ip("2001:db8:1:2:aaaa::1"))
-        );
-        assert_ne!(source_key(ip("2001:db8:1:3::1")), ip("2001:db8:1:2::"));
         let slots = HandshakeSlots::new(10, 1);
         let _a = slots.try_acquire(ip("2001:db8::1")).unwrap();
         assert_eq!(
