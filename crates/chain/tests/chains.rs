@@ -235,6 +235,45 @@ async fn chain_of_three_nodes_carries_256_mib_byte_exact() {
 }
 
 #[tokio::test]
+async fn answered_requests_leave_no_timeout_task_behind() {
+    deadline(LIMIT, async {
+        let hub = start_hub(0).await;
+        let da = tempfile::tempdir().unwrap();
+        let a = start_node(&hub, "a", 2, da.path()).await;
+        let tasks = || {
+            tokio::runtime::Handle::current()
+                .metrics()
+                .num_alive_tasks()
+        };
+        let mut f = FrontClient::connect(a.api).await.expect("front");
+        let mut ask = async |local_id: String| {
+            let req = FrontMessage::RequestTube {
+                endpoint_name: "nobody".into(),
+                local_id,
+            };
+            f.send(&req).await.expect("send");
+            match f.recv().await.expect("front message") {
+                FrontMessage::TubeResult { code, .. } => assert_eq!(code, Some(6003)),
+                other => panic!("expected tube_result, got {other:?}"),
+            }
+        };
+        ask("warm-up".into()).await;
+        // Each request is timed (60 s for the hub's answer); an answered one must not leave
+        // its timer sleeping for the rest of the minute.
+        let before = tasks();
+        for i in 0..200 {
+            ask(format!("r{i}")).await;
+        }
+        let after = tasks();
+        assert!(
+            after < before + 20,
+            "{before} tasks before 200 answered requests, {after} after"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn refusals_carry_their_codes() {
     deadline(LIMIT, async {
         let hub = start_hub(0).await;

@@ -16,7 +16,7 @@ use tube_proto::chain::{
 };
 
 use super::Node;
-use super::state::{Chain, FrontSlot, TUBE_ANSWER_TIMEOUT, TubeRequest};
+use super::state::{Chain, FrontSlot, TUBE_ANSWER_TIMEOUT, TubeRequest, timer};
 
 /// Lines queued for one front before it counts as too slow.
 const FRONT_QUEUE: usize = 256;
@@ -221,12 +221,14 @@ impl Node {
         let hub_id = self
             .next_id
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (done, timer) = timer();
         self.state().tube_requests.insert(
             hub_id,
             TubeRequest {
                 front: id,
                 local_id: local_id.clone(),
                 endpoint: endpoint_name.clone(),
+                _timer: timer,
             },
         );
         self.send_hub(HubMessage::RequestTube {
@@ -237,7 +239,10 @@ impl Node {
         .await;
         let node = self.clone();
         self.spawn(async move {
-            tokio::time::sleep(TUBE_ANSWER_TIMEOUT).await;
+            tokio::select! {
+                _ = tokio::time::sleep(TUBE_ANSWER_TIMEOUT) => {}
+                _ = done.cancelled() => return,
+            }
             let mut st = node.state();
             if let Some(req) = st.tube_requests.remove(&hub_id) {
                 let msg = FrontMessage::TubeResult {

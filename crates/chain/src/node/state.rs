@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, DropGuard};
 use tube_proto::chain::{
     ChainErrorCode, ChainRole, ChainState, DEFAULT_APPROVAL_TIMEOUT, DEFAULT_MAX_PENDING_APPROVALS,
     FrontMessage, HubMessage, MAX_LIST_ITEMS, TubeInfo,
@@ -40,11 +40,22 @@ pub(super) struct TubeRequest {
     pub(super) front: u64,
     pub(super) local_id: String,
     pub(super) endpoint: String,
+    /// Ends the request's timeout task once the request is gone (answered or dropped).
+    pub(super) _timer: DropGuard,
 }
 
 pub(super) struct Approval {
     pub(super) hub_id: u64,
     pub(super) request_user: String,
+    /// Ends the question's timeout task once the question is gone (answered or dropped).
+    pub(super) _timer: DropGuard,
+}
+
+/// A timeout task's cancellation, and the guard that cancels it when dropped with the pending
+/// request it times: a request answered at once leaves no sleeping task behind.
+pub(super) fn timer() -> (CancellationToken, DropGuard) {
+    let token = CancellationToken::new();
+    (token.clone(), token.drop_guard())
 }
 
 pub(super) struct Chain {
@@ -242,47 +253,55 @@ impl Node {
         request_user: String,
         tunnel_id: String,
     ) {
-        let refusal = {
+        let asked = {
             let mut st = self.state();
             let subscribed = st.fronts.values().any(|f| f.subscribed);
             if !subscribed {
-                Some("no front")
+                Err("no front")
             } else if st.approvals.len() >= DEFAULT_MAX_PENDING_APPROVALS {
-                Some("too many pending approvals")
+                Err("too many pending approvals")
             } else if st.chains.len() >= self.config.max_chains {
-                Some("node at its chain limit")
+                Err("node at its chain limit")
             } else if st.approvals.contains_key(&tunnel_id) || st.chains.contains_key(&tunnel_id) {
-                Some("duplicate tunnel id")
+                Err("duplicate tunnel id")
             } else {
                 let msg = FrontMessage::ConnectionRequest {
                     tunnel_id: tunnel_id.clone(),
                     request_user: request_user.clone(),
                 };
                 st.notify(None, &msg);
+                let (done, timer) = timer();
                 st.approvals.insert(
                     tunnel_id.clone(),
                     Approval {
                         hub_id: id,
                         request_user,
+                        _timer: timer,
                     },
                 );
-                None
+                Ok(done)
             }
         };
-        if let Some(reason) = refusal {
-            tracing::info!(%tunnel_id, reason, "connection request refused");
-            self.send_hub(HubMessage::RequestConnectionResult {
-                id,
-                tunnel_id,
-                is_allowed: false,
-                reason: reason.into(),
-            })
-            .await;
-            return;
-        }
+        let done = match asked {
+            Ok(done) => done,
+            Err(reason) => {
+                tracing::info!(%tunnel_id, reason, "connection request refused");
+                self.send_hub(HubMessage::RequestConnectionResult {
+                    id,
+                    tunnel_id,
+                    is_allowed: false,
+                    reason: reason.into(),
+                })
+                .await;
+                return;
+            }
+        };
         let node = self.clone();
         self.spawn(async move {
-            tokio::time::sleep(DEFAULT_APPROVAL_TIMEOUT).await;
+            tokio::select! {
+                _ = tokio::time::sleep(DEFAULT_APPROVAL_TIMEOUT) => {}
+                _ = done.cancelled() => return,
+            }
             let expired = node.state().approvals.remove(&tunnel_id);
             if let Some(a) = expired {
                 tracing::info!(%tunnel_id, "no front answered the connection request");
