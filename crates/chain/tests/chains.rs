@@ -694,6 +694,18 @@ async fn next_from_node(conn: &mut HubSide) -> Option<HubMessage> {
     }
 }
 
+/// Sends the node what only a node may send; returns what the node sent until it closed.
+async fn break_protocol(conn: &mut HubSide) -> Vec<HubMessage> {
+    conn.send(Frame::Control(HubMessage::Logout {}.to_bytes()))
+        .await
+        .unwrap();
+    let mut sent = Vec::new();
+    while let Some(m) = next_from_node(conn).await {
+        sent.push(m);
+    }
+    sent
+}
+
 #[tokio::test]
 async fn a_node_answers_every_protocol_error_of_its_hub_with_6009_before_closing() {
     deadline(LIMIT, async {
@@ -737,13 +749,7 @@ async fn a_node_answers_every_protocol_error_of_its_hub_with_6009_before_closing
                 next_from_node(&mut conn).await,
                 Some(HubMessage::PasswordStored {})
             ));
-            conn.send(Frame::Control(HubMessage::Logout {}.to_bytes()))
-                .await
-                .unwrap();
-            let mut sent = Vec::new();
-            while let Some(m) = next_from_node(&mut conn).await {
-                sent.push(m);
-            }
+            let sent = break_protocol(&mut conn).await;
             assert!(
                 matches!(sent.as_slice(), [HubMessage::Error { code: 6009, .. }]),
                 "session {session}: the node sent {sent:?} before closing"
@@ -756,13 +762,7 @@ async fn a_node_answers_every_protocol_error_of_its_hub_with_6009_before_closing
             next_from_node(&mut conn).await,
             Some(HubMessage::Auth { .. })
         ));
-        conn.send(Frame::Control(HubMessage::Logout {}.to_bytes()))
-            .await
-            .unwrap();
-        let mut sent = Vec::new();
-        while let Some(m) = next_from_node(&mut conn).await {
-            sent.push(m);
-        }
+        let sent = break_protocol(&mut conn).await;
         assert!(
             matches!(sent.as_slice(), [HubMessage::Error { code: 6009, .. }]),
             "login: the node sent {sent:?} before closing"

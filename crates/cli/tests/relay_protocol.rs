@@ -41,6 +41,11 @@ fn fast_backoff() -> BackoffConfig {
 async fn dial_from(src: IpAddr, relay: SocketAddr, fp: Fingerprint) -> Conn {
     let sock = TcpSocket::new_v4().unwrap();
     sock.bind(SocketAddr::new(src, 0)).unwrap();
+    dial(sock, relay, fp).await
+}
+
+/// TLS connect on `sock` and read the greeting.
+async fn dial(sock: TcpSocket, relay: SocketAddr, fp: Fingerprint) -> Conn {
     let tcp = sock.connect(relay).await.unwrap();
     let cfg = tls::pinned_client_config(fp).unwrap();
     let tls = TlsConnector::from(cfg)
@@ -498,17 +503,7 @@ async fn the_relay_drops_an_agent_that_stops_reading_its_answers() {
         // A small receive buffer, so that what the relay sends backs up soon.
         let sock = TcpSocket::new_v4().unwrap();
         sock.set_recv_buffer_size(4096).unwrap();
-        let tcp = sock.connect(relay.addr).await.unwrap();
-        let cfg = tls::pinned_client_config(keys.identity.fingerprint()).unwrap();
-        let tls = TlsConnector::from(cfg)
-            .connect(tls::server_name(), tcp)
-            .await
-            .unwrap();
-        let mut c = handshake_conn(tls);
-        assert!(matches!(
-            recv_control(&mut c).await.unwrap(),
-            ControlMessage::Hello { .. }
-        ));
+        let mut c = dial(sock, relay.addr, keys.identity.fingerprint()).await;
         assert!(matches!(
             auth(&mut c, &alice).await,
             ControlMessage::AuthResponse { .. }

@@ -5,17 +5,19 @@
 //! that claims `u32::MAX` bytes, and an unknown type byte on its own, are refused before any
 //! payload is sent. A client registered and fetching before the table still receives after it.
 
+mod common;
+
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::{TestPeer, start_peer_with};
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpListener, TcpSocket};
-use tokio_util::sync::CancellationToken;
+use tokio::net::TcpSocket;
 use tube_mailbox::crypto::{self, Identity};
-use tube_mailbox::peer::{Peer, PeerConfig, PeerState};
+use tube_mailbox::peer::PeerConfig;
 use tube_mailbox::wire::{self, Conn, Stream};
 use tube_proto::mailbox::{self as codec, Packet, proof_message};
 use tube_proto::ratelimit::RateLimit;
@@ -291,38 +293,15 @@ async fn registered_client(peer: SocketAddr, from: IpAddr, id: &Identity) -> Con
     conn
 }
 
-struct TestPeer {
-    addr: SocketAddr,
-    state: PeerState,
-    shutdown: CancellationToken,
-}
-
-impl Drop for TestPeer {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
-    }
-}
-
 /// A peer with small limits: 2 clients, 2 messages per queue, [`DELIVERIES`] per minute.
 async fn start_peer() -> TestPeer {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let config = PeerConfig {
+    start_peer_with(PeerConfig {
         max_clients: 2,
         max_queue_messages: 2,
         deliver_limit: RateLimit::per_minute(DELIVERIES),
         ..PeerConfig::default()
-    };
-    let peer = Peer::new(config);
-    let state = peer.state();
-    let shutdown = CancellationToken::new();
-    let stop = shutdown.clone();
-    tokio::spawn(async move { peer.run(listener, stop).await });
-    TestPeer {
-        addr,
-        state,
-        shutdown,
-    }
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

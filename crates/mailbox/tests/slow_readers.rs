@@ -12,22 +12,24 @@
 //! connection stops moving (sampled every 20 ms: the one wait here that polls). Without that
 //! file, the count is skipped and the writer gets no head start; the other checks stand.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
+use common::{TestPeer, start_peer_with};
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpSocket};
+use tokio::net::TcpSocket;
 use tokio::task::JoinSet;
 use tokio::time::timeout;
-use tokio_util::sync::CancellationToken;
 use tube_mailbox::crypto::Identity;
-use tube_mailbox::peer::{Peer, PeerConfig, PeerState};
+use tube_mailbox::peer::PeerConfig;
 use tube_mailbox::wire::{self, Conn, Stream};
 use tube_proto::mailbox::{self as codec, Packet, proof_message};
 use tube_proto::ratelimit::RateLimit;
-use tube_testkit::{deadline, init_tracing};
+use tube_testkit::deadline;
 
 /// Longest wait for one client to be given up on (its backlog, then the peer's flush time),
 /// or for one answer.
@@ -36,41 +38,16 @@ const STEP: Duration = Duration::from_secs(30);
 /// Blob of each backlog message.
 const BLOB: usize = 90_000;
 
-struct TestPeer {
-    addr: SocketAddr,
-    state: PeerState,
-    shutdown: CancellationToken,
-}
-
-impl Drop for TestPeer {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
-    }
-}
-
 async fn start_peer(max_connections: usize) -> TestPeer {
-    init_tracing();
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let peer = Peer::new(PeerConfig {
+    start_peer_with(PeerConfig {
         max_connections,
         max_queue_bytes: 64 << 20,
         max_total_bytes: 1 << 30,
         register_limit: RateLimit::per_minute(10_000),
         deliver_limit: RateLimit::per_minute(100_000),
         ..PeerConfig::default()
-    });
-    let state = peer.state();
-    let shutdown = CancellationToken::new();
-    let stop = shutdown.clone();
-    tokio::spawn(async move {
-        let _ = peer.run(listener, stop).await;
-    });
-    TestPeer {
-        addr,
-        state,
-        shutdown,
-    }
+    })
+    .await
 }
 
 /// Backlog messages: twice what the kernel may buffer towards one socket (at least 8 MB), so
