@@ -19,6 +19,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::task::JoinHandle;
 use tube_chain::front::FrontClient;
+use tube_chain::hub::HubConfig;
 use tube_chain::node::{NodeConfig, NodeError};
 use tube_chain::{AccountError, AccountStore, MemoryAccounts, Password};
 use tube_net::codec::handshake_conn;
@@ -28,6 +29,7 @@ use tube_proto::chain::{
     CHAIN_PROTOCOL_VERSION, FrontMessage, HubMessage, encode_hop_hello, parse_tunnel_id,
 };
 use tube_proto::frame::Frame;
+use tube_proto::ratelimit::RateLimit;
 use tube_testkit::{deadline, echo_server, ended, init_tracing, read_hash, write_pattern};
 
 /// An endpoint front: subscribes, answers every request with `allow`, and connects each
@@ -230,6 +232,56 @@ async fn chain_of_three_nodes_carries_256_mib_byte_exact() {
         const SIZE: usize = 256 << 20;
         echo_through(near, SIZE, 0x3b0d).await;
         assert_counted(&nodes, &names, &chain.nodes, &tunnel_id, SIZE);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn registrations_are_limited_per_source_address() {
+    deadline(LIMIT, async {
+        let mut config = HubConfig::new(
+            Identity::generate(&["localhost"]).expect("identity"),
+            Arc::new(MemoryAccounts::default()),
+        );
+        config.register_limit = RateLimit::per_hour(2);
+        let hub = start_hub_with_config(config).await;
+        let register = |name: &str| HubMessage::Register {
+            version: CHAIN_PROTOCOL_VERSION.into(),
+            name: name.into(),
+            relay: false,
+        };
+        let registered = |m: &HubMessage| {
+            matches!(
+                m,
+                HubMessage::RegisterResult {
+                    is_success: true,
+                    ..
+                }
+            )
+        };
+        // Two new accounts from one address, then 6008 (not final: the node retries later),
+        // a taken name counting as an attempt too; another address is not affected.
+        assert!(registered(
+            &first_answer_from(&hub, 5, register("r1")).await
+        ));
+        assert!(registered(
+            &first_answer_from(&hub, 5, register("r2")).await
+        ));
+        let third = first_answer_from(&hub, 5, register("r3")).await;
+        assert!(
+            matches!(
+                third,
+                HubMessage::RegisterResult {
+                    is_success: false,
+                    code: Some(6008),
+                    ..
+                }
+            ),
+            "{third:?}"
+        );
+        assert!(registered(
+            &first_answer_from(&hub, 6, register("r3")).await
+        ));
     })
     .await;
 }
@@ -536,7 +588,12 @@ async fn auth_and_vanish(hub: &TestHub, name: &str, password: &str) -> HubMessag
 
 /// The hub's answer to `login` (`register` or `auth`) on a fresh connection.
 async fn first_answer(hub: &TestHub, login: HubMessage) -> HubMessage {
-    let tcp = TcpStream::connect(hub.addr).await.expect("connect hub");
+    first_answer_from(hub, 1, login).await
+}
+
+/// [`first_answer`] from 127.0.0.`octet`.
+async fn first_answer_from(hub: &TestHub, octet: u8, login: HubMessage) -> HubMessage {
+    let tcp = connect_from(ip(octet), hub.addr).await;
     let cfg = tls::pinned_client_config(hub.fingerprint).expect("tls config");
     let tls = TlsConnector::from(cfg)
         .connect(tls::server_name(), tcp)

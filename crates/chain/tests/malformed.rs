@@ -406,6 +406,8 @@ async fn start_hub() -> TestHub {
     let fingerprint = identity.fingerprint();
     let mut config = HubConfig::new(identity, Arc::new(accounts));
     config.intermediates = 0;
+    // Every case registers a node of its own, all from 127.0.0.1.
+    config.register_limit = tube_proto::ratelimit::RateLimit::per_hour(10_000);
     // The scripted endpoint answers its make_tube only after the hop table.
     config.hop_timeout = Duration::from_secs(40);
     let addr = listener.local_addr().expect("addr");

@@ -14,6 +14,7 @@ use tube_chain::SqliteAccounts;
 use tube_chain::hub::{Hub, HubConfig};
 use tube_chain::node::{NodeConfig, NodeError};
 use tube_net::{Fingerprint, Identity};
+use tube_proto::ratelimit::RateLimit;
 
 use crate::stdout::say;
 
@@ -50,6 +51,9 @@ pub(crate) struct HubArgs {
     /// Chains one node may take part in at once.
     #[arg(long, default_value_t = tube_proto::chain::DEFAULT_MAX_CHAINS_PER_NODE)]
     max_chains_per_node: usize,
+    /// New accounts (`register`) per source address (IPv6: per /64) per hour; more get 6008.
+    #[arg(long, default_value_t = tube_chain::hub::DEFAULT_REGISTRATIONS_PER_HOUR)]
+    registrations_per_hour: u32,
 }
 
 /// Flags of `tube node`.
@@ -104,6 +108,7 @@ pub(crate) async fn run_hub(args: HubArgs, shutdown: CancellationToken) -> anyho
     config.hop_timeout = args.hop_timeout;
     config.handshake_timeout = args.handshake_timeout;
     config.max_chains_per_node = args.max_chains_per_node;
+    config.register_limit = RateLimit::per_hour(args.registrations_per_hour);
     let listener = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("error: cannot listen on {}", args.listen))?;

@@ -33,6 +33,14 @@ use state::State;
 /// Default limit of logged-in nodes.
 pub const DEFAULT_MAX_NODES: usize = 1024;
 
+/// Default `register`s per source (IPv4 address or IPv6 /64) per hour: accounts are free to
+/// make, so one address may not make them without end (each is a row on disk, and throwaway
+/// accounts could hold every node slot).
+pub const DEFAULT_REGISTRATIONS_PER_HOUR: u32 = 10;
+
+/// Sources the registration limit tracks at most (see [`tube_proto::ratelimit::KeyedLimiter`]).
+const MAX_REGISTRATION_SOURCES: usize = 65_536;
+
 /// Default limit of connections in the login phase (TLS and first message) at once.
 pub const DEFAULT_MAX_HANDSHAKES: usize = 256;
 
@@ -68,6 +76,8 @@ pub struct HubConfig {
     pub max_handshakes: usize,
     /// Logged-in nodes at once.
     pub max_nodes: usize,
+    /// `register`s per source; one more is refused with 6008 (the node retries later).
+    pub register_limit: tube_proto::ratelimit::RateLimit,
     /// Time sessions get to end after shutdown.
     pub shutdown_grace: Duration,
 }
@@ -86,6 +96,9 @@ impl HubConfig {
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             max_handshakes: DEFAULT_MAX_HANDSHAKES,
             max_nodes: DEFAULT_MAX_NODES,
+            register_limit: tube_proto::ratelimit::RateLimit::per_hour(
+                DEFAULT_REGISTRATIONS_PER_HOUR,
+            ),
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
         }
     }
@@ -106,6 +119,8 @@ pub(crate) struct Shared {
     pub(crate) state: Mutex<State>,
     /// Wakes the timer task when a deadline may have changed.
     pub(crate) changed: Notify,
+    /// `register`s per source ([`tube_proto::ratelimit::source_key`]).
+    pub(crate) registrations: Mutex<tube_proto::ratelimit::KeyedLimiter<std::net::IpAddr>>,
 }
 
 impl Shared {
@@ -144,6 +159,10 @@ impl Hub {
     pub fn new(config: HubConfig) -> Self {
         Self {
             shared: Arc::new(Shared {
+                registrations: Mutex::new(tube_proto::ratelimit::KeyedLimiter::new(
+                    config.register_limit,
+                    MAX_REGISTRATION_SOURCES,
+                )),
                 config,
                 state: Mutex::new(State::default()),
                 changed: Notify::new(),

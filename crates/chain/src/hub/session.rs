@@ -120,6 +120,25 @@ async fn login(
             if let Some(m) = gate(shared, &version, &name, true) {
                 return refuse(conn, m, "register refused").await;
             }
+            let source = tube_proto::ratelimit::source_key(peer.ip());
+            let now = std::time::Instant::now();
+            let limited = shared
+                .registrations
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .check(&source, now);
+            if let Err(wait) = limited {
+                let m = HubMessage::RegisterResult {
+                    is_success: false,
+                    message: format!(
+                        "too many registrations from this address, retry in {}s",
+                        wait.as_secs() + 1
+                    ),
+                    password: None,
+                    code: Some(ChainErrorCode::Limit as u16),
+                };
+                return refuse(conn, m, "register rate limited").await;
+            }
             let n = name.clone();
             let result = match accounts(shared, move |a| a.register(&n)).await {
                 Ok(password) => (

@@ -108,11 +108,23 @@ fn run_hub_on(
     intermediates: usize,
     hop_timeout: Duration,
 ) -> TestHub {
-    let fingerprint = identity.fingerprint();
     let mut config = HubConfig::new(identity, accounts);
     config.intermediates = intermediates;
     config.hop_timeout = hop_timeout;
     config.approval_timeout = Duration::from_secs(10);
+    run_hub_config(dir, listener, config)
+}
+
+/// A hub on 127.0.0.1 port 0 with `config` (its data dir a fresh temp dir).
+pub(crate) async fn start_hub_with_config(config: HubConfig) -> TestHub {
+    init_tracing();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind hub");
+    run_hub_config(dir, listener, config)
+}
+
+fn run_hub_config(dir: tempfile::TempDir, listener: TcpListener, config: HubConfig) -> TestHub {
+    let fingerprint = config.identity.fingerprint();
     let addr = listener.local_addr().expect("addr");
     let config_identity = config.identity.clone();
     let hub = Hub::new(config);
