@@ -15,8 +15,8 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use bytes::Bytes;
-use http_body_util::{BodyExt, LengthLimitError, Limited};
 use tokio::time::Instant;
+use tube_net::http::BodyError;
 use tube_proto::longpoll::{self as h, RequestType};
 
 use crate::backends::{CallError, passthrough};
@@ -29,25 +29,15 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/", post(packet))
         .route("/auth", post(auth))
         .route("/register", post(register))
-        .layer(middleware::from_fn_with_state(shared.clone(), body_limit))
+        .layer(middleware::from_fn(body_limit))
         .with_state(shared)
 }
 
-/// 413 for a body over `max_body`: at once when `Content-Length` claims more (without waiting
-/// for a body that may never come), else when reading passes the limit ([`read_body`]). Either
-/// way, and for a body too slow (408), the connection is closed: the rest of the body is not
-/// read.
-async fn body_limit(State(s): State<Arc<Shared>>, request: Request, next: Next) -> Response {
-    let claimed = request
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    let mut response = if claimed.is_some_and(|n| n > s.config.max_body as u64) {
-        refuse(StatusCode::PAYLOAD_TOO_LARGE, "body over the limit").into_response()
-    } else {
-        next.run(request).await
-    };
+/// A body refused for its size (413, at once when `Content-Length` claims more than
+/// `max_body`) or its slowness (408, see [`read_body`]) closes the connection: the rest of the
+/// body is not read.
+async fn body_limit(request: Request, next: Next) -> Response {
+    let mut response = next.run(request).await;
     if matches!(
         response.status(),
         StatusCode::PAYLOAD_TOO_LARGE | StatusCode::REQUEST_TIMEOUT
@@ -96,35 +86,31 @@ fn busy(status: StatusCode, retry_after: u64, why: &'static str) -> Refusal {
     }
 }
 
-/// The request body, read within `body_timeout` and up to `max_body` bytes; else 408, 413, or
+/// The request body, read within `body_timeout` and up to `max_body` bytes; else 413, 408, or
 /// 400 for a body that broke off.
-async fn read_body(s: &Shared, body: Body) -> Result<Bytes, Refusal> {
-    let read = Limited::new(body, s.config.max_body).collect();
-    match tokio::time::timeout(s.config.body_timeout, read).await {
-        Ok(Ok(collected)) => Ok(collected.to_bytes()),
-        Ok(Err(e)) if e.is::<LengthLimitError>() => {
-            Err(refuse(StatusCode::PAYLOAD_TOO_LARGE, "body over the limit"))
-        }
-        Ok(Err(_)) => Err(refuse(StatusCode::BAD_REQUEST, "unreadable body")),
-        Err(_) => {
-            tracing::debug!("request body not received in time");
-            Err(refuse(
-                StatusCode::REQUEST_TIMEOUT,
-                "body not received in time",
-            ))
-        }
-    }
+async fn read_body(s: &Shared, headers: &HeaderMap, body: Body) -> Result<Bytes, Refusal> {
+    let (max, limit) = (s.config.max_body, s.config.body_timeout);
+    tube_net::http::read_body(headers, body, max, limit)
+        .await
+        .map_err(|e| {
+            let why = match e {
+                BodyError::TooLarge => "body over the limit",
+                BodyError::TimedOut => "body not received in time",
+                BodyError::Broken => "unreadable body",
+            };
+            refuse(e.status(), why)
+        })
 }
 
 async fn auth(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Body) -> Response {
-    match read_body(&s, body).await {
+    match read_body(&s, &headers, body).await {
         Ok(body) => authorize(s, RequestType::Auth, headers, body).await,
         Err(r) => r.into_response(),
     }
 }
 
 async fn register(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Body) -> Response {
-    match read_body(&s, body).await {
+    match read_body(&s, &headers, body).await {
         Ok(body) => authorize(s, RequestType::Register, headers, body).await,
         Err(r) => r.into_response(),
     }
@@ -327,7 +313,7 @@ impl Drop for Waiting<'_> {
 
 /// `POST /`.
 async fn packet(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Body) -> Response {
-    let body = match read_body(&s, body).await {
+    let body = match read_body(&s, &headers, body).await {
         Ok(b) => b,
         Err(r) => return r.into_response(),
     };

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderName};
+use axum::http::header::{CONTENT_TYPE, HeaderName};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
@@ -231,19 +231,9 @@ async fn handle(State(b): State<Backend>, req: Request) -> Response {
         return StatusCode::METHOD_NOT_ALLOWED.into_response();
     }
     let (parts, body) = req.into_parts();
-    let declared = parts
-        .headers
-        .get(CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > MAX_BODY as u64) {
-        return StatusCode::PAYLOAD_TOO_LARGE.into_response();
-    }
-    let body = match tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, MAX_BODY)).await
-    {
-        Ok(Ok(body)) => body,
-        // Over the limit, or a body that broke off: either way nothing to act on.
-        Ok(Err(_)) => return StatusCode::PAYLOAD_TOO_LARGE.into_response(),
-        Err(_) => return StatusCode::REQUEST_TIMEOUT.into_response(),
+    let body = match tube_net::http::read_body(&parts.headers, body, MAX_BODY, BODY_TIMEOUT).await {
+        Ok(body) => body,
+        Err(e) => return e.status().into_response(),
     };
     let kind = parts
         .headers

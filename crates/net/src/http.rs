@@ -13,8 +13,8 @@
 //!   either timeout;
 //!
 //! and at most [`HttpLimits::max_connections`] connections are open at once: one more is
-//! closed as soon as it is accepted. Request bodies are the handlers' business: a route that
-//! reads one bounds the read in time itself (see the long-poll proxy and the mailbox backend).
+//! closed as soon as it is accepted. Request bodies are the handlers' business: a route reads
+//! one with [`read_body`], bounded in size and time.
 //!
 //! hyper's own `header_read_timeout` is not used: it also runs while a kept-alive connection
 //! waits for its next request, so it cannot tell a slow header from an idle connection.
@@ -42,6 +42,52 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
+
+/// Why a request body could not be read ([`read_body`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyError {
+    /// Longer than allowed (claimed by `Content-Length`, or found while reading).
+    TooLarge,
+    /// Not all there in time.
+    TimedOut,
+    /// The body broke off (the connection ended or was malformed).
+    Broken,
+}
+
+impl BodyError {
+    /// The answer: 413, 408 or 400.
+    pub fn status(self) -> axum::http::StatusCode {
+        use axum::http::StatusCode;
+        match self {
+            BodyError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            BodyError::TimedOut => StatusCode::REQUEST_TIMEOUT,
+            BodyError::Broken => StatusCode::BAD_REQUEST,
+        }
+    }
+}
+
+/// Reads a request body of at most `max` bytes within `limit`. A `Content-Length` claiming
+/// more than `max` is refused at once, without waiting for a body that may never come.
+pub async fn read_body(
+    headers: &axum::http::HeaderMap,
+    body: Body,
+    max: usize,
+    limit: Duration,
+) -> Result<Bytes, BodyError> {
+    let claimed = headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if claimed.is_some_and(|n| n > max as u64) {
+        return Err(BodyError::TooLarge);
+    }
+    let read = http_body_util::BodyExt::collect(http_body_util::Limited::new(body, max));
+    match tokio::time::timeout(limit, read).await {
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(BodyError::TooLarge),
+        Ok(Err(_)) => Err(BodyError::Broken),
+        Err(_) => Err(BodyError::TimedOut),
+    }
+}
 
 /// Open connections at most on an admin listener (metrics, health, state for operators).
 pub const ADMIN_MAX_CONNECTIONS: usize = 64;

@@ -107,7 +107,7 @@ pub struct Counters {
     pub auth_failures: AtomicU64,
     /// Rate-limit refusals, by limit name.
     pub rate_limited: Mutex<BTreeMap<&'static str, u64>>,
-    /// Agents dropped for missing heartbeats.
+    /// Agents dropped at their liveness deadline (silent, or not reading their answers).
     pub heartbeat_timeouts: AtomicU64,
 }
 
@@ -433,7 +433,7 @@ impl RelayState {
         counter(
             &mut o,
             "tube_relay_heartbeat_timeouts_total",
-            "Agents dropped for missing heartbeats.",
+            "Agents dropped at their liveness deadline (silent, or not reading).",
         );
         let _ = writeln!(
             o,
