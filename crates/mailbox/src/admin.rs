@@ -1,7 +1,7 @@
 //! The peer's admin HTTP listener (`tube peer --admin ADDR`): `/healthz` and `/metrics`
 //! (Prometheus text: clients, HTTP sessions and held fetches, queued messages and bytes,
-//! stored, refused and expired messages). It shows counts only, never fingerprints; bind it
-//! to loopback.
+//! stored, refused and expired messages, forgotten registrations). It shows counts only, never
+//! fingerprints; bind it to loopback.
 
 use std::fmt::Write as _;
 
@@ -91,6 +91,12 @@ async fn metrics(State(s): State<PeerState>) -> impl IntoResponse {
         "counter",
         "Messages dropped unfetched after the maximum age.",
         expired,
+    );
+    metric(
+        "tube_peer_registrations_forgotten_total",
+        "counter",
+        "Registrations forgotten because nothing held them (no connection, session or queued message).",
+        s.forgotten(),
     );
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
 }

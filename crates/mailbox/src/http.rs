@@ -84,6 +84,11 @@ struct Token {
 }
 
 impl HttpSide {
+    /// Live sessions (tokens).
+    pub(crate) fn sessions(&self) -> usize {
+        self.tokens.len()
+    }
+
     /// A TCP registration takes receiving over; `true` if an HTTP session was receiving.
     pub(crate) fn end_receiving(&mut self) -> bool {
         match self.receiver.take() {

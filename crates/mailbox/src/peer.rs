@@ -43,8 +43,12 @@ pub struct PeerConfig {
     pub max_age: Duration,
     /// Bytes queued for all recipients together at most.
     pub max_total_bytes: usize,
-    /// Registered clients at most.
+    /// Registered clients at most. At the limit, a new client takes the place of the
+    /// registration idle longest (no connection, HTTP session or queued message), once that one
+    /// has been idle `evict_after_idle`; registrations idle for `max_age` are forgotten anyway.
     pub max_clients: usize,
+    /// See `max_clients`.
+    pub evict_after_idle: Duration,
     /// Open connections at most; more are closed at once.
     pub max_connections: usize,
     /// A connection that sends nothing this long is closed (clients keep alive every 2 min).
@@ -70,6 +74,7 @@ impl Default for PeerConfig {
             max_age: Duration::from_secs(7 * 24 * 3600),
             max_total_bytes: 256 << 20,
             max_clients: 100_000,
+            evict_after_idle: crate::registry::EVICT_MIN_IDLE,
             max_connections: 10_000,
             idle_timeout: Duration::from_secs(300),
             handshake_timeout: Duration::from_secs(10),
@@ -81,8 +86,14 @@ impl Default for PeerConfig {
 }
 
 /// Packets queued towards one connection before it counts as too slow (it is then closed; its
-/// messages stay queued until acknowledged).
+/// messages stay queued until acknowledged); more when a queue may hold more messages, so a
+/// full queue's backlog always fits (else its FETCH would close the connection every time).
 const OUTBOX: usize = 1024;
+
+/// The outbox of one connection: room for a whole queue's backlog and the answers around it.
+fn outbox(config: &PeerConfig) -> usize {
+    OUTBOX.max(config.max_queue_messages.saturating_add(64))
+}
 
 /// Once a connection's session has ended, how long its writer may take to send what is still
 /// queued (the closing ERROR included) and close; then it is stopped and the socket dropped,
@@ -118,6 +129,12 @@ impl PeerState {
     pub fn counters(&self) -> (u64, u64, u64) {
         let st = self.0.lock();
         (st.delivered, st.refused_full, st.expired)
+    }
+
+    /// Registrations forgotten because nothing held them: no connection, no HTTP session and
+    /// no queued message for `max_age`, or idle longest when a new client came at the limit.
+    pub fn forgotten(&self) -> u64 {
+        self.0.lock().evicted
     }
 
     /// Open TCP connections: accepted and not yet closed (a connection stops counting only
@@ -261,7 +278,7 @@ async fn serve(
         },
     };
     let (mut sink, mut stream) = wire::conn(stream).split();
-    let (tx, mut rx) = mpsc::channel::<Packet>(OUTBOX);
+    let (tx, mut rx) = mpsc::channel::<Packet>(outbox(&shared.config));
     let kill = shutdown.child_token();
     let writer_kill = kill.clone();
     // The writer may block on a client that does not read for as long as the session lives
@@ -326,12 +343,7 @@ async fn serve(
         let _ = s.tx.try_send(Packet::error(code, why));
     }
     if let Some(fp) = s.registered {
-        let mut st = shared.lock();
-        if let Some(c) = st.clients.get_mut(&fp)
-            && c.live.as_ref().is_some_and(|l| l.conn == s.id)
-        {
-            c.live = None;
-        }
+        shared.release(&fp, s.id, Instant::now());
     }
     // The writer sends what is queued, then closes. A client that does not read gets
     // `FLUSH`, then the writer is stopped; awaiting it makes sure its half of the socket is
@@ -384,7 +396,13 @@ fn handle(shared: &Shared, s: &mut Session, packet: Packet) -> Next {
             };
             match shared.register(fp, cert, now, Via::Tcp(live)) {
                 Ok(()) => {
-                    s.registered = Some(fp);
+                    // A connection receives for one client: registering another lets the
+                    // first one go.
+                    if let Some(old) = s.registered.replace(fp)
+                        && old != fp
+                    {
+                        shared.release(&old, s.id, now);
+                    }
                     send(s, Packet::Ok)
                 }
                 Err(refusal) => send(s, refusal),

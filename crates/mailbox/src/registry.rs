@@ -27,6 +27,19 @@ use crate::peer::PeerConfig;
 /// Keys the rate limiters track at most, each.
 pub(crate) const LIMITER_KEYS: usize = 65_536;
 
+/// At the client limit, an idle registration gives way to a new client only once it has been
+/// idle this long (a client between two connections keeps its place): the default of
+/// `PeerConfig::evict_after_idle`.
+pub(crate) const EVICT_MIN_IDLE: Duration = Duration::from_secs(600);
+
+/// Idle registrations picked, oldest first, by one scan of all clients at the client limit;
+/// the next new clients take their places without scanning again.
+const EVICT_BATCH: usize = 1024;
+
+/// At the client limit with no idle registration to give way, all clients are scanned again
+/// at most this often.
+const EVICT_RESCAN: Duration = Duration::from_secs(1);
+
 /// One message waiting for its recipient.
 pub(crate) struct Queued {
     pub(crate) seq: u64,
@@ -48,10 +61,13 @@ pub(crate) struct Client {
     /// Woken when a message is stored for this client or its receiving changes (HTTP fetches
     /// held open wait on it).
     pub(crate) wake: Arc<Notify>,
+    /// When the client registered, or was last seen holding something (see [`Client::idle`]);
+    /// refreshed by registrations and by every sweep that finds it not idle.
+    pub(crate) active: Instant,
 }
 
 impl Client {
-    fn new(cert: Bytes) -> Self {
+    fn new(cert: Bytes, now: Instant) -> Self {
         Self {
             cert,
             queue: VecDeque::new(),
@@ -60,7 +76,13 @@ impl Client {
             live: None,
             http: HttpSide::default(),
             wake: Arc::new(Notify::new()),
+            active: now,
         }
+    }
+
+    /// Nothing holds the registration: no TCP connection, no HTTP session, no queued message.
+    pub(crate) fn idle(&self) -> bool {
+        self.live.is_none() && self.http.sessions() == 0 && self.queue.is_empty()
     }
 }
 
@@ -131,6 +153,13 @@ pub(crate) struct Inner {
     pub(crate) refused_full: u64,
     /// HTTP tokens of all clients together.
     pub(crate) tokens: usize,
+    /// Registrations forgotten because nothing held them (see the module docs).
+    pub(crate) evicted: u64,
+    /// Idle registrations that may give way to new clients, the oldest last; each is checked
+    /// again (still there, still idle, not active since) when its turn comes.
+    evictable: Vec<(Instant, Fingerprint)>,
+    /// When all clients were last scanned for `evictable`.
+    scanned: Option<Instant>,
 }
 
 impl Inner {
@@ -146,6 +175,50 @@ impl Inner {
             delivered: 0,
             refused_full: 0,
             tokens: 0,
+            evicted: 0,
+            evictable: Vec::new(),
+            scanned: None,
+        }
+    }
+
+    /// Makes room for one new client by forgetting the registration idle longest, if one has
+    /// been idle at least `min_idle`; `false` if none may go.
+    fn evict_one(&mut self, now: Instant, min_idle: Duration) -> bool {
+        loop {
+            while let Some((at, fp)) = self.evictable.pop() {
+                let gone = self
+                    .clients
+                    .get(&fp)
+                    .is_some_and(|c| c.active == at && c.idle());
+                if gone {
+                    self.clients.remove(&fp);
+                    self.evicted += 1;
+                    return true;
+                }
+            }
+            let recent = self
+                .scanned
+                .is_some_and(|t| now.saturating_duration_since(t) < EVICT_RESCAN);
+            if recent {
+                return false;
+            }
+            self.scanned = Some(now);
+            let mut idle: Vec<(Instant, Fingerprint)> = self
+                .clients
+                .iter()
+                .filter(|(_, c)| c.idle() && now.saturating_duration_since(c.active) >= min_idle)
+                .map(|(fp, c)| (c.active, *fp))
+                .collect();
+            if idle.is_empty() {
+                return false;
+            }
+            if idle.len() > EVICT_BATCH {
+                idle.select_nth_unstable(EVICT_BATCH - 1);
+                idle.truncate(EVICT_BATCH);
+            }
+            // Newest first, so `pop` takes the oldest.
+            idle.sort_unstable_by(|a, b| b.cmp(a));
+            self.evictable = idle;
         }
     }
 }
@@ -200,15 +273,19 @@ impl Shared {
             let why = format!("too many registrations, retry in {}s", wait.as_secs() + 1);
             return Err(Packet::error(MailboxError::RateLimited, why));
         }
-        if !st.clients.contains_key(&fp) && st.clients.len() >= self.config.max_clients {
+        if !st.clients.contains_key(&fp)
+            && st.clients.len() >= self.config.max_clients
+            && !st.evict_one(now, self.config.evict_after_idle)
+        {
             return Err(Packet::error(MailboxError::Busy, "client limit reached"));
         }
         // A copy: `cert` may share the connection's whole read buffer, and a registration
-        // lives for as long as the peer runs.
+        // may live for as long as the peer runs.
         let c = st
             .clients
             .entry(fp)
-            .or_insert_with(|| Client::new(Bytes::copy_from_slice(&cert)));
+            .or_insert_with(|| Client::new(Bytes::copy_from_slice(&cert), now));
+        c.active = now;
         if let Via::Tcp(live) = via {
             let conn = live.conn;
             // The newest connection of a client wins; an older one is closed.
@@ -223,6 +300,18 @@ impl Shared {
         }
         tracing::debug!(client_fp = %hex::encode(&fp[..8]), "registered");
         Ok(())
+    }
+
+    /// The TCP connection `conn` receives for `fp` no more (it ended, or it registered another
+    /// client): `fp` is idle from now on if nothing else holds it.
+    pub(crate) fn release(&self, fp: &Fingerprint, conn: u64, now: Instant) {
+        let mut st = self.lock();
+        if let Some(c) = st.clients.get_mut(fp)
+            && c.live.as_ref().is_some_and(|l| l.conn == conn)
+        {
+            c.live = None;
+            c.active = now;
+        }
     }
 
     /// Stores a message for `to` and pushes it to a listening TCP connection: STORED, or the
@@ -310,6 +399,7 @@ impl Shared {
         let Some(c) = st.clients.get_mut(fp) else {
             return Fetched::Unknown;
         };
+        c.active = now;
         let count = u32::try_from(c.queue.len()).unwrap_or(u32::MAX);
         match who {
             Fetcher::Tcp { conn, tx } => {
@@ -365,7 +455,8 @@ impl Shared {
         }
     }
 
-    /// Once a minute: expired messages, idle HTTP tokens, stale rate-limit keys.
+    /// Once a minute: expired messages, idle HTTP tokens, registrations nothing has held for
+    /// `max_age`, stale rate-limit keys.
     pub(crate) fn sweep(&self, now: Instant) {
         let mut st = self.lock();
         let fps: Vec<Fingerprint> = st.clients.keys().copied().collect();
@@ -373,6 +464,18 @@ impl Shared {
             expire(&mut st, &fp, now, self.config.max_age);
         }
         crate::http::purge_tokens(&mut st, now, self.config.idle_timeout);
+        let max_age = self.config.max_age;
+        let before = st.clients.len();
+        st.clients.retain(|_, c| {
+            if !c.idle() {
+                c.active = now;
+                true
+            } else {
+                now.saturating_duration_since(c.active) < max_age
+            }
+        });
+        let forgotten = before - st.clients.len();
+        st.evicted += forgotten as u64;
         st.reg_ip.prune(now);
         st.reg_fp.prune(now);
         st.del_src.prune(now);
@@ -419,7 +522,7 @@ mod tests {
         let mut st = Inner::new(&config, 8);
         let t0 = Instant::now();
         let fp = [1u8; 32];
-        let mut c = Client::new(Bytes::new());
+        let mut c = Client::new(Bytes::new(), t0);
         for (i, age_days) in [(1u64, 8u64), (2, 7), (3, 1)] {
             c.queue.push_back(Queued {
                 seq: i,
@@ -574,6 +677,98 @@ mod tests {
         );
         let cert = Bytes::from_static(b"\x30\x03der");
         assert_eq!(s.cert(&[4; 32]), Packet::Cert { cert });
+    }
+
+    /// A live TCP connection for a registration (its receiving end kept by the caller).
+    fn live(conn: u64) -> (Live, mpsc::Receiver<Packet>) {
+        let (tx, rx) = mpsc::channel(4);
+        let kill = CancellationToken::new();
+        let l = Live {
+            conn,
+            tx,
+            kill,
+            listening: false,
+        };
+        (l, rx)
+    }
+
+    fn register(s: &Shared, fp: Fingerprint, now: Instant, via: Via) -> Result<(), u16> {
+        s.register(fp, Bytes::from_static(b"c"), now, via)
+            .map_err(|p| match p {
+                Packet::Error { code, .. } => code,
+                other => panic!("{other:?}"),
+            })
+    }
+
+    #[test]
+    fn registrations_nothing_holds_are_forgotten_after_max_age() {
+        let s = shared();
+        let max_age = s.config.max_age;
+        let t0 = Instant::now();
+        let (idle, queued, connected) = ([1u8; 32], [2u8; 32], [3u8; 32]);
+        let (l, _rx) = live(1);
+        register(&s, idle, t0, Via::Http).unwrap();
+        register(&s, queued, t0, Via::Http).unwrap();
+        register(&s, connected, t0, Via::Tcp(l)).unwrap();
+        let blob = Bytes::from_static(b"m");
+        let stored = s.deliver(Source::Client(idle), queued, [1; 16], blob, t0, None);
+        assert_eq!(stored, Packet::Stored { id: [1; 16] });
+        s.sweep(t0 + max_age - Duration::from_secs(1));
+        {
+            let st = s.lock();
+            assert_eq!((st.clients.len(), st.evicted), (3, 0));
+        }
+        s.sweep(t0 + max_age + Duration::from_secs(1));
+        let st = s.lock();
+        assert!(!st.clients.contains_key(&idle));
+        assert!(st.clients.contains_key(&connected));
+        // The message expired in this sweep (older than max_age): from now on the queue holds
+        // nothing, and its own max_age starts.
+        assert!(st.clients[&queued].idle());
+        assert_eq!((st.clients.len(), st.evicted, st.expired), (2, 1, 1));
+    }
+
+    #[test]
+    fn at_the_client_limit_a_new_client_takes_the_place_of_the_one_idle_longest() {
+        let s = Shared::new(PeerConfig {
+            max_clients: 3,
+            ..PeerConfig::default()
+        });
+        let min = s.config.evict_after_idle;
+        let t0 = Instant::now();
+        let at = |secs: u64| t0 + Duration::from_secs(secs);
+        let fp = |n: u8| [n; 32];
+        register(&s, fp(1), at(0), Via::Http).unwrap();
+        register(&s, fp(2), at(1), Via::Http).unwrap();
+        register(&s, fp(3), at(2), Via::Http).unwrap();
+        // Nobody idle long enough yet.
+        assert_eq!(register(&s, fp(4), at(5), Via::Http), Err(7007));
+        // Client 1 comes back (registers again): it is active now, so 2 is the oldest.
+        register(&s, fp(1), at(3), Via::Http).unwrap();
+        let later = min.as_secs() + 10;
+        register(&s, fp(4), at(later), Via::Http).unwrap();
+        assert!(!s.lock().clients.contains_key(&fp(2)));
+        // Client 3 gets a message (a queue holds it); 1 is next, then nobody.
+        let blob = Bytes::from_static(b"m");
+        let p = s.deliver(Source::Client(fp(4)), fp(3), [1; 16], blob, at(later), None);
+        assert_eq!(p, Packet::Stored { id: [1; 16] });
+        register(&s, fp(5), at(later + 1), Via::Http).unwrap();
+        assert!(!s.lock().clients.contains_key(&fp(1)));
+        assert_eq!(register(&s, fp(6), at(later + 2), Via::Http), Err(7007));
+        // A connected client is never idle, however long ago it registered.
+        let (l, _rx) = live(9);
+        register(&s, fp(4), at(later + 3), Via::Tcp(l)).unwrap();
+        let much_later = later + 3 + 2 * min.as_secs();
+        register(&s, fp(6), at(much_later), Via::Http).unwrap();
+        let st = s.lock();
+        let mut left: Vec<u8> = st.clients.keys().map(|k| k[0]).collect();
+        left.sort_unstable();
+        assert_eq!(
+            left,
+            vec![3, 4, 6],
+            "5 gave way; 3 (queued) and 4 (connected) stay"
+        );
+        assert_eq!(st.evicted, 3);
     }
 
     fn ip(s: &str) -> IpAddr {

@@ -1,8 +1,9 @@
 //! Mailbox end to end, in one process: two real peers on 127.0.0.1 port 0 and three clients
 //! with real identities (seed 003 and issue 5): push and fetch, offline delivery in order and
-//! exactly once, one peer down, registration retries, queue limits, a forged registration, a
-//! tampered and a replayed message, a peer restart, rate limits, and TLS; and issue 8's
-//! integrity figure: 10,000 messages to recipients that reconnect every 100.
+//! exactly once, one peer down, registration retries, queue limits, idle registrations giving
+//! way at the client limit, a forged registration, a tampered and a replayed message, a peer
+//! restart, rate limits, and TLS; and issue 8's integrity figure: 10,000 messages to
+//! recipients that reconnect every 100.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -262,6 +263,87 @@ async fn registration_is_retried_then_the_peer_is_unavailable() {
 }
 
 #[tokio::test]
+async fn at_the_client_limit_a_new_client_takes_the_place_of_one_nothing_holds() {
+    deadline(LIMIT, async {
+        let p = start_peer(PeerConfig {
+            max_clients: 2,
+            evict_after_idle: Duration::ZERO,
+            ..PeerConfig::default()
+        })
+        .await;
+        let mut a = client(&p);
+        let (b, c, d) = (client(&p), client(&p), client(&p));
+        let _a_listens = a.inbox().await;
+        // b registers and goes: once the peer has closed b's connection (its end of the
+        // session), nothing holds b's registration.
+        let mut conn = client::register(&b.address.peer, &b.id, &cfg())
+            .await
+            .unwrap();
+        conn.close().await.unwrap();
+        if let Some(Ok(p)) = conn.next().await {
+            panic!("expected the peer to close, got {p:?}");
+        }
+        let _c_listens = c.inbox().await;
+        assert_eq!((p.state.clients(), p.state.forgotten()), (2, 1));
+        // b is unknown now (it registers again when it comes back), and with a and c both
+        // connected nobody gives way to d.
+        let err = a.send(&b.address, "to b").await.expect_err("forgotten");
+        assert!(
+            matches!(err, ClientError::Refused { code, .. } if code == MailboxError::UnknownRecipient as u16),
+            "{err}"
+        );
+        let err = Inbox::open(&d.address.peer, &d.id, cfg()).await.expect_err("full");
+        assert!(
+            matches!(err, ClientError::Refused { code, .. } if code == MailboxError::Busy as u16),
+            "{err}"
+        );
+    })
+    .await;
+}
+
+/// Registers `id` on `conn` (REGISTER, CHALLENGE, PROOF); the peer's answer.
+async fn register_on(conn: &mut tube_mailbox::wire::Conn, id: &Identity) -> Packet {
+    conn.send(Packet::Register {
+        cert: Bytes::copy_from_slice(id.cert()),
+    })
+    .await
+    .unwrap();
+    let Some(Ok(Packet::Challenge { nonce })) = conn.next().await else {
+        panic!("expected a challenge");
+    };
+    let signature = id.sign(&proof_message(&nonce, &id.fingerprint()));
+    conn.send(Packet::Proof { signature }).await.unwrap();
+    conn.next().await.unwrap().unwrap()
+}
+
+#[tokio::test]
+async fn a_connection_that_registers_another_client_lets_the_first_one_go() {
+    deadline(LIMIT, async {
+        let p = start_peer(PeerConfig {
+            max_clients: 2,
+            evict_after_idle: Duration::ZERO,
+            ..PeerConfig::default()
+        })
+        .await;
+        let (first, second) = (Identity::generate().unwrap(), Identity::generate().unwrap());
+        let mut conn = client::connect(&p.addr, LIMIT).await.unwrap();
+        assert_eq!(register_on(&mut conn, &first).await, Packet::Ok);
+        assert_eq!(register_on(&mut conn, &second).await, Packet::Ok);
+        // The connection stays open for `second`; nothing holds `first` any more, so a new
+        // client at the limit takes its place.
+        let third = client(&p);
+        let _listens = third.inbox().await;
+        assert_eq!((p.state.clients(), p.state.forgotten()), (2, 1));
+        let err = Inbox::open(&p.addr, &first, cfg()).await.expect_err("full");
+        assert!(
+            matches!(err, ClientError::Refused { code, .. } if code == MailboxError::Busy as u16),
+            "{err}"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn a_full_queue_refuses_with_a_clear_error() {
     deadline(LIMIT, async {
         let p = start_peer(PeerConfig {
@@ -322,6 +404,52 @@ async fn deliver_raw(peer: &PeerAddr, to: [u8; 32], id: [u8; 16], blob: Bytes) -
     let mut conn = client::connect(peer, LIMIT).await.unwrap();
     conn.send(Packet::Deliver { to, id, blob }).await.unwrap();
     conn.next().await.unwrap().unwrap()
+}
+
+#[tokio::test]
+async fn a_backlog_above_1024_messages_is_fetched_whole_over_tcp() {
+    deadline(LIMIT, async {
+        const N: u64 = 1500;
+        let p = start_peer(PeerConfig {
+            max_queue_messages: N as usize,
+            deliver_limit: RateLimit::per_minute(10_000),
+            ..PeerConfig::default()
+        })
+        .await;
+        let b = client(&p);
+        b.inbox().await.close().await;
+        let mut conn = client::connect(&p.addr, LIMIT).await.unwrap();
+        for i in 0..N {
+            let mut id = [0u8; 16];
+            id[..8].copy_from_slice(&i.to_be_bytes());
+            let blob = Bytes::copy_from_slice(&i.to_be_bytes());
+            conn.send(Packet::Deliver {
+                to: b.address.client,
+                id,
+                blob,
+            })
+            .await
+            .unwrap();
+        }
+        for i in 0..N {
+            let stored = conn.next().await.unwrap().unwrap();
+            assert!(matches!(stored, Packet::Stored { .. }), "{i}: {stored:?}");
+        }
+        // The whole backlog comes in one FETCH, in order (before, the peer's 1024-packet
+        // outbox overflowed and closed the connection on every FETCH).
+        let mut inbox = b.inbox().await;
+        inbox.fetch().await.unwrap();
+        let mut seqs = Vec::new();
+        while let Some((seq, _ms, blob)) = inbox.next().await.unwrap() {
+            assert_eq!(blob[..], (seqs.len() as u64).to_be_bytes());
+            seqs.push(seq);
+        }
+        assert_eq!(seqs.len() as u64, N);
+        inbox.ack(N).await.unwrap();
+        inbox.ping().await.unwrap();
+        assert_eq!(p.state.queued().0, 0);
+    })
+    .await;
 }
 
 #[tokio::test]
