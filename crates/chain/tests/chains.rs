@@ -287,6 +287,76 @@ async fn registrations_are_limited_per_source_address() {
 }
 
 #[tokio::test]
+async fn logged_in_nodes_are_limited_per_source_address() {
+    deadline(LIMIT, async {
+        let mut config = HubConfig::new(
+            Identity::generate(&["localhost"]).expect("identity"),
+            Arc::new(MemoryAccounts::default()),
+        );
+        config.max_nodes_per_source = 2;
+        let hub = start_hub_with_config(config).await;
+        let register = |name: &str| HubMessage::Register {
+            version: CHAIN_PROTOCOL_VERSION.into(),
+            name: name.into(),
+            relay: false,
+        };
+        let mut held = Vec::new();
+        let mut password = None;
+        for name in ["p1", "p2"] {
+            let (answer, conn) = login_from(&hub, 7, register(name)).await;
+            let HubMessage::RegisterResult {
+                is_success: true,
+                password: Some(p),
+                ..
+            } = answer
+            else {
+                panic!("{answer:?}");
+            };
+            password.get_or_insert(p);
+            held.push(conn);
+        }
+        // A third node from the same address is refused (6008, not final) ...
+        let third = first_answer_from(&hub, 7, register("p3")).await;
+        assert!(
+            matches!(third, HubMessage::Error { code: 6008, .. }),
+            "{third:?}"
+        );
+        // ... but p1 logging in again from there takes its own session over ...
+        let auth = HubMessage::Auth {
+            version: CHAIN_PROTOCOL_VERSION.into(),
+            name: "p1".into(),
+            password: password.expect("p1's password"),
+            relay: false,
+        };
+        let again = first_answer_from(&hub, 7, auth).await;
+        assert!(
+            matches!(
+                again,
+                HubMessage::AuthResult {
+                    is_success: true,
+                    ..
+                }
+            ),
+            "{again:?}"
+        );
+        // ... and another address is not affected.
+        let other = first_answer_from(&hub, 8, register("p3")).await;
+        assert!(
+            matches!(
+                other,
+                HubMessage::RegisterResult {
+                    is_success: true,
+                    ..
+                }
+            ),
+            "{other:?}"
+        );
+        drop(held);
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn answered_requests_leave_no_timeout_task_behind() {
     deadline(LIMIT, async {
         let hub = start_hub(0).await;
@@ -593,6 +663,14 @@ async fn first_answer(hub: &TestHub, login: HubMessage) -> HubMessage {
 
 /// [`first_answer`] from 127.0.0.`octet`.
 async fn first_answer_from(hub: &TestHub, octet: u8, login: HubMessage) -> HubMessage {
+    login_from(hub, octet, login).await.0
+}
+
+type NodeSide =
+    tube_net::codec::HandshakeConn<tube_net::tokio_rustls::client::TlsStream<TcpStream>>;
+
+/// Sends `login` from 127.0.0.`octet` and returns the hub's first answer and the connection.
+async fn login_from(hub: &TestHub, octet: u8, login: HubMessage) -> (HubMessage, NodeSide) {
     let tcp = connect_from(ip(octet), hub.addr).await;
     let cfg = tls::pinned_client_config(hub.fingerprint).expect("tls config");
     let tls = TlsConnector::from(cfg)
@@ -604,7 +682,7 @@ async fn first_answer_from(hub: &TestHub, octet: u8, login: HubMessage) -> HubMe
         .await
         .expect("send login");
     match deadline(LIMIT, conn.next()).await {
-        Some(Ok(Frame::Control(b))) => HubMessage::from_bytes(&b).expect("a hub message"),
+        Some(Ok(Frame::Control(b))) => (HubMessage::from_bytes(&b).expect("a hub message"), conn),
         other => panic!("expected an answer to the login, got {other:?}"),
     }
 }

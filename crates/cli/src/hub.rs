@@ -54,6 +54,9 @@ pub(crate) struct HubArgs {
     /// New accounts (`register`) per source address (IPv6: per /64) per hour; more get 6008.
     #[arg(long, default_value_t = tube_chain::hub::DEFAULT_REGISTRATIONS_PER_HOUR)]
     registrations_per_hour: u32,
+    /// Nodes logged in at once from one source address (IPv6: per /64); more get 6008.
+    #[arg(long, default_value_t = tube_chain::hub::DEFAULT_MAX_NODES_PER_SOURCE)]
+    max_nodes_per_source: usize,
 }
 
 /// Flags of `tube node`.
@@ -109,6 +112,7 @@ pub(crate) async fn run_hub(args: HubArgs, shutdown: CancellationToken) -> anyho
     config.handshake_timeout = args.handshake_timeout;
     config.max_chains_per_node = args.max_chains_per_node;
     config.register_limit = RateLimit::per_hour(args.registrations_per_hour);
+    config.max_nodes_per_source = args.max_nodes_per_source.max(1);
     let listener = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("error: cannot listen on {}", args.listen))?;

@@ -33,6 +33,10 @@ use state::State;
 /// Default limit of logged-in nodes.
 pub const DEFAULT_MAX_NODES: usize = 1024;
 
+/// Default limit of logged-in nodes from one source (IPv4 address or IPv6 /64): several nodes
+/// behind one NAT are normal, a sixteenth of all slots is not.
+pub const DEFAULT_MAX_NODES_PER_SOURCE: usize = 64;
+
 /// Default `register`s per source (IPv4 address or IPv6 /64) per hour: accounts are free to
 /// make, so one address may not make them without end (each is a row on disk, and throwaway
 /// accounts could hold every node slot).
@@ -76,6 +80,9 @@ pub struct HubConfig {
     pub max_handshakes: usize,
     /// Logged-in nodes at once.
     pub max_nodes: usize,
+    /// Logged-in nodes at once from one source (IPv4 address or IPv6 /64), so one address
+    /// cannot take every slot of `max_nodes`.
+    pub max_nodes_per_source: usize,
     /// `register`s per source; one more is refused with 6008 (the node retries later).
     pub register_limit: tube_proto::ratelimit::RateLimit,
     /// Time sessions get to end after shutdown.
@@ -96,6 +103,7 @@ impl HubConfig {
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             max_handshakes: DEFAULT_MAX_HANDSHAKES,
             max_nodes: DEFAULT_MAX_NODES,
+            max_nodes_per_source: DEFAULT_MAX_NODES_PER_SOURCE,
             register_limit: tube_proto::ratelimit::RateLimit::per_hour(
                 DEFAULT_REGISTRATIONS_PER_HOUR,
             ),

@@ -16,6 +16,7 @@ use tube_net::tokio_rustls::TlsAcceptor;
 use tube_net::tokio_rustls::server::TlsStream;
 use tube_proto::chain::{ChainErrorCode, HubMessage, version_compatible};
 use tube_proto::frame::Frame;
+use tube_proto::ratelimit::source_key;
 
 use super::state::{NodeEntry, Out};
 use super::{OUTBOX, Shared};
@@ -117,10 +118,10 @@ async fn login(
             name,
             relay,
         } => {
-            if let Some(m) = gate(shared, &version, &name, true) {
+            if let Some(m) = gate(shared, &version, &name, peer.ip(), true) {
                 return refuse(conn, m, "register refused").await;
             }
-            let source = tube_proto::ratelimit::source_key(peer.ip());
+            let source = source_key(peer.ip());
             let now = std::time::Instant::now();
             let limited = shared
                 .registrations
@@ -184,7 +185,7 @@ async fn login(
             password,
             relay,
         } => {
-            if let Some(m) = gate(shared, &version, &name, false) {
+            if let Some(m) = gate(shared, &version, &name, peer.ip(), false) {
                 return refuse(conn, m, "auth refused").await;
             }
             let n = name.clone();
@@ -266,8 +267,15 @@ async fn login(
     })
 }
 
-/// Checks before touching the accounts: version, shutdown, node limit.
-fn gate(shared: &Shared, version: &str, name: &str, register: bool) -> Option<HubMessage> {
+/// Checks before touching the accounts: version, shutdown, node limits (in all, and from the
+/// source of `ip`).
+fn gate(
+    shared: &Shared,
+    version: &str,
+    name: &str,
+    ip: std::net::IpAddr,
+    register: bool,
+) -> Option<HubMessage> {
     if !version_compatible(version) {
         let message = format!("protocol version {version} is not supported");
         let code = Some(ChainErrorCode::UnsupportedVersion as u16);
@@ -294,10 +302,26 @@ fn gate(shared: &Shared, version: &str, name: &str, register: bool) -> Option<Hu
             "the hub is shutting down",
         ));
     }
-    if st.nodes.len() >= shared.config.max_nodes && !st.nodes.contains_key(name) {
+    if st.nodes.contains_key(name) {
+        // A login that takes an existing session over holds no further slot.
+        return None;
+    }
+    if st.nodes.len() >= shared.config.max_nodes {
         return Some(HubMessage::error(
             ChainErrorCode::Limit,
             "too many nodes online",
+        ));
+    }
+    let source = source_key(ip);
+    let from_source = st
+        .nodes
+        .values()
+        .filter(|n| source_key(n.ip) == source)
+        .count();
+    if from_source >= shared.config.max_nodes_per_source {
+        return Some(HubMessage::error(
+            ChainErrorCode::Limit,
+            "too many nodes online from this address",
         ));
     }
     None
