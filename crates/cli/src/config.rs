@@ -249,6 +249,10 @@ mod tests {
         ("max_client_bytes", Int),
         ("max_total_bytes", Int),
         ("max_clients", Int),
+        ("body_timeout", Str),
+        ("header_timeout", Str),
+        ("http_idle_timeout", Str),
+        ("max_connections", Int),
     ];
 
     /// Parses `text` as each config file and converts what parses, as `tube` does: whatever
@@ -578,6 +582,10 @@ mod tests {
             optional("max_client_bytes", count(max)),
             optional("max_total_bytes", count(max)),
             optional("max_clients", count(max)),
+            optional("body_timeout", duration_text()),
+            optional("header_timeout", duration_text()),
+            optional("http_idle_timeout", duration_text()),
+            optional("max_connections", count(max)),
         ])
     }
 
@@ -702,6 +710,10 @@ mod tests {
         put(&mut t, "max_client_bytes", int(f.max_client_bytes));
         put(&mut t, "max_total_bytes", int(f.max_total_bytes));
         put(&mut t, "max_clients", int(f.max_clients));
+        put(&mut t, "body_timeout", text(&f.body_timeout));
+        put(&mut t, "header_timeout", text(&f.header_timeout));
+        put(&mut t, "http_idle_timeout", text(&f.http_idle_timeout));
+        put(&mut t, "max_connections", int(f.max_connections));
         t
     }
 

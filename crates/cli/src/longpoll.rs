@@ -66,6 +66,18 @@ pub(crate) struct LongpollArgs {
     /// Clients known at once; over it /auth and /register get 503 [default: 100000].
     #[arg(long)]
     max_clients: Option<usize>,
+    /// Time to send a whole request body; past it 408 [default: 30s].
+    #[arg(long, value_parser = crate::parse_duration)]
+    body_timeout: Option<Duration>,
+    /// Time to send a whole request header; past it the connection is closed [default: 10s].
+    #[arg(long, value_parser = crate::parse_duration)]
+    header_timeout: Option<Duration>,
+    /// A kept-alive HTTP connection without a request this long is closed [default: 120s].
+    #[arg(long, value_parser = crate::parse_duration)]
+    http_idle_timeout: Option<Duration>,
+    /// HTTP connections open at once; more are closed when accepted [default: 10000].
+    #[arg(long)]
+    max_connections: Option<usize>,
 }
 
 /// `longpoll.toml`.
@@ -87,6 +99,10 @@ pub(crate) struct LongpollFile {
     pub(crate) max_client_bytes: Option<usize>,
     pub(crate) max_total_bytes: Option<usize>,
     pub(crate) max_clients: Option<usize>,
+    pub(crate) body_timeout: Option<String>,
+    pub(crate) header_timeout: Option<String>,
+    pub(crate) http_idle_timeout: Option<String>,
+    pub(crate) max_connections: Option<usize>,
 }
 
 /// The merged settings: where to listen and the proxy's config.
@@ -190,6 +206,31 @@ pub(crate) fn settings(args: LongpollArgs, file: LongpollFile) -> anyhow::Result
             .max_clients
             .or(file.max_clients)
             .unwrap_or(d.max_clients),
+        body_timeout: pick_duration(
+            args.body_timeout,
+            file.body_timeout,
+            "body_timeout",
+            d.body_timeout,
+        )?,
+        http: tube_net::http::HttpLimits {
+            header_timeout: pick_duration(
+                args.header_timeout,
+                file.header_timeout,
+                "header_timeout",
+                d.http.header_timeout,
+            )?,
+            idle_timeout: pick_duration(
+                args.http_idle_timeout,
+                file.http_idle_timeout,
+                "http_idle_timeout",
+                d.http.idle_timeout,
+            )?,
+            max_connections: args
+                .max_connections
+                .or(file.max_connections)
+                .unwrap_or(d.http.max_connections),
+            ..d.http
+        },
         ..d
     };
     Ok(Settings {

@@ -1,7 +1,7 @@
 //! `tube longpoll` as a binary: `--help` documents every setting, a missing backend is one
 //! clear error line, the config file and flags both take effect (flags win), traffic flows to a
 //! real HTTP backend, `/metrics` answers, and SIGTERM ends it promptly even with a request
-//! held open.
+//! held open; the HTTP limits (connections, header timeout) from the file and flags.
 
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -184,4 +184,57 @@ async fn config_file_and_flags_take_effect_and_sigterm_ends_it() {
     p.stop().await;
     assert!(stopped.elapsed() < Duration::from_secs(10));
     let _ = held.await;
+}
+
+/// Waits (at most 20 s) for the proxy to close `s`; the time it took.
+async fn closed_after(s: &mut tokio::net::TcpStream) -> Duration {
+    use tokio::io::AsyncReadExt;
+    let started = Instant::now();
+    let mut buf = [0u8; 64];
+    match tokio::time::timeout(Duration::from_secs(20), s.read(&mut buf)).await {
+        Ok(Ok(0)) | Ok(Err(_)) => started.elapsed(),
+        other => panic!("expected the proxy to close the connection, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn http_limits_come_from_the_file_and_flags() {
+    let backend = backend().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("longpoll.toml");
+    // The file: one connection at most, and a 60 s header timeout the flag overrides.
+    std::fs::write(
+        &file,
+        format!(
+            "backends = [\"http://{backend}/\"]\nmax_connections = 1\nheader_timeout = \"60s\"\n"
+        ),
+    )
+    .unwrap();
+    let mut p = Proc::spawn(
+        TUBE,
+        &[
+            "longpoll",
+            "--config",
+            file.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--header-timeout",
+            "300ms",
+        ],
+        &[],
+        Stdio::null(),
+    );
+    let http = p.line().await;
+    let http = http
+        .strip_prefix("listening http ")
+        .expect("listening http line")
+        .to_string();
+    let mut first = tokio::net::TcpStream::connect(&http).await.unwrap();
+    // The first connection holds the only place: a second one is closed at once ...
+    let mut second = tokio::net::TcpStream::connect(&http).await.unwrap();
+    closed_after(&mut second).await;
+    // ... and the first, which sends no header, is closed after 300 ms (the flag), not 60 s.
+    let waited = closed_after(&mut first).await;
+    assert!(waited < Duration::from_secs(10), "{waited:?}");
+    p.stop().await;
 }

@@ -80,8 +80,9 @@ impl LongpollConfig {
             ("backoff_min", self.backoff_min),
             ("backoff_max", self.backoff_max),
             ("body_timeout", self.body_timeout),
-            ("http.header_timeout", self.http.header_timeout),
-            ("http.idle_timeout", self.http.idle_timeout),
+            // Named as `tube longpoll`'s flags and file keys call them.
+            ("header_timeout", self.http.header_timeout),
+            ("http_idle_timeout", self.http.idle_timeout),
             ("http.shutdown_grace", self.http.shutdown_grace),
         ];
         match durations.iter().find(|(_, d)| *d > MAX_DURATION) {
@@ -176,8 +177,8 @@ mod tests {
             ("backoff_min", |c| &mut c.backoff_min),
             ("backoff_max", |c| &mut c.backoff_max),
             ("body_timeout", |c| &mut c.body_timeout),
-            ("http.header_timeout", |c| &mut c.http.header_timeout),
-            ("http.idle_timeout", |c| &mut c.http.idle_timeout),
+            ("header_timeout", |c| &mut c.http.header_timeout),
+            ("http_idle_timeout", |c| &mut c.http.idle_timeout),
             ("http.shutdown_grace", |c| &mut c.http.shutdown_grace),
         ];
         for (name, field) in fields {
