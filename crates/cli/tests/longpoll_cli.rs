@@ -99,19 +99,23 @@ fn without_a_backend_it_says_so_and_fails() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("only http://"));
 }
 
+/// `text` as a config file in a new temporary directory (kept while the first value lives),
+/// and the file's path.
+fn config_file(text: &str) -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("longpoll.toml");
+    std::fs::write(&file, text).unwrap();
+    let path = file.to_str().unwrap().to_string();
+    (dir, path)
+}
+
 #[tokio::test]
 async fn config_file_and_flags_take_effect_and_sigterm_ends_it() {
     let backend = backend().await;
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("longpoll.toml");
-    std::fs::write(
-        &file,
-        format!(
-            "listen = \"127.0.0.1:0\"\nbackends = [\"http://{backend}/\"]\nmax_body = 12\npoll_timeout = \"60s\"\n"
-        ),
-    )
-    .unwrap();
-    let config = file.to_str().unwrap();
+    let (_dir, config) = config_file(&format!(
+        "listen = \"127.0.0.1:0\"\nbackends = [\"http://{backend}/\"]\nmax_body = 12\npoll_timeout = \"60s\"\n"
+    ));
+    let config = config.as_str();
     let mut p = Proc::spawn(
         TUBE,
         &[
@@ -200,22 +204,16 @@ async fn closed_after(s: &mut tokio::net::TcpStream) -> Duration {
 #[tokio::test]
 async fn http_limits_come_from_the_file_and_flags() {
     let backend = backend().await;
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("longpoll.toml");
     // The file: one connection at most, and a 60 s header timeout the flag overrides.
-    std::fs::write(
-        &file,
-        format!(
-            "backends = [\"http://{backend}/\"]\nmax_connections = 1\nheader_timeout = \"60s\"\n"
-        ),
-    )
-    .unwrap();
+    let (_dir, config) = config_file(&format!(
+        "backends = [\"http://{backend}/\"]\nmax_connections = 1\nheader_timeout = \"60s\"\n"
+    ));
     let mut p = Proc::spawn(
         TUBE,
         &[
             "longpoll",
             "--config",
-            file.to_str().unwrap(),
+            &config,
             "--listen",
             "127.0.0.1:0",
             "--header-timeout",

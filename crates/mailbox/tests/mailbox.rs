@@ -301,8 +301,13 @@ async fn at_the_client_limit_a_new_client_takes_the_place_of_one_nothing_holds()
     .await;
 }
 
-/// Registers `id` on `conn` (REGISTER, CHALLENGE, PROOF); the peer's answer.
-async fn register_on(conn: &mut tube_mailbox::wire::Conn, id: &Identity) -> Packet {
+/// Registers `id`'s certificate on `conn` (REGISTER, CHALLENGE, PROOF), proving it with
+/// `signer`'s key; the peer's answer.
+async fn register_on(
+    conn: &mut tube_mailbox::wire::Conn,
+    id: &Identity,
+    signer: &Identity,
+) -> Packet {
     conn.send(Packet::Register {
         cert: Bytes::copy_from_slice(id.cert()),
     })
@@ -311,7 +316,7 @@ async fn register_on(conn: &mut tube_mailbox::wire::Conn, id: &Identity) -> Pack
     let Some(Ok(Packet::Challenge { nonce })) = conn.next().await else {
         panic!("expected a challenge");
     };
-    let signature = id.sign(&proof_message(&nonce, &id.fingerprint()));
+    let signature = signer.sign(&proof_message(&nonce, &id.fingerprint()));
     conn.send(Packet::Proof { signature }).await.unwrap();
     conn.next().await.unwrap().unwrap()
 }
@@ -327,8 +332,8 @@ async fn a_connection_that_registers_another_client_lets_the_first_one_go() {
         .await;
         let (first, second) = (Identity::generate().unwrap(), Identity::generate().unwrap());
         let mut conn = client::connect(&p.addr, LIMIT).await.unwrap();
-        assert_eq!(register_on(&mut conn, &first).await, Packet::Ok);
-        assert_eq!(register_on(&mut conn, &second).await, Packet::Ok);
+        assert_eq!(register_on(&mut conn, &first, &first).await, Packet::Ok);
+        assert_eq!(register_on(&mut conn, &second, &second).await, Packet::Ok);
         // The connection stays open for `second`; nothing holds `first` any more, so a new
         // client at the limit takes its place.
         let third = client(&p);
@@ -378,19 +383,9 @@ async fn registering_someone_elses_certificate_is_refused() {
         let victim = Identity::generate().unwrap();
         let thief = Identity::generate().unwrap();
         let mut conn = client::connect(&p.addr, LIMIT).await.unwrap();
-        conn.send(Packet::Register {
-            cert: Bytes::copy_from_slice(victim.cert()),
-        })
-        .await
-        .unwrap();
-        let Some(Ok(Packet::Challenge { nonce })) = conn.next().await else {
-            panic!("expected a challenge");
-        };
         // The thief signs with its own key: the proof does not verify.
-        let signature = thief.sign(&proof_message(&nonce, &victim.fingerprint()));
-        conn.send(Packet::Proof { signature }).await.unwrap();
-        match conn.next().await {
-            Some(Ok(Packet::Error { code, .. })) => assert_eq!(code, MailboxError::BadProof as u16),
+        match register_on(&mut conn, &victim, &thief).await {
+            Packet::Error { code, .. } => assert_eq!(code, MailboxError::BadProof as u16),
             other => panic!("expected BAD_PROOF, got {other:?}"),
         }
         assert!(conn.next().await.is_none(), "connection closed");
