@@ -253,6 +253,7 @@ mod tests {
         ("header_timeout", Str),
         ("http_idle_timeout", Str),
         ("max_connections", Int),
+        ("write_timeout", Str),
     ];
 
     /// Parses `text` as each config file and converts what parses, as `tube` does: whatever
@@ -586,6 +587,7 @@ mod tests {
             optional("header_timeout", duration_text()),
             optional("http_idle_timeout", duration_text()),
             optional("max_connections", count(max)),
+            optional("write_timeout", duration_text()),
         ])
     }
 
@@ -714,6 +716,7 @@ mod tests {
         put(&mut t, "header_timeout", text(&f.header_timeout));
         put(&mut t, "http_idle_timeout", text(&f.http_idle_timeout));
         put(&mut t, "max_connections", int(f.max_connections));
+        put(&mut t, "write_timeout", text(&f.write_timeout));
         t
     }
 

@@ -78,6 +78,9 @@ pub(crate) struct LongpollArgs {
     /// HTTP connections open at once; more are closed when accepted [default: 10000].
     #[arg(long)]
     max_connections: Option<usize>,
+    /// A write to a client that makes no progress this long closes its connection [default: 30s].
+    #[arg(long, value_parser = crate::parse_duration)]
+    write_timeout: Option<Duration>,
 }
 
 /// `longpoll.toml`.
@@ -103,6 +106,7 @@ pub(crate) struct LongpollFile {
     pub(crate) header_timeout: Option<String>,
     pub(crate) http_idle_timeout: Option<String>,
     pub(crate) max_connections: Option<usize>,
+    pub(crate) write_timeout: Option<String>,
 }
 
 /// The merged settings: where to listen and the proxy's config.
@@ -229,6 +233,12 @@ pub(crate) fn settings(args: LongpollArgs, file: LongpollFile) -> anyhow::Result
                 .max_connections
                 .or(file.max_connections)
                 .unwrap_or(d.http.max_connections),
+            write_timeout: pick_duration(
+                args.write_timeout,
+                file.write_timeout,
+                "write_timeout",
+                d.http.write_timeout,
+            )?,
             ..d.http
         },
         ..d

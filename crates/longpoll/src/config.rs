@@ -83,6 +83,7 @@ impl LongpollConfig {
             // Named as `tube longpoll`'s flags and file keys call them.
             ("header_timeout", self.http.header_timeout),
             ("http_idle_timeout", self.http.idle_timeout),
+            ("write_timeout", self.http.write_timeout),
             ("http.shutdown_grace", self.http.shutdown_grace),
         ];
         match durations.iter().find(|(_, d)| *d > MAX_DURATION) {
@@ -131,7 +132,7 @@ mod tests {
         #[test]
         fn longpoll_config_any_values_are_accepted_or_refused_without_panicking(
             backends in prop::collection::vec(backend(), 0..4),
-            d in prop::array::uniform10(duration()),
+            d in prop::array::uniform11(duration()),
             n in any::<[usize; 7]>(),
         ) {
             let config = LongpollConfig {
@@ -154,6 +155,7 @@ mod tests {
                     idle_timeout: d[8],
                     max_connections: n[6],
                     shutdown_grace: d[9],
+                    write_timeout: d[10],
                 },
             };
             let valid = !backends.is_empty()
@@ -169,7 +171,7 @@ mod tests {
 
     #[test]
     fn longpoll_config_every_duration_over_100_years_is_refused_by_name() {
-        let fields: [(&str, Setting); 10] = [
+        let fields: [(&str, Setting); 11] = [
             ("poll_timeout", |c| &mut c.poll_timeout),
             ("token_ttl", |c| &mut c.token_ttl),
             ("idle_timeout", |c| &mut c.idle_timeout),
@@ -179,6 +181,7 @@ mod tests {
             ("body_timeout", |c| &mut c.body_timeout),
             ("header_timeout", |c| &mut c.http.header_timeout),
             ("http_idle_timeout", |c| &mut c.http.idle_timeout),
+            ("write_timeout", |c| &mut c.http.write_timeout),
             ("http.shutdown_grace", |c| &mut c.http.shutdown_grace),
         ];
         for (name, field) in fields {

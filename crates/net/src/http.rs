@@ -11,6 +11,8 @@
 //!   request, counted from when hyper took the last frame of the previous response. A request
 //!   in progress (a long poll held open, a response body still streaming) is never cut by
 //!   either timeout;
+//! - a write to the client has made no progress for [`HttpLimits::write_timeout`] (the client
+//!   stopped reading a response, whatever its phase);
 //!
 //! and at most [`HttpLimits::max_connections`] connections are open at once: one more is
 //! closed as soon as it is accepted. Request bodies are the handlers' business: a route reads
@@ -105,6 +107,9 @@ pub struct HttpLimits {
     /// Go), so that the client closes an idle connection first and never sends a request on
     /// one the server is closing.
     pub idle_timeout: Duration,
+    /// How long a write to the client may make no progress (the client stopped reading);
+    /// past it the connection is closed. A client that reads slowly but reads is not cut.
+    pub write_timeout: Duration,
     /// Connections open at once at most; one more is closed as soon as it is accepted.
     pub max_connections: usize,
     /// After shutdown, how long requests in progress get to finish (idle connections close at
@@ -113,11 +118,13 @@ pub struct HttpLimits {
 }
 
 impl Default for HttpLimits {
-    /// 10 s for a header, 120 s idle between requests, 10 000 connections, 5 s of grace.
+    /// 10 s for a header, 120 s idle between requests, 30 s for a stalled write, 10 000
+    /// connections, 5 s of grace.
     fn default() -> Self {
         HttpLimits {
             header_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(120),
+            write_timeout: Duration::from_secs(30),
             max_connections: 10_000,
             shutdown_grace: Duration::from_secs(5),
         }
@@ -288,6 +295,9 @@ impl Connection {
                 tracing::debug!("request header not received in time, closing");
             }
             End::TimedOut(Wait::Idle) => tracing::debug!("idle connection closed"),
+            End::TimedOut(Wait::Write) => {
+                tracing::debug!("the client stopped reading the response, closing");
+            }
             End::Forced => tracing::debug!("connection closed at shutdown"),
         }
     }
@@ -300,6 +310,8 @@ enum Wait {
     Header,
     /// The first byte of the next request.
     Idle,
+    /// The client to read what is being written to it.
+    Write,
 }
 
 /// Where a connection is, for its timeouts.
@@ -312,10 +324,14 @@ enum Phase {
     Busy(usize),
 }
 
-/// The phase of one connection, moved on by its reads, requests and responses.
+/// The phase of one connection, moved on by its reads, requests and responses, and whether a
+/// write to it is stuck.
 struct Track {
     limits: HttpLimits,
     phase: Mutex<Phase>,
+    /// While a write waits for the client to read: when the connection closes unless the
+    /// write moves on.
+    stalled: Mutex<Option<Instant>>,
 }
 
 impl Track {
@@ -326,7 +342,21 @@ impl Track {
                 until: after(limits.header_timeout),
                 wait: Wait::Header,
             }),
+            stalled: Mutex::new(None),
         }
+    }
+
+    /// A write could not take a byte: its time starts (if it had not).
+    fn write_blocked(&self) {
+        let mut s = self.stalled.lock().unwrap_or_else(PoisonError::into_inner);
+        if s.is_none() {
+            *s = Some(after(self.limits.write_timeout));
+        }
+    }
+
+    /// A write took bytes: no write is stuck.
+    fn wrote(&self) {
+        *self.stalled.lock().unwrap_or_else(PoisonError::into_inner) = None;
     }
 
     fn with<R>(&self, f: impl FnOnce(&mut Phase) -> R) -> R {
@@ -374,10 +404,19 @@ impl Track {
 
     /// When the connection closes unless something happens, and what it waits for.
     fn deadline(&self) -> Option<(Instant, Wait)> {
-        self.with(|p| match *p {
+        let phase = self.with(|p| match *p {
             Phase::Waiting { until, wait } => Some((until, wait)),
             Phase::Busy(_) => None,
-        })
+        });
+        let stalled = self
+            .stalled
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .map(|until| (until, Wait::Write));
+        match (phase, stalled) {
+            (Some(p), Some(w)) => Some(if w.0 < p.0 { w } else { p }),
+            (p, w) => p.or(w),
+        }
     }
 }
 
@@ -431,7 +470,7 @@ impl HttpBody for Tracked {
     }
 }
 
-/// The TCP stream, telling the watch when bytes arrive.
+/// The TCP stream, telling the watch when bytes arrive and whether writes move.
 struct Watched {
     io: TcpStream,
     track: Arc<Track>,
@@ -453,13 +492,26 @@ impl AsyncRead for Watched {
     }
 }
 
+impl Watched {
+    fn watch_write(&self, r: &Poll<io::Result<usize>>) {
+        match r {
+            Poll::Pending => self.track.write_blocked(),
+            Poll::Ready(Ok(n)) if *n > 0 => self.track.wrote(),
+            Poll::Ready(_) => {}
+        }
+    }
+}
+
 impl AsyncWrite for Watched {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.io).poll_write(cx, buf);
+        this.watch_write(&r);
+        r
     }
 
     fn poll_write_vectored(
@@ -467,7 +519,10 @@ impl AsyncWrite for Watched {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        this.watch_write(&r);
+        r
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -533,6 +588,37 @@ mod tests {
         );
         t.leave();
         assert_eq!(t.deadline().map(|(_, w)| w), Some(Wait::Idle));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stuck_write_has_its_own_deadline_in_any_phase() {
+        let secs = Duration::from_secs;
+        let t0 = Instant::now();
+        let t = Track::new(HttpLimits {
+            write_timeout: secs(30),
+            ..limits()
+        });
+        t.enter();
+        assert_eq!(t.deadline(), None);
+        t.write_blocked();
+        assert_eq!(t.deadline(), Some((t0 + secs(30), Wait::Write)));
+        tokio::time::advance(secs(10)).await;
+        t.write_blocked();
+        assert_eq!(
+            t.deadline(),
+            Some((t0 + secs(30), Wait::Write)),
+            "a write still stuck keeps its first time"
+        );
+        t.wrote();
+        assert_eq!(t.deadline(), None, "a write that moves clears it");
+        t.leave();
+        let idle = Instant::now();
+        t.write_blocked();
+        assert_eq!(
+            t.deadline(),
+            Some((idle + secs(30), Wait::Write)),
+            "the earlier of the idle time (60 s) and the write's"
+        );
     }
 
     #[tokio::test(start_paused = true)]

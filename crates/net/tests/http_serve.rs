@@ -1,7 +1,8 @@
 //! `tube_net::http::serve` against raw TCP clients on 127.0.0.1: a half-sent header is cut
 //! after the header timeout, connections beyond the cap are closed at once, an idle kept-alive
 //! connection is closed after the idle timeout while a request held longer is answered in
-//! full, and shutdown finishes requests in progress but not stuck connections.
+//! full, a client that stops reading a response is closed after the write timeout, and shutdown
+//! finishes requests in progress but not stuck connections.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -325,4 +326,44 @@ async fn shutdown_closes_a_stuck_connection_after_the_grace_period() {
         TcpStream::connect(addr).await.is_err(),
         "the listener is closed"
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_client_that_stops_reading_a_response_is_closed_after_the_write_timeout() {
+    const BIG: usize = 32 << 20;
+    let big = Router::new().route("/big", get(|| async { vec![7u8; BIG] }));
+    let server = Server::start(
+        big,
+        HttpLimits {
+            write_timeout: Duration::from_secs(30),
+            // Longer than the test: hyper holds the whole body once the handler returned, so
+            // the idle timeout would also run out on the stuck connection.
+            idle_timeout: Duration::from_secs(3600),
+            ..HttpLimits::default()
+        },
+    )
+    .await;
+    let mut s = TcpStream::connect(server.addr).await.unwrap();
+    s.write_all(&request("/big")).await.unwrap();
+    // The client reads nothing for two minutes (of the paused clock, which moves on when
+    // every task waits): the server's writes fill the socket buffers and stop.
+    tokio::time::sleep(Duration::from_secs(120)).await;
+    // Then it reads: what the buffers held, and the end of the stream, not the whole body.
+    let mut got = 0usize;
+    let mut chunk = vec![0u8; 256 * 1024];
+    let ended = tokio::time::timeout(LIMIT, async {
+        loop {
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got += n,
+            }
+        }
+    })
+    .await;
+    assert!(
+        ended.is_ok(),
+        "the server kept the connection ({got} bytes read)"
+    );
+    assert!(got < BIG, "the whole response came ({got} bytes)");
+    server.stop().await;
 }
