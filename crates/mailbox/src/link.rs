@@ -119,18 +119,25 @@ pub(crate) fn new_tag() -> String {
     hex::encode(b)
 }
 
-/// Packets kept for [`Inbox::next`] while waiting for an answer, at most: the most a peer
-/// queues towards one connection (its outbox, `docs/protocols/mailbox.md` section 9), which is
-/// more than a recipient's queue holds by default. A peer that sends more without answering
-/// breaks the protocol (and would otherwise make us buffer without bound until the timeout).
-pub(crate) const MAX_STASH: usize = 1024;
+/// Packets kept for [`Inbox::next`] while waiting for an answer, at most: far more than a
+/// peer queues towards one connection (its outbox, `docs/protocols/mailbox.md` section 9: 1024,
+/// or a whole queue's backlog when its queues hold more). A peer that sends more without
+/// answering breaks the protocol (and would otherwise make us buffer without bound until the
+/// timeout).
+pub(crate) const MAX_STASH: usize = 65_536;
+
+/// Message bytes kept for [`Inbox::next`] while waiting for an answer, at most: twice what a
+/// peer queues for one recipient by default (8 MiB), and a bound however large the messages.
+pub(crate) const MAX_STASH_BYTES: usize = 16 << 20;
 
 /// A [`Link`] plus what arrived while waiting for something else.
 pub(crate) struct Chan {
     pub(crate) link: Link,
     /// Received but not yet consumed by [`Inbox::next`] (messages, and over TCP the end of
-    /// the backlog); at most [`MAX_STASH`].
+    /// the backlog); at most [`MAX_STASH`] packets and [`MAX_STASH_BYTES`] message bytes.
     pub(crate) stash: VecDeque<Incoming>,
+    /// Message bytes in `stash`.
+    stashed: usize,
 }
 
 impl Chan {
@@ -138,6 +145,7 @@ impl Chan {
         Self {
             link,
             stash: VecDeque::new(),
+            stashed: 0,
         }
     }
 
@@ -197,15 +205,34 @@ impl Chan {
         })
     }
 
-    /// Stashes `inc` for [`Inbox::next`], up to [`MAX_STASH`].
+    /// Stashes `inc` for [`Inbox::next`], up to [`MAX_STASH`] packets and
+    /// [`MAX_STASH_BYTES`].
     fn keep(&mut self, inc: Incoming) -> Result<(), ClientError> {
-        if self.stash.len() >= MAX_STASH {
+        let size = blob_len(&inc.packet);
+        if self.stash.len() >= MAX_STASH || self.stashed + size > MAX_STASH_BYTES {
             return Err(ClientError::Protocol(format!(
-                "the peer sent more than {MAX_STASH} messages without answering"
+                "the peer sent more than {MAX_STASH} messages or {} MiB without answering",
+                MAX_STASH_BYTES >> 20
             )));
         }
+        self.stashed += size;
         self.stash.push_back(inc);
         Ok(())
+    }
+
+    /// The oldest stashed packet, if any.
+    pub(crate) fn unstash(&mut self) -> Option<Incoming> {
+        let inc = self.stash.pop_front()?;
+        self.stashed -= blob_len(&inc.packet);
+        Some(inc)
+    }
+}
+
+/// The message bytes `p` carries (what the stash counts).
+fn blob_len(p: &Packet) -> usize {
+    match p {
+        Packet::Message { blob, .. } => blob.len(),
+        _ => 0,
     }
 }
 
@@ -394,7 +421,7 @@ impl Inbox {
                 self.backlog = None;
                 return Ok(None);
             }
-            if let Some(inc) = self.chan.stash.pop_front() {
+            if let Some(inc) = self.chan.unstash() {
                 if let Some(out) = self.take(inc)? {
                     return Ok(out);
                 }
@@ -506,20 +533,22 @@ mod tests {
 
     use crate::wire::Stream;
 
-    /// A peer that reads one request, sends `messages` MESSAGEs, then answers it with a
-    /// KEEPALIVE if `answer`, and keeps the connection open until the client closes it.
-    async fn scripted_peer(messages: u64, answer: bool) -> std::net::SocketAddr {
+    /// A peer that reads one request, sends `messages` MESSAGEs of `size` bytes, then answers
+    /// it with a KEEPALIVE if `answer`, and keeps the connection open until the client closes
+    /// it.
+    async fn scripted_peer(messages: u64, size: usize, answer: bool) -> std::net::SocketAddr {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move {
             let (tcp, _) = listener.accept().await.unwrap();
             let mut conn = wire::conn(Stream::Plain(tcp));
             let _request = conn.next().await;
+            let blob = Bytes::from(vec![7u8; size]);
             for seq in 1..=messages {
                 let m = Packet::Message {
                     seq,
                     received_ms: 0,
-                    blob: Bytes::from_static(b"sealed"),
+                    blob: blob.clone(),
                 };
                 if conn.feed(m).await.is_err() {
                     return;
@@ -544,15 +573,29 @@ mod tests {
 
     #[tokio::test]
     async fn messages_before_an_answer_are_kept_up_to_the_limit() {
-        let (got, chan) = ping(scripted_peer(MAX_STASH as u64, true).await).await;
+        let (got, chan) = ping(scripted_peer(MAX_STASH as u64, 6, true).await).await;
         assert_eq!(got.unwrap(), Packet::Keepalive);
         assert_eq!(chan.stash.len(), MAX_STASH);
+        // Large messages: up to the byte limit.
+        let size = 64 * 1024;
+        let fit = (MAX_STASH_BYTES / size) as u64;
+        let (got, mut chan) = ping(scripted_peer(fit, size, true).await).await;
+        assert_eq!(got.unwrap(), Packet::Keepalive);
+        assert_eq!(chan.stashed, MAX_STASH_BYTES);
+        while chan.unstash().is_some() {}
+        assert_eq!(chan.stashed, 0);
     }
 
     #[tokio::test]
     async fn a_peer_that_sends_more_messages_instead_of_answering_breaks_the_protocol() {
-        let (got, chan) = ping(scripted_peer(MAX_STASH as u64 + 1, false).await).await;
+        let (got, chan) = ping(scripted_peer(MAX_STASH as u64 + 1, 6, false).await).await;
         assert!(matches!(got, Err(ClientError::Protocol(_))), "{got:?}");
         assert_eq!(chan.stash.len(), MAX_STASH);
+        // One byte over the byte limit.
+        let size = 64 * 1024;
+        let over = (MAX_STASH_BYTES / size) as u64 + 1;
+        let (got, chan) = ping(scripted_peer(over, size, false).await).await;
+        assert!(matches!(got, Err(ClientError::Protocol(_))), "{got:?}");
+        assert_eq!(chan.stashed, MAX_STASH_BYTES);
     }
 }
