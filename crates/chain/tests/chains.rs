@@ -26,7 +26,8 @@ use tube_net::codec::handshake_conn;
 use tube_net::tokio_rustls::{TlsAcceptor, TlsConnector};
 use tube_net::{Identity, tls};
 use tube_proto::chain::{
-    CHAIN_PROTOCOL_VERSION, FrontMessage, HubMessage, encode_hop_hello, parse_tunnel_id,
+    CHAIN_PROTOCOL_VERSION, ChainSecret, FrontMessage, HubMessage, encode_hop_hello,
+    parse_tunnel_id,
 };
 use tube_proto::frame::Frame;
 use tube_proto::ratelimit::RateLimit;
@@ -249,6 +250,7 @@ async fn registrations_are_limited_per_source_address() {
             version: CHAIN_PROTOCOL_VERSION.into(),
             name: name.into(),
             relay: false,
+            invite: None,
         };
         let registered = |m: &HubMessage| {
             matches!(
@@ -299,6 +301,7 @@ async fn logged_in_nodes_are_limited_per_source_address() {
             version: CHAIN_PROTOCOL_VERSION.into(),
             name: name.into(),
             relay: false,
+            invite: None,
         };
         let mut held = Vec::new();
         let mut password = None;
@@ -352,6 +355,56 @@ async fn logged_in_nodes_are_limited_per_source_address() {
             "{other:?}"
         );
         drop(held);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_hub_with_a_registration_token_registers_only_nodes_that_bring_it() {
+    deadline(LIMIT, async {
+        let token = ChainSecret::from_bytes(&[7u8; 32]);
+        let mut config = HubConfig::new(
+            Identity::generate(&["localhost"]).expect("identity"),
+            Arc::new(MemoryAccounts::default()),
+        );
+        config.registration_token = Some(token.clone());
+        let hub = start_hub_with_config(config).await;
+        let register = |name: &str, invite: Option<ChainSecret>| HubMessage::Register {
+            version: CHAIN_PROTOCOL_VERSION.into(),
+            name: name.into(),
+            relay: false,
+            invite,
+        };
+        // Without the token, or with another one: 6001, final for the node.
+        for invite in [None, Some(ChainSecret::from_bytes(&[8u8; 32]))] {
+            let answer = first_answer_from(&hub, 5, register("t1", invite)).await;
+            assert!(
+                matches!(
+                    answer,
+                    HubMessage::RegisterResult {
+                        is_success: false,
+                        code: Some(6001),
+                        ..
+                    }
+                ),
+                "{answer:?}"
+            );
+        }
+        // A node given the token registers, logs in, and later logs in again without it.
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = node_config(&hub, "t1", 6, dir.path());
+        config.registration_token = Some(token);
+        spawn_node(config.clone()).await.online_then_stop().await;
+        config.registration_token = None;
+        spawn_node(config).await.online_then_stop().await;
+        // A node without it stops with the hub's reason.
+        let dir = tempfile::tempdir().unwrap();
+        let stranger = spawn_node(node_config(&hub, "t2", 7, dir.path())).await;
+        let ended = stranger.task_result().await;
+        assert!(
+            matches!(&ended, Err(e) if e.to_string().contains("registration token")),
+            "{ended:?}"
+        );
     })
     .await;
 }
@@ -533,6 +586,7 @@ impl ScriptedNode {
             version: CHAIN_PROTOCOL_VERSION.into(),
             name: name.into(),
             relay,
+            invite: None,
         })
         .await;
         match node.recv().await {
@@ -788,6 +842,7 @@ async fn a_hub_whose_account_store_fails_answers_6014_and_nodes_retry_until_it_r
             version: CHAIN_PROTOCOL_VERSION.into(),
             name: "x".into(),
             relay: false,
+            invite: None,
         };
         let answer = first_answer(&hub, register).await;
         assert!(unavailable(&answer), "register: {answer:?}");

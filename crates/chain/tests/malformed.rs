@@ -186,6 +186,7 @@ async fn run_hub_case(i: usize, case: &HubCase, hub: &TestHub) -> Result<(), Str
             version: CHAIN_PROTOCOL_VERSION.into(),
             name: format!("case{i}"),
             relay: false,
+            invite: None,
         };
         conn.send(Frame::Control(register.to_bytes()))
             .await
@@ -437,6 +438,7 @@ async fn scripted_node(hub: &TestHub, name: &str, octet: u8) -> HubConn {
         version: CHAIN_PROTOCOL_VERSION.into(),
         name: name.into(),
         relay: false,
+        invite: None,
     };
     conn.send(Frame::Control(register.to_bytes()))
         .await

@@ -57,6 +57,11 @@ pub(crate) struct HubArgs {
     /// Nodes logged in at once from one source address (IPv6: per /64); more get 6008.
     #[arg(long, default_value_t = tube_chain::hub::DEFAULT_MAX_NODES_PER_SOURCE)]
     max_nodes_per_source: usize,
+    /// Register new nodes only when they bring this token (64 hex digits, e.g. from
+    /// `openssl rand -hex 32`; give it to `tube node --registration-token`). Without it anyone
+    /// who reaches the hub may register. Prefer the variable to the flag (ps shows flags).
+    #[arg(long, env = "TUBE_REGISTRATION_TOKEN", hide_env_values = true)]
+    registration_token: Option<String>,
 }
 
 /// Flags of `tube node`.
@@ -92,6 +97,27 @@ pub(crate) struct NodeArgs {
     /// Longest delay between reconnect attempts to the hub.
     #[arg(long, value_parser = crate::parse_duration, default_value = "60s")]
     reconnect_max: Duration,
+    /// The hub's registration token, for a hub run with --registration-token (sent only to
+    /// register, when the node has no password yet).
+    #[arg(long, env = "TUBE_REGISTRATION_TOKEN", hide_env_values = true)]
+    registration_token: Option<String>,
+}
+
+/// `--registration-token` as a secret: 64 hex digits (lowercase on the wire).
+fn registration_token(
+    token: Option<String>,
+) -> anyhow::Result<Option<tube_proto::chain::ChainSecret>> {
+    let Some(t) = token else {
+        return Ok(None);
+    };
+    let t = t.trim().to_ascii_lowercase();
+    let secret = tube_proto::chain::ChainSecret::new(t);
+    if secret.to_bytes().is_none() {
+        anyhow::bail!(
+            "error: --registration-token must be 64 hex digits (e.g. from `openssl rand -hex 32`)"
+        );
+    }
+    Ok(Some(secret))
 }
 
 pub(crate) async fn run_hub(args: HubArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -113,6 +139,7 @@ pub(crate) async fn run_hub(args: HubArgs, shutdown: CancellationToken) -> anyho
     config.max_chains_per_node = args.max_chains_per_node;
     config.register_limit = RateLimit::per_hour(args.registrations_per_hour);
     config.max_nodes_per_source = args.max_nodes_per_source.max(1);
+    config.registration_token = registration_token(args.registration_token)?;
     let listener = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("error: cannot listen on {}", args.listen))?;
@@ -177,6 +204,7 @@ pub(crate) async fn run_node(args: NodeArgs, shutdown: CancellationToken) -> any
     config.hop_timeout = args.hop_timeout;
     config.max_chains = args.max_chains;
     config.reconnect.max = args.reconnect_max;
+    config.registration_token = registration_token(args.registration_token)?;
     let api = TcpListener::bind(args.api)
         .await
         .with_context(|| format!("error: cannot listen on {} (api)", args.api))?;

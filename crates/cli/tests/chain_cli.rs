@@ -351,6 +351,31 @@ async fn node_refuses_a_non_loopback_api() {
 }
 
 #[tokio::test]
+async fn a_registration_token_that_is_not_64_hex_digits_is_refused_at_start() {
+    deadline(LIMIT, async {
+        let dir = tempfile::tempdir().expect("hub data dir");
+        let run = Command::new(TUBE)
+            .args(["hub", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir.path())
+            .env("TUBE_REGISTRATION_TOKEN", "letmein")
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output();
+        let out = run.await.expect("run tube hub");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "exits non-zero: {}", out.status);
+        assert!(out.stdout.is_empty(), "no contract line: {:?}", out.stdout);
+        let last = last_line(&err);
+        assert!(
+            last.starts_with("error") && last.contains("--registration-token must be 64 hex"),
+            "one error line about the token: {err}"
+        );
+        assert!(!err.contains("letmein"), "the token is not echoed: {err}");
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn chain_listen_refuses_a_non_loopback_local_address() {
     deadline(LIMIT, async {
         // Checked before anything else: the API address is never dialled.

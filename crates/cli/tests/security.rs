@@ -239,6 +239,7 @@ async fn hub_logins_with_an_unknown_name_or_a_wrong_password_take_the_same_time(
                 version: CHAIN_PROTOCOL_VERSION.into(),
                 name: "alice".into(),
                 relay: false,
+                invite: None,
             },
         )
         .await;
@@ -593,9 +594,19 @@ async fn no_secret_reaches_the_relay_or_agent_logs_at_trace_level() {
     .await;
 }
 
-/// A `tube node` with trace logs, once logged in; its front API address.
+/// The hub's registration token in the hub and node test below (given to both by variable).
+const REGISTRATION_TOKEN: &str = "3c1f5a7e9b2d4f6081a3c5e7f9b1d3f5a7c9e1b3d5f7092a4c6e8f0b2d4f6a8c";
+
+/// Trace logs and the registration token.
+const HUB_ENV: [(&str, &str); 2] = [
+    ("RUST_LOG", "trace"),
+    ("TUBE_REGISTRATION_TOKEN", REGISTRATION_TOKEN),
+];
+
+/// A `tube node` with trace logs and the registration token, once logged in; its front API
+/// address.
 async fn node(hub: &Hub, name: &str, bind: &str, dir: &Path) -> (Proc, SocketAddr) {
-    let mut node = hub.node(TUBE, name, bind, Some(dir), &TRACE).await;
+    let mut node = hub.node(TUBE, name, bind, Some(dir), &HUB_ENV).await;
     node.logged_in().await;
     let api = node.api.parse().expect("api");
     (node.proc, api)
@@ -606,7 +617,9 @@ async fn no_secret_reaches_the_hub_or_node_logs_at_trace_level() {
     deadline(LIMIT, async {
         let mut logs = Logs::default();
         let dirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
-        let mut hub = start_hub(dirs[0].path(), &TRACE).await;
+        // The hub registers only nodes with its token (and no log line may show it).
+        let mut hub = start_hub(dirs[0].path(), &HUB_ENV).await;
+        logs.secret("the registration token", REGISTRATION_TOKEN);
         logs.public
             .push(hub.fingerprint["sha256:".len()..].to_string());
         logs.pem_secret("the hub's private key", &dirs[0].path().join("hub-key.pem"));

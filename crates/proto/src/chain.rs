@@ -146,6 +146,10 @@ pub enum HubMessage {
         name: String,
         /// Whether the node is willing to be an intermediate hop of other nodes' chains.
         relay: bool,
+        /// The hub's registration token, for a hub that takes new accounts only with it
+        /// (`tube hub --registration-token`); absent otherwise.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        invite: Option<ChainSecret>,
     },
     /// Node to hub: log in with the current one-time password (seed: AuthWithMainServer).
     /// Answered by `auth_result`.
@@ -363,9 +367,14 @@ impl HubMessage {
                 version,
                 name,
                 relay: _,
+                invite,
             } => {
                 check_version("version", version)?;
-                check_name("name", name)
+                check_name("name", name)?;
+                match invite {
+                    Some(token) => check_secret("invite", token),
+                    None => Ok(()),
+                }
             }
             Self::Auth {
                 version,
@@ -1484,6 +1493,7 @@ mod tests {
                 version: "1.0".into(),
                 name: "node0".into(),
                 relay: true,
+                invite: None,
             },
             HubMessage::Auth {
                 version: "1.0".into(),
@@ -1562,6 +1572,12 @@ mod tests {
             },
             HubMessage::error(ChainErrorCode::ProtocolError, "unexpected make_tube"),
             HubMessage::PasswordStored {},
+            HubMessage::Register {
+                version: "1.0".into(),
+                name: "node1".into(),
+                relay: false,
+                invite: Some(secret(PW0)),
+            },
         ]
     }
 
@@ -1681,6 +1697,9 @@ mod tests {
         }
     }
 
+    /// The registration token of chain.md's `register` example.
+    const INVITE: &str = "5f0c2e7d9a8b4c1e6f3a2d0b9c8e7f6a5b4c3d2e1f0a9b8c7d6e5f4a3b2c1d0e";
+
     #[test]
     fn hub_byte_literals_match_the_spec() {
         let cases: Vec<(HubMessage, String)> = vec![
@@ -1779,6 +1798,17 @@ mod tests {
             (
                 HubMessage::error(ChainErrorCode::NotAuthenticated, "log in first"),
                 r#"{"type":"error","code":6010,"message":"log in first"}"#.into(),
+            ),
+            (
+                HubMessage::Register {
+                    version: "1.0".into(),
+                    name: "node1".into(),
+                    relay: false,
+                    invite: Some(secret(INVITE)),
+                },
+                format!(
+                    r#"{{"type":"register","version":"1.0","name":"node1","relay":false,"invite":"{INVITE}"}}"#
+                ),
             ),
         ];
         for (msg, json) in cases {
@@ -2507,13 +2537,18 @@ mod tests {
 
     fn arb_hub() -> impl Strategy<Value = HubMessage> {
         prop_oneof![
-            ("[!-~]{1,16}", arb_name(), any::<bool>()).prop_map(|(version, name, relay)| {
-                HubMessage::Register {
+            (
+                "[!-~]{1,16}",
+                arb_name(),
+                any::<bool>(),
+                proptest::option::of(arb_secret())
+            )
+                .prop_map(|(version, name, relay, invite)| HubMessage::Register {
                     version,
                     name,
                     relay,
-                }
-            }),
+                    invite,
+                }),
             ("[!-~]{1,16}", arb_name(), arb_secret(), any::<bool>()).prop_map(
                 |(version, name, password, relay)| HubMessage::Auth {
                     version,

@@ -85,6 +85,9 @@ pub struct HubConfig {
     pub max_nodes_per_source: usize,
     /// `register`s per source; one more is refused with 6008 (the node retries later).
     pub register_limit: tube_proto::ratelimit::RateLimit,
+    /// When set, `register` must carry this token (`invite`), else it is refused with 6001:
+    /// new accounts only for nodes the operator gave the token to.
+    pub registration_token: Option<tube_proto::chain::ChainSecret>,
     /// Time sessions get to end after shutdown.
     pub shutdown_grace: Duration,
 }
@@ -108,6 +111,7 @@ impl HubConfig {
                 DEFAULT_REGISTRATIONS_PER_HOUR,
             ),
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            registration_token: None,
         }
     }
 }

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tube_net::codec::{HandshakeConn, handshake_conn};
 use tube_net::tokio_rustls::TlsAcceptor;
 use tube_net::tokio_rustls::server::TlsStream;
-use tube_proto::chain::{ChainErrorCode, HubMessage, version_compatible};
+use tube_proto::chain::{ChainErrorCode, ChainSecret, HubMessage, version_compatible};
 use tube_proto::frame::Frame;
 use tube_proto::ratelimit::source_key;
 
@@ -117,6 +117,7 @@ async fn login(
             version,
             name,
             relay,
+            invite,
         } => {
             if let Some(m) = gate(shared, &version, &name, peer.ip(), true) {
                 return refuse(conn, m, "register refused").await;
@@ -139,6 +140,17 @@ async fn login(
                     code: Some(ChainErrorCode::Limit as u16),
                 };
                 return refuse(conn, m, "register rate limited").await;
+            }
+            if let Some(token) = &shared.config.registration_token
+                && !invited(token, invite.as_ref())
+            {
+                let m = HubMessage::RegisterResult {
+                    is_success: false,
+                    message: "this hub registers new nodes only with its registration token".into(),
+                    password: None,
+                    code: Some(ChainErrorCode::AuthFailed as u16),
+                };
+                return refuse(conn, m, "register without the registration token").await;
             }
             let n = name.clone();
             let result = match accounts(shared, move |a| a.register(&n)).await {
@@ -325,6 +337,12 @@ fn gate(
         ));
     }
     None
+}
+
+/// Whether `invite` is the hub's registration `token` (compared in constant time).
+fn invited(token: &ChainSecret, invite: Option<&ChainSecret>) -> bool {
+    use subtle::ConstantTimeEq;
+    invite.is_some_and(|i| bool::from(i.expose().as_bytes().ct_eq(token.expose().as_bytes())))
 }
 
 /// Runs an account operation, off the async threads when the store blocks.

@@ -72,6 +72,9 @@ pub struct NodeConfig {
     /// Delays between hub sessions (chain.md section 4.1: 1 s doubling to 60 s, jitter,
     /// forever).
     pub reconnect: BackoffConfig,
+    /// The hub's registration token, sent with `register` (a hub run with
+    /// `--registration-token` takes new accounts only with it).
+    pub registration_token: Option<ChainSecret>,
 }
 
 impl NodeConfig {
@@ -95,6 +98,7 @@ impl NodeConfig {
                 max_attempts: 0,
                 jitter: 0.2,
             },
+            registration_token: None,
         }
     }
 
@@ -731,6 +735,7 @@ async fn login(
             version: CHAIN_PROTOCOL_VERSION.into(),
             name: config.name.clone(),
             relay: config.relay,
+            invite: config.registration_token.clone(),
         },
         Some(p) => HubMessage::Auth {
             version: CHAIN_PROTOCOL_VERSION.into(),
