@@ -129,6 +129,8 @@ fn hub_cases() -> Vec<HubCase> {
         pre("register empty name", control(r#"{"type":"register","version":"1.0","name":"","relay":true}"#), Error(6009)),
         pre("register relay is a string", control(r#"{"type":"register","version":"1.0","name":"x","relay":"yes"}"#), Error(6009)),
         pre("register empty version", control(r#"{"type":"register","version":"","name":"x","relay":true}"#), Error(6009)),
+        pre("register invite of 63 hex digits", control(format!(r#"{{"type":"register","version":"1.0","name":"x","relay":true,"invite":"{}"}}"#, "a".repeat(63))), Error(6009)),
+        pre("register invite not hex", control(format!(r#"{{"type":"register","version":"1.0","name":"x","relay":true,"invite":"{}"}}"#, "g".repeat(64))), Error(6009)),
         pre("register version 2.0", control(r#"{"type":"register","version":"2.0","name":"v2node","relay":true}"#), Register(6011)),
         pre("register a taken name", control(r#"{"type":"register","version":"1.0","name":"s","relay":true}"#), Register(6002)),
         pre("auth version 0.9", control(format!(r#"{{"type":"auth","version":"0.9","name":"s","password":"{PW}","relay":true}}"#)), Auth(6011)),
