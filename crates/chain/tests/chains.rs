@@ -240,18 +240,9 @@ async fn chain_of_three_nodes_carries_256_mib_byte_exact() {
 #[tokio::test]
 async fn registrations_are_limited_per_source_address() {
     deadline(LIMIT, async {
-        let mut config = HubConfig::new(
-            Identity::generate(&["localhost"]).expect("identity"),
-            Arc::new(MemoryAccounts::default()),
-        );
+        let mut config = memory_hub_config();
         config.register_limit = RateLimit::per_hour(2);
         let hub = start_hub_with_config(config).await;
-        let register = |name: &str| HubMessage::Register {
-            version: CHAIN_PROTOCOL_VERSION.into(),
-            name: name.into(),
-            relay: false,
-            invite: None,
-        };
         let registered = |m: &HubMessage| {
             matches!(
                 m,
@@ -264,12 +255,12 @@ async fn registrations_are_limited_per_source_address() {
         // Two new accounts from one address, then 6008 (not final: the node retries later),
         // a taken name counting as an attempt too; another address is not affected.
         assert!(registered(
-            &first_answer_from(&hub, 5, register("r1")).await
+            &first_answer_from(&hub, 5, register("r1", None)).await
         ));
         assert!(registered(
-            &first_answer_from(&hub, 5, register("r2")).await
+            &first_answer_from(&hub, 5, register("r2", None)).await
         ));
-        let third = first_answer_from(&hub, 5, register("r3")).await;
+        let third = first_answer_from(&hub, 5, register("r3", None)).await;
         assert!(
             matches!(
                 third,
@@ -282,7 +273,7 @@ async fn registrations_are_limited_per_source_address() {
             "{third:?}"
         );
         assert!(registered(
-            &first_answer_from(&hub, 6, register("r3")).await
+            &first_answer_from(&hub, 6, register("r3", None)).await
         ));
     })
     .await;
@@ -291,22 +282,13 @@ async fn registrations_are_limited_per_source_address() {
 #[tokio::test]
 async fn logged_in_nodes_are_limited_per_source_address() {
     deadline(LIMIT, async {
-        let mut config = HubConfig::new(
-            Identity::generate(&["localhost"]).expect("identity"),
-            Arc::new(MemoryAccounts::default()),
-        );
+        let mut config = memory_hub_config();
         config.max_nodes_per_source = 2;
         let hub = start_hub_with_config(config).await;
-        let register = |name: &str| HubMessage::Register {
-            version: CHAIN_PROTOCOL_VERSION.into(),
-            name: name.into(),
-            relay: false,
-            invite: None,
-        };
         let mut held = Vec::new();
         let mut password = None;
         for name in ["p1", "p2"] {
-            let (answer, conn) = login_from(&hub, 7, register(name)).await;
+            let (answer, conn) = login_from(&hub, 7, register(name, None)).await;
             let HubMessage::RegisterResult {
                 is_success: true,
                 password: Some(p),
@@ -319,7 +301,7 @@ async fn logged_in_nodes_are_limited_per_source_address() {
             held.push(conn);
         }
         // A third node from the same address is refused (6008, not final) ...
-        let third = first_answer_from(&hub, 7, register("p3")).await;
+        let third = first_answer_from(&hub, 7, register("p3", None)).await;
         assert!(
             matches!(third, HubMessage::Error { code: 6008, .. }),
             "{third:?}"
@@ -343,7 +325,7 @@ async fn logged_in_nodes_are_limited_per_source_address() {
             "{again:?}"
         );
         // ... and another address is not affected.
-        let other = first_answer_from(&hub, 8, register("p3")).await;
+        let other = first_answer_from(&hub, 8, register("p3", None)).await;
         assert!(
             matches!(
                 other,
@@ -363,18 +345,9 @@ async fn logged_in_nodes_are_limited_per_source_address() {
 async fn a_hub_with_a_registration_token_registers_only_nodes_that_bring_it() {
     deadline(LIMIT, async {
         let token = ChainSecret::from_bytes(&[7u8; 32]);
-        let mut config = HubConfig::new(
-            Identity::generate(&["localhost"]).expect("identity"),
-            Arc::new(MemoryAccounts::default()),
-        );
+        let mut config = memory_hub_config();
         config.registration_token = Some(token.clone());
         let hub = start_hub_with_config(config).await;
-        let register = |name: &str, invite: Option<ChainSecret>| HubMessage::Register {
-            version: CHAIN_PROTOCOL_VERSION.into(),
-            name: name.into(),
-            relay: false,
-            invite,
-        };
         // Without the token, or with another one: 6001, final for the node.
         for invite in [None, Some(ChainSecret::from_bytes(&[8u8; 32]))] {
             let answer = first_answer_from(&hub, 5, register("t1", invite)).await;
@@ -738,6 +711,24 @@ async fn login_from(hub: &TestHub, octet: u8, login: HubMessage) -> (HubMessage,
     match deadline(LIMIT, conn.next()).await {
         Some(Ok(Frame::Control(b))) => (HubMessage::from_bytes(&b).expect("a hub message"), conn),
         other => panic!("expected an answer to the login, got {other:?}"),
+    }
+}
+
+/// A hub config with accounts in memory.
+fn memory_hub_config() -> HubConfig {
+    HubConfig::new(
+        Identity::generate(&["localhost"]).expect("identity"),
+        Arc::new(MemoryAccounts::default()),
+    )
+}
+
+/// `register` for `name` (no relaying), with `invite` if given.
+fn register(name: &str, invite: Option<ChainSecret>) -> HubMessage {
+    HubMessage::Register {
+        version: CHAIN_PROTOCOL_VERSION.into(),
+        name: name.into(),
+        relay: false,
+        invite,
     }
 }
 

@@ -265,12 +265,7 @@ async fn registration_is_retried_then_the_peer_is_unavailable() {
 #[tokio::test]
 async fn at_the_client_limit_a_new_client_takes_the_place_of_one_nothing_holds() {
     deadline(LIMIT, async {
-        let p = start_peer(PeerConfig {
-            max_clients: 2,
-            evict_after_idle: Duration::ZERO,
-            ..PeerConfig::default()
-        })
-        .await;
+        let p = start_peer_for_two().await;
         let mut a = client(&p);
         let (b, c, d) = (client(&p), client(&p), client(&p));
         let _a_listens = a.inbox().await;
@@ -301,6 +296,16 @@ async fn at_the_client_limit_a_new_client_takes_the_place_of_one_nothing_holds()
     .await;
 }
 
+/// A peer with places for two clients, where a registration nothing holds gives way at once.
+async fn start_peer_for_two() -> TestPeer {
+    start_peer(PeerConfig {
+        max_clients: 2,
+        evict_after_idle: Duration::ZERO,
+        ..PeerConfig::default()
+    })
+    .await
+}
+
 /// Registers `id`'s certificate on `conn` (REGISTER, CHALLENGE, PROOF), proving it with
 /// `signer`'s key; the peer's answer.
 async fn register_on(
@@ -324,12 +329,7 @@ async fn register_on(
 #[tokio::test]
 async fn a_connection_that_registers_another_client_lets_the_first_one_go() {
     deadline(LIMIT, async {
-        let p = start_peer(PeerConfig {
-            max_clients: 2,
-            evict_after_idle: Duration::ZERO,
-            ..PeerConfig::default()
-        })
-        .await;
+        let p = start_peer_for_two().await;
         let (first, second) = (Identity::generate().unwrap(), Identity::generate().unwrap());
         let mut conn = client::connect(&p.addr, LIMIT).await.unwrap();
         assert_eq!(register_on(&mut conn, &first, &first).await, Packet::Ok);
