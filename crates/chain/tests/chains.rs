@@ -801,6 +801,144 @@ impl AccountStore for FlakyAccounts {
     }
 }
 
+/// Accounts in memory whose `register` waits, once entered, until the test lets it go.
+#[derive(Debug)]
+struct GatedAccounts {
+    inner: MemoryAccounts,
+    /// `register` calls so far.
+    entered: tokio::sync::watch::Sender<u32>,
+    open: std::sync::Mutex<bool>,
+    opened: std::sync::Condvar,
+}
+
+impl GatedAccounts {
+    fn new() -> Arc<Self> {
+        Arc::new(Self {
+            inner: MemoryAccounts::default(),
+            entered: tokio::sync::watch::channel(0).0,
+            open: std::sync::Mutex::new(false),
+            opened: std::sync::Condvar::new(),
+        })
+    }
+
+    fn let_go(&self) {
+        *self.open.lock().unwrap() = true;
+        self.opened.notify_all();
+    }
+}
+
+impl AccountStore for GatedAccounts {
+    fn register(&self, name: &str) -> Result<Password, AccountError> {
+        self.entered.send_modify(|n| *n += 1);
+        let open = self.open.lock().unwrap();
+        let _open = self
+            .opened
+            .wait_timeout_while(open, LIMIT, |open| !*open)
+            .unwrap();
+        self.inner.register(name)
+    }
+    fn authenticate(&self, name: &str, password: &str) -> Result<Password, AccountError> {
+        self.inner.authenticate(name, password)
+    }
+    fn confirm_stored(&self, name: &str, password: &Password) -> Result<(), AccountError> {
+        self.inner.confirm_stored(name, password)
+    }
+    fn remove(&self, name: &str) -> Result<(), AccountError> {
+        self.inner.remove(name)
+    }
+    fn exists(&self, name: &str) -> Result<bool, AccountError> {
+        self.inner.exists(name)
+    }
+    // `blocks` stays true: `register` runs on the blocking pool, where it may wait.
+}
+
+/// Set when any thread of this test binary panics with "resumed after completion" (a future
+/// polled again after it finished).
+static POLLED_AFTER_COMPLETION: AtomicBool = AtomicBool::new(false);
+
+#[tokio::test]
+async fn a_register_that_ends_after_shutdown_began_still_hands_over_its_password() {
+    // The hub's sessions run in tasks, whose panics no test sees: watch for the one a session
+    // writer polled after it finished would raise (the early node below reads its 6013 but
+    // does not close, so its session's writer ends first).
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if info.to_string().contains("resumed after completion") {
+            POLLED_AFTER_COMPLETION.store(true, Ordering::SeqCst);
+        }
+        previous(info);
+    }));
+    deadline(LIMIT, async {
+        let accounts = GatedAccounts::new();
+        let mut hub = start_hub_on(accounts.clone()).await;
+        // A node logged in before: its `error` 6013 tells when the hub is shutting down.
+        accounts.let_go();
+        let (answer, mut early) = login_from(&hub, 5, register("early", None)).await;
+        assert!(matches!(
+            answer,
+            HubMessage::RegisterResult {
+                is_success: true,
+                ..
+            }
+        ));
+        *accounts.open.lock().unwrap() = false;
+        let late = login_from(&hub, 6, register("late", None));
+        let shut = async {
+            let mut entered = accounts.entered.subscribe();
+            entered.wait_for(|n| *n == 2).await.expect("late register");
+            hub.shutdown.cancel();
+            loop {
+                match early.next().await {
+                    Some(Ok(Frame::Control(b))) => {
+                        if let Ok(HubMessage::Error { code: 6013, .. }) = HubMessage::from_bytes(&b)
+                        {
+                            break;
+                        }
+                    }
+                    other => panic!("expected 6013 for the early node, got {other:?}"),
+                }
+            }
+            accounts.let_go();
+        };
+        let ((answer, mut conn), ()) = tokio::join!(late, shut);
+        // The account was made: its password comes first, then the refusal.
+        assert!(
+            matches!(
+                &answer,
+                HubMessage::RegisterResult {
+                    is_success: true,
+                    password: Some(_),
+                    ..
+                }
+            ),
+            "{answer:?}"
+        );
+        match conn.next().await {
+            Some(Ok(Frame::Control(b))) => assert!(
+                matches!(
+                    HubMessage::from_bytes(&b),
+                    Ok(HubMessage::Error { code: 6013, .. })
+                ),
+                "{b:?}"
+            ),
+            other => panic!("expected error 6013, got {other:?}"),
+        }
+        assert!(accounts.inner.exists("late").unwrap());
+        // Every session has ended once the hub has.
+        let task = hub.task.take().expect("hub task");
+        deadline(LIMIT, task)
+            .await
+            .expect("hub task")
+            .expect("hub ran");
+        drop(early);
+        assert!(
+            !POLLED_AFTER_COMPLETION.load(Ordering::SeqCst),
+            "a hub session polled its finished writer again"
+        );
+    })
+    .await;
+}
+
 /// Reconnects after 10 to 50 ms, so a test sees several sessions quickly.
 fn quick_retry(mut config: NodeConfig) -> NodeConfig {
     config.reconnect.initial = Duration::from_millis(10);

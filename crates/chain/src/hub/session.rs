@@ -63,10 +63,10 @@ pub(crate) async fn serve(
 ) {
     let session = NEXT_SESSION.fetch_add(1, Ordering::Relaxed);
     let span = tracing::info_span!("node_session", %peer, session);
-    let logged_in = tokio::select! {
-        r = tracing::Instrument::instrument(login(tcp, peer, &shared, &acceptor, session), span.clone()) => r,
-        _ = shutdown.cancelled() => None,
-    };
+    // The login watches `shutdown` itself: it gives up while it waits for the node, but
+    // not once its account step began (that step commits, and the node must get its result).
+    let login = login(tcp, peer, &shared, &acceptor, session, &shutdown);
+    let logged_in = tracing::Instrument::instrument(login, span.clone()).await;
     drop(permit);
     let Some(s) = logged_in else {
         return;
@@ -75,18 +75,24 @@ pub(crate) async fn serve(
     tracing::Instrument::instrument(run(s, shared), span).await;
 }
 
-/// TLS and the first message, within `handshake_timeout` of the accept.
+/// TLS and the first message, within `handshake_timeout` of the accept; given up at
+/// `shutdown` until the first message has come.
 async fn login(
     tcp: TcpStream,
     peer: SocketAddr,
     shared: &Shared,
     acceptor: &TlsAcceptor,
     session: u64,
+    shutdown: &CancellationToken,
 ) -> Option<LoggedIn> {
     let deadline = Instant::now() + shared.config.handshake_timeout;
     tube_net::tune_tcp(&tcp);
     crate::hub_keepalive(&tcp);
-    let tls = match timeout_at(deadline, acceptor.accept(tcp)).await {
+    let accepted = tokio::select! {
+        r = timeout_at(deadline, acceptor.accept(tcp)) => r,
+        _ = shutdown.cancelled() => return None,
+    };
+    let tls = match accepted {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
             tracing::warn!(error = %e, "tls handshake failed");
@@ -98,7 +104,14 @@ async fn login(
         }
     };
     let mut conn = handshake_conn(tls);
-    let first = match timeout_at(deadline, conn.next()).await {
+    let first = tokio::select! {
+        r = timeout_at(deadline, conn.next()) => r,
+        _ = shutdown.cancelled() => {
+            let m = HubMessage::error(ChainErrorCode::ShuttingDown, "the hub is shutting down");
+            return refuse(conn, m, "login during shutdown").await;
+        }
+    };
+    let first = match first {
         Err(_) => {
             let m = HubMessage::error(ChainErrorCode::Timeout, "log in within the deadline");
             return refuse(conn, m, "login timed out").await;
@@ -243,9 +256,12 @@ async fn login(
     };
     let (tx, rx) = mpsc::channel(OUTBOX);
     let kill = CancellationToken::new();
-    let closing = {
+    // `Some(result)` when the hub began shutting down meanwhile.
+    let too_late = {
         let mut st = shared.lock();
-        if !st.closing {
+        if st.closing {
+            Some(result)
+        } else {
             st.login(
                 &name,
                 NodeEntry {
@@ -259,10 +275,14 @@ async fn login(
             );
             // The channel is new and empty: the result is the first message the node gets.
             let _ = tx.try_send(Out::Msg(result));
+            None
         }
-        st.closing
     };
-    if closing {
+    if let Some(result) = too_late {
+        // The account step is committed (a new account, or a rotated password): the node
+        // gets its result, so it keeps the account and logs in with the password after the
+        // restart, then the refusal.
+        let _ = timeout(CLOSE_GRACE, conn.send(Frame::Control(result.to_bytes()))).await;
         let m = HubMessage::error(ChainErrorCode::ShuttingDown, "the hub is shutting down");
         return refuse(conn, m, "login during shutdown").await;
     }
@@ -413,8 +433,12 @@ async fn run(s: LoggedIn, shared: Arc<Shared>) {
     };
     tokio::pin!(writer);
     let reader = read_loop(&mut stream, &shared, &name, session, &tx, &mut issued);
+    let mut written = false;
     let end = tokio::select! {
-        _ = &mut writer => None,
+        _ = &mut writer => {
+            written = true;
+            None
+        }
         _ = kill.cancelled() => None,
         end = reader => Some(end),
     };
@@ -433,8 +457,11 @@ async fn run(s: LoggedIn, shared: Arc<Shared>) {
     shared.lock().leave(&name, Some(session));
     shared.changed.notify_one();
     drop(tx);
-    // The state no longer holds a sender: the writer ends after what is queued.
-    let _ = timeout(CLOSE_GRACE, &mut writer).await;
+    // The state no longer holds a sender: the writer ends after what is queued (unless it
+    // ended already: a finished future must not be polled again).
+    if !written {
+        let _ = timeout(CLOSE_GRACE, &mut writer).await;
+    }
     kill.cancel();
     tracing::info!("node session ended");
 }
