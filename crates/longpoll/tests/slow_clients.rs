@@ -56,17 +56,9 @@ async fn reply(s: &mut TcpStream) -> Reply {
 
 /// Waits until the proxy closes `s` (end of stream or reset).
 async fn closed(s: &mut TcpStream) {
-    let mut chunk = [0u8; 1024];
-    tokio::time::timeout(LIMIT, async {
-        loop {
-            match s.read(&mut chunk).await {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
-            }
-        }
-    })
-    .await
-    .expect("the proxy closes the connection");
+    tube_testkit::read_until_closed(s, LIMIT)
+        .await
+        .expect("the proxy closes the connection");
 }
 
 /// Sends the header and 3 of the 10 body bytes `content-length` announces.

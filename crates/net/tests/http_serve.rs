@@ -16,6 +16,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tube_net::http::{HttpLimits, serve};
+use tube_testkit::read_until_closed;
 
 /// Bound of every wait in these tests.
 const LIMIT: Duration = Duration::from_secs(10);
@@ -138,17 +139,9 @@ async fn response(s: &mut TcpStream) -> (u16, Vec<u8>) {
 /// Waits until the server closes `s` (end of stream or reset); the time it took.
 async fn closed(s: &mut TcpStream) -> Duration {
     let start = Instant::now();
-    let mut chunk = [0u8; 1024];
-    tokio::time::timeout(LIMIT, async {
-        loop {
-            match s.read(&mut chunk).await {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
-            }
-        }
-    })
-    .await
-    .expect("the server closes the connection");
+    read_until_closed(s, LIMIT)
+        .await
+        .expect("the server closes the connection");
     start.elapsed()
 }
 
@@ -349,21 +342,9 @@ async fn a_client_that_stops_reading_a_response_is_closed_after_the_write_timeou
     // every task waits): the server's writes fill the socket buffers and stop.
     tokio::time::sleep(Duration::from_secs(120)).await;
     // Then it reads: what the buffers held, and the end of the stream, not the whole body.
-    let mut got = 0usize;
-    let mut chunk = vec![0u8; 256 * 1024];
-    let ended = tokio::time::timeout(LIMIT, async {
-        loop {
-            match s.read(&mut chunk).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => got += n,
-            }
-        }
-    })
-    .await;
-    assert!(
-        ended.is_ok(),
-        "the server kept the connection ({got} bytes read)"
-    );
+    let got = read_until_closed(&mut s, LIMIT)
+        .await
+        .expect("the server closes the connection");
     assert!(got < BIG, "the whole response came ({got} bytes)");
     server.stop().await;
 }

@@ -336,6 +336,22 @@ pub async fn ended(s: &mut TcpStream, limit: Duration) -> Option<bool> {
     }
 }
 
+/// Reads and discards until the peer closes `s` (end of stream or reset), for at most `limit`:
+/// the bytes discarded, or `None` if it was still open then.
+pub async fn read_until_closed(s: &mut TcpStream, limit: Duration) -> Option<usize> {
+    let mut chunk = vec![0u8; 64 * 1024];
+    let mut got = 0;
+    let read = async {
+        loop {
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got += n,
+            }
+        }
+    };
+    tokio::time::timeout(limit, read).await.ok().map(|()| got)
+}
+
 /// Deterministic pseudo-random bytes (xorshift), for transfers checked by hash.
 pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
     let mut x = seed | 1;
