@@ -24,13 +24,22 @@
 //! password is void once its successor is used.
 //! Hashes are compared in constant time, and each login reads, compares and updates in one
 //! transaction, so two logins racing with the same password cannot both match `current`.
+//!
+//! # Room
+//!
+//! A hub open to registration would otherwise keep every account ever made. Each account
+//! records when it was last seen (registered, logged in, or its session ended);
+//! [`AccountStore::register_in`] keeps at most [`Room::max_accounts`]: at the limit, the account
+//! unseen longest gives way to the new one, if it has been unseen for at least
+//! [`Room::keep_unseen`] and is not in use (logged in); otherwise the registration gets
+//! [`AccountError::Full`]. Ties go to the one registered first.
 
 use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Mutex;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rusqlite::{OptionalExtension, TransactionBehavior};
 use sha2::{Digest, Sha256};
@@ -104,16 +113,69 @@ pub enum AccountError {
     /// Unknown name or wrong password: one variant, so callers cannot tell which.
     #[error("unknown account or wrong password")]
     Refused,
+    /// The store holds [`Room::max_accounts`] and none of them may give way yet.
+    #[error("no room for a new account")]
+    Full,
     /// The store itself failed (database, randomness). The text is for the log, not for peers.
     #[error("account store: {0}")]
     Store(String),
 }
 
+/// How many accounts a store keeps, and which may give way to a new one (module docs).
+#[derive(Clone, Copy)]
+pub struct Room<'a> {
+    /// Accounts at most; a registration at the limit takes the place of one.
+    pub max_accounts: usize,
+    /// How long an account stays unseen before it may give way.
+    pub keep_unseen: Duration,
+    /// Whether an account is in use (its node logged in): such an account never gives way.
+    pub in_use: &'a (dyn Fn(&str) -> bool + Sync),
+}
+
+impl Room<'static> {
+    /// No limit: nothing ever gives way.
+    pub const UNLIMITED: Room<'static> = Room {
+        max_accounts: usize::MAX,
+        keep_unseen: Duration::MAX,
+        in_use: &never_in_use,
+    };
+}
+
+impl fmt::Debug for Room<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Room")
+            .field("max_accounts", &self.max_accounts)
+            .field("keep_unseen", &self.keep_unseen)
+            .finish_non_exhaustive()
+    }
+}
+
+fn never_in_use(_: &str) -> bool {
+    false
+}
+
+/// A new account: its first password, and the account that gave way to it, if one did.
+#[derive(Debug)]
+pub struct Registered {
+    /// The first password.
+    pub password: Password,
+    /// The account removed to make room (see [`Room`]).
+    pub evicted: Option<String>,
+}
+
 /// Persistence for node accounts. See the module docs for the rotation rules.
 pub trait AccountStore: Send + Sync + fmt::Debug {
-    /// New account; returns its first password. `Err(NameTaken)` if it exists,
-    /// `Err(InvalidName)` if the name is not valid.
-    fn register(&self, name: &str) -> Result<Password, AccountError>;
+    /// New account within `room`: its first password, and the account that gave way to it.
+    /// `Err(NameTaken)` if it exists, `Err(InvalidName)` if the name is not valid, `Err(Full)`
+    /// at the limit when no account may give way.
+    fn register_in(&self, name: &str, room: &Room<'_>) -> Result<Registered, AccountError>;
+    /// New account, without a limit; returns its first password.
+    fn register(&self, name: &str) -> Result<Password, AccountError> {
+        self.register_in(name, &Room::UNLIMITED).map(|r| r.password)
+    }
+    /// The account's node was seen now (its session ended): it counts as unseen from now on.
+    /// An unknown name changes nothing.
+    fn seen(&self, name: &str) -> Result<(), AccountError>;
     /// Checks `password` for `name` and rotates: returns the next password. `Err(Refused)` for
     /// an unknown (or invalid) name and for a wrong password alike.
     fn authenticate(&self, name: &str, password: &str) -> Result<Password, AccountError>;
@@ -144,16 +206,33 @@ pub fn is_valid_name(name: &str) -> bool {
 
 /// Accounts kept in memory only.
 #[derive(Default)]
-pub struct MemoryAccounts(Mutex<HashMap<String, Hashes>>);
+pub struct MemoryAccounts(Mutex<Memory>);
+
+#[derive(Default)]
+struct Memory {
+    accounts: HashMap<String, MemoryEntry>,
+    /// Registration order, for ties between accounts last seen in the same second.
+    next_seq: u64,
+}
+
+struct MemoryEntry {
+    hashes: Hashes,
+    last_seen: i64,
+    seq: u64,
+}
 
 impl MemoryAccounts {
     fn login(&self, name: &str, password: &str) -> Result<(Password, Outcome), AccountError> {
         let presented = check_login_input(name, password)?;
         let next = Password::generate()?;
-        let mut accounts = lock(&self.0);
-        let stored = accounts.get(name).copied();
+        let mut memory = lock(&self.0);
+        let entry = memory.accounts.get_mut(name);
+        let stored = entry.as_ref().map(|e| e.hashes);
         let (hashes, outcome) = rotate(stored, &presented, next.hash())?;
-        accounts.insert(name.to_owned(), hashes);
+        if let Some(e) = entry {
+            e.hashes = hashes;
+            e.last_seen = now();
+        }
         log_login(name, outcome);
         Ok((next, outcome))
     }
@@ -163,27 +242,46 @@ impl fmt::Debug for MemoryAccounts {
     // Never print hashes.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("MemoryAccounts")
-            .field("accounts", &lock(&self.0).len())
+            .field("accounts", &lock(&self.0).accounts.len())
             .finish()
     }
 }
 
 impl AccountStore for MemoryAccounts {
-    fn register(&self, name: &str) -> Result<Password, AccountError> {
+    fn register_in(&self, name: &str, room: &Room<'_>) -> Result<Registered, AccountError> {
         check_name(name)?;
         let password = Password::generate()?;
-        let mut accounts = lock(&self.0);
-        if accounts.contains_key(name) {
+        let mut memory = lock(&self.0);
+        if memory.accounts.contains_key(name) {
             return Err(AccountError::NameTaken);
         }
-        accounts.insert(
+        let mut evicted = None;
+        if memory.accounts.len() >= room.max_accounts {
+            let cutoff = unseen_cutoff(room);
+            let victim = memory
+                .accounts
+                .iter()
+                .filter(|(n, e)| e.last_seen <= cutoff && !(room.in_use)(n))
+                .min_by_key(|(_, e)| (e.last_seen, e.seq))
+                .map(|(n, _)| n.clone())
+                .ok_or(AccountError::Full)?;
+            memory.accounts.remove(&victim);
+            evicted = Some(victim);
+        }
+        let seq = memory.next_seq;
+        memory.next_seq += 1;
+        memory.accounts.insert(
             name.to_owned(),
-            Hashes {
-                current: password.hash(),
-                previous: None,
+            MemoryEntry {
+                hashes: Hashes {
+                    current: password.hash(),
+                    previous: None,
+                },
+                last_seen: now(),
+                seq,
             },
         );
-        Ok(password)
+        Ok(Registered { password, evicted })
     }
 
     fn authenticate(&self, name: &str, password: &str) -> Result<Password, AccountError> {
@@ -191,24 +289,31 @@ impl AccountStore for MemoryAccounts {
     }
 
     fn confirm_stored(&self, name: &str, password: &Password) -> Result<(), AccountError> {
-        let mut accounts = lock(&self.0);
-        let stored = accounts.get_mut(name).ok_or(AccountError::Refused)?;
-        if bool::from(stored.current.ct_eq(&password.hash())) {
-            stored.previous = None;
+        let mut memory = lock(&self.0);
+        let stored = memory.accounts.get_mut(name).ok_or(AccountError::Refused)?;
+        if bool::from(stored.hashes.current.ct_eq(&password.hash())) {
+            stored.hashes.previous = None;
+        }
+        Ok(())
+    }
+
+    fn seen(&self, name: &str) -> Result<(), AccountError> {
+        if let Some(e) = lock(&self.0).accounts.get_mut(name) {
+            e.last_seen = now();
         }
         Ok(())
     }
 
     fn remove(&self, name: &str) -> Result<(), AccountError> {
         check_name(name)?;
-        match lock(&self.0).remove(name) {
+        match lock(&self.0).accounts.remove(name) {
             Some(_) => Ok(()),
             None => Err(AccountError::Refused),
         }
     }
 
     fn exists(&self, name: &str) -> Result<bool, AccountError> {
-        Ok(is_valid_name(name) && lock(&self.0).contains_key(name))
+        Ok(is_valid_name(name) && lock(&self.0).accounts.contains_key(name))
     }
 
     fn blocks(&self) -> bool {
@@ -241,8 +346,25 @@ impl SqliteAccounts {
                 current    BLOB NOT NULL,
                 previous   BLOB,
                 created_at INTEGER,
-                rotated_at INTEGER
+                rotated_at INTEGER,
+                last_seen  INTEGER
             );",
+        )
+        .map_err(db)?;
+        // Files from before `last_seen` get the column, filled from what they knew.
+        let has_last_seen = conn
+            .prepare("SELECT 1 FROM pragma_table_info('accounts') WHERE name = 'last_seen'")
+            .and_then(|mut q| q.exists([]))
+            .map_err(db)?;
+        if !has_last_seen {
+            conn.execute_batch(
+                "ALTER TABLE accounts ADD COLUMN last_seen INTEGER;
+                 UPDATE accounts SET last_seen = COALESCE(rotated_at, created_at, 0);",
+            )
+            .map_err(db)?;
+        }
+        conn.execute_batch(
+            "CREATE INDEX IF NOT EXISTS accounts_last_seen ON accounts (last_seen);",
         )
         .map_err(db)?;
         Ok(Self {
@@ -278,7 +400,8 @@ impl SqliteAccounts {
         // On refusal `tx` is dropped, which rolls back (nothing was written).
         let (hashes, outcome) = rotate(stored, &presented, next.hash())?;
         tx.execute(
-            "UPDATE accounts SET current = ?2, previous = ?3, rotated_at = ?4 WHERE name = ?1",
+            "UPDATE accounts SET current = ?2, previous = ?3, rotated_at = ?4, last_seen = ?4
+             WHERE name = ?1",
             rusqlite::params![
                 name,
                 hashes.current.as_slice(),
@@ -302,21 +425,68 @@ impl fmt::Debug for SqliteAccounts {
 }
 
 impl AccountStore for SqliteAccounts {
-    fn register(&self, name: &str) -> Result<Password, AccountError> {
+    fn register_in(&self, name: &str, room: &Room<'_>) -> Result<Registered, AccountError> {
         check_name(name)?;
         let password = Password::generate()?;
-        let inserted = lock(&self.conn)
-            .execute(
-                "INSERT INTO accounts (name, current, previous, created_at, rotated_at)
-                 VALUES (?1, ?2, NULL, ?3, NULL)
-                 ON CONFLICT(name) DO NOTHING",
-                rusqlite::params![name, password.hash().as_slice(), now()],
-            )
+        let mut conn = lock(&self.conn);
+        // One immediate transaction: the count, the eviction and the insert stand or fall
+        // together, and no other registration slips in between.
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(db)?;
-        if inserted == 0 {
+        let taken = tx
+            .query_row("SELECT 1 FROM accounts WHERE name = ?1", [name], |_| Ok(()))
+            .optional()
+            .map_err(db)?
+            .is_some();
+        if taken {
             return Err(AccountError::NameTaken);
         }
-        Ok(password)
+        let mut evicted = None;
+        let count: i64 = tx
+            .query_row("SELECT COUNT(*) FROM accounts", [], |r| r.get(0))
+            .map_err(db)?;
+        if usize::try_from(count).unwrap_or(usize::MAX) >= room.max_accounts {
+            let victim = {
+                let mut oldest = tx
+                    .prepare(
+                        "SELECT name FROM accounts WHERE last_seen <= ?1
+                         ORDER BY last_seen, rowid",
+                    )
+                    .map_err(db)?;
+                let mut rows = oldest.query([unseen_cutoff(room)]).map_err(db)?;
+                let mut victim = None;
+                while let Some(row) = rows.next().map_err(db)? {
+                    let candidate: String = row.get(0).map_err(db)?;
+                    if !(room.in_use)(&candidate) {
+                        victim = Some(candidate);
+                        break;
+                    }
+                }
+                victim.ok_or(AccountError::Full)?
+            };
+            tx.execute("DELETE FROM accounts WHERE name = ?1", [&victim])
+                .map_err(db)?;
+            evicted = Some(victim);
+        }
+        tx.execute(
+            "INSERT INTO accounts (name, current, previous, created_at, rotated_at, last_seen)
+             VALUES (?1, ?2, NULL, ?3, NULL, ?3)",
+            rusqlite::params![name, password.hash().as_slice(), now()],
+        )
+        .map_err(db)?;
+        tx.commit().map_err(db)?;
+        Ok(Registered { password, evicted })
+    }
+
+    fn seen(&self, name: &str) -> Result<(), AccountError> {
+        lock(&self.conn)
+            .execute(
+                "UPDATE accounts SET last_seen = ?2 WHERE name = ?1",
+                rusqlite::params![name, now()],
+            )
+            .map_err(db)?;
+        Ok(())
     }
 
     fn authenticate(&self, name: &str, password: &str) -> Result<Password, AccountError> {
@@ -461,12 +631,29 @@ fn to_hash(bytes: &[u8]) -> Result<Hash, AccountError> {
     Hash::try_from(bytes).map_err(|_| AccountError::Store("corrupt account row".into()))
 }
 
+#[cfg(test)]
+thread_local! {
+    /// The time `now` gives on this thread, when a test set it.
+    static TEST_NOW: std::cell::Cell<Option<i64>> = const { std::cell::Cell::new(None) };
+}
+
+/// Seconds since the Unix epoch.
 fn now() -> i64 {
+    #[cfg(test)]
+    if let Some(t) = TEST_NOW.with(|c| c.get()) {
+        return t;
+    }
     let secs = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
     i64::try_from(secs).unwrap_or(i64::MAX)
+}
+
+/// The latest `last_seen` (seconds) an account may have to give way under `room`.
+fn unseen_cutoff(room: &Room<'_>) -> i64 {
+    let keep = i64::try_from(room.keep_unseen.as_secs()).unwrap_or(i64::MAX);
+    now().saturating_sub(keep)
 }
 
 fn db(e: rusqlite::Error) -> AccountError {
@@ -499,6 +686,146 @@ mod tests {
 
     fn auth(s: &dyn AccountStore, name: &str, p: &Password) -> Result<Password, AccountError> {
         s.authenticate(name, p.expose())
+    }
+
+    /// Sets the store's clock on this thread to `secs`.
+    fn at(secs: i64) {
+        TEST_NOW.with(|c| c.set(Some(secs)));
+    }
+
+    fn room<'a>(
+        max_accounts: usize,
+        keep_secs: u64,
+        in_use: &'a (dyn Fn(&str) -> bool + Sync),
+    ) -> Room<'a> {
+        Room {
+            max_accounts,
+            keep_unseen: Duration::from_secs(keep_secs),
+            in_use,
+        }
+    }
+
+    /// Registers "a" at 1,000 s and "b" at 2,000 s; returns their passwords.
+    fn a_then_b(s: &dyn AccountStore) -> (Password, Password) {
+        at(1_000);
+        let a = s.register("a").unwrap();
+        at(2_000);
+        (a, s.register("b").unwrap())
+    }
+
+    #[test]
+    fn at_the_limit_the_account_unseen_longest_gives_way() {
+        both(|s| {
+            let nobody = |_: &str| false;
+            let (pa, pb) = a_then_b(s);
+            // a logs in later than b registered: b is now the one unseen longest.
+            at(3_000);
+            let pa = auth(s, "a", &pa).unwrap();
+            let c = s.register_in("c", &room(2, 0, &nobody)).unwrap();
+            assert_eq!(c.evicted.as_deref(), Some("b"));
+            assert!(!s.exists("b").unwrap());
+            assert_eq!(auth(s, "b", &pb).unwrap_err(), AccountError::Refused);
+            // Below the limit nothing gives way.
+            let d = s.register_in("d", &room(4, 0, &nobody)).unwrap();
+            assert_eq!(d.evicted, None);
+            assert!(auth(s, "a", &pa).is_ok());
+            assert!(auth(s, "c", &c.password).is_ok());
+        });
+    }
+
+    #[test]
+    fn a_session_that_ends_counts_as_seen_then() {
+        both(|s| {
+            let nobody = |_: &str| false;
+            a_then_b(s);
+            at(3_000);
+            s.seen("a").unwrap();
+            s.seen("nobody").unwrap();
+            let c = s.register_in("c", &room(2, 0, &nobody)).unwrap();
+            assert_eq!(c.evicted.as_deref(), Some("b"));
+        });
+    }
+
+    #[test]
+    fn accounts_in_use_or_seen_lately_never_give_way() {
+        both(|s| {
+            let nobody = |_: &str| false;
+            a_then_b(s);
+            // Seen within the last 1,500 s: b (2,000) at 3,000; a (1,000) is older, but in use.
+            at(3_000);
+            let a_in_use = |n: &str| n == "a";
+            let err = s.register_in("c", &room(2, 1_500, &a_in_use)).unwrap_err();
+            assert_eq!(err, AccountError::Full);
+            // Both in use: full whatever their age.
+            let both_in_use = |n: &str| n == "a" || n == "b";
+            let err = s.register_in("c", &room(2, 0, &both_in_use)).unwrap_err();
+            assert_eq!(err, AccountError::Full);
+            assert!(!s.exists("c").unwrap());
+            // a no longer in use and unseen for 2,000 s: it gives way, not b.
+            let c = s.register_in("c", &room(2, 1_500, &nobody)).unwrap();
+            assert_eq!(c.evicted.as_deref(), Some("a"));
+            // Ties (the same second) go to the one registered first.
+            at(4_000);
+            s.register_in("d", &room(3, 0, &nobody)).unwrap();
+            s.seen("b").unwrap();
+            s.seen("c").unwrap();
+            let e = s.register_in("e", &room(3, 0, &nobody)).unwrap();
+            assert_eq!(e.evicted.as_deref(), Some("b"));
+        });
+    }
+
+    #[test]
+    fn a_taken_name_at_the_limit_evicts_nothing() {
+        both(|s| {
+            let nobody = |_: &str| false;
+            at(1_000);
+            let pa = s.register_in("a", &room(1, 0, &nobody)).unwrap().password;
+            assert_eq!(
+                s.register_in("a", &room(1, 0, &nobody)).unwrap_err(),
+                AccountError::NameTaken
+            );
+            assert!(auth(s, "a", &pa).is_ok());
+        });
+    }
+
+    #[test]
+    fn an_account_file_from_before_last_seen_gets_it_from_its_rotations() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("accounts.sqlite3");
+        let (old, older) = (Password::generate().unwrap(), Password::generate().unwrap());
+        {
+            let conn = rusqlite::Connection::open(&path).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE accounts (
+                    name       TEXT PRIMARY KEY,
+                    current    BLOB NOT NULL,
+                    previous   BLOB,
+                    created_at INTEGER,
+                    rotated_at INTEGER
+                );",
+            )
+            .unwrap();
+            // "old" registered at 100 and logged in at 5,000; "older" registered at 200 only.
+            for (name, p, created, rotated) in [
+                ("old", &old, 100, Some(5_000)),
+                ("older", &older, 200, None),
+            ] {
+                conn.execute(
+                    "INSERT INTO accounts VALUES (?1, ?2, NULL, ?3, ?4)",
+                    rusqlite::params![name, p.hash().as_slice(), created, rotated],
+                )
+                .unwrap();
+            }
+        }
+        let s = SqliteAccounts::open(&path).unwrap();
+        // Opening twice migrates once.
+        drop(s);
+        let s = SqliteAccounts::open(&path).unwrap();
+        at(6_000);
+        let nobody = |_: &str| false;
+        let new = s.register_in("new", &room(2, 0, &nobody)).unwrap();
+        assert_eq!(new.evicted.as_deref(), Some("older"));
+        assert!(auth(&s, "old", &old).is_ok());
     }
 
     #[test]

@@ -21,7 +21,7 @@ use tokio::task::JoinHandle;
 use tube_chain::front::FrontClient;
 use tube_chain::hub::HubConfig;
 use tube_chain::node::{NodeConfig, NodeError};
-use tube_chain::{AccountError, AccountStore, MemoryAccounts, Password};
+use tube_chain::{AccountError, AccountStore, MemoryAccounts, Password, Registered, Room};
 use tube_net::codec::handshake_conn;
 use tube_net::tokio_rustls::{TlsAcceptor, TlsConnector};
 use tube_net::{Identity, tls};
@@ -378,6 +378,99 @@ async fn a_hub_with_a_registration_token_registers_only_nodes_that_bring_it() {
             matches!(&ended, Err(e) if e.to_string().contains("registration token")),
             "{ended:?}"
         );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn at_its_account_limit_the_hub_lets_an_unseen_account_go_never_a_logged_in_one() {
+    deadline(LIMIT, async {
+        let mut config = memory_hub_config();
+        config.max_accounts = 2;
+        config.evict_unseen_after = Duration::ZERO;
+        let hub = start_hub_with_config(config).await;
+        let registered = |answer: &HubMessage| match answer {
+            HubMessage::RegisterResult {
+                is_success: true,
+                password: Some(p),
+                ..
+            } => p.clone(),
+            other => panic!("expected a successful register_result, got {other:?}"),
+        };
+        // n1 registers and stays logged in; n2 registers and logs out.
+        let (answer, _n1) = login_from(&hub, 5, register("n1", None)).await;
+        registered(&answer);
+        let (answer, mut n2) = login_from(&hub, 6, register("n2", None)).await;
+        let p2 = registered(&answer);
+        n2.send(Frame::Control(HubMessage::Logout {}.to_bytes()))
+            .await
+            .expect("send logout");
+        // The hub closes after logout_result, once the session has left.
+        while let Some(Ok(_)) = n2.next().await {}
+        assert_eq!(hub.state.online(), vec!["n1".to_string()]);
+
+        // The hub is full: n3 takes the place of n2, the account not in use.
+        let (answer, _n3) = login_from(&hub, 7, register("n3", None)).await;
+        registered(&answer);
+        assert_eq!(hub.state.accounts_evicted(), 1);
+        let auth = HubMessage::Auth {
+            version: CHAIN_PROTOCOL_VERSION.into(),
+            name: "n2".into(),
+            password: p2,
+            relay: false,
+        };
+        let answer = first_answer_from(&hub, 6, auth).await;
+        assert!(
+            matches!(
+                answer,
+                HubMessage::AuthResult {
+                    is_success: false,
+                    code: Some(6001),
+                    ..
+                }
+            ),
+            "n2's account is gone: {answer:?}"
+        );
+
+        // Both accounts are in use: nothing may give way, and n4 is told to retry (6008).
+        let answer = first_answer_from(&hub, 8, register("n4", None)).await;
+        assert!(
+            matches!(
+                &answer,
+                HubMessage::RegisterResult {
+                    is_success: false,
+                    code: Some(6008),
+                    message,
+                    ..
+                } if message.contains("no room")
+            ),
+            "{answer:?}"
+        );
+        assert_eq!(hub.state.accounts_evicted(), 1);
+        assert_eq!(hub.state.online(), vec!["n1".to_string(), "n3".into()]);
+
+        // The admin API counts it.
+        let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin_addr = admin.local_addr().unwrap();
+        let stop = tokio_util::sync::CancellationToken::new();
+        let served = tokio::spawn(tube_chain::hub::admin::serve(
+            admin,
+            hub.state.clone(),
+            stop.clone(),
+        ));
+        let mut http = TcpStream::connect(admin_addr).await.unwrap();
+        http.write_all(b"GET /metrics HTTP/1.1\r\nhost: hub\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut body = String::new();
+        http.read_to_string(&mut body).await.unwrap();
+        assert!(
+            body.lines()
+                .any(|l| l == "tube_hub_accounts_evicted_total 1"),
+            "{body}"
+        );
+        stop.cancel();
+        served.await.unwrap().unwrap();
     })
     .await;
 }
@@ -779,9 +872,12 @@ impl FlakyAccounts {
 }
 
 impl AccountStore for FlakyAccounts {
-    fn register(&self, name: &str) -> Result<Password, AccountError> {
+    fn register_in(&self, name: &str, room: &Room<'_>) -> Result<Registered, AccountError> {
         self.check()?;
-        self.inner.register(name)
+        self.inner.register_in(name, room)
+    }
+    fn seen(&self, name: &str) -> Result<(), AccountError> {
+        self.inner.seen(name)
     }
     fn authenticate(&self, name: &str, password: &str) -> Result<Password, AccountError> {
         self.check()?;
@@ -828,14 +924,17 @@ impl GatedAccounts {
 }
 
 impl AccountStore for GatedAccounts {
-    fn register(&self, name: &str) -> Result<Password, AccountError> {
+    fn register_in(&self, name: &str, room: &Room<'_>) -> Result<Registered, AccountError> {
         self.entered.send_modify(|n| *n += 1);
         let open = self.open.lock().unwrap();
         let _open = self
             .opened
             .wait_timeout_while(open, LIMIT, |open| !*open)
             .unwrap();
-        self.inner.register(name)
+        self.inner.register_in(name, room)
+    }
+    fn seen(&self, name: &str) -> Result<(), AccountError> {
+        self.inner.seen(name)
     }
     fn authenticate(&self, name: &str, password: &str) -> Result<Password, AccountError> {
         self.inner.authenticate(name, password)

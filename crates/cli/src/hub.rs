@@ -57,6 +57,15 @@ pub(crate) struct HubArgs {
     /// Nodes logged in at once from one source address (IPv6: per /64); more get 6008.
     #[arg(long, default_value_t = tube_chain::hub::DEFAULT_MAX_NODES_PER_SOURCE)]
     max_nodes_per_source: usize,
+    /// Accounts the hub keeps at most. At the limit a new node takes the place of the account
+    /// unseen longest, if its node is not logged in and was last seen --evict-unseen-after
+    /// ago or more; otherwise registering gets 6008 (the node retries later).
+    #[arg(long, default_value_t = tube_chain::hub::DEFAULT_MAX_ACCOUNTS)]
+    max_accounts: usize,
+    /// How long an account's node must have been away (not logged in) before its account may
+    /// give way to a new one at --max-accounts.
+    #[arg(long, value_parser = crate::parse_duration, default_value = "30days")]
+    evict_unseen_after: Duration,
     /// Register new nodes only when they bring this token (64 hex digits, e.g. from
     /// `openssl rand -hex 32`; give it to `tube node --registration-token`). Without it anyone
     /// who reaches the hub may register. Prefer the variable to the flag (ps shows flags).
@@ -139,6 +148,8 @@ pub(crate) async fn run_hub(args: HubArgs, shutdown: CancellationToken) -> anyho
     config.max_chains_per_node = args.max_chains_per_node;
     config.register_limit = RateLimit::per_hour(args.registrations_per_hour);
     config.max_nodes_per_source = args.max_nodes_per_source.max(1);
+    config.max_accounts = args.max_accounts.max(1);
+    config.evict_unseen_after = args.evict_unseen_after;
     config.registration_token = registration_token(args.registration_token)?;
     let listener = TcpListener::bind(args.listen)
         .await

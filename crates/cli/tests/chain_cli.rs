@@ -2,8 +2,9 @@
 //! addresses, `tube chain accept` on the endpoint and `tube chain connect` on the requester
 //! piping bytes byte-exact through two intermediates to an echo server; the stdout contract
 //! lines of hub and nodes; the one-line refusals of `connect` (unknown node, no front); a
-//! node refusing a front API that is not on loopback; and `tube chain listen` resetting its
-//! user (never a clean end of stream) when the chain's middle node dies.
+//! node refusing a front API that is not on loopback; `tube chain listen` resetting its
+//! user (never a clean end of stream) when the chain's middle node dies; and a hub at
+//! `--max-accounts` making room for a new node once an account's node is away.
 //!
 //! Every test runs under a deadline and synchronises on events (stdout contract lines, log
 //! lines on stderr, process exits). Processes are killed when their handle drops.
@@ -371,6 +372,38 @@ async fn a_registration_token_that_is_not_64_hex_digits_is_refused_at_start() {
             "one error line about the token: {err}"
         );
         assert!(!err.contains("letmein"), "the token is not echoed: {err}");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_hub_at_max_accounts_registers_a_new_node_once_an_account_is_unseen_long_enough() {
+    deadline(LIMIT, async {
+        let dir = tempfile::tempdir().expect("hub data dir");
+        let extra = ["--max-accounts", "1", "--evict-unseen-after", "0s"];
+        let mut hub = Hub::start(TUBE, dir.path(), &extra, &[("RUST_LOG", "info")]).await;
+        let mut a = node(&hub, "a", "127.0.0.2", "info").await;
+        a.logged_in().await;
+        // The one account is in use: b is told to retry later, and does.
+        let mut b = node(&hub, "b", "127.0.0.3", "info").await;
+        let refused = b.proc.stderr_line("reconnecting").await.expect("b retries");
+        assert!(
+            refused.contains("6008") && refused.contains("no room"),
+            "{refused}"
+        );
+        hub.proc
+            .stderr_line("none may give way")
+            .await
+            .expect("the hub says it is full");
+        // a leaves; its account gives way to b at b's next try.
+        a.proc.kill().await;
+        b.logged_in().await;
+        let removed = hub
+            .proc
+            .stderr_line("removed to make room")
+            .await
+            .expect("the hub logs the removal");
+        assert!(removed.contains("account=a"), "{removed}");
     })
     .await;
 }

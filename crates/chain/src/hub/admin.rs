@@ -60,5 +60,15 @@ async fn metrics(State(s): State<HubState>) -> impl IntoResponse {
         let n = chains.iter().filter(|c| c.state == state).count();
         let _ = writeln!(out, "tube_hub_chains{{state=\"{state}\"}} {n}");
     }
+    let _ = writeln!(
+        out,
+        "# HELP tube_hub_accounts_evicted_total Accounts removed to make room for new ones (--max-accounts)."
+    );
+    let _ = writeln!(out, "# TYPE tube_hub_accounts_evicted_total counter");
+    let _ = writeln!(
+        out,
+        "tube_hub_accounts_evicted_total {}",
+        s.accounts_evicted()
+    );
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
 }

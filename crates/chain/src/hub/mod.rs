@@ -12,6 +12,7 @@ pub mod admin;
 mod session;
 mod state;
 
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -41,6 +42,15 @@ pub const DEFAULT_MAX_NODES_PER_SOURCE: usize = 64;
 /// make, so one address may not make them without end (each is a row on disk, and throwaway
 /// accounts could hold every node slot).
 pub const DEFAULT_REGISTRATIONS_PER_HOUR: u32 = 10;
+
+/// Default limit of accounts the hub keeps (a row of about 200 bytes each on disk); at the
+/// limit an account unseen for [`DEFAULT_EVICT_UNSEEN_AFTER`] gives way to a new one, or the
+/// registration gets 6008 (see [`crate::Room`]).
+pub const DEFAULT_MAX_ACCOUNTS: usize = 100_000;
+
+/// Default time an account stays unseen (its node neither logged in nor connected) before it
+/// may give way to a new one at [`DEFAULT_MAX_ACCOUNTS`].
+pub const DEFAULT_EVICT_UNSEEN_AFTER: Duration = Duration::from_secs(30 * 24 * 3600);
 
 /// Sources the registration limit tracks at most (see [`tube_proto::ratelimit::KeyedLimiter`]).
 const MAX_REGISTRATION_SOURCES: usize = 65_536;
@@ -85,6 +95,11 @@ pub struct HubConfig {
     pub max_nodes_per_source: usize,
     /// `register`s per source; one more is refused with 6008 (the node retries later).
     pub register_limit: tube_proto::ratelimit::RateLimit,
+    /// Accounts kept at most; at the limit a `register` takes the place of the account unseen
+    /// longest, if that one is not logged in and unseen for `evict_unseen_after`, else 6008.
+    pub max_accounts: usize,
+    /// How long an account stays unseen before it may give way at `max_accounts`.
+    pub evict_unseen_after: Duration,
     /// When set, `register` must carry this token (`invite`), else it is refused with 6001:
     /// new accounts only for nodes the operator gave the token to.
     pub registration_token: Option<tube_proto::chain::ChainSecret>,
@@ -110,6 +125,8 @@ impl HubConfig {
             register_limit: tube_proto::ratelimit::RateLimit::per_hour(
                 DEFAULT_REGISTRATIONS_PER_HOUR,
             ),
+            max_accounts: DEFAULT_MAX_ACCOUNTS,
+            evict_unseen_after: DEFAULT_EVICT_UNSEEN_AFTER,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             registration_token: None,
         }
@@ -133,6 +150,8 @@ pub(crate) struct Shared {
     pub(crate) changed: Notify,
     /// `register`s per source ([`tube_proto::ratelimit::source_key`]).
     pub(crate) registrations: Mutex<tube_proto::ratelimit::KeyedLimiter<std::net::IpAddr>>,
+    /// Accounts removed to make room for new ones (`max_accounts`).
+    pub(crate) evicted: AtomicU64,
 }
 
 impl Shared {
@@ -158,6 +177,13 @@ impl HubState {
     pub fn chains(&self) -> Vec<ChainInfo> {
         self.shared.lock().chains()
     }
+
+    /// Accounts removed so far to make room for new ones.
+    pub fn accounts_evicted(&self) -> u64 {
+        self.shared
+            .evicted
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 /// A hub, built from its config; [`Hub::state`] gives a view of it.
@@ -178,6 +204,7 @@ impl Hub {
                 config,
                 state: Mutex::new(State::default()),
                 changed: Notify::new(),
+                evicted: AtomicU64::new(0),
             }),
         }
     }

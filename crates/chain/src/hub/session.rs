@@ -21,7 +21,7 @@ use tube_proto::ratelimit::source_key;
 use super::state::{NodeEntry, Out};
 use super::{OUTBOX, Shared};
 use crate::accounts::Password;
-use crate::{AccountError, AccountStore};
+use crate::{AccountError, AccountStore, Registered, Room};
 
 static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
 
@@ -80,7 +80,7 @@ pub(crate) async fn serve(
 async fn login(
     tcp: TcpStream,
     peer: SocketAddr,
-    shared: &Shared,
+    shared: &Arc<Shared>,
     acceptor: &TlsAcceptor,
     session: u64,
     shutdown: &CancellationToken,
@@ -166,16 +166,33 @@ async fn login(
                 return refuse(conn, m, "register without the registration token").await;
             }
             let n = name.clone();
-            let result = match accounts(shared, move |a| a.register(&n)).await {
-                Ok(password) => (
-                    HubMessage::RegisterResult {
-                        is_success: true,
-                        message: "registered".into(),
-                        password: Some(tube_proto::chain::ChainSecret::new(password.expose())),
-                        code: None,
-                    },
-                    password,
-                ),
+            let hub = shared.clone();
+            let registered = accounts(shared, move |a| {
+                // A logged-in node's account never gives way, however long ago it logged in.
+                let in_use = |account: &str| hub.lock().nodes.contains_key(account);
+                let room = Room {
+                    max_accounts: hub.config.max_accounts,
+                    keep_unseen: hub.config.evict_unseen_after,
+                    in_use: &in_use,
+                };
+                a.register_in(&n, &room)
+            });
+            let result = match registered.await {
+                Ok(Registered { password, evicted }) => {
+                    if let Some(old) = evicted {
+                        shared.evicted.fetch_add(1, Ordering::Relaxed);
+                        tracing::info!(account = %old, "account unseen longest removed to make room");
+                    }
+                    (
+                        HubMessage::RegisterResult {
+                            is_success: true,
+                            message: "registered".into(),
+                            password: Some(tube_proto::chain::ChainSecret::new(password.expose())),
+                            code: None,
+                        },
+                        password,
+                    )
+                }
                 Err(e) => {
                     let (code, message) = match e {
                         AccountError::NameTaken => (
@@ -184,6 +201,16 @@ async fn login(
                         ),
                         AccountError::InvalidName => {
                             (Some(ChainErrorCode::ProtocolError), "invalid name".into())
+                        }
+                        AccountError::Full => {
+                            tracing::warn!(
+                                max_accounts = shared.config.max_accounts,
+                                "the hub holds its most accounts and none may give way"
+                            );
+                            (
+                                Some(ChainErrorCode::Limit),
+                                "the hub has no room for new accounts, retry later".into(),
+                            )
                         }
                         other => {
                             tracing::error!(error = %other, "account store failed");
@@ -463,6 +490,11 @@ async fn run(s: LoggedIn, shared: Arc<Shared>) {
         let _ = timeout(CLOSE_GRACE, &mut writer).await;
     }
     kill.cancel();
+    // Seen until now: the account counts as unseen from here on (`Room`), not from its login.
+    let n = name.clone();
+    if let Err(e) = accounts(&shared, move |a| a.seen(&n)).await {
+        tracing::warn!(error = %e, "account store failed");
+    }
     tracing::info!("node session ended");
 }
 
