@@ -383,6 +383,86 @@ async fn a_hub_with_a_registration_token_registers_only_nodes_that_bring_it() {
 }
 
 #[tokio::test]
+async fn logins_in_flight_together_cannot_pass_the_node_limits() {
+    deadline(LIMIT, async {
+        let accounts = GatedAccounts::new();
+        let mut config = memory_hub_config();
+        config.accounts = accounts.clone();
+        config.max_nodes_per_source = 1;
+        config.max_nodes = 2;
+        let hub = start_hub_with_config(config).await;
+        // q1 passes the checks and waits in the account store, not logged in yet ...
+        let first = login_from(&hub, 7, register("q1", None));
+        let second = async {
+            let mut entered = accounts.entered.subscribe();
+            entered.wait_for(|n| *n == 1).await.expect("q1's register");
+            // ... so a second node from its address finds the one slot taken ...
+            let answer = first_answer_from(&hub, 7, register("q2", None)).await;
+            // ... and, with q3 from elsewhere holding the other slot, so does a fourth node.
+            let q3 = login_from(&hub, 8, register("q3", None));
+            let fourth = async {
+                entered.wait_for(|n| *n == 2).await.expect("q3's register");
+                let over = first_answer_from(&hub, 9, register("q4", None)).await;
+                accounts.let_go();
+                over
+            };
+            let ((q3, conn), over) = tokio::join!(q3, fourth);
+            (answer, q3, conn, over)
+        };
+        let ((q1, _q1), (q2, q3, q3_conn, q4)) = tokio::join!(first, second);
+        for refused in [&q2, &q4] {
+            assert!(
+                matches!(refused, HubMessage::Error { code: 6008, .. }),
+                "{refused:?}"
+            );
+        }
+        for ok in [&q1, &q3] {
+            assert!(
+                matches!(
+                    ok,
+                    HubMessage::RegisterResult {
+                        is_success: true,
+                        ..
+                    }
+                ),
+                "{ok:?}"
+            );
+        }
+        assert_eq!(hub.state.online(), vec!["q1".to_string(), "q3".into()]);
+        // q3 logs out; then a login refused after the checks (a taken name) gives its slot
+        // back before its answer: the next node from that address gets in.
+        let mut q3 = q3_conn;
+        q3.send(Frame::Control(HubMessage::Logout {}.to_bytes()))
+            .await
+            .expect("send logout");
+        while let Some(Ok(_)) = q3.next().await {}
+        let taken = first_answer_from(&hub, 10, register("q3", None)).await;
+        assert!(
+            matches!(
+                taken,
+                HubMessage::RegisterResult {
+                    code: Some(6002),
+                    ..
+                }
+            ),
+            "{taken:?}"
+        );
+        let answer = first_answer_from(&hub, 10, register("q5", None)).await;
+        assert!(
+            matches!(
+                answer,
+                HubMessage::RegisterResult {
+                    is_success: true,
+                    ..
+                }
+            ),
+            "{answer:?}"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn at_its_account_limit_the_hub_lets_an_unseen_account_go_never_a_logged_in_one() {
     deadline(LIMIT, async {
         let mut config = memory_hub_config();

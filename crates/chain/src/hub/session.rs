@@ -18,7 +18,7 @@ use tube_proto::chain::{ChainErrorCode, ChainSecret, HubMessage, version_compati
 use tube_proto::frame::Frame;
 use tube_proto::ratelimit::source_key;
 
-use super::state::{NodeEntry, Out};
+use super::state::{NodeEntry, Out, State};
 use super::{OUTBOX, Shared};
 use crate::accounts::Password;
 use crate::{AccountError, AccountStore, Registered, Room};
@@ -125,16 +125,17 @@ async fn login(
             }
         },
     };
-    let (name, relay, result, issued) = match first {
+    let (name, relay, result, issued, slot) = match first {
         HubMessage::Register {
             version,
             name,
             relay,
             invite,
         } => {
-            if let Some(m) = gate(shared, &version, &name, peer.ip(), true) {
-                return refuse(conn, m, "register refused").await;
-            }
+            let slot = match gate(shared, &version, &name, peer.ip(), true) {
+                Ok(slot) => slot,
+                Err(m) => return refuse(conn, *m, "register refused").await,
+            };
             let source = source_key(peer.ip());
             let now = std::time::Instant::now();
             let limited = shared
@@ -152,6 +153,7 @@ async fn login(
                     password: None,
                     code: Some(ChainErrorCode::Limit as u16),
                 };
+                drop(slot);
                 return refuse(conn, m, "register rate limited").await;
             }
             if let Some(token) = &shared.config.registration_token
@@ -163,6 +165,7 @@ async fn login(
                     password: None,
                     code: Some(ChainErrorCode::AuthFailed as u16),
                 };
+                drop(slot);
                 return refuse(conn, m, "register without the registration token").await;
             }
             let n = name.clone();
@@ -226,10 +229,11 @@ async fn login(
                         password: None,
                         code: code.map(|c| c as u16),
                     };
+                    drop(slot);
                     return refuse(conn, m, "register refused").await;
                 }
             };
-            (name, relay, result.0, result.1)
+            (name, relay, result.0, result.1, slot)
         }
         HubMessage::Auth {
             version,
@@ -237,9 +241,10 @@ async fn login(
             password,
             relay,
         } => {
-            if let Some(m) = gate(shared, &version, &name, peer.ip(), false) {
-                return refuse(conn, m, "auth refused").await;
-            }
+            let slot = match gate(shared, &version, &name, peer.ip(), false) {
+                Ok(slot) => slot,
+                Err(m) => return refuse(conn, *m, "auth refused").await,
+            };
             let n = name.clone();
             let result =
                 match accounts(shared, move |a| a.authenticate(&n, password.expose())).await {
@@ -267,10 +272,11 @@ async fn login(
                             next_password: None,
                             code: Some(code as u16),
                         };
+                        drop(slot);
                         return refuse(conn, m, "auth refused").await;
                     }
                 };
-            (name, relay, result.0, result.1)
+            (name, relay, result.0, result.1, slot)
         }
         other if other.is_from_node() => {
             let m = HubMessage::error(ChainErrorCode::NotAuthenticated, "log in first");
@@ -289,6 +295,9 @@ async fn login(
         if st.closing {
             Some(result)
         } else {
+            if let Some(slot) = slot {
+                slot.fill(&mut st);
+            }
             st.login(
                 &name,
                 NodeEntry {
@@ -327,18 +336,20 @@ async fn login(
 }
 
 /// Checks before touching the accounts: version, shutdown, node limits (in all, and from the
-/// source of `ip`).
+/// source of `ip`). A login that passes holds a slot in both limits until it logs in or gives
+/// up (the [`Slot`]), so logins in flight together cannot pass a limit; one that takes an
+/// existing session over needs none.
 fn gate(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     version: &str,
     name: &str,
     ip: std::net::IpAddr,
     register: bool,
-) -> Option<HubMessage> {
+) -> Result<Option<Slot>, Box<HubMessage>> {
     if !version_compatible(version) {
         let message = format!("protocol version {version} is not supported");
         let code = Some(ChainErrorCode::UnsupportedVersion as u16);
-        return Some(if register {
+        return Err(Box::new(if register {
             HubMessage::RegisterResult {
                 is_success: false,
                 message,
@@ -352,41 +363,72 @@ fn gate(
                 next_password: None,
                 code,
             }
-        });
+        }));
     }
-    let st = shared.lock();
+    let mut st = shared.lock();
     if st.closing {
-        return Some(HubMessage::error(
+        return Err(Box::new(HubMessage::error(
             ChainErrorCode::ShuttingDown,
             "the hub is shutting down",
-        ));
+        )));
     }
     if st.nodes.contains_key(name) {
         // A login that takes an existing session over holds no further slot.
-        return None;
+        return Ok(None);
     }
-    if st.nodes.len() >= shared.config.max_nodes {
-        return Some(HubMessage::error(
+    if st.nodes.len() + st.reserved_total >= shared.config.max_nodes {
+        return Err(Box::new(HubMessage::error(
             ChainErrorCode::Limit,
             "too many nodes online",
-        ));
+        )));
     }
     let source = source_key(ip);
     let from_source = st
         .nodes
         .values()
         .filter(|n| source_key(n.ip) == source)
-        .count();
+        .count()
+        + st.reserved.get(&source).copied().unwrap_or(0);
     if from_source >= shared.config.max_nodes_per_source {
-        return Some(HubMessage::error(
+        return Err(Box::new(HubMessage::error(
             ChainErrorCode::Limit,
             "too many nodes online from this address",
-        ));
+        )));
     }
-    None
+    st.reserved_total += 1;
+    *st.reserved.entry(source).or_default() += 1;
+    Ok(Some(Slot {
+        shared: shared.clone(),
+        source,
+        held: true,
+    }))
 }
 
-/// Whether `invite` is the hub's registration `token` (compared in constant time).
+/// A node slot reserved by [`gate`]: given back when dropped (a refused login drops it before
+/// it sends the refusal, so whoever hears the answer finds the slot free), or handed to the
+/// logged-in node by [`Slot::fill`].
+struct Slot {
+    shared: Arc<Shared>,
+    source: std::net::IpAddr,
+    held: bool,
+}
+
+impl Slot {
+    /// The node is in `st` now and counts itself: the reservation ends.
+    fn fill(mut self, st: &mut State) {
+        st.unreserve(self.source);
+        self.held = false;
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if self.held {
+            self.shared.lock().unreserve(self.source);
+        }
+    }
+}
+
 fn invited(token: &ChainSecret, invite: Option<&ChainSecret>) -> bool {
     use subtle::ConstantTimeEq;
     invite.is_some_and(|i| bool::from(i.expose().as_bytes().ct_eq(token.expose().as_bytes())))

@@ -88,6 +88,10 @@ pub(crate) struct State {
     last_id: u64,
     /// Set when shutdown began: no new logins.
     pub(crate) closing: bool,
+    /// Slots held by logins past their checks and not yet logged in, per source
+    /// ([`tube_proto::ratelimit::source_key`]) and in all: the node limits count them too.
+    pub(crate) reserved: HashMap<std::net::IpAddr, usize>,
+    pub(crate) reserved_total: usize,
 }
 
 /// Sends `msg` to `node` if it is online; a full or closed outbox kills its session.
@@ -140,6 +144,17 @@ fn random_secret() -> [u8; 32] {
 }
 
 impl State {
+    /// Gives back a slot a login reserved (see [`State::reserved`]).
+    pub(crate) fn unreserve(&mut self, source: std::net::IpAddr) {
+        self.reserved_total = self.reserved_total.saturating_sub(1);
+        if let std::collections::hash_map::Entry::Occupied(mut e) = self.reserved.entry(source) {
+            *e.get_mut() -= 1;
+            if *e.get() == 0 {
+                e.remove();
+            }
+        }
+    }
+
     /// Whether `session` still holds `name`.
     pub(crate) fn holds(&self, name: &str, session: u64) -> bool {
         self.nodes.get(name).is_some_and(|n| n.session == session)
