@@ -465,7 +465,10 @@ async fn logins_in_flight_together_cannot_pass_the_node_limits() {
 #[tokio::test]
 async fn at_its_account_limit_the_hub_lets_an_unseen_account_go_never_a_logged_in_one() {
     deadline(LIMIT, async {
+        let accounts = GatedAccounts::new();
+        accounts.let_go();
         let mut config = memory_hub_config();
+        config.accounts = accounts.clone();
         config.max_accounts = 2;
         config.evict_unseen_after = Duration::ZERO;
         let hub = start_hub_with_config(config).await;
@@ -485,9 +488,14 @@ async fn at_its_account_limit_the_hub_lets_an_unseen_account_go_never_a_logged_i
         n2.send(Frame::Control(HubMessage::Logout {}.to_bytes()))
             .await
             .expect("send logout");
-        // The hub closes after logout_result, once the session has left.
+        // The hub closes after logout_result, once the session has left; the session's end
+        // counts as the account's last sight.
         while let Some(Ok(_)) = n2.next().await {}
         assert_eq!(hub.state.online(), vec!["n1".to_string()]);
+        let mut seen = accounts.seen.subscribe();
+        deadline(LIMIT, seen.wait_for(|names| names == &["n2"]))
+            .await
+            .expect("n2 seen");
 
         // The hub is full: n3 takes the place of n2, the account not in use.
         let (answer, _n3) = login_from(&hub, 7, register("n3", None)).await;
@@ -977,7 +985,8 @@ impl AccountStore for FlakyAccounts {
     }
 }
 
-/// Accounts in memory whose `register` waits, once entered, until the test lets it go.
+/// Accounts in memory whose `register` waits, once entered, until the test lets it go; they
+/// also list the names the hub said it saw (`seen`).
 #[derive(Debug)]
 struct GatedAccounts {
     inner: MemoryAccounts,
@@ -985,6 +994,8 @@ struct GatedAccounts {
     entered: tokio::sync::watch::Sender<u32>,
     open: std::sync::Mutex<bool>,
     opened: std::sync::Condvar,
+    /// Names passed to `seen`, in order.
+    seen: tokio::sync::watch::Sender<Vec<String>>,
 }
 
 impl GatedAccounts {
@@ -994,6 +1005,7 @@ impl GatedAccounts {
             entered: tokio::sync::watch::channel(0).0,
             open: std::sync::Mutex::new(false),
             opened: std::sync::Condvar::new(),
+            seen: tokio::sync::watch::channel(Vec::new()).0,
         })
     }
 
@@ -1014,6 +1026,7 @@ impl AccountStore for GatedAccounts {
         self.inner.register_in(name, room)
     }
     fn seen(&self, name: &str) -> Result<(), AccountError> {
+        self.seen.send_modify(|names| names.push(name.to_owned()));
         self.inner.seen(name)
     }
     fn authenticate(&self, name: &str, password: &str) -> Result<Password, AccountError> {
@@ -1113,6 +1126,12 @@ async fn a_register_that_ends_after_shutdown_began_still_hands_over_its_password
         assert!(
             !POLLED_AFTER_COMPLETION.load(Ordering::SeqCst),
             "a hub session polled its finished writer again"
+        );
+        // Sessions the shutdown ended write nothing to the store on their way out.
+        assert!(
+            accounts.seen.borrow().is_empty(),
+            "{:?}",
+            accounts.seen.borrow()
         );
     })
     .await;

@@ -533,8 +533,11 @@ async fn run(s: LoggedIn, shared: Arc<Shared>) {
     }
     kill.cancel();
     // Seen until now: the account counts as unseen from here on (`Room`), not from its login.
+    // Not when the hub is shutting down: a write (and fsync) for every session would hold the
+    // shutdown up, and the node's login after the restart records it anyway.
+    let closing = shared.lock().closing;
     let n = name.clone();
-    if let Err(e) = accounts(&shared, move |a| a.seen(&n)).await {
+    if !closing && let Err(e) = accounts(&shared, move |a| a.seen(&n)).await {
         tracing::warn!(error = %e, "account store failed");
     }
     tracing::info!("node session ended");
