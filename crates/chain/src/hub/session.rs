@@ -125,7 +125,7 @@ async fn login(
             }
         },
     };
-    let (name, relay, result, issued, slot) = match first {
+    let (name, relay, step, slot) = match first {
         HubMessage::Register {
             version,
             name,
@@ -136,104 +136,8 @@ async fn login(
                 Ok(slot) => slot,
                 Err(m) => return refuse(conn, *m, "register refused").await,
             };
-            let source = source_key(peer.ip());
-            let now = std::time::Instant::now();
-            let limited = shared
-                .registrations
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .check(&source, now);
-            if let Err(wait) = limited {
-                let m = HubMessage::RegisterResult {
-                    is_success: false,
-                    message: format!(
-                        "too many registrations from this address, retry in {}s",
-                        wait.as_secs() + 1
-                    ),
-                    password: None,
-                    code: Some(ChainErrorCode::Limit as u16),
-                };
-                drop(slot);
-                return refuse(conn, m, "register rate limited").await;
-            }
-            if let Some(token) = &shared.config.registration_token
-                && !invited(token, invite.as_ref())
-            {
-                let m = HubMessage::RegisterResult {
-                    is_success: false,
-                    message: "this hub registers new nodes only with its registration token".into(),
-                    password: None,
-                    code: Some(ChainErrorCode::AuthFailed as u16),
-                };
-                drop(slot);
-                return refuse(conn, m, "register without the registration token").await;
-            }
-            let n = name.clone();
-            let hub = shared.clone();
-            let registered = accounts(shared, move |a| {
-                // A logged-in node's account never gives way, however long ago it logged in.
-                let in_use = |account: &str| hub.lock().nodes.contains_key(account);
-                let room = Room {
-                    max_accounts: hub.config.max_accounts,
-                    keep_unseen: hub.config.evict_unseen_after,
-                    in_use: &in_use,
-                };
-                a.register_in(&n, &room)
-            });
-            let result = match registered.await {
-                Ok(Registered { password, evicted }) => {
-                    if let Some(old) = evicted {
-                        shared.evicted.fetch_add(1, Ordering::Relaxed);
-                        tracing::info!(account = %old, "account unseen longest removed to make room");
-                    }
-                    (
-                        HubMessage::RegisterResult {
-                            is_success: true,
-                            message: "registered".into(),
-                            password: Some(tube_proto::chain::ChainSecret::new(password.expose())),
-                            code: None,
-                        },
-                        password,
-                    )
-                }
-                Err(e) => {
-                    let (code, message) = match e {
-                        AccountError::NameTaken => (
-                            Some(ChainErrorCode::NameTaken),
-                            format!("name {name} is taken"),
-                        ),
-                        AccountError::InvalidName => {
-                            (Some(ChainErrorCode::ProtocolError), "invalid name".into())
-                        }
-                        AccountError::Full => {
-                            tracing::warn!(
-                                max_accounts = shared.config.max_accounts,
-                                "the hub holds its most accounts and none may give way"
-                            );
-                            (
-                                Some(ChainErrorCode::Limit),
-                                "the hub has no room for new accounts, retry later".into(),
-                            )
-                        }
-                        other => {
-                            tracing::error!(error = %other, "account store failed");
-                            (
-                                Some(ChainErrorCode::Unavailable),
-                                "hub error, try again later".into(),
-                            )
-                        }
-                    };
-                    let m = HubMessage::RegisterResult {
-                        is_success: false,
-                        message,
-                        password: None,
-                        code: code.map(|c| c as u16),
-                    };
-                    drop(slot);
-                    return refuse(conn, m, "register refused").await;
-                }
-            };
-            (name, relay, result.0, result.1, slot)
+            let step = register(shared, peer.ip(), &name, invite.as_ref()).await;
+            (name, relay, step, slot)
         }
         HubMessage::Auth {
             version,
@@ -245,38 +149,8 @@ async fn login(
                 Ok(slot) => slot,
                 Err(m) => return refuse(conn, *m, "auth refused").await,
             };
-            let n = name.clone();
-            let result =
-                match accounts(shared, move |a| a.authenticate(&n, password.expose())).await {
-                    Ok(next) => (
-                        HubMessage::AuthResult {
-                            is_success: true,
-                            message: "welcome".into(),
-                            next_password: Some(tube_proto::chain::ChainSecret::new(next.expose())),
-                            code: None,
-                        },
-                        next,
-                    ),
-                    Err(e) => {
-                        let (code, message) = match e {
-                            AccountError::Store(other) => {
-                                tracing::error!(error = %other, "account store failed");
-                                (ChainErrorCode::Unavailable, "hub error, try again later")
-                            }
-                            // Unknown name and wrong password get the same answer.
-                            _ => (ChainErrorCode::AuthFailed, "authentication failed"),
-                        };
-                        let m = HubMessage::AuthResult {
-                            is_success: false,
-                            message: message.into(),
-                            next_password: None,
-                            code: Some(code as u16),
-                        };
-                        drop(slot);
-                        return refuse(conn, m, "auth refused").await;
-                    }
-                };
-            (name, relay, result.0, result.1, slot)
+            let step = authenticate(shared, &name, password).await;
+            (name, relay, step, slot)
         }
         other if other.is_from_node() => {
             let m = HubMessage::error(ChainErrorCode::NotAuthenticated, "log in first");
@@ -285,6 +159,14 @@ async fn login(
         _ => {
             let m = HubMessage::error(ChainErrorCode::ProtocolError, "wrong direction");
             return refuse(conn, m, "hub message from a node").await;
+        }
+    };
+    let (result, issued) = match step {
+        Ok(done) => done,
+        Err((m, why)) => {
+            // The place goes back before the node hears the answer (see `Slot`).
+            drop(slot);
+            return refuse(conn, *m, why).await;
         }
     };
     let (tx, rx) = mpsc::channel(OUTBOX);
@@ -333,6 +215,138 @@ async fn login(
         kill,
         issued: Some(issued),
     })
+}
+
+/// A login's account step: the answer and the password it hands out, or a refusal and the
+/// reason to log.
+type Step = Result<(HubMessage, Password), (Box<HubMessage>, &'static str)>;
+
+/// `register` past the node limits: the per-source rate, the registration token, then a new
+/// account within the hub's room for accounts.
+async fn register(
+    shared: &Arc<Shared>,
+    ip: std::net::IpAddr,
+    name: &str,
+    invite: Option<&ChainSecret>,
+) -> Step {
+    let refused = |message: String, code: ChainErrorCode| {
+        Box::new(HubMessage::RegisterResult {
+            is_success: false,
+            message,
+            password: None,
+            code: Some(code as u16),
+        })
+    };
+    let limited = shared
+        .registrations
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .check(&source_key(ip), std::time::Instant::now());
+    if let Err(wait) = limited {
+        let message = format!(
+            "too many registrations from this address, retry in {}s",
+            wait.as_secs() + 1
+        );
+        return Err((
+            refused(message, ChainErrorCode::Limit),
+            "register rate limited",
+        ));
+    }
+    if let Some(token) = &shared.config.registration_token
+        && !invited(token, invite)
+    {
+        let message = "this hub registers new nodes only with its registration token".into();
+        return Err((
+            refused(message, ChainErrorCode::AuthFailed),
+            "register without the registration token",
+        ));
+    }
+    let n = name.to_owned();
+    let hub = shared.clone();
+    let registered = accounts(shared, move |a| {
+        // A logged-in node's account never gives way, however long ago it logged in.
+        let in_use = |account: &str| hub.lock().nodes.contains_key(account);
+        let room = Room {
+            max_accounts: hub.config.max_accounts,
+            keep_unseen: hub.config.evict_unseen_after,
+            in_use: &in_use,
+        };
+        a.register_in(&n, &room)
+    });
+    match registered.await {
+        Ok(Registered { password, evicted }) => {
+            if let Some(old) = evicted {
+                shared.evicted.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(account = %old, "account unseen longest removed to make room");
+            }
+            let answer = HubMessage::RegisterResult {
+                is_success: true,
+                message: "registered".into(),
+                password: Some(ChainSecret::new(password.expose())),
+                code: None,
+            };
+            Ok((answer, password))
+        }
+        Err(e) => {
+            let (code, message) = match e {
+                AccountError::NameTaken => {
+                    (ChainErrorCode::NameTaken, format!("name {name} is taken"))
+                }
+                AccountError::InvalidName => (ChainErrorCode::ProtocolError, "invalid name".into()),
+                AccountError::Full => {
+                    tracing::warn!(
+                        max_accounts = shared.config.max_accounts,
+                        "the hub holds its most accounts and none may give way"
+                    );
+                    (
+                        ChainErrorCode::Limit,
+                        "the hub has no room for new accounts, retry later".into(),
+                    )
+                }
+                other => {
+                    tracing::error!(error = %other, "account store failed");
+                    (
+                        ChainErrorCode::Unavailable,
+                        "hub error, try again later".into(),
+                    )
+                }
+            };
+            Err((refused(message, code), "register refused"))
+        }
+    }
+}
+
+/// `auth` past the node limits: the password, rotated.
+async fn authenticate(shared: &Arc<Shared>, name: &str, password: ChainSecret) -> Step {
+    let n = name.to_owned();
+    match accounts(shared, move |a| a.authenticate(&n, password.expose())).await {
+        Ok(next) => {
+            let answer = HubMessage::AuthResult {
+                is_success: true,
+                message: "welcome".into(),
+                next_password: Some(ChainSecret::new(next.expose())),
+                code: None,
+            };
+            Ok((answer, next))
+        }
+        Err(e) => {
+            let (code, message) = match e {
+                AccountError::Store(other) => {
+                    tracing::error!(error = %other, "account store failed");
+                    (ChainErrorCode::Unavailable, "hub error, try again later")
+                }
+                // Unknown name and wrong password get the same answer.
+                _ => (ChainErrorCode::AuthFailed, "authentication failed"),
+            };
+            let answer = HubMessage::AuthResult {
+                is_success: false,
+                message: message.into(),
+                next_password: None,
+                code: Some(code as u16),
+            };
+            Err((Box::new(answer), "auth refused"))
+        }
+    }
 }
 
 /// Checks before touching the accounts: version, shutdown, node limits (in all, and from the
