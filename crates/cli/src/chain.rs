@@ -24,7 +24,8 @@ use tube_proto::chain::{ChainErrorCode, FrontMessage};
 use crate::stdout::say;
 
 /// The node API address `tube node` uses by default.
-pub(crate) const DEFAULT_API: &str = "127.0.0.1:7837";
+pub(crate) const DEFAULT_API: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 7837);
 
 /// How long the node may take to connect to a port we listen on for it.
 const NODE_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -33,7 +34,7 @@ const NODE_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug, clap::Args)]
 pub(crate) struct ChainArgs {
     /// The node's local API.
-    #[arg(long, global = true, default_value = DEFAULT_API, env = "TUBE_NODE_API")]
+    #[arg(long, global = true, default_value_t = DEFAULT_API, env = "TUBE_NODE_API")]
     api: SocketAddr,
     #[command(subcommand)]
     command: ChainCommand,

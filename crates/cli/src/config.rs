@@ -1,7 +1,8 @@
-//! Config files (`--config relay.toml`, `--config agent.toml`): serde input structs that
-//! refuse unknown keys. Values here sit below flags and `TUBE_*` variables and above defaults;
-//! `relay.rs` and `expose.rs` do the merging. Examples live in `examples/` and are parsed by
-//! the tests below.
+//! Config files (`--config relay.toml`, `agent.toml`, `longpoll.toml`, `hub.toml`,
+//! `node.toml`): serde input structs that refuse unknown keys, and the helpers that put a flag
+//! over its file value. Values here sit below flags and `TUBE_*` variables and above defaults;
+//! each command's module does its merging. Examples live in `examples/` and are parsed by the
+//! tests below.
 
 use std::path::Path;
 use std::time::Duration;
@@ -97,6 +98,40 @@ pub(crate) fn load<T: for<'de> Deserialize<'de>>(path: &Path) -> anyhow::Result<
     })
 }
 
+/// A setting from its flag, else parsed from the file's text (`what`, the key, names it in
+/// errors), else `None` (the default applies).
+pub(crate) fn pick<T>(
+    flag: Option<T>,
+    file: Option<String>,
+    what: &str,
+) -> anyhow::Result<Option<T>>
+where
+    T: std::str::FromStr,
+    T::Err: std::fmt::Display,
+{
+    match (flag, file) {
+        (Some(v), _) => Ok(Some(v)),
+        (None, Some(s)) => s
+            .parse()
+            .map(Some)
+            .map_err(|e| anyhow::anyhow!("error: {what}: {s:?}: {e}")),
+        (None, None) => Ok(None),
+    }
+}
+
+/// A duration from its flag, else from the file (see [`duration`]), else `None`.
+pub(crate) fn pick_duration(
+    flag: Option<Duration>,
+    file: Option<String>,
+    what: &str,
+) -> anyhow::Result<Option<Duration>> {
+    match (flag, file) {
+        (Some(d), _) => Ok(Some(d)),
+        (None, Some(s)) => duration(what, &s).map(Some),
+        (None, None) => Ok(None),
+    }
+}
+
 /// Parses a duration written like `30s`, `5m`, `100ms`.
 pub(crate) fn duration(what: &str, s: &str) -> anyhow::Result<Duration> {
     humantime::parse_duration(s)
@@ -121,7 +156,11 @@ mod tests {
     #[test]
     fn every_example_config_parses_and_converts() {
         let files = examples();
-        assert_eq!(files.len(), 3, "relay, agent and longpoll: {files:?}");
+        assert_eq!(
+            files.len(),
+            5,
+            "relay, agent, longpoll, hub, node: {files:?}"
+        );
         for f in files {
             let name = f
                 .file_name()
@@ -138,6 +177,12 @@ mod tests {
             } else if name.starts_with("longpoll") {
                 let c: crate::longpoll::LongpollFile = load(&f).unwrap();
                 crate::longpoll::from_file_only(c).unwrap_or_else(|e| panic!("{name}: {e:#}"));
+            } else if name.starts_with("hub") {
+                let c: crate::hub::HubFile = load(&f).unwrap();
+                crate::hub::hub_from_file_only(c).unwrap_or_else(|e| panic!("{name}: {e:#}"));
+            } else if name.starts_with("node") {
+                let c: crate::hub::NodeFile = load(&f).unwrap();
+                crate::hub::node_from_file_only(c).unwrap_or_else(|e| panic!("{name}: {e:#}"));
             } else {
                 panic!("unexpected example {name}");
             }
@@ -179,6 +224,7 @@ mod tests {
         Str,
         Int,
         Float,
+        Bool,
         Strs,
         Table(&'static [(&'static str, Kind)]),
         Tables(&'static [(&'static str, Kind)]),
@@ -256,6 +302,35 @@ mod tests {
         ("write_timeout", Str),
     ];
 
+    const HUB: &[(&str, Kind)] = &[
+        ("listen", Str),
+        ("admin", Str),
+        ("data_dir", Str),
+        ("intermediates", Int),
+        ("approval_timeout", Str),
+        ("hop_timeout", Str),
+        ("handshake_timeout", Str),
+        ("max_chains_per_node", Int),
+        ("registrations_per_hour", Int),
+        ("max_nodes_per_source", Int),
+        ("max_accounts", Int),
+        ("evict_unseen_after", Str),
+        ("registration_token", Str),
+    ];
+    const NODE: &[(&str, Kind)] = &[
+        ("hub", Str),
+        ("hub_fingerprint", Str),
+        ("name", Str),
+        ("bind", Str),
+        ("api", Str),
+        ("data_dir", Str),
+        ("no_relay", Kind::Bool),
+        ("hop_timeout", Str),
+        ("max_chains", Int),
+        ("reconnect_max", Str),
+        ("registration_token", Str),
+    ];
+
     /// Parses `text` as each config file and converts what parses, as `tube` does: whatever
     /// the text, this returns.
     fn parse_every_file(text: &str) {
@@ -268,6 +343,12 @@ mod tests {
         if let Ok(f) = toml::from_str::<crate::longpoll::LongpollFile>(text) {
             let _ = crate::longpoll::from_file_only(f);
         }
+        if let Ok(f) = toml::from_str::<crate::hub::HubFile>(text) {
+            let _ = crate::hub::hub_from_file_only(f);
+        }
+        if let Ok(f) = toml::from_str::<crate::hub::NodeFile>(text) {
+            let _ = crate::hub::node_from_file_only(f);
+        }
     }
 
     /// Text that looks a little like TOML: assignments, table headers, strays.
@@ -277,11 +358,20 @@ mod tests {
 
     /// Any key a file knows (at any depth), or one none does.
     fn any_key() -> impl Strategy<Value = String> {
-        let known: Vec<&str> = [RELAY, RATE_LIMITS, AGENT, RECONNECT, TUNNEL, LONGPOLL]
-            .concat()
-            .into_iter()
-            .map(|(k, _)| k)
-            .collect();
+        let known: Vec<&str> = [
+            RELAY,
+            RATE_LIMITS,
+            AGENT,
+            RECONNECT,
+            TUNNEL,
+            LONGPOLL,
+            HUB,
+            NODE,
+        ]
+        .concat()
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
         prop_oneof![
             9 => prop::sample::select(known).prop_map(str::to_string),
             1 => "[a-z_]{1,12}",
@@ -308,6 +398,7 @@ mod tests {
                 .prop_map(Value::Integer)
                 .boxed(),
             Float => any::<f64>().prop_map(Value::Float).boxed(),
+            Kind::Bool => any::<bool>().prop_map(Value::Boolean).boxed(),
             Strs => prop::collection::vec(any_text().prop_map(Value::String), 0..4)
                 .prop_map(Value::Array)
                 .boxed(),
@@ -389,6 +480,8 @@ mod tests {
             let _ = load::<RelayFile>(&f);
             let _ = load::<AgentFile>(&f);
             let _ = load::<crate::longpoll::LongpollFile>(&f);
+            let _ = load::<crate::hub::HubFile>(&f);
+            let _ = load::<crate::hub::NodeFile>(&f);
         }
 
         /// Documents of known keys with values of random types: `relay.toml` parsing and
@@ -425,6 +518,30 @@ mod tests {
             prop_assert!(!(unknown && parsed.is_ok()), "unknown key accepted:\n{}", text);
             if let Ok(f) = parsed {
                 let _ = crate::longpoll::from_file_only(f);
+            }
+        }
+
+        /// The same for `hub.toml`.
+        #[test]
+        fn hub_toml_random_documents_never_panic_and_unknown_keys_are_refused(
+            (text, unknown) in random_document(HUB),
+        ) {
+            let parsed = toml::from_str::<crate::hub::HubFile>(&text);
+            prop_assert!(!(unknown && parsed.is_ok()), "unknown key accepted:\n{}", text);
+            if let Ok(f) = parsed {
+                let _ = crate::hub::hub_from_file_only(f);
+            }
+        }
+
+        /// The same for `node.toml`.
+        #[test]
+        fn node_toml_random_documents_never_panic_and_unknown_keys_are_refused(
+            (text, unknown) in random_document(NODE),
+        ) {
+            let parsed = toml::from_str::<crate::hub::NodeFile>(&text);
+            prop_assert!(!(unknown && parsed.is_ok()), "unknown key accepted:\n{}", text);
+            if let Ok(f) = parsed {
+                let _ = crate::hub::node_from_file_only(f);
             }
         }
     }

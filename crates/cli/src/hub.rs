@@ -1,6 +1,7 @@
 //! `tube hub` and `tube node`: the two services of chains (seed 000). Flags (and `TUBE_*`
-//! variables) become a [`tube_chain::hub::HubConfig`] or [`tube_chain::node::NodeConfig`];
-//! this file only adds the data dir, the listeners and the stdout contract lines.
+//! variables) over the config file (`--config`, see examples/hub.toml and node.toml) over the
+//! defaults become a [`tube_chain::hub::HubConfig`] or [`tube_chain::node::NodeConfig`]; this
+//! file only adds the data dir, the listeners and the stdout contract lines.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -8,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use serde::Deserialize;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tube_chain::SqliteAccounts;
@@ -16,56 +18,62 @@ use tube_chain::node::{NodeConfig, NodeError};
 use tube_net::{Fingerprint, Identity};
 use tube_proto::ratelimit::RateLimit;
 
+use crate::config;
 use crate::stdout::say;
 
 /// The hub's default control address.
-const DEFAULT_HUB_LISTEN: &str = "0.0.0.0:7838";
+const DEFAULT_HUB_LISTEN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 7838);
 
 /// The file of node accounts in the hub's data dir.
 const ACCOUNTS_FILE: &str = "chain-nodes.sqlite3";
 
-/// Flags of `tube hub`.
-#[derive(Debug, clap::Args)]
+/// Flags of `tube hub`. Each one overrides the config file.
+#[derive(Debug, Default, clap::Args)]
 pub(crate) struct HubArgs {
-    /// Address nodes connect to.
-    #[arg(long, env = "TUBE_LISTEN", default_value = DEFAULT_HUB_LISTEN)]
-    listen: SocketAddr,
+    /// Config file (TOML, see examples/hub.toml): the same settings as the flags.
+    #[arg(long, env = "TUBE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address nodes connect to [default: 0.0.0.0:7838].
+    #[arg(long, env = "TUBE_LISTEN")]
+    listen: Option<SocketAddr>,
     /// Admin HTTP address: /metrics, /healthz, /api/nodes, /api/chains.
     #[arg(long, env = "TUBE_ADMIN")]
     admin: Option<SocketAddr>,
     /// Data dir: certificate and the node account database (created on first start).
     #[arg(long, env = "TUBE_DATA_DIR")]
     data_dir: Option<PathBuf>,
-    /// Intermediate nodes per chain (fewer when fewer online nodes relay).
-    #[arg(long, default_value_t = tube_chain::plan::DEFAULT_INTERMEDIATES)]
-    intermediates: usize,
-    /// Time the endpoint's front has to approve a chain.
-    #[arg(long, value_parser = crate::parse_duration, default_value = "30s")]
-    approval_timeout: Duration,
-    /// Time each node has to answer its make_tube.
-    #[arg(long, value_parser = crate::parse_duration, default_value = "10s")]
-    hop_timeout: Duration,
-    /// Time from TCP accept to the node's first message (TLS included).
-    #[arg(long, value_parser = crate::parse_duration, default_value = "10s")]
-    handshake_timeout: Duration,
-    /// Chains one node may take part in at once.
-    #[arg(long, default_value_t = tube_proto::chain::DEFAULT_MAX_CHAINS_PER_NODE)]
-    max_chains_per_node: usize,
-    /// New accounts (`register`) per source address (IPv6: per /64) per hour; more get 6008.
-    #[arg(long, default_value_t = tube_chain::hub::DEFAULT_REGISTRATIONS_PER_HOUR)]
-    registrations_per_hour: u32,
-    /// Nodes logged in at once from one source address (IPv6: per /64); more get 6008.
-    #[arg(long, default_value_t = tube_chain::hub::DEFAULT_MAX_NODES_PER_SOURCE)]
-    max_nodes_per_source: usize,
+    /// Intermediate nodes per chain (fewer when fewer online nodes relay) [default: 2].
+    #[arg(long)]
+    intermediates: Option<usize>,
+    /// Time the endpoint's front has to approve a chain [default: 30s].
+    #[arg(long, value_parser = crate::parse_duration)]
+    approval_timeout: Option<Duration>,
+    /// Time each node has to answer its make_tube [default: 10s].
+    #[arg(long, value_parser = crate::parse_duration)]
+    hop_timeout: Option<Duration>,
+    /// Time from TCP accept to the node's first message (TLS included) [default: 10s].
+    #[arg(long, value_parser = crate::parse_duration)]
+    handshake_timeout: Option<Duration>,
+    /// Chains one node may take part in at once [default: 16].
+    #[arg(long)]
+    max_chains_per_node: Option<usize>,
+    /// New accounts (`register`) per source address (IPv6: per /64) per hour; more get 6008
+    /// [default: 10].
+    #[arg(long)]
+    registrations_per_hour: Option<u32>,
+    /// Nodes logged in at once from one source address (IPv6: per /64); more get 6008
+    /// [default: 64].
+    #[arg(long)]
+    max_nodes_per_source: Option<usize>,
     /// Accounts the hub keeps at most. At the limit a new node takes the place of the account
     /// unseen longest, if its node is not logged in and was last seen --evict-unseen-after
-    /// ago or more; otherwise registering gets 6008 (the node retries later).
-    #[arg(long, default_value_t = tube_chain::hub::DEFAULT_MAX_ACCOUNTS)]
-    max_accounts: usize,
+    /// ago or more; otherwise registering gets 6008 (the node retries later) [default: 100000].
+    #[arg(long)]
+    max_accounts: Option<usize>,
     /// How long an account's node must have been away (not logged in) before its account may
-    /// give way to a new one at --max-accounts.
-    #[arg(long, value_parser = crate::parse_duration, default_value = "30days")]
-    evict_unseen_after: Duration,
+    /// give way to a new one at --max-accounts [default: 30days].
+    #[arg(long, value_parser = crate::parse_duration)]
+    evict_unseen_after: Option<Duration>,
     /// Register new nodes only when they bring this token (64 hex digits, e.g. from
     /// `openssl rand -hex 32`; give it to `tube node --registration-token`). Without it anyone
     /// who reaches the hub may register. Prefer the variable to the flag (ps shows flags).
@@ -73,43 +81,226 @@ pub(crate) struct HubArgs {
     registration_token: Option<String>,
 }
 
-/// Flags of `tube node`.
-#[derive(Debug, clap::Args)]
+/// `hub.toml`: the flags of `tube hub` without their dashes.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct HubFile {
+    listen: Option<String>,
+    admin: Option<String>,
+    data_dir: Option<String>,
+    intermediates: Option<usize>,
+    approval_timeout: Option<String>,
+    hop_timeout: Option<String>,
+    handshake_timeout: Option<String>,
+    max_chains_per_node: Option<usize>,
+    registrations_per_hour: Option<u32>,
+    max_nodes_per_source: Option<usize>,
+    max_accounts: Option<usize>,
+    evict_unseen_after: Option<String>,
+    registration_token: Option<String>,
+}
+
+/// `tube hub`'s settings: flags over the file over the defaults.
+pub(crate) struct HubSettings {
+    listen: SocketAddr,
+    admin: Option<SocketAddr>,
+    data_dir: Option<PathBuf>,
+    intermediates: Option<usize>,
+    approval_timeout: Option<Duration>,
+    hop_timeout: Option<Duration>,
+    handshake_timeout: Option<Duration>,
+    max_chains_per_node: Option<usize>,
+    registrations_per_hour: Option<u32>,
+    max_nodes_per_source: Option<usize>,
+    max_accounts: Option<usize>,
+    evict_unseen_after: Option<Duration>,
+    registration_token: Option<tube_proto::chain::ChainSecret>,
+}
+
+fn hub_settings(a: HubArgs, f: HubFile) -> anyhow::Result<HubSettings> {
+    let listen = config::pick(a.listen, f.listen, "listen")?;
+    Ok(HubSettings {
+        listen: listen.unwrap_or(DEFAULT_HUB_LISTEN),
+        admin: config::pick(a.admin, f.admin, "admin")?,
+        data_dir: a.data_dir.or(f.data_dir.map(PathBuf::from)),
+        intermediates: a.intermediates.or(f.intermediates),
+        approval_timeout: config::pick_duration(
+            a.approval_timeout,
+            f.approval_timeout,
+            "approval_timeout",
+        )?,
+        hop_timeout: config::pick_duration(a.hop_timeout, f.hop_timeout, "hop_timeout")?,
+        handshake_timeout: config::pick_duration(
+            a.handshake_timeout,
+            f.handshake_timeout,
+            "handshake_timeout",
+        )?,
+        max_chains_per_node: a.max_chains_per_node.or(f.max_chains_per_node),
+        registrations_per_hour: a.registrations_per_hour.or(f.registrations_per_hour),
+        max_nodes_per_source: a.max_nodes_per_source.or(f.max_nodes_per_source),
+        max_accounts: a.max_accounts.or(f.max_accounts),
+        evict_unseen_after: config::pick_duration(
+            a.evict_unseen_after,
+            f.evict_unseen_after,
+            "evict_unseen_after",
+        )?,
+        registration_token: registration_token(a.registration_token.or(f.registration_token))?,
+    })
+}
+
+impl HubSettings {
+    /// Sets what was given on `config` (the rest keeps the hub's defaults).
+    fn apply(self, config: &mut HubConfig) {
+        if let Some(v) = self.intermediates {
+            config.intermediates = v;
+        }
+        if let Some(v) = self.approval_timeout {
+            config.approval_timeout = v;
+        }
+        if let Some(v) = self.hop_timeout {
+            config.hop_timeout = v;
+        }
+        if let Some(v) = self.handshake_timeout {
+            config.handshake_timeout = v;
+        }
+        if let Some(v) = self.max_chains_per_node {
+            config.max_chains_per_node = v;
+        }
+        if let Some(v) = self.registrations_per_hour {
+            config.register_limit = RateLimit::per_hour(v);
+        }
+        if let Some(v) = self.max_nodes_per_source {
+            config.max_nodes_per_source = v.max(1);
+        }
+        if let Some(v) = self.max_accounts {
+            config.max_accounts = v.max(1);
+        }
+        if let Some(v) = self.evict_unseen_after {
+            config.evict_unseen_after = v;
+        }
+        config.registration_token = self.registration_token;
+    }
+}
+
+/// Settings from a config file alone (used to check the examples).
+#[cfg(test)]
+pub(crate) fn hub_from_file_only(file: HubFile) -> anyhow::Result<()> {
+    hub_settings(HubArgs::default(), file).map(|_| ())
+}
+
+/// Settings from a config file alone (used to check the examples).
+#[cfg(test)]
+pub(crate) fn node_from_file_only(file: NodeFile) -> anyhow::Result<()> {
+    node_settings(NodeArgs::default(), file).map(|_| ())
+}
+
+/// Flags of `tube node`. Each one overrides the config file.
+#[derive(Debug, Default, clap::Args)]
 pub(crate) struct NodeArgs {
-    /// The hub, HOST:PORT.
+    /// Config file (TOML, see examples/node.toml): the same settings as the flags.
+    #[arg(long, env = "TUBE_CONFIG")]
+    config: Option<PathBuf>,
+    /// The hub, HOST:PORT (required, here or in the file).
     #[arg(long, env = "TUBE_HUB")]
-    hub: String,
-    /// The hub certificate's fingerprint, `sha256:<hex>`, as `tube hub` printed it.
+    hub: Option<String>,
+    /// The hub certificate's fingerprint, `sha256:<hex>`, as `tube hub` printed it (required,
+    /// here or in the file).
     #[arg(long, env = "TUBE_HUB_FINGERPRINT")]
-    hub_fingerprint: String,
-    /// This node's account name (1 to 64 of A-Z a-z 0-9 _ . -).
+    hub_fingerprint: Option<String>,
+    /// This node's account name, 1 to 64 of A-Z a-z 0-9 _ . - (required, here or in the file).
     #[arg(long, env = "TUBE_NODE_NAME")]
-    name: String,
+    name: Option<String>,
     /// Address for the hub connection, hop listeners and hop dials [default: any].
     #[arg(long)]
     bind: Option<IpAddr>,
-    /// The local front API (a loopback address: it has no authentication).
-    #[arg(long, env = "TUBE_NODE_API", default_value = crate::chain::DEFAULT_API)]
-    api: SocketAddr,
+    /// The local front API (a loopback address: it has no authentication)
+    /// [default: 127.0.0.1:7837].
+    #[arg(long, env = "TUBE_NODE_API")]
+    api: Option<SocketAddr>,
     /// Data dir: the node's one-time password file.
     #[arg(long, env = "TUBE_DATA_DIR")]
     data_dir: Option<PathBuf>,
     /// Refuse to be an intermediate of other nodes' chains.
     #[arg(long)]
     no_relay: bool,
-    /// Build timeout for this node's hops (dials and reads get half of it).
-    #[arg(long, value_parser = crate::parse_duration, default_value = "10s")]
-    hop_timeout: Duration,
-    /// Chains this node takes part in at once.
-    #[arg(long, default_value_t = tube_proto::chain::DEFAULT_MAX_CHAINS_PER_NODE)]
-    max_chains: usize,
-    /// Longest delay between reconnect attempts to the hub.
-    #[arg(long, value_parser = crate::parse_duration, default_value = "60s")]
-    reconnect_max: Duration,
+    /// Build timeout for this node's hops (dials and reads get half of it) [default: 10s].
+    #[arg(long, value_parser = crate::parse_duration)]
+    hop_timeout: Option<Duration>,
+    /// Chains this node takes part in at once [default: 16].
+    #[arg(long)]
+    max_chains: Option<usize>,
+    /// Longest delay between reconnect attempts to the hub [default: 60s].
+    #[arg(long, value_parser = crate::parse_duration)]
+    reconnect_max: Option<Duration>,
     /// The hub's registration token, for a hub run with --registration-token (sent only to
     /// register, when the node has no password yet).
     #[arg(long, env = "TUBE_REGISTRATION_TOKEN", hide_env_values = true)]
     registration_token: Option<String>,
+}
+
+/// `node.toml`: the flags of `tube node` without their dashes.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct NodeFile {
+    hub: Option<String>,
+    hub_fingerprint: Option<String>,
+    name: Option<String>,
+    bind: Option<String>,
+    api: Option<String>,
+    data_dir: Option<String>,
+    no_relay: Option<bool>,
+    hop_timeout: Option<String>,
+    max_chains: Option<usize>,
+    reconnect_max: Option<String>,
+    registration_token: Option<String>,
+}
+
+/// `tube node`'s settings: flags over the file over the defaults, checked.
+pub(crate) struct NodeSettings {
+    hub: String,
+    fingerprint: Fingerprint,
+    name: String,
+    bind: Option<IpAddr>,
+    api: SocketAddr,
+    data_dir: Option<PathBuf>,
+    no_relay: bool,
+    hop_timeout: Option<Duration>,
+    max_chains: Option<usize>,
+    reconnect_max: Option<Duration>,
+    registration_token: Option<tube_proto::chain::ChainSecret>,
+}
+
+fn node_settings(a: NodeArgs, f: NodeFile) -> anyhow::Result<NodeSettings> {
+    let needed = |v: Option<String>, flag: &str| {
+        v.ok_or_else(|| anyhow::anyhow!("error: --{flag} is needed (a flag or the config file)"))
+    };
+    let hub = needed(a.hub.or(f.hub), "hub")?;
+    let fingerprint = needed(a.hub_fingerprint.or(f.hub_fingerprint), "hub-fingerprint")?
+        .parse()
+        .context("error: --hub-fingerprint must be sha256:<64 hex digits>")?;
+    let name = needed(a.name.or(f.name), "name")?;
+    if !tube_chain::accounts::is_valid_name(&name) {
+        anyhow::bail!("error: --name must be 1 to 64 of A-Z a-z 0-9 _ . -");
+    }
+    let api = config::pick(a.api, f.api, "api")?.unwrap_or(crate::chain::DEFAULT_API);
+    if !api.ip().is_loopback() {
+        anyhow::bail!(
+            "error: --api {api} is not a loopback address (the API has no authentication)"
+        );
+    }
+    Ok(NodeSettings {
+        hub,
+        fingerprint,
+        name,
+        bind: config::pick(a.bind, f.bind, "bind")?,
+        api,
+        data_dir: a.data_dir.or(f.data_dir.map(PathBuf::from)),
+        no_relay: a.no_relay || f.no_relay.unwrap_or(false),
+        hop_timeout: config::pick_duration(a.hop_timeout, f.hop_timeout, "hop_timeout")?,
+        max_chains: a.max_chains.or(f.max_chains),
+        reconnect_max: config::pick_duration(a.reconnect_max, f.reconnect_max, "reconnect_max")?,
+        registration_token: registration_token(a.registration_token.or(f.registration_token))?,
+    })
 }
 
 /// `--registration-token` as a secret: 64 hex digits (lowercase on the wire).
@@ -130,7 +321,12 @@ fn registration_token(
 }
 
 pub(crate) async fn run_hub(args: HubArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let dir = crate::data_dir(args.data_dir)?;
+    let file = match &args.config {
+        Some(p) => config::load::<HubFile>(p)?,
+        None => HubFile::default(),
+    };
+    let settings = hub_settings(args, file)?;
+    let dir = crate::data_dir(settings.data_dir.clone())?;
     let (identity, created) = Identity::load_or_create(&dir, "hub")
         .with_context(|| format!("error: loading the hub certificate from {}", dir.display()))?;
     if created {
@@ -141,20 +337,12 @@ pub(crate) async fn run_hub(args: HubArgs, shutdown: CancellationToken) -> anyho
         .with_context(|| format!("error: opening the node accounts {}", db.display()))?;
     let fingerprint = identity.fingerprint();
     let mut config = HubConfig::new(identity, Arc::new(accounts));
-    config.intermediates = args.intermediates;
-    config.approval_timeout = args.approval_timeout;
-    config.hop_timeout = args.hop_timeout;
-    config.handshake_timeout = args.handshake_timeout;
-    config.max_chains_per_node = args.max_chains_per_node;
-    config.register_limit = RateLimit::per_hour(args.registrations_per_hour);
-    config.max_nodes_per_source = args.max_nodes_per_source.max(1);
-    config.max_accounts = args.max_accounts.max(1);
-    config.evict_unseen_after = args.evict_unseen_after;
-    config.registration_token = registration_token(args.registration_token)?;
-    let listener = TcpListener::bind(args.listen)
+    let (listen, admin) = (settings.listen, settings.admin);
+    settings.apply(&mut config);
+    let listener = TcpListener::bind(listen)
         .await
-        .with_context(|| format!("error: cannot listen on {}", args.listen))?;
-    let admin = match args.admin {
+        .with_context(|| format!("error: cannot listen on {listen}"))?;
+    let admin = match admin {
         Some(a) => Some(
             TcpListener::bind(a)
                 .await
@@ -193,32 +381,31 @@ pub(crate) async fn run_hub(args: HubArgs, shutdown: CancellationToken) -> anyho
 }
 
 pub(crate) async fn run_node(args: NodeArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let fingerprint: Fingerprint = args
-        .hub_fingerprint
-        .parse()
-        .context("error: --hub-fingerprint must be sha256:<64 hex digits>")?;
-    if !tube_chain::accounts::is_valid_name(&args.name) {
-        anyhow::bail!("error: --name must be 1 to 64 of A-Z a-z 0-9 _ . -");
-    }
-    if !args.api.ip().is_loopback() {
-        anyhow::bail!(
-            "error: --api {} is not a loopback address (the API has no authentication)",
-            args.api
-        );
-    }
-    let dir = crate::data_dir(args.data_dir)?;
+    let file = match &args.config {
+        Some(p) => config::load::<NodeFile>(p)?,
+        None => NodeFile::default(),
+    };
+    let s = node_settings(args, file)?;
+    let dir = crate::data_dir(s.data_dir)?;
     std::fs::create_dir_all(&dir)
         .with_context(|| format!("error: cannot create the data dir {}", dir.display()))?;
-    let mut config = NodeConfig::new(args.hub, fingerprint, args.name, dir);
-    config.bind = args.bind.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
-    config.relay = !args.no_relay;
-    config.hop_timeout = args.hop_timeout;
-    config.max_chains = args.max_chains;
-    config.reconnect.max = args.reconnect_max;
-    config.registration_token = registration_token(args.registration_token)?;
-    let api = TcpListener::bind(args.api)
+    let mut config = NodeConfig::new(s.hub, s.fingerprint, s.name, dir);
+    config.bind = s.bind.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+    config.relay = !s.no_relay;
+    if let Some(v) = s.hop_timeout {
+        config.hop_timeout = v;
+    }
+    if let Some(v) = s.max_chains {
+        config.max_chains = v;
+    }
+    if let Some(v) = s.reconnect_max {
+        config.reconnect.max = v;
+    }
+    config.registration_token = s.registration_token;
+    let api_addr = s.api;
+    let api = TcpListener::bind(api_addr)
         .await
-        .with_context(|| format!("error: cannot listen on {} (api)", args.api))?;
+        .with_context(|| format!("error: cannot listen on {api_addr} (api)"))?;
     say!("listening api {}", api.local_addr()?)?;
     tube_chain::node::run(api, config, shutdown)
         .await

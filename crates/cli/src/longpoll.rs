@@ -116,34 +116,6 @@ pub(crate) struct Settings {
     config: LongpollConfig,
 }
 
-fn pick_duration(
-    flag: Option<Duration>,
-    file: Option<String>,
-    what: &str,
-    default: Duration,
-) -> anyhow::Result<Duration> {
-    match (flag, file) {
-        (Some(d), _) => Ok(d),
-        (None, Some(s)) => config::duration(what, &s),
-        (None, None) => Ok(default),
-    }
-}
-
-fn pick_addr(
-    flag: Option<SocketAddr>,
-    file: Option<String>,
-    what: &str,
-) -> anyhow::Result<Option<SocketAddr>> {
-    match (flag, file) {
-        (Some(a), _) => Ok(Some(a)),
-        (None, Some(s)) => s
-            .parse()
-            .map(Some)
-            .with_context(|| format!("error: {what}: {s:?} is not an address (host:port)")),
-        (None, None) => Ok(None),
-    }
-}
-
 /// Flags over the file over the defaults.
 pub(crate) fn settings(args: LongpollArgs, file: LongpollFile) -> anyhow::Result<Settings> {
     let backends = if args.backends.is_empty() {
@@ -155,44 +127,29 @@ pub(crate) fn settings(args: LongpollArgs, file: LongpollFile) -> anyhow::Result
         anyhow::bail!("error: at least one --backend URL is needed");
     }
     let d = LongpollConfig::new(backends);
-    let listen = pick_addr(args.listen, file.listen, "listen")?.unwrap_or_else(|| {
+    let listen = config::pick(args.listen, file.listen, "listen")?.unwrap_or_else(|| {
         DEFAULT_LISTEN
             .parse()
             .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 7840)))
     });
-    let admin = pick_addr(args.admin, file.admin, "admin")?;
+    let admin = config::pick(args.admin, file.admin, "admin")?;
     let config = LongpollConfig {
-        poll_timeout: pick_duration(
-            args.poll_timeout,
-            file.poll_timeout,
-            "poll_timeout",
-            d.poll_timeout,
-        )?,
-        token_ttl: pick_duration(args.token_ttl, file.token_ttl, "token_ttl", d.token_ttl)?,
-        idle_timeout: pick_duration(
-            args.idle_timeout,
-            file.idle_timeout,
-            "idle_timeout",
-            d.idle_timeout,
-        )?,
-        backend_timeout: pick_duration(
+        poll_timeout: config::pick_duration(args.poll_timeout, file.poll_timeout, "poll_timeout")?
+            .unwrap_or(d.poll_timeout),
+        token_ttl: config::pick_duration(args.token_ttl, file.token_ttl, "token_ttl")?
+            .unwrap_or(d.token_ttl),
+        idle_timeout: config::pick_duration(args.idle_timeout, file.idle_timeout, "idle_timeout")?
+            .unwrap_or(d.idle_timeout),
+        backend_timeout: config::pick_duration(
             args.backend_timeout,
             file.backend_timeout,
             "backend_timeout",
-            d.backend_timeout,
-        )?,
-        backoff_min: pick_duration(
-            args.backoff_min,
-            file.backoff_min,
-            "backoff_min",
-            d.backoff_min,
-        )?,
-        backoff_max: pick_duration(
-            args.backoff_max,
-            file.backoff_max,
-            "backoff_max",
-            d.backoff_max,
-        )?,
+        )?
+        .unwrap_or(d.backend_timeout),
+        backoff_min: config::pick_duration(args.backoff_min, file.backoff_min, "backoff_min")?
+            .unwrap_or(d.backoff_min),
+        backoff_max: config::pick_duration(args.backoff_max, file.backoff_max, "backoff_max")?
+            .unwrap_or(d.backoff_max),
         max_body: args.max_body.or(file.max_body).unwrap_or(d.max_body),
         max_client_packets: args
             .max_client_packets
@@ -210,35 +167,31 @@ pub(crate) fn settings(args: LongpollArgs, file: LongpollFile) -> anyhow::Result
             .max_clients
             .or(file.max_clients)
             .unwrap_or(d.max_clients),
-        body_timeout: pick_duration(
-            args.body_timeout,
-            file.body_timeout,
-            "body_timeout",
-            d.body_timeout,
-        )?,
+        body_timeout: config::pick_duration(args.body_timeout, file.body_timeout, "body_timeout")?
+            .unwrap_or(d.body_timeout),
         http: tube_net::http::HttpLimits {
-            header_timeout: pick_duration(
+            header_timeout: config::pick_duration(
                 args.header_timeout,
                 file.header_timeout,
                 "header_timeout",
-                d.http.header_timeout,
-            )?,
-            idle_timeout: pick_duration(
+            )?
+            .unwrap_or(d.http.header_timeout),
+            idle_timeout: config::pick_duration(
                 args.http_idle_timeout,
                 file.http_idle_timeout,
                 "http_idle_timeout",
-                d.http.idle_timeout,
-            )?,
+            )?
+            .unwrap_or(d.http.idle_timeout),
             max_connections: args
                 .max_connections
                 .or(file.max_connections)
                 .unwrap_or(d.http.max_connections),
-            write_timeout: pick_duration(
+            write_timeout: config::pick_duration(
                 args.write_timeout,
                 file.write_timeout,
                 "write_timeout",
-                d.http.write_timeout,
-            )?,
+            )?
+            .unwrap_or(d.http.write_timeout),
             ..d.http
         },
         ..d

@@ -136,39 +136,11 @@ pub(crate) fn from_file_only(file: RelayFile) -> anyhow::Result<RelaySettings> {
 }
 
 fn merge(a: RelayArgs, f: RelayFile) -> anyhow::Result<RelaySettings> {
-    let dur = |flag: Option<Duration>,
-               file: Option<String>,
-               what: &str|
-     -> anyhow::Result<Option<Duration>> {
-        match (flag, file) {
-            (Some(d), _) => Ok(Some(d)),
-            (None, Some(s)) => Ok(Some(config::duration(what, &s)?)),
-            (None, None) => Ok(None),
-        }
-    };
-    let listen = match (a.listen, f.listen) {
-        (Some(l), _) => l,
-        (None, Some(s)) => s
-            .parse()
-            .with_context(|| format!("error: listen: bad address {s:?}"))?,
-        (None, None) => SocketAddr::from(([0, 0, 0, 0], 7835)),
-    };
-    let admin = match (a.admin, f.admin) {
-        (Some(l), _) => Some(l),
-        (None, Some(s)) => Some(
-            s.parse()
-                .with_context(|| format!("error: admin: bad address {s:?}"))?,
-        ),
-        (None, None) => None,
-    };
-    let public_bind = match (a.public_bind, f.public_bind) {
-        (Some(ip), _) => Some(ip),
-        (None, Some(s)) => Some(
-            s.parse()
-                .with_context(|| format!("error: public_bind: bad address {s:?}"))?,
-        ),
-        (None, None) => None,
-    };
+    let dur = config::pick_duration;
+    let listen = config::pick(a.listen, f.listen, "listen")?
+        .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 7835)));
+    let admin = config::pick(a.admin, f.admin, "admin")?;
+    let public_bind = config::pick(a.public_bind, f.public_bind, "public_bind")?;
     let port_range = match (a.port_range, f.port_range) {
         (Some(r), _) => Some(r),
         (None, Some(s)) => {

@@ -3,8 +3,9 @@
 //! piping bytes byte-exact through two intermediates to an echo server; the stdout contract
 //! lines of hub and nodes; the one-line refusals of `connect` (unknown node, no front); a
 //! node refusing a front API that is not on loopback; `tube chain listen` resetting its
-//! user (never a clean end of stream) when the chain's middle node dies; and a hub at
-//! `--max-accounts` making room for a new node once an account's node is away.
+//! user (never a clean end of stream) when the chain's middle node dies; a hub at
+//! `--max-accounts` making room for a new node once an account's node is away; and hub and
+//! nodes run from config files, with flags over the file.
 //!
 //! Every test runs under a deadline and synchronises on events (stdout contract lines, log
 //! lines on stderr, process exits). Processes are killed when their handle drops.
@@ -404,6 +405,64 @@ async fn a_hub_at_max_accounts_registers_a_new_node_once_an_account_is_unseen_lo
             .await
             .expect("the hub logs the removal");
         assert!(removed.contains("account=a"), "{removed}");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn hub_and_node_take_their_settings_from_config_files_and_flags_win() {
+    deadline(LIMIT, async {
+        let dir = tempfile::tempdir().expect("data dirs");
+        let path = |name: &str| dir.path().join(name).to_str().expect("utf-8").to_string();
+        // The hub's file: its address, data dir and one account at most; the flag allows two.
+        let hub_toml = path("hub.toml");
+        std::fs::write(
+            &hub_toml,
+            format!(
+                "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\nmax_accounts = 1\nevict_unseen_after = \"1h\"\n",
+                path("hub")
+            ),
+        )
+        .expect("write hub.toml");
+        let mut hub = tube(
+            &["hub", "--config", &hub_toml, "--max-accounts", "2"],
+            Stdio::null(),
+            "info",
+        );
+        let control = field(&hub.line().await, "listening control ");
+        assert!(control.starts_with("127.0.0.1:"), "{control}");
+        let fingerprint = field(&hub.line().await, "fingerprint ");
+        assert!(
+            dir.path().join("hub").read_dir().expect("the file's data dir").count() > 0,
+            "the hub keeps its data in the file's data_dir"
+        );
+        // Two nodes with everything in their files: both register (the flag's limit, not the
+        // file's) and log in.
+        let mut nodes = Vec::new();
+        for (name, octet) in [("a", 2), ("b", 3)] {
+            let node_toml = path(&format!("{name}.toml"));
+            std::fs::write(
+                &node_toml,
+                format!(
+                    "hub = \"{control}\"\nhub_fingerprint = \"{fingerprint}\"\nname = \"{name}\"\n\
+                     bind = \"127.0.0.{octet}\"\napi = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n",
+                    path(name)
+                ),
+            )
+            .expect("write node.toml");
+            let mut node = tube(&["node", "--config", &node_toml], Stdio::null(), "info");
+            let api = field(&node.line().await, "listening api ");
+            assert!(api.starts_with("127.0.0.1:"), "{api}");
+            if let Err(err) = node.stderr_line("logged in to the hub").await {
+                panic!("node {name} ended before logging in:\n{err}");
+            }
+            nodes.push(node);
+        }
+        assert!(
+            dir.path().join("a").read_dir().expect("a's data dir").count() > 0,
+            "node a keeps its password in the file's data_dir"
+        );
+        hub.stop().await;
     })
     .await;
 }
