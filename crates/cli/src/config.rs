@@ -1,5 +1,5 @@
 //! Config files (`--config relay.toml`, `agent.toml`, `longpoll.toml`, `hub.toml`,
-//! `node.toml`): serde input structs that refuse unknown keys, and the helpers that put a flag
+//! `node.toml`, `peer.toml`): serde input structs that refuse unknown keys, and the helpers that put a flag
 //! over its file value. Values here sit below flags and `TUBE_*` variables and above defaults;
 //! each command's module does its merging. Examples live in `examples/` and are parsed by the
 //! tests below.
@@ -158,8 +158,8 @@ mod tests {
         let files = examples();
         assert_eq!(
             files.len(),
-            5,
-            "relay, agent, longpoll, hub, node: {files:?}"
+            6,
+            "relay, agent, longpoll, hub, node, peer: {files:?}"
         );
         for f in files {
             let name = f
@@ -183,6 +183,9 @@ mod tests {
             } else if name.starts_with("node") {
                 let c: crate::hub::NodeFile = load(&f).unwrap();
                 crate::hub::node_from_file_only(c).unwrap_or_else(|e| panic!("{name}: {e:#}"));
+            } else if name.starts_with("peer") {
+                let c: crate::mailbox::PeerFile = load(&f).unwrap();
+                crate::mailbox::peer_from_file_only(c).unwrap_or_else(|e| panic!("{name}: {e:#}"));
             } else {
                 panic!("unexpected example {name}");
             }
@@ -330,6 +333,21 @@ mod tests {
         ("reconnect_max", Str),
         ("registration_token", Str),
     ];
+    const PEER: &[(&str, Kind)] = &[
+        ("listen", Str),
+        ("tls", Kind::Bool),
+        ("http", Str),
+        ("http_hold", Str),
+        ("admin", Str),
+        ("data_dir", Str),
+        ("max_queue_messages", Int),
+        ("max_queue_bytes", Int),
+        ("max_total_bytes", Int),
+        ("max_age", Str),
+        ("idle_timeout", Str),
+        ("registrations_per_minute", Int),
+        ("deliveries_per_minute", Int),
+    ];
 
     /// Parses `text` as each config file and converts what parses, as `tube` does: whatever
     /// the text, this returns.
@@ -348,6 +366,9 @@ mod tests {
         }
         if let Ok(f) = toml::from_str::<crate::hub::NodeFile>(text) {
             let _ = crate::hub::node_from_file_only(f);
+        }
+        if let Ok(f) = toml::from_str::<crate::mailbox::PeerFile>(text) {
+            let _ = crate::mailbox::peer_from_file_only(f);
         }
     }
 
@@ -482,6 +503,7 @@ mod tests {
             let _ = load::<crate::longpoll::LongpollFile>(&f);
             let _ = load::<crate::hub::HubFile>(&f);
             let _ = load::<crate::hub::NodeFile>(&f);
+            let _ = load::<crate::mailbox::PeerFile>(&f);
         }
 
         /// Documents of known keys with values of random types: `relay.toml` parsing and
@@ -530,6 +552,18 @@ mod tests {
             prop_assert!(!(unknown && parsed.is_ok()), "unknown key accepted:\n{}", text);
             if let Ok(f) = parsed {
                 let _ = crate::hub::hub_from_file_only(f);
+            }
+        }
+
+        /// The same for `peer.toml`.
+        #[test]
+        fn peer_toml_random_documents_never_panic_and_unknown_keys_are_refused(
+            (text, unknown) in random_document(PEER),
+        ) {
+            let parsed = toml::from_str::<crate::mailbox::PeerFile>(&text);
+            prop_assert!(!(unknown && parsed.is_ok()), "unknown key accepted:\n{}", text);
+            if let Ok(f) = parsed {
+                let _ = crate::mailbox::peer_from_file_only(f);
             }
         }
 

@@ -1,6 +1,7 @@
 //! `tube peer` and `tube msg ...`: the mailbox service and its client (seed 003). The logic
-//! lives in `tube-mailbox`; this file parses flags, keeps the client's data dir (identity,
-//! contacts, the last peer used) and prints the contract lines.
+//! lives in `tube-mailbox`; this file merges the peer's flags over its config file (`--config`,
+//! see examples/peer.toml), keeps the client's data dir (identity, contacts, the last peer
+//! used) and prints the contract lines.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -15,20 +16,25 @@ use tube_mailbox::crypto::Identity;
 use tube_mailbox::peer::{Peer, PeerConfig};
 use tube_proto::mailbox::MailboxError;
 
+use crate::config;
 use crate::stdout::{StdoutError, say};
 
 /// The peer's default address.
-const DEFAULT_PEER_LISTEN: &str = "0.0.0.0:7839";
+const DEFAULT_PEER_LISTEN: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 7839);
 
 /// The file in a client's data dir that remembers its own peer.
 const PEER_FILE: &str = "mailbox-peer";
 
-/// Flags of `tube peer`.
-#[derive(Debug, clap::Args)]
+/// Flags of `tube peer`. Each one overrides the config file.
+#[derive(Debug, Default, clap::Args)]
 pub(crate) struct PeerArgs {
-    /// Address clients connect to.
-    #[arg(long, env = "TUBE_LISTEN", default_value = DEFAULT_PEER_LISTEN)]
-    listen: SocketAddr,
+    /// Config file (TOML, see examples/peer.toml): the same settings as the flags.
+    #[arg(long, env = "TUBE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address clients connect to [default: 0.0.0.0:7839].
+    #[arg(long, env = "TUBE_LISTEN")]
+    listen: Option<SocketAddr>,
     /// Serve TLS 1.3 with a certificate from the data dir (created on first start); clients
     /// then put the printed fingerprint in the peer address (`host:port/<fingerprint>`).
     #[arg(long)]
@@ -38,36 +44,124 @@ pub(crate) struct PeerArgs {
     #[arg(long, env = "TUBE_HTTP")]
     http: Option<SocketAddr>,
     /// How long the HTTP backend holds an empty fetch open waiting for a message; keep it under
-    /// the proxy's --backend-timeout (60 s by default).
-    #[arg(long, value_parser = crate::parse_duration, default_value = "20s")]
-    http_hold: Duration,
+    /// the proxy's --backend-timeout (60 s by default) [default: 20s].
+    #[arg(long, value_parser = crate::parse_duration)]
+    http_hold: Option<Duration>,
     /// Admin HTTP address: /healthz, /metrics (counts only).
     #[arg(long, env = "TUBE_ADMIN")]
     admin: Option<SocketAddr>,
     /// Data dir for the TLS certificate (nothing else is ever written).
     #[arg(long, env = "TUBE_DATA_DIR")]
     data_dir: Option<PathBuf>,
-    /// Messages queued per recipient at most.
-    #[arg(long, default_value_t = 1000)]
-    max_queue_messages: usize,
-    /// Bytes queued per recipient at most.
-    #[arg(long, default_value_t = 8 << 20)]
-    max_queue_bytes: usize,
-    /// Bytes queued for all recipients together at most.
-    #[arg(long, default_value_t = 256 << 20)]
-    max_total_bytes: usize,
-    /// Age after which an unfetched message is dropped.
-    #[arg(long, value_parser = crate::parse_duration, default_value = "7d")]
-    max_age: Duration,
-    /// A connection silent this long is closed.
-    #[arg(long, value_parser = crate::parse_duration, default_value = "5m")]
-    idle_timeout: Duration,
-    /// Registrations per minute, per source address and per fingerprint.
-    #[arg(long, default_value_t = 30)]
-    registrations_per_minute: u32,
-    /// Deliveries per minute, per source address and per recipient.
-    #[arg(long, default_value_t = 600)]
-    deliveries_per_minute: u32,
+    /// Messages queued per recipient at most [default: 1000].
+    #[arg(long)]
+    max_queue_messages: Option<usize>,
+    /// Bytes queued per recipient at most [default: 8388608].
+    #[arg(long)]
+    max_queue_bytes: Option<usize>,
+    /// Bytes queued for all recipients together at most [default: 268435456].
+    #[arg(long)]
+    max_total_bytes: Option<usize>,
+    /// Age after which an unfetched message is dropped [default: 7d].
+    #[arg(long, value_parser = crate::parse_duration)]
+    max_age: Option<Duration>,
+    /// A connection silent this long is closed [default: 5m].
+    #[arg(long, value_parser = crate::parse_duration)]
+    idle_timeout: Option<Duration>,
+    /// Registrations per minute, per source address and per fingerprint [default: 30].
+    #[arg(long)]
+    registrations_per_minute: Option<u32>,
+    /// Deliveries per minute, per source address and per recipient [default: 600].
+    #[arg(long)]
+    deliveries_per_minute: Option<u32>,
+}
+
+/// `peer.toml`: the flags of `tube peer` without their dashes.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct PeerFile {
+    listen: Option<String>,
+    tls: Option<bool>,
+    http: Option<String>,
+    http_hold: Option<String>,
+    admin: Option<String>,
+    data_dir: Option<String>,
+    max_queue_messages: Option<usize>,
+    max_queue_bytes: Option<usize>,
+    max_total_bytes: Option<usize>,
+    max_age: Option<String>,
+    idle_timeout: Option<String>,
+    registrations_per_minute: Option<u32>,
+    deliveries_per_minute: Option<u32>,
+}
+
+/// `tube peer`'s settings: flags over the file over the defaults, checked.
+pub(crate) struct PeerSettings {
+    listen: SocketAddr,
+    tls: bool,
+    http: Option<SocketAddr>,
+    admin: Option<SocketAddr>,
+    data_dir: Option<PathBuf>,
+    /// Everything but the TLS identity, which `run_peer` loads.
+    config: PeerConfig,
+}
+
+fn peer_settings(a: PeerArgs, f: PeerFile) -> anyhow::Result<PeerSettings> {
+    use tube_proto::ratelimit::RateLimit;
+    let d = PeerConfig::default();
+    let http_hold =
+        config::pick_duration(a.http_hold, f.http_hold, "http_hold")?.unwrap_or(d.http_hold);
+    if http_hold.is_zero() || http_hold >= Duration::from_secs(60) {
+        anyhow::bail!(
+            "error: --http-hold must be between 0 and 60 s (the proxy's backend timeout)"
+        );
+    }
+    let per_minute = |flag: Option<u32>, file: Option<u32>, default: RateLimit| {
+        flag.or(file).map(RateLimit::per_minute).unwrap_or(default)
+    };
+    let config = PeerConfig {
+        max_queue_messages: a
+            .max_queue_messages
+            .or(f.max_queue_messages)
+            .unwrap_or(d.max_queue_messages),
+        max_queue_bytes: a
+            .max_queue_bytes
+            .or(f.max_queue_bytes)
+            .unwrap_or(d.max_queue_bytes),
+        max_total_bytes: a
+            .max_total_bytes
+            .or(f.max_total_bytes)
+            .unwrap_or(d.max_total_bytes),
+        max_age: config::pick_duration(a.max_age, f.max_age, "max_age")?.unwrap_or(d.max_age),
+        idle_timeout: config::pick_duration(a.idle_timeout, f.idle_timeout, "idle_timeout")?
+            .unwrap_or(d.idle_timeout),
+        register_limit: per_minute(
+            a.registrations_per_minute,
+            f.registrations_per_minute,
+            d.register_limit,
+        ),
+        deliver_limit: per_minute(
+            a.deliveries_per_minute,
+            f.deliveries_per_minute,
+            d.deliver_limit,
+        ),
+        http_hold,
+        ..d
+    };
+    Ok(PeerSettings {
+        listen: config::pick(a.listen, f.listen, "listen")?.unwrap_or(DEFAULT_PEER_LISTEN),
+        tls: a.tls || f.tls.unwrap_or(false),
+        http: config::pick(a.http, f.http, "http")?,
+        admin: config::pick(a.admin, f.admin, "admin")?,
+        data_dir: a.data_dir.or(f.data_dir.map(PathBuf::from)),
+        config,
+    })
+}
+
+/// Settings from a config file alone (used to check the examples).
+#[cfg(test)]
+pub(crate) fn peer_from_file_only(file: PeerFile) -> anyhow::Result<()> {
+    peer_settings(PeerArgs::default(), file).map(|_| ())
 }
 
 /// `tube msg`.
@@ -145,24 +239,20 @@ enum MsgCommand {
 }
 
 pub(crate) async fn run_peer(args: PeerArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let mut config = PeerConfig {
-        max_queue_messages: args.max_queue_messages,
-        max_queue_bytes: args.max_queue_bytes,
-        max_total_bytes: args.max_total_bytes,
-        max_age: args.max_age,
-        idle_timeout: args.idle_timeout,
-        register_limit: tube_proto::ratelimit::RateLimit::per_minute(args.registrations_per_minute),
-        deliver_limit: tube_proto::ratelimit::RateLimit::per_minute(args.deliveries_per_minute),
-        http_hold: args.http_hold,
-        ..PeerConfig::default()
+    let file = match &args.config {
+        Some(p) => config::load::<PeerFile>(p)?,
+        None => PeerFile::default(),
     };
-    if args.http_hold.is_zero() || args.http_hold >= Duration::from_secs(60) {
-        anyhow::bail!(
-            "error: --http-hold must be between 0 and 60 s (the proxy's backend timeout)"
-        );
-    }
-    if args.tls {
-        let dir = crate::data_dir(args.data_dir)?;
+    let PeerSettings {
+        listen,
+        tls,
+        http,
+        admin,
+        data_dir,
+        mut config,
+    } = peer_settings(args, file)?;
+    if tls {
+        let dir = crate::data_dir(data_dir)?;
         let (identity, _) =
             tube_net::Identity::load_or_create(&dir, "peer").with_context(|| {
                 format!("error: loading the peer certificate from {}", dir.display())
@@ -170,10 +260,10 @@ pub(crate) async fn run_peer(args: PeerArgs, shutdown: CancellationToken) -> any
         config.tls = Some(identity);
     }
     let fingerprint = config.tls.as_ref().map(|i| i.fingerprint());
-    let listener = tokio::net::TcpListener::bind(args.listen)
+    let listener = tokio::net::TcpListener::bind(listen)
         .await
-        .with_context(|| format!("error: cannot listen on {}", args.listen))?;
-    let http = match args.http {
+        .with_context(|| format!("error: cannot listen on {listen}"))?;
+    let http = match http {
         Some(a) => Some(
             tokio::net::TcpListener::bind(a)
                 .await
@@ -181,7 +271,7 @@ pub(crate) async fn run_peer(args: PeerArgs, shutdown: CancellationToken) -> any
         ),
         None => None,
     };
-    let admin = match args.admin {
+    let admin = match admin {
         Some(a) => Some(
             tokio::net::TcpListener::bind(a)
                 .await

@@ -2,7 +2,8 @@
 //! `id`, `send`, `fetch` and `code` between two clients, with the command-line contract lines;
 //! and proof that the peer process writes nothing to disk while it serves traffic
 //! (`/proc/PID/io` `write_bytes` stays 0 and it holds no regular file open); `tube msg
-//! listen` printing pushes and coming back after its peer restarts; the peer's `/metrics`.
+//! listen` printing pushes and coming back after its peer restarts; the peer's `/metrics`; a
+//! peer run from a config file, with flags over the file.
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -335,6 +336,65 @@ async fn listen_whose_stdout_is_gone_exits_and_leaves_the_message_for_the_next_f
         let (ok, fetched, err) = msg(b.path(), &["fetch", "--peer", &addr]).await;
         assert!(ok, "{err}");
         assert_eq!(fetched, format!("{addr_a} kept\n"), "{err}");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_peer_takes_its_settings_from_a_config_file_and_flags_win() {
+    deadline(LIMIT, async {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let file = dir.path().join("peer.toml");
+        // TLS and an admin listener from the file; its http_hold is out of range (60 s or
+        // more is refused at start), so the peer starts only if the flag's value wins.
+        std::fs::write(
+            &file,
+            format!(
+                "listen = \"127.0.0.1:0\"\ntls = true\nadmin = \"127.0.0.1:0\"\n\
+                 data_dir = \"{}\"\nhttp_hold = \"90s\"\n",
+                data.display()
+            ),
+        )
+        .unwrap();
+        let file = file.to_str().unwrap();
+        let refused = Command::new(TUBE)
+            .args(["peer", "--config", file])
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .expect("run tube peer");
+        let err = String::from_utf8_lossy(&refused.stderr);
+        assert!(!refused.status.success(), "{err}");
+        assert!(err.contains("--http-hold must be between"), "{err}");
+
+        let mut child = Command::new(TUBE)
+            .args(["peer", "--config", file, "--http-hold", "5s"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn peer");
+        let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+        let mut next = async || lines.next_line().await.expect("read").expect("a line");
+        let peer = next().await;
+        assert!(peer.starts_with("listening peer 127.0.0.1:"), "{peer}");
+        let admin = next().await;
+        let admin = admin
+            .strip_prefix("listening admin ")
+            .expect(&admin)
+            .to_owned();
+        let fingerprint = next().await;
+        assert!(
+            fingerprint.starts_with("fingerprint sha256:"),
+            "{fingerprint}"
+        );
+        assert!(
+            data.read_dir().expect("the file's data_dir").count() > 0,
+            "the certificate is kept in the file's data_dir"
+        );
+        assert!(http_get(&admin, "/healthz").await.contains("ok"));
     })
     .await;
 }
