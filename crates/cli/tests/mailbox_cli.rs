@@ -8,8 +8,8 @@
 use std::process::Stdio;
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
+use tokio::io::{AsyncBufReadExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdout, Command};
 use tube_testkit::deadline;
 
 const TUBE: &str = env!("CARGO_BIN_EXE_tube");
@@ -21,17 +21,24 @@ async fn peer(extra: &[&str]) -> (Child, Vec<String>) {
     peer_on("127.0.0.1:0", extra).await
 }
 
-async fn peer_on(listen: &str, extra: &[&str]) -> (Child, Vec<String>) {
+/// Spawns `tube args...` (killed when dropped) and hands over its stdout, line by line.
+fn spawn(args: &[&str]) -> (Child, Lines<BufReader<ChildStdout>>) {
     let mut child = Command::new(TUBE)
-        .args(["peer", "--listen", listen])
-        .args(extra)
+        .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .kill_on_drop(true)
         .spawn()
-        .expect("spawn peer");
-    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+        .expect("spawn tube");
+    let lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    (child, lines)
+}
+
+async fn peer_on(listen: &str, extra: &[&str]) -> (Child, Vec<String>) {
+    let mut args = vec!["peer", "--listen", listen];
+    args.extend_from_slice(extra);
+    let (child, mut lines) = spawn(&args);
     let want = 1 + usize::from(extra.contains(&"--tls")) + usize::from(extra.contains(&"--admin"));
     let mut got = Vec::new();
     while got.len() < want {
@@ -368,15 +375,7 @@ async fn a_peer_takes_its_settings_from_a_config_file_and_flags_win() {
         assert!(!refused.status.success(), "{err}");
         assert!(err.contains("--http-hold must be between"), "{err}");
 
-        let mut child = Command::new(TUBE)
-            .args(["peer", "--config", file, "--http-hold", "5s"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("spawn peer");
-        let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+        let (_child, mut lines) = spawn(&["peer", "--config", file, "--http-hold", "5s"]);
         let mut next = async || lines.next_line().await.expect("read").expect("a line");
         let peer = next().await;
         assert!(peer.starts_with("listening peer 127.0.0.1:"), "{peer}");
