@@ -416,6 +416,37 @@ impl SqliteAccounts {
     }
 }
 
+/// One account as an operator sees it (never its hashes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccountInfo {
+    /// The node's name.
+    pub name: String,
+    /// Unix seconds of its `register`, if recorded.
+    pub created_at: Option<i64>,
+    /// Unix seconds its node was last seen (see [`Room`]), if recorded.
+    pub last_seen: Option<i64>,
+}
+
+impl SqliteAccounts {
+    /// Every account, by name.
+    pub fn list(&self) -> Result<Vec<AccountInfo>, AccountError> {
+        let conn = lock(&self.conn);
+        let mut q = conn
+            .prepare("SELECT name, created_at, last_seen FROM accounts ORDER BY name")
+            .map_err(db)?;
+        let rows = q
+            .query_map([], |r| {
+                Ok(AccountInfo {
+                    name: r.get(0)?,
+                    created_at: r.get(1)?,
+                    last_seen: r.get(2)?,
+                })
+            })
+            .map_err(db)?;
+        rows.collect::<Result<_, _>>().map_err(db)
+    }
+}
+
 impl fmt::Debug for SqliteAccounts {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SqliteAccounts")
@@ -786,6 +817,29 @@ mod tests {
             );
             assert!(auth(s, "a", &pa).is_ok());
         });
+    }
+
+    #[test]
+    fn sqlite_lists_accounts_by_name_with_their_times() {
+        let (_dir, s) = sqlite();
+        at(2_000);
+        s.register("zed").unwrap();
+        at(1_000);
+        let a = s.register("alpha").unwrap();
+        at(3_000);
+        auth(&s, "alpha", &a).unwrap();
+        let list = s.list().unwrap();
+        let row = |name: &str, created: i64, seen: i64| AccountInfo {
+            name: name.into(),
+            created_at: Some(created),
+            last_seen: Some(seen),
+        };
+        assert_eq!(
+            list,
+            vec![row("alpha", 1_000, 3_000), row("zed", 2_000, 2_000)]
+        );
+        s.remove("zed").unwrap();
+        assert_eq!(s.list().unwrap(), vec![row("alpha", 1_000, 3_000)]);
     }
 
     #[test]

@@ -27,8 +27,8 @@ pub mod password_file;
 pub mod plan;
 
 pub use accounts::{
-    AccountError, AccountStore, InvalidPassword, MemoryAccounts, Password, Registered, Room,
-    SqliteAccounts,
+    AccountError, AccountInfo, AccountStore, InvalidPassword, MemoryAccounts, Password, Registered,
+    Room, SqliteAccounts,
 };
 /// TCP keepalive on the hub connection, at both ends (chain.md section 2): a peer that vanished
 /// without a FIN is noticed within about 30 s.

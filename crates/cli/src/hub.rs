@@ -12,9 +12,9 @@ use anyhow::Context;
 use serde::Deserialize;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tube_chain::SqliteAccounts;
 use tube_chain::hub::{Hub, HubConfig};
 use tube_chain::node::{NodeConfig, NodeError};
+use tube_chain::{AccountError, AccountStore, SqliteAccounts};
 use tube_net::{Fingerprint, Identity};
 use tube_proto::ratelimit::RateLimit;
 
@@ -29,7 +29,10 @@ const ACCOUNTS_FILE: &str = "chain-nodes.sqlite3";
 
 /// Flags of `tube hub`. Each one overrides the config file.
 #[derive(Debug, Default, clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub(crate) struct HubArgs {
+    #[command(subcommand)]
+    command: Option<HubCommand>,
     /// Config file (TOML, see examples/hub.toml): the same settings as the flags.
     #[arg(long, env = "TUBE_CONFIG")]
     config: Option<PathBuf>,
@@ -79,6 +82,73 @@ pub(crate) struct HubArgs {
     /// who reaches the hub may register. Prefer the variable to the flag (ps shows flags).
     #[arg(long, env = "TUBE_REGISTRATION_TOKEN", hide_env_values = true)]
     registration_token: Option<String>,
+}
+
+/// `tube hub`'s subcommands (without one, it runs the hub).
+#[derive(Debug, clap::Subcommand)]
+enum HubCommand {
+    /// The node accounts in a hub's data dir (the hub may be running meanwhile).
+    Accounts {
+        #[command(subcommand)]
+        command: AccountsCommand,
+        /// The hub's data dir.
+        #[arg(long, global = true, env = "TUBE_DATA_DIR")]
+        data_dir: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum AccountsCommand {
+    /// Print each account, by name: `NAME last_seen=TIME created=TIME` (UTC, RFC 3339).
+    List,
+    /// Remove the account NAME: its node can no longer log in (6001, after its open session,
+    /// if any) and the name is free to register again.
+    Remove {
+        /// The node's name.
+        name: String,
+    },
+}
+
+/// `tube hub accounts ...` on the account database in `data_dir` (which must exist).
+fn accounts(command: AccountsCommand, data_dir: Option<PathBuf>) -> anyhow::Result<()> {
+    let dir = crate::data_dir(data_dir)?;
+    let db = dir.join(ACCOUNTS_FILE);
+    if !db.is_file() {
+        anyhow::bail!(
+            "error: no node accounts at {} (the hub's --data-dir?)",
+            db.display()
+        );
+    }
+    let store = SqliteAccounts::open(&db)
+        .with_context(|| format!("error: opening the node accounts {}", db.display()))?;
+    let time = |secs: Option<i64>| match secs.and_then(|s| u64::try_from(s).ok()) {
+        Some(s) => {
+            humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(s))
+                .to_string()
+        }
+        None => "-".into(),
+    };
+    match command {
+        AccountsCommand::List => {
+            let list = store
+                .list()
+                .map_err(|e| anyhow::anyhow!("error: listing the node accounts: {e}"))?;
+            for a in list {
+                say!(
+                    "{} last_seen={} created={}",
+                    a.name,
+                    time(a.last_seen),
+                    time(a.created_at)
+                )?;
+            }
+        }
+        AccountsCommand::Remove { name } => match store.remove(&name) {
+            Ok(()) => say!("removed {name}")?,
+            Err(AccountError::Refused) => anyhow::bail!("error: no account {name}"),
+            Err(e) => anyhow::bail!("error: removing {name}: {e}"),
+        },
+    }
+    Ok(())
 }
 
 /// `hub.toml`: the flags of `tube hub` without their dashes.
@@ -320,7 +390,10 @@ fn registration_token(
     Ok(Some(secret))
 }
 
-pub(crate) async fn run_hub(args: HubArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub(crate) async fn run_hub(mut args: HubArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+    if let Some(HubCommand::Accounts { command, data_dir }) = args.command.take() {
+        return accounts(command, data_dir);
+    }
     let file = match &args.config {
         Some(p) => config::load::<HubFile>(p)?,
         None => HubFile::default(),

@@ -4,8 +4,8 @@
 //! lines of hub and nodes; the one-line refusals of `connect` (unknown node, no front); a
 //! node refusing a front API that is not on loopback; `tube chain listen` resetting its
 //! user (never a clean end of stream) when the chain's middle node dies; a hub at
-//! `--max-accounts` making room for a new node once an account's node is away; and hub and
-//! nodes run from config files, with flags over the file.
+//! `--max-accounts` making room for a new node once an account's node is away; hub and nodes
+//! run from config files, with flags over the file; and `tube hub accounts list` / `remove`.
 //!
 //! Every test runs under a deadline and synchronises on events (stdout contract lines, log
 //! lines on stderr, process exits). Processes are killed when their handle drops.
@@ -463,6 +463,86 @@ async fn hub_and_node_take_their_settings_from_config_files_and_flags_win() {
             "node a keeps its password in the file's data_dir"
         );
         hub.stop().await;
+    })
+    .await;
+}
+
+/// Runs `tube hub accounts args... --data-dir dir` to its end: success, stdout, stderr.
+async fn hub_accounts(dir: &Path, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(TUBE)
+        .args(["hub", "accounts"])
+        .args(args)
+        .arg("--data-dir")
+        .arg(dir)
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .expect("run tube hub accounts");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn hub_accounts_lists_and_removes_accounts_while_the_hub_runs() {
+    deadline(LIMIT, async {
+        let hub_dir = tempfile::tempdir().expect("hub data dir");
+        let hub = hub(hub_dir.path(), "info").await;
+        let node_dir = tempfile::tempdir().expect("node data dir");
+        let mut a = hub
+            .node(TUBE, "a", "127.0.0.2", Some(node_dir.path()), &[])
+            .await;
+        a.logged_in().await;
+        let mut ns = nodes(&hub, &["b"], &["127.0.0.3"]).await;
+
+        let (ok, out, err) = hub_accounts(hub_dir.path(), &["list"]).await;
+        assert!(ok, "{err}");
+        let names: Vec<&str> = out
+            .lines()
+            .map(|l| l.split(' ').next().unwrap_or_default())
+            .collect();
+        assert_eq!(names, ["a", "b"], "{out}");
+        for line in out.lines() {
+            let fields: Vec<&str> = line.split(' ').collect();
+            assert_eq!(fields.len(), 3, "{line}");
+            for (field, key) in fields[1..].iter().zip(["last_seen=", "created="]) {
+                let time = field
+                    .strip_prefix(key)
+                    .unwrap_or_else(|| panic!("{key} in {line}"));
+                humantime::parse_rfc3339(time).unwrap_or_else(|e| panic!("{time}: {e}"));
+            }
+        }
+
+        let (ok, out, err) = hub_accounts(hub_dir.path(), &["remove", "a"]).await;
+        assert!(ok, "{err}");
+        assert_eq!(out, "removed a\n");
+        let (ok, out, err) = hub_accounts(hub_dir.path(), &["remove", "a"]).await;
+        assert!(!ok && out.is_empty(), "{out}");
+        assert_eq!(last_line(&err), "error: no account a", "{err}");
+        let (_, out, _) = hub_accounts(hub_dir.path(), &["list"]).await;
+        assert!(out.starts_with("b ") && out.lines().count() == 1, "{out}");
+
+        // a's node, started again with its password, is refused for good.
+        a.proc.kill().await;
+        let mut again = hub
+            .node(TUBE, "a", "127.0.0.2", Some(node_dir.path()), &[])
+            .await;
+        let err = again.proc.wait_stderr().await;
+        assert!(last_line(&err).starts_with("error 6001"), "{err}");
+
+        let elsewhere = tempfile::tempdir().expect("empty dir");
+        let (ok, _, err) = hub_accounts(elsewhere.path(), &["list"]).await;
+        assert!(!ok, "{err}");
+        assert!(
+            last_line(&err).starts_with("error: no node accounts at"),
+            "{err}"
+        );
+        for n in &mut ns {
+            n.proc.kill().await;
+        }
     })
     .await;
 }
