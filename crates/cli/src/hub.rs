@@ -480,7 +480,16 @@ pub(crate) async fn run_node(args: NodeArgs, shutdown: CancellationToken) -> any
         .await
         .with_context(|| format!("error: cannot listen on {api_addr} (api)"))?;
     say!("listening api {}", api.local_addr()?)?;
+    let password = config.password_path();
     tube_chain::node::run(api, config, shutdown)
         .await
-        .map_err(|e: NodeError| anyhow::anyhow!("{e}"))
+        .map_err(|e: NodeError| match e {
+            // Refused with a stored password: the account is gone, or the password is void.
+            NodeError::Hub { code: 6001, .. } if password.is_file() => anyhow::anyhow!(
+                "{e} (if the hub's operator removed this node's account, delete {} to register \
+                 the name again)",
+                password.display()
+            ),
+            e => anyhow::anyhow!("{e}"),
+        })
 }

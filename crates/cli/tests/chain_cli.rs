@@ -531,7 +531,22 @@ async fn hub_accounts_lists_and_removes_accounts_while_the_hub_runs() {
             .node(TUBE, "a", "127.0.0.2", Some(node_dir.path()), &[])
             .await;
         let err = again.proc.wait_stderr().await;
-        assert!(last_line(&err).starts_with("error 6001"), "{err}");
+        let last = last_line(&err);
+        assert!(last.starts_with("error 6001"), "{err}");
+        assert!(
+            last.contains("to register the name again"),
+            "the way out: {err}"
+        );
+        // Deleting the password file, as the line says, registers the name again.
+        let hint = last.rsplit("delete ").next().unwrap_or_default();
+        let file = hint
+            .strip_suffix(" to register the name again)")
+            .expect(last);
+        std::fs::remove_file(file).expect("the named password file");
+        let mut anew = hub
+            .node(TUBE, "a", "127.0.0.2", Some(node_dir.path()), &[])
+            .await;
+        anew.logged_in().await;
 
         let elsewhere = tempfile::tempdir().expect("empty dir");
         let (ok, _, err) = hub_accounts(elsewhere.path(), &["list"]).await;
@@ -540,6 +555,7 @@ async fn hub_accounts_lists_and_removes_accounts_while_the_hub_runs() {
             last_line(&err).starts_with("error: no node accounts at"),
             "{err}"
         );
+        anew.proc.kill().await;
         for n in &mut ns {
             n.proc.kill().await;
         }
