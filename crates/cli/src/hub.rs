@@ -60,6 +60,9 @@ pub(crate) struct HubArgs {
     /// Chains one node may take part in at once [default: 16].
     #[arg(long)]
     max_chains_per_node: Option<usize>,
+    /// Nodes logged in at once; more get 6008 [default: 1024].
+    #[arg(long)]
+    max_nodes: Option<usize>,
     /// New accounts (`register`) per source address (IPv6: per /64) per hour; more get 6008
     /// [default: 10].
     #[arg(long)]
@@ -163,6 +166,7 @@ pub(crate) struct HubFile {
     hop_timeout: Option<String>,
     handshake_timeout: Option<String>,
     max_chains_per_node: Option<usize>,
+    max_nodes: Option<usize>,
     registrations_per_hour: Option<u32>,
     max_nodes_per_source: Option<usize>,
     max_accounts: Option<usize>,
@@ -180,6 +184,7 @@ pub(crate) struct HubSettings {
     hop_timeout: Option<Duration>,
     handshake_timeout: Option<Duration>,
     max_chains_per_node: Option<usize>,
+    max_nodes: Option<usize>,
     registrations_per_hour: Option<u32>,
     max_nodes_per_source: Option<usize>,
     max_accounts: Option<usize>,
@@ -206,6 +211,7 @@ fn hub_settings(a: HubArgs, f: HubFile) -> anyhow::Result<HubSettings> {
             "handshake_timeout",
         )?,
         max_chains_per_node: a.max_chains_per_node.or(f.max_chains_per_node),
+        max_nodes: a.max_nodes.or(f.max_nodes),
         registrations_per_hour: a.registrations_per_hour.or(f.registrations_per_hour),
         max_nodes_per_source: a.max_nodes_per_source.or(f.max_nodes_per_source),
         max_accounts: a.max_accounts.or(f.max_accounts),
@@ -235,6 +241,9 @@ impl HubSettings {
         }
         if let Some(v) = self.max_chains_per_node {
             config.max_chains_per_node = v;
+        }
+        if let Some(v) = self.max_nodes {
+            config.max_nodes = v.max(1);
         }
         if let Some(v) = self.registrations_per_hour {
             config.register_limit = RateLimit::per_hour(v);

@@ -62,6 +62,13 @@ pub(crate) struct PeerArgs {
     /// Bytes queued for all recipients together at most [default: 268435456].
     #[arg(long)]
     max_total_bytes: Option<usize>,
+    /// Clients registered at once; at the limit a new one takes the place of the one idle
+    /// longest, if idle 10 minutes, else 7007 [default: 100000].
+    #[arg(long)]
+    max_clients: Option<usize>,
+    /// Connections open at once (TCP); more are closed when accepted [default: 10000].
+    #[arg(long)]
+    max_connections: Option<usize>,
     /// Age after which an unfetched message is dropped [default: 7d].
     #[arg(long, value_parser = crate::parse_duration)]
     max_age: Option<Duration>,
@@ -89,6 +96,8 @@ pub(crate) struct PeerFile {
     max_queue_messages: Option<usize>,
     max_queue_bytes: Option<usize>,
     max_total_bytes: Option<usize>,
+    max_clients: Option<usize>,
+    max_connections: Option<usize>,
     max_age: Option<String>,
     idle_timeout: Option<String>,
     registrations_per_minute: Option<u32>,
@@ -132,6 +141,16 @@ fn peer_settings(a: PeerArgs, f: PeerFile) -> anyhow::Result<PeerSettings> {
             .max_total_bytes
             .or(f.max_total_bytes)
             .unwrap_or(d.max_total_bytes),
+        max_clients: a
+            .max_clients
+            .or(f.max_clients)
+            .unwrap_or(d.max_clients)
+            .max(1),
+        max_connections: a
+            .max_connections
+            .or(f.max_connections)
+            .unwrap_or(d.max_connections)
+            .max(1),
         max_age: config::pick_duration(a.max_age, f.max_age, "max_age")?.unwrap_or(d.max_age),
         idle_timeout: config::pick_duration(a.idle_timeout, f.idle_timeout, "idle_timeout")?
             .unwrap_or(d.idle_timeout),

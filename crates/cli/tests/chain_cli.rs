@@ -410,6 +410,31 @@ async fn a_hub_at_max_accounts_registers_a_new_node_once_an_account_is_unseen_lo
 }
 
 #[tokio::test]
+async fn hub_max_nodes_limits_the_nodes_logged_in_at_once() {
+    deadline(LIMIT, async {
+        let dir = tempfile::tempdir().expect("hub data dir");
+        let hub = Hub::start(
+            TUBE,
+            dir.path(),
+            &["--max-nodes", "1"],
+            &[("RUST_LOG", "info")],
+        )
+        .await;
+        let mut a = node(&hub, "a", "127.0.0.2", "info").await;
+        a.logged_in().await;
+        let mut b = node(&hub, "b", "127.0.0.3", "info").await;
+        let refused = b.proc.stderr_line("reconnecting").await.expect("b retries");
+        assert!(
+            refused.contains("6008") && refused.contains("too many nodes online"),
+            "{refused}"
+        );
+        a.proc.kill().await;
+        b.logged_in().await;
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn hub_and_node_take_their_settings_from_config_files_and_flags_win() {
     deadline(LIMIT, async {
         let dir = tempfile::tempdir().expect("data dirs");

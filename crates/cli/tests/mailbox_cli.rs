@@ -397,3 +397,30 @@ async fn a_peer_takes_its_settings_from_a_config_file_and_flags_win() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn peer_max_connections_closes_connections_over_the_limit() {
+    deadline(LIMIT, async {
+        let mut peer = tube_testkit::proc::Proc::spawn(
+            TUBE,
+            &["peer", "--listen", "127.0.0.1:0", "--max-connections", "1"],
+            &[],
+            Stdio::null(),
+        );
+        let addr = peer.line().await;
+        let addr = addr
+            .strip_prefix("listening peer ")
+            .expect(&addr)
+            .to_owned();
+        let _first = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let mut second = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        assert!(
+            tube_testkit::ended(&mut second, LIMIT).await.is_some(),
+            "the second connection is closed"
+        );
+        peer.stderr_line("connection limit reached")
+            .await
+            .expect("the peer says why");
+    })
+    .await;
+}
