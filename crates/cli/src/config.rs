@@ -315,6 +315,7 @@ mod tests {
         ("handshake_timeout", Str),
         ("max_chains_per_node", Int),
         ("max_nodes", Int),
+        ("max_handshakes", Int),
         ("registrations_per_hour", Int),
         ("max_nodes_per_source", Int),
         ("max_accounts", Int),

@@ -63,6 +63,10 @@ pub(crate) struct HubArgs {
     /// Nodes logged in at once; more get 6008 [default: 1024].
     #[arg(long)]
     max_nodes: Option<usize>,
+    /// Connections in the login phase (TLS and first message) at once; more are closed before
+    /// TLS [default: 256].
+    #[arg(long)]
+    max_handshakes: Option<usize>,
     /// New accounts (`register`) per source address (IPv6: per /64) per hour; more get 6008
     /// [default: 10].
     #[arg(long)]
@@ -167,6 +171,7 @@ pub(crate) struct HubFile {
     handshake_timeout: Option<String>,
     max_chains_per_node: Option<usize>,
     max_nodes: Option<usize>,
+    max_handshakes: Option<usize>,
     registrations_per_hour: Option<u32>,
     max_nodes_per_source: Option<usize>,
     max_accounts: Option<usize>,
@@ -185,6 +190,7 @@ pub(crate) struct HubSettings {
     handshake_timeout: Option<Duration>,
     max_chains_per_node: Option<usize>,
     max_nodes: Option<usize>,
+    max_handshakes: Option<usize>,
     registrations_per_hour: Option<u32>,
     max_nodes_per_source: Option<usize>,
     max_accounts: Option<usize>,
@@ -212,6 +218,7 @@ fn hub_settings(a: HubArgs, f: HubFile) -> anyhow::Result<HubSettings> {
         )?,
         max_chains_per_node: a.max_chains_per_node.or(f.max_chains_per_node),
         max_nodes: a.max_nodes.or(f.max_nodes),
+        max_handshakes: a.max_handshakes.or(f.max_handshakes),
         registrations_per_hour: a.registrations_per_hour.or(f.registrations_per_hour),
         max_nodes_per_source: a.max_nodes_per_source.or(f.max_nodes_per_source),
         max_accounts: a.max_accounts.or(f.max_accounts),
@@ -244,6 +251,9 @@ impl HubSettings {
         }
         if let Some(v) = self.max_nodes {
             config.max_nodes = v.max(1);
+        }
+        if let Some(v) = self.max_handshakes {
+            config.max_handshakes = v.max(1);
         }
         if let Some(v) = self.registrations_per_hour {
             config.register_limit = RateLimit::per_hour(v);

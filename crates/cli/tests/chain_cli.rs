@@ -435,6 +435,27 @@ async fn hub_max_nodes_limits_the_nodes_logged_in_at_once() {
 }
 
 #[tokio::test]
+async fn hub_max_handshakes_closes_logins_over_the_limit_before_tls() {
+    deadline(LIMIT, async {
+        let dir = tempfile::tempdir().expect("hub data dir");
+        let extra = ["--max-handshakes", "1"];
+        let mut hub = Hub::start(TUBE, dir.path(), &extra, &[("RUST_LOG", "info")]).await;
+        // One connection that never starts TLS holds the only place in the login phase ...
+        let _first = tokio::net::TcpStream::connect(&hub.control).await.unwrap();
+        let mut second = tokio::net::TcpStream::connect(&hub.control).await.unwrap();
+        assert!(
+            ended(&mut second, LIMIT).await.is_some(),
+            "the second is closed"
+        );
+        hub.proc
+            .stderr_line("too many logins in progress")
+            .await
+            .expect("the hub says why");
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn hub_and_node_take_their_settings_from_config_files_and_flags_win() {
     deadline(LIMIT, async {
         let dir = tempfile::tempdir().expect("data dirs");
