@@ -179,96 +179,79 @@ pub(crate) struct HubFile {
     registration_token: Option<String>,
 }
 
-/// `tube hub`'s settings: flags over the file over the defaults.
+/// `tube hub`'s settings: flags over the file over the defaults. `apply` sets what was given
+/// on the hub's config (the rest keeps the hub's defaults).
 pub(crate) struct HubSettings {
     listen: SocketAddr,
     admin: Option<SocketAddr>,
     data_dir: Option<PathBuf>,
-    intermediates: Option<usize>,
-    approval_timeout: Option<Duration>,
-    hop_timeout: Option<Duration>,
-    handshake_timeout: Option<Duration>,
-    max_chains_per_node: Option<usize>,
-    max_nodes: Option<usize>,
-    max_handshakes: Option<usize>,
-    registrations_per_hour: Option<u32>,
-    max_nodes_per_source: Option<usize>,
-    max_accounts: Option<usize>,
-    evict_unseen_after: Option<Duration>,
-    registration_token: Option<tube_proto::chain::ChainSecret>,
+    apply: Box<dyn FnOnce(&mut HubConfig) + Send>,
 }
 
 fn hub_settings(a: HubArgs, f: HubFile) -> anyhow::Result<HubSettings> {
-    let listen = config::pick(a.listen, f.listen, "listen")?;
+    let dur = config::pick_duration;
+    let approval_timeout = dur(a.approval_timeout, f.approval_timeout, "approval_timeout")?;
+    let hop_timeout = dur(a.hop_timeout, f.hop_timeout, "hop_timeout")?;
+    let handshake_timeout = dur(
+        a.handshake_timeout,
+        f.handshake_timeout,
+        "handshake_timeout",
+    )?;
+    let evict_unseen_after = dur(
+        a.evict_unseen_after,
+        f.evict_unseen_after,
+        "evict_unseen_after",
+    )?;
+    let token = registration_token(a.registration_token.or(f.registration_token))?;
+    let intermediates = a.intermediates.or(f.intermediates);
+    let max_chains_per_node = a.max_chains_per_node.or(f.max_chains_per_node);
+    let max_nodes = a.max_nodes.or(f.max_nodes);
+    let max_handshakes = a.max_handshakes.or(f.max_handshakes);
+    let registrations_per_hour = a.registrations_per_hour.or(f.registrations_per_hour);
+    let max_nodes_per_source = a.max_nodes_per_source.or(f.max_nodes_per_source);
+    let max_accounts = a.max_accounts.or(f.max_accounts);
+    let apply = move |c: &mut HubConfig| {
+        if let Some(v) = intermediates {
+            c.intermediates = v;
+        }
+        if let Some(v) = approval_timeout {
+            c.approval_timeout = v;
+        }
+        if let Some(v) = hop_timeout {
+            c.hop_timeout = v;
+        }
+        if let Some(v) = handshake_timeout {
+            c.handshake_timeout = v;
+        }
+        if let Some(v) = max_chains_per_node {
+            c.max_chains_per_node = v;
+        }
+        if let Some(v) = max_nodes {
+            c.max_nodes = v.max(1);
+        }
+        if let Some(v) = max_handshakes {
+            c.max_handshakes = v.max(1);
+        }
+        if let Some(v) = registrations_per_hour {
+            c.register_limit = RateLimit::per_hour(v);
+        }
+        if let Some(v) = max_nodes_per_source {
+            c.max_nodes_per_source = v.max(1);
+        }
+        if let Some(v) = max_accounts {
+            c.max_accounts = v.max(1);
+        }
+        if let Some(v) = evict_unseen_after {
+            c.evict_unseen_after = v;
+        }
+        c.registration_token = token;
+    };
     Ok(HubSettings {
-        listen: listen.unwrap_or(DEFAULT_HUB_LISTEN),
+        listen: config::pick(a.listen, f.listen, "listen")?.unwrap_or(DEFAULT_HUB_LISTEN),
         admin: config::pick(a.admin, f.admin, "admin")?,
         data_dir: a.data_dir.or(f.data_dir.map(PathBuf::from)),
-        intermediates: a.intermediates.or(f.intermediates),
-        approval_timeout: config::pick_duration(
-            a.approval_timeout,
-            f.approval_timeout,
-            "approval_timeout",
-        )?,
-        hop_timeout: config::pick_duration(a.hop_timeout, f.hop_timeout, "hop_timeout")?,
-        handshake_timeout: config::pick_duration(
-            a.handshake_timeout,
-            f.handshake_timeout,
-            "handshake_timeout",
-        )?,
-        max_chains_per_node: a.max_chains_per_node.or(f.max_chains_per_node),
-        max_nodes: a.max_nodes.or(f.max_nodes),
-        max_handshakes: a.max_handshakes.or(f.max_handshakes),
-        registrations_per_hour: a.registrations_per_hour.or(f.registrations_per_hour),
-        max_nodes_per_source: a.max_nodes_per_source.or(f.max_nodes_per_source),
-        max_accounts: a.max_accounts.or(f.max_accounts),
-        evict_unseen_after: config::pick_duration(
-            a.evict_unseen_after,
-            f.evict_unseen_after,
-            "evict_unseen_after",
-        )?,
-        registration_token: registration_token(a.registration_token.or(f.registration_token))?,
+        apply: Box::new(apply),
     })
-}
-
-impl HubSettings {
-    /// Sets what was given on `config` (the rest keeps the hub's defaults).
-    fn apply(self, config: &mut HubConfig) {
-        if let Some(v) = self.intermediates {
-            config.intermediates = v;
-        }
-        if let Some(v) = self.approval_timeout {
-            config.approval_timeout = v;
-        }
-        if let Some(v) = self.hop_timeout {
-            config.hop_timeout = v;
-        }
-        if let Some(v) = self.handshake_timeout {
-            config.handshake_timeout = v;
-        }
-        if let Some(v) = self.max_chains_per_node {
-            config.max_chains_per_node = v;
-        }
-        if let Some(v) = self.max_nodes {
-            config.max_nodes = v.max(1);
-        }
-        if let Some(v) = self.max_handshakes {
-            config.max_handshakes = v.max(1);
-        }
-        if let Some(v) = self.registrations_per_hour {
-            config.register_limit = RateLimit::per_hour(v);
-        }
-        if let Some(v) = self.max_nodes_per_source {
-            config.max_nodes_per_source = v.max(1);
-        }
-        if let Some(v) = self.max_accounts {
-            config.max_accounts = v.max(1);
-        }
-        if let Some(v) = self.evict_unseen_after {
-            config.evict_unseen_after = v;
-        }
-        config.registration_token = self.registration_token;
-    }
 }
 
 /// Settings from a config file alone (used to check the examples).
@@ -344,19 +327,15 @@ pub(crate) struct NodeFile {
     registration_token: Option<String>,
 }
 
-/// `tube node`'s settings: flags over the file over the defaults, checked.
+/// `tube node`'s settings: flags over the file over the defaults, checked. `apply` sets the
+/// optional ones on the node's config.
 pub(crate) struct NodeSettings {
     hub: String,
     fingerprint: Fingerprint,
     name: String,
-    bind: Option<IpAddr>,
     api: SocketAddr,
     data_dir: Option<PathBuf>,
-    no_relay: bool,
-    hop_timeout: Option<Duration>,
-    max_chains: Option<usize>,
-    reconnect_max: Option<Duration>,
-    registration_token: Option<tube_proto::chain::ChainSecret>,
+    apply: Box<dyn FnOnce(&mut NodeConfig) + Send>,
 }
 
 fn node_settings(a: NodeArgs, f: NodeFile) -> anyhow::Result<NodeSettings> {
@@ -377,18 +356,35 @@ fn node_settings(a: NodeArgs, f: NodeFile) -> anyhow::Result<NodeSettings> {
             "error: --api {api} is not a loopback address (the API has no authentication)"
         );
     }
+    let bind = config::pick(a.bind, f.bind, "bind")?;
+    let no_relay = a.no_relay || f.no_relay.unwrap_or(false);
+    let hop_timeout = config::pick_duration(a.hop_timeout, f.hop_timeout, "hop_timeout")?;
+    let max_chains = a.max_chains.or(f.max_chains);
+    let reconnect_max = config::pick_duration(a.reconnect_max, f.reconnect_max, "reconnect_max")?;
+    let token = registration_token(a.registration_token.or(f.registration_token))?;
+    let apply = move |c: &mut NodeConfig| {
+        if let Some(v) = bind {
+            c.bind = v;
+        }
+        c.relay = !no_relay;
+        if let Some(v) = hop_timeout {
+            c.hop_timeout = v;
+        }
+        if let Some(v) = max_chains {
+            c.max_chains = v;
+        }
+        if let Some(v) = reconnect_max {
+            c.reconnect.max = v;
+        }
+        c.registration_token = token;
+    };
     Ok(NodeSettings {
         hub,
         fingerprint,
         name,
-        bind: config::pick(a.bind, f.bind, "bind")?,
         api,
         data_dir: a.data_dir.or(f.data_dir.map(PathBuf::from)),
-        no_relay: a.no_relay || f.no_relay.unwrap_or(false),
-        hop_timeout: config::pick_duration(a.hop_timeout, f.hop_timeout, "hop_timeout")?,
-        max_chains: a.max_chains.or(f.max_chains),
-        reconnect_max: config::pick_duration(a.reconnect_max, f.reconnect_max, "reconnect_max")?,
-        registration_token: registration_token(a.registration_token.or(f.registration_token))?,
+        apply: Box::new(apply),
     })
 }
 
@@ -418,7 +414,7 @@ pub(crate) async fn run_hub(mut args: HubArgs, shutdown: CancellationToken) -> a
         None => HubFile::default(),
     };
     let settings = hub_settings(args, file)?;
-    let dir = crate::data_dir(settings.data_dir.clone())?;
+    let dir = crate::data_dir(settings.data_dir)?;
     let (identity, created) = Identity::load_or_create(&dir, "hub")
         .with_context(|| format!("error: loading the hub certificate from {}", dir.display()))?;
     if created {
@@ -430,7 +426,7 @@ pub(crate) async fn run_hub(mut args: HubArgs, shutdown: CancellationToken) -> a
     let fingerprint = identity.fingerprint();
     let mut config = HubConfig::new(identity, Arc::new(accounts));
     let (listen, admin) = (settings.listen, settings.admin);
-    settings.apply(&mut config);
+    (settings.apply)(&mut config);
     let listener = TcpListener::bind(listen)
         .await
         .with_context(|| format!("error: cannot listen on {listen}"))?;
@@ -482,18 +478,7 @@ pub(crate) async fn run_node(args: NodeArgs, shutdown: CancellationToken) -> any
     std::fs::create_dir_all(&dir)
         .with_context(|| format!("error: cannot create the data dir {}", dir.display()))?;
     let mut config = NodeConfig::new(s.hub, s.fingerprint, s.name, dir);
-    config.bind = s.bind.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
-    config.relay = !s.no_relay;
-    if let Some(v) = s.hop_timeout {
-        config.hop_timeout = v;
-    }
-    if let Some(v) = s.max_chains {
-        config.max_chains = v;
-    }
-    if let Some(v) = s.reconnect_max {
-        config.reconnect.max = v;
-    }
-    config.registration_token = s.registration_token;
+    (s.apply)(&mut config);
     let api_addr = s.api;
     let api = TcpListener::bind(api_addr)
         .await
