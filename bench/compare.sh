@@ -24,6 +24,9 @@
 #             over its TLS transport, with a self-signed certificate made by openssl)
 #   TOOLS     where rathole and bore get installed (default bench/.tools)
 #   OUT       results file (default bench/out/compare-<date>.jsonl)
+#   BIN       the directory with tube and tube-loadgen (default: target/release, built first)
+#   BIN2      a second tube build's directory (tube and tube-loadgen), run as system "tube2"
+#             (added to SYSTEMS): two builds side by side, with tube/tube2 among the ratios
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -36,6 +39,7 @@ CONNS=${CONNS:-2000}
 CONC=${CONC:-50}
 IDLE=${IDLE:-"1000 10000"}
 SYSTEMS=${SYSTEMS:-"direct tube rathole bore"}
+[[ -n ${BIN2:-} && " $SYSTEMS " != *" tube2 "* ]] && SYSTEMS="$SYSTEMS tube2"
 TOOLS=${TOOLS:-$ROOT/bench/.tools}
 mkdir -p bench/out
 OUT=${OUT:-bench/out/compare-$(date +%Y%m%d-%H%M%S).jsonl}
@@ -44,9 +48,11 @@ RTT_SIZE=64
 
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" || true
 
-echo "building (release)..." >&2
-cargo build --release -p tube-cli -p tube-loadgen >&2
-BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release
+if [[ -z ${BIN:-} ]]; then
+    echo "building (release)..." >&2
+    cargo build --release -p tube-cli -p tube-loadgen >&2
+    BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release
+fi
 TUBE=$BIN/tube
 LOADGEN=$BIN/tube-loadgen
 
@@ -118,6 +124,14 @@ if have_system tube; then
     ECHO_OF[tube]=$(field agent 2 2)
     [[ -n $IPERF ]] && IPERF_OF[tube]=$(field agent 3 2)
     PROCS_OF[tube]="$PID_relay $PID_agent"
+fi
+if have_system tube2; then
+    [[ -x ${BIN2:-}/tube ]] || { echo "error: tube2 needs BIN2, a directory with a tube build" >&2; exit 1; }
+    BIN=$BIN2 TUBE_NAME=2 start_tube "${LOCALS[*]}"
+    SINK_OF[tube2]=$(field agent2 1 2)
+    ECHO_OF[tube2]=$(field agent2 2 2)
+    [[ -n $IPERF ]] && IPERF_OF[tube2]=$(field agent2 3 2)
+    PROCS_OF[tube2]="$PID_relay2 $PID_agent2"
 fi
 
 # rathole, and with rathole_tls in SYSTEMS rathole over its TLS transport too.

@@ -31,6 +31,7 @@ pub(crate) struct RelayFile {
     pub(crate) shutdown_grace: Option<String>,
     pub(crate) allow: Option<Vec<String>>,
     pub(crate) max_allowed_ips: Option<usize>,
+    pub(crate) threads: Option<usize>,
     pub(crate) rate_limits: Option<RateLimitsFile>,
 }
 

@@ -67,12 +67,14 @@ fn main() -> ExitCode {
     // Servers run on tokio's multi-threaded runtime: their connections spread over the cores.
     // Client commands (the agent, `msg`) hold one connection whose frames one task reads and
     // whose writes take one lock, so a second thread would only add the scheduler's
-    // cross-thread bookkeeping to every wake-up: they run on this thread alone.
-    let client = matches!(
+    // cross-thread bookkeeping to every wake-up: they run on this thread alone. So does the
+    // relay's own loop (accepting agents, the admin API): the agents' connections it accepts
+    // are served on its `--threads`, one single-threaded runtime each (tube_net::shards).
+    let one_thread = matches!(
         cli.command,
-        Command::Expose(_) | Command::Msg(_) | Command::Token(_)
+        Command::Expose(_) | Command::Msg(_) | Command::Token(_) | Command::Relay(_)
     );
-    let built = if client {
+    let built = if one_thread {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

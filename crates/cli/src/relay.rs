@@ -83,6 +83,10 @@ pub(crate) struct RelayArgs {
     /// [default: 5s].
     #[arg(long, value_parser = crate::parse_duration)]
     shutdown_grace: Option<Duration>,
+    /// Threads serving agents; each holds whole agent connections with their tunnels and
+    /// users [default: one per core].
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    threads: Option<u16>,
 }
 
 /// Flags of `tube token`.
@@ -188,6 +192,13 @@ fn merge(a: RelayArgs, f: RelayFile) -> anyhow::Result<RelaySettings> {
     let max_tunnels = a.max_tunnels_per_agent.or(f.max_tunnels_per_agent);
     let misses = a.heartbeat_misses.or(f.heartbeat_misses);
     let max_allowed = a.max_allowed_ips.or(f.max_allowed_ips);
+    let threads = match a.threads.map(usize::from).or(f.threads) {
+        Some(n) if !(1..=1024).contains(&n) => {
+            anyhow::bail!("error: threads: {n} is out of range 1-1024")
+        }
+        Some(n) => n,
+        None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+    };
     let apply = move |c: &mut RelayConfig| {
         c.public_host = public_host;
         c.public_bind = public_bind;
@@ -236,6 +247,7 @@ fn merge(a: RelayArgs, f: RelayFile) -> anyhow::Result<RelaySettings> {
             c.tunnel_limit_per_ip = RateLimit::per_hour(n);
         }
         c.allowed_ips_policy = allow;
+        c.threads = threads;
     };
     Ok(RelaySettings {
         listen,
@@ -360,5 +372,20 @@ mod tests {
         assert_eq!((c.max_handshakes, c.max_handshakes_per_ip), (100, 7));
         let c = applied(&["--max-handshakes-per-ip", "3"], file);
         assert_eq!((c.max_handshakes, c.max_handshakes_per_ip), (100, 3));
+    }
+
+    #[test]
+    fn threads_come_from_flags_over_the_file_over_one_per_core() {
+        let cores = std::thread::available_parallelism().unwrap().get();
+        assert_eq!(applied(&[], "").threads, cores);
+        assert_eq!(applied(&[], "threads = 3").threads, 3);
+        assert_eq!(applied(&["--threads", "1"], "threads = 3").threads, 1);
+        let zero = Cmd::try_parse_from(["relay", "--threads", "0"])
+            .err()
+            .unwrap();
+        assert!(zero.to_string().contains("not in 1..=1024"), "{zero}");
+        let args = Cmd::try_parse_from(["relay"]).unwrap().relay;
+        let err = merge(args, toml::from_str("threads = 0").unwrap()).unwrap_err();
+        assert_eq!(err.to_string(), "error: threads: 0 is out of range 1-1024");
     }
 }

@@ -719,3 +719,54 @@ async fn secrets_never_reach_the_logs() {
     })
     .await;
 }
+
+/// Names of the process's threads, from /proc.
+fn thread_names(pid: u32) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("the relay's threads")
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|n| n.trim_end().to_string())
+        .collect();
+    names.sort();
+    names
+}
+
+#[tokio::test]
+async fn relay_threads_sets_how_many_threads_serve_agents() {
+    deadline(LIMIT, async {
+        let dir = tempfile::tempdir().unwrap();
+        let svc = echo_server().await;
+        let mut relay = Relay::start(dir.path(), &["--threads", "3"], &[]).await;
+        let pid = relay.proc.child.id().expect("the relay runs");
+        let serving: Vec<String> = thread_names(pid)
+            .into_iter()
+            .filter(|n| {
+                n.strip_prefix("tube-relay-")
+                    .is_some_and(|i| i.parse::<u16>().is_ok())
+            })
+            .collect();
+        assert_eq!(serving, ["tube-relay-0", "tube-relay-1", "tube-relay-2"]);
+        // Agents are served there, users and all.
+        let t = token(dir.path(), "tess").await;
+        let mut agents = Vec::new();
+        for _ in 0..3 {
+            let mut agent = expose(
+                &svc.addr.to_string(),
+                &relay.control,
+                &t,
+                &relay.fingerprint,
+                &[],
+                &[],
+            );
+            let line = agent.line().await;
+            let (public, _) = tunnel_line(&line);
+            user_roundtrip(&public, b"threads").await;
+            agents.push(agent);
+        }
+        for mut a in agents {
+            a.stop().await;
+        }
+        relay.proc.stop().await;
+    })
+    .await;
+}

@@ -260,6 +260,13 @@ impl Keys {
         c.data_dir = data.map(|d| d.to_path_buf());
         c
     }
+    /// [`Keys::config`] for a test on tokio's paused clock: the relay serves agents on the
+    /// test's runtime, not on threads of their own, whose clocks would not be paused.
+    fn paused_config(&self) -> RelayConfig {
+        let mut c = self.config(None);
+        c.threads = 0;
+        c
+    }
     fn agent(&self, via: SocketAddr, locals: &[SocketAddr]) -> tube_agent::AgentConfig {
         let tunnels = locals
             .iter()
@@ -460,7 +467,7 @@ async fn the_relay_drops_an_agent_that_stops_sending_heartbeats() {
     init_tracing();
     deadline(Duration::from_secs(600), async {
         let keys = Keys::new();
-        let relay = TestRelay::start_with(keys.config(None)).await;
+        let relay = TestRelay::start_with(keys.paused_config()).await;
         let alice = keys.jwt.mint("alice", Duration::from_secs(3600));
         let mut c = authed(relay.addr, keys.identity.fingerprint(), &alice).await;
         let (_, endpoint, _) = open_tunnel(&mut c, tcp_tunnel("quiet")).await;
@@ -498,7 +505,7 @@ async fn the_relay_drops_an_agent_that_stops_reading_its_answers() {
     init_tracing();
     deadline(Duration::from_secs(900), async {
         let keys = Keys::new();
-        let relay = TestRelay::start_with(keys.config(None)).await;
+        let relay = TestRelay::start_with(keys.paused_config()).await;
         let alice = keys.jwt.mint("alice", Duration::from_secs(3600));
         // A small receive buffer, so that what the relay sends backs up soon.
         let sock = TcpSocket::new_v4().unwrap();
@@ -762,7 +769,7 @@ async fn a_rate_limited_agent_waits_retry_after_before_trying_again() {
     init_tracing();
     deadline(Duration::from_secs(600), async {
         let keys = Keys::new();
-        let mut cfg = keys.config(None);
+        let mut cfg = keys.paused_config();
         cfg.auth_limit_per_ip = RateLimit::per_minute(1);
         let relay = TestRelay::start_with(cfg).await;
         let svc = echo_server().await;
@@ -794,7 +801,7 @@ async fn auth_failures_take_the_same_time_whichever_check_failed() {
     init_tracing();
     deadline(LIMIT, async {
         let keys = Keys::new();
-        let mut cfg = keys.config(None);
+        let mut cfg = keys.paused_config();
         cfg.auth_failure_delay = Duration::from_millis(250);
         let relay = TestRelay::start_with(cfg).await;
         let now = std::time::SystemTime::now()
@@ -854,14 +861,19 @@ async fn allow_lists_refuse_other_addresses_before_any_byte() {
         ac.tunnels[0].allow = vec!["127.0.0.2/32".into()];
         let agent = TestAgent::start(ac.clone()).await;
         let public = agent.public[0];
-        // From 127.0.0.1: reset, nothing forwarded.
-        let mut u = TcpStream::connect(public).await.unwrap();
-        let mut buf = Vec::new();
-        let r = u.read_to_end(&mut buf).await;
-        assert!(
-            buf.is_empty() && r.is_err(),
-            "refused with a reset before any byte: {r:?} {buf:?}"
-        );
+        // From 127.0.0.1: reset, nothing forwarded (the relay's threads may reset it before
+        // `connect` has returned here).
+        match TcpStream::connect(public).await {
+            Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
+            Ok(mut u) => {
+                let mut buf = Vec::new();
+                let r = u.read_to_end(&mut buf).await;
+                assert!(
+                    buf.is_empty() && r.is_err(),
+                    "refused with a reset before any byte: {r:?} {buf:?}"
+                );
+            }
+        }
         // From 127.0.0.2: served.
         let sock = TcpSocket::new_v4().unwrap();
         sock.bind("127.0.0.2:0".parse().unwrap()).unwrap();
@@ -887,7 +899,7 @@ async fn a_rate_limited_registration_waits_on_the_same_connection_and_keeps_the_
     init_tracing();
     deadline(Duration::from_secs(600), async {
         let keys = Keys::new();
-        let mut cfg = keys.config(None);
+        let mut cfg = keys.paused_config();
         cfg.tunnel_limit_per_subject = RateLimit {
             burst: 1,
             period: Duration::from_secs(60),

@@ -519,13 +519,18 @@ async fn users_beyond_the_cap_are_refused(relay: TestRelay, mut agent: TestAgent
         assert_eq!(roundtrip(&mut u, msg.as_bytes()).await, msg.as_bytes());
         users.push(u);
     }
-    let mut extra = TcpStream::connect(public).await.expect("connect");
-    // A write may already fail if the reset has arrived; what matters is the read.
-    let _ = extra.write_all(b"one too many").await;
-    let mut buf = [0u8; 64];
-    match extra.read(&mut buf).await {
+    // The relay's threads may reset the connection before `connect` has returned here; else
+    // a write may already fail if the reset has arrived; what matters is the read.
+    match TcpStream::connect(public).await {
         Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
-        Ok(n) => panic!("a user beyond the cap of {cap} got {n} bytes instead of a reset"),
+        Ok(mut extra) => {
+            let _ = extra.write_all(b"one too many").await;
+            let mut buf = [0u8; 64];
+            match extra.read(&mut buf).await {
+                Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
+                Ok(n) => panic!("a user beyond the cap of {cap} got {n} bytes instead of a reset"),
+            }
+        }
     }
     for (i, u) in users.iter_mut().enumerate() {
         let msg = format!("still user {i}");
@@ -539,15 +544,15 @@ async fn users_beyond_the_cap_are_refused(relay: TestRelay, mut agent: TestAgent
         .await
         .expect("EOF from the relay");
     let mut again = loop {
-        let mut u = TcpStream::connect(public).await.expect("connect");
         let ok = async {
+            let mut u = TcpStream::connect(public).await?;
             u.write_all(b"back").await?;
             let mut b = [0u8; 4];
             u.read_exact(&mut b).await?;
-            Ok::<_, std::io::Error>(b == *b"back")
+            Ok::<_, std::io::Error>((b == *b"back").then_some(u))
         }
         .await;
-        if ok.unwrap_or(false) {
+        if let Ok(Some(u)) = ok {
             break u;
         }
         tokio::time::sleep(POLL).await;

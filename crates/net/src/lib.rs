@@ -13,6 +13,7 @@
 //!   resets.
 //! - [`record`]: TLS 1.3 record protection (pure), and [`secure`]: the stream built on it
 //!   after a rustls handshake, for the relay's agent connections.
+//! - [`shards`]: connections served on a few single-threaded runtimes, one thread each.
 //! - [`source`]: the mux reader's input as runs of plaintext that stay in place (a TLS record
 //!   opened where it lies), so DATA is written to sockets without a copy.
 
@@ -24,6 +25,7 @@ pub mod pool;
 pub mod proxy;
 pub mod record;
 pub mod secure;
+pub mod shards;
 pub mod source;
 pub mod splice;
 #[cfg(test)]

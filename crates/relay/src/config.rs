@@ -65,6 +65,11 @@ pub struct RelayConfig {
     /// How long a stopping relay lets open user connections finish (its ports already
     /// closed) before it resets them and closes the agents' connections. Zero: at once.
     pub shutdown_grace: Duration,
+    /// Threads that serve agent connections, each a single-threaded runtime holding whole
+    /// connections (an agent's session, its tunnels' listeners and users, see
+    /// `tube_net::shards`). Zero: everything runs on the runtime [`crate::Relay::run`] is
+    /// called from (tests, embedding); `tube relay` uses one per core.
+    pub threads: usize,
 }
 
 impl RelayConfig {
@@ -94,6 +99,7 @@ impl RelayConfig {
             max_allowed_ips: 64,
             mux: MuxConfig::default(),
             shutdown_grace: Duration::from_secs(5),
+            threads: 0,
         }
     }
 }

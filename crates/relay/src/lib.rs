@@ -6,6 +6,11 @@
 //! counters, Prometheus text), [`store`] (leases in SQLite), [`admin`] (HTTP API), `registry`
 //! (public ports), `session` (one agent connection), `tunnel` (one public listener). The wire
 //! protocol is in `docs/protocols/relay.md`.
+//!
+//! With [`RelayConfig::threads`] set (as `tube relay` sets it), each accepted agent connection
+//! is served on one of that many single-threaded runtimes (`tube_net::shards`), and everything
+//! it starts (its tunnels' listeners, their users' proxies, the mux's tasks) stays there; the
+//! accept loop, lease sweeps and the admin API stay on the caller's runtime.
 
 pub mod admin;
 pub mod auth;
@@ -25,6 +30,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tube_net::shards::Shards;
 use tube_proto::ratelimit::KeyedLimiter;
 pub(crate) use tube_proto::ratelimit::source_key;
 use uuid::Uuid;
@@ -47,6 +53,9 @@ pub enum RelayError {
     /// The lease store could not be opened.
     #[error(transparent)]
     Store(#[from] store::StoreError),
+    /// The threads that serve agent connections could not be started.
+    #[error("cannot start the relay's threads: {0}")]
+    Threads(std::io::Error),
 }
 
 /// How long a stopping relay waits for sessions to close after their drain (sending 5001,
@@ -113,6 +122,9 @@ impl Shared {
 #[derive(Debug)]
 pub struct Relay {
     shared: Arc<Shared>,
+    /// The threads agents are served on ([`RelayConfig::threads`]), started here so that a
+    /// relay is whole before `run`; `None`: the caller's runtime.
+    shards: Option<Shards>,
 }
 
 impl Relay {
@@ -169,6 +181,10 @@ impl Relay {
             tunnel_subject: KeyedLimiter::new(config.tunnel_limit_per_subject, MAX_LIMITER_KEYS),
             tunnel_ip: KeyedLimiter::new(config.tunnel_limit_per_ip, MAX_LIMITER_KEYS),
         };
+        let shards = match config.threads {
+            0 => None,
+            n => Some(Shards::start(n, "tube-relay").map_err(RelayError::Threads)?),
+        };
         Ok(Self {
             shared: Arc::new(Shared {
                 fingerprint: config.identity.fingerprint().to_string(),
@@ -177,6 +193,7 @@ impl Relay {
                 limits: Mutex::new(limits),
                 store,
             }),
+            shards,
         })
     }
 
@@ -195,7 +212,7 @@ impl Relay {
         listener: TcpListener,
         shutdown: CancellationToken,
     ) -> Result<(), RelayError> {
-        let shared = self.shared;
+        let Self { shared, shards } = self;
         let mut tls = (*shared.config.identity.server_config()?).clone();
         // Agents never resume a session, so no tickets are sent.
         tls.send_tls13_tickets = 0;
@@ -217,14 +234,12 @@ impl Relay {
                     continue;
                 }
             };
-            tracker.spawn(session::serve(
-                tcp,
-                peer,
-                shared.clone(),
-                tls.clone(),
-                shutdown.clone(),
-                permit,
-            ));
+            let (shared, tls, shutdown) = (shared.clone(), tls.clone(), shutdown.clone());
+            let serve = move |tcp| session::serve(tcp, peer, shared, tls, shutdown, permit);
+            match &shards {
+                Some(shards) => shards.spawn(&tracker, tcp, serve),
+                None => drop(tracker.spawn(serve(tcp))),
+            }
         }
         shared.state.set_ready(false);
         drop(listener);
@@ -232,6 +247,9 @@ impl Relay {
         let wait = shared.config.shutdown_grace + SESSION_CLOSE_TIMEOUT;
         if tokio::time::timeout(wait, tracker.wait()).await.is_err() {
             tracing::warn!("sessions still running after the shutdown grace period");
+        }
+        if let Some(shards) = shards {
+            shards.stop().await;
         }
         tracing::info!("relay stopped");
         Ok(())

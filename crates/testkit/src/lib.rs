@@ -55,7 +55,9 @@ pub struct TestRelay {
 
 /// Test relay settings: [`RelayConfig`] defaults, except rate limits high enough for tests
 /// that start many agents from 127.0.0.1 (the rate-limit tests set the seed's values), a
-/// short auth-failure delay and no shutdown grace.
+/// short auth-failure delay, no shutdown grace, and agents served on two threads of their own
+/// as `tube relay` serves them (a test on tokio's paused clock sets `threads` to 0: the
+/// relay's threads keep real time).
 pub fn relay_config() -> RelayConfig {
     let identity = Identity::generate(&["localhost"]).expect("test identity");
     let jwt = JwtSecret::generate().expect("secret");
@@ -68,6 +70,7 @@ pub fn relay_config() -> RelayConfig {
     c.auth_failure_delay = Duration::from_millis(20);
     // Stop at once: tests that drain set their own grace.
     c.shutdown_grace = Duration::ZERO;
+    c.threads = 2;
     c
 }
 
