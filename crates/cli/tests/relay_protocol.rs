@@ -178,31 +178,31 @@ async fn lifecycle_follows_the_seed_diagram_and_the_relay_shows_it() {
             ]
         );
         let port = agent.public[0].port();
+        // Agent and tunnel are updated one after the other on the relay's thread.
         relay
             .state
-            .wait_until(|s| s.agents().iter().any(|a| a.state == "active"))
+            .wait_until(|s| {
+                s.agents().iter().any(|a| a.state == "active")
+                    && s.tunnel_by_port(port).is_some_and(|t| t.state == "active")
+            })
             .await;
-        let t = relay.state.tunnel_by_port(port).expect("tunnel");
-        assert_eq!(t.state, "active");
 
         // The link dies and the relay cannot be reached for a while.
         proxy.refuse(true);
         proxy.cut();
         agent.wait_state(AgentState::Reconnecting).await;
+        // The session marks its tunnel reconnecting, then leaves the agent list (on the relay's
+        // own thread: the two can be seen apart), after which the agent shows as reconnecting.
         relay
             .state
             .wait_until(|s| {
                 s.tunnel_by_port(port)
                     .is_some_and(|t| t.state == "reconnecting")
+                    && s.agents()
+                        .iter()
+                        .any(|a| a.state == "reconnecting" && a.session == 0)
             })
             .await;
-        assert!(
-            relay
-                .state
-                .agents()
-                .iter()
-                .any(|a| a.state == "reconnecting" && a.session == 0)
-        );
         // While reconnecting, users are refused at once.
         assert!(
             TcpStream::connect(("127.0.0.1", port)).await.is_err(),
