@@ -178,7 +178,7 @@ async fn lifecycle_follows_the_seed_diagram_and_the_relay_shows_it() {
             ]
         );
         let port = agent.public[0].port();
-        // Agent and tunnel are updated one after the other on the relay's thread.
+        // Agent and tunnel are updated one after the other (apart, seen from another thread).
         relay
             .state
             .wait_until(|s| {
@@ -191,8 +191,8 @@ async fn lifecycle_follows_the_seed_diagram_and_the_relay_shows_it() {
         proxy.refuse(true);
         proxy.cut();
         agent.wait_state(AgentState::Reconnecting).await;
-        // The session marks its tunnel reconnecting, then leaves the agent list (on the relay's
-        // own thread: the two can be seen apart), after which the agent shows as reconnecting.
+        // The session marks its tunnel reconnecting, then leaves the agent list (seen from
+        // another thread, the two are apart), after which the agent shows as reconnecting.
         relay
             .state
             .wait_until(|s| {
@@ -267,6 +267,7 @@ impl Keys {
         c.threads = 0;
         c
     }
+
     fn agent(&self, via: SocketAddr, locals: &[SocketAddr]) -> tube_agent::AgentConfig {
         let tunnels = locals
             .iter()
@@ -861,8 +862,8 @@ async fn allow_lists_refuse_other_addresses_before_any_byte() {
         ac.tunnels[0].allow = vec!["127.0.0.2/32".into()];
         let agent = TestAgent::start(ac.clone()).await;
         let public = agent.public[0];
-        // From 127.0.0.1: reset, nothing forwarded (the relay's threads may reset it before
-        // `connect` has returned here).
+        // From 127.0.0.1: reset, nothing forwarded (a relay on threads of its own may reset it
+        // before `connect` has returned here).
         match TcpStream::connect(public).await {
             Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
             Ok(mut u) => {
@@ -930,6 +931,57 @@ async fn a_rate_limited_registration_waits_on_the_same_connection_and_keeps_the_
             assert_eq!(roundtrip(&mut u, b"both").await, b"both");
         }
         agent.stop().await;
+        relay.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_goodbye_right_behind_a_heartbeat_removes_the_tunnel() {
+    init_tracing();
+    deadline(LIMIT, async {
+        let keys = Keys::new();
+        // The relay on this test's runtime: it runs only when the test waits, so it reads the
+        // heartbeat, the goodbye and the close in one go, every time. Which of the close and
+        // the heartbeat's answer it then sees first is up to `select!`: ten agents in turn.
+        let mut cfg = keys.config(None);
+        cfg.threads = 0;
+        let relay = TestRelay::start_with(cfg).await;
+        let alice = keys.jwt.mint("alice", Duration::from_secs(3600));
+        for i in 0..10 {
+            let mut c = authed(relay.addr, keys.identity.fingerprint(), &alice).await;
+            let (id, endpoint, _) = open_tunnel(&mut c, tcp_tunnel(&format!("brief-{i}"))).await;
+            let port = endpoint.port();
+            relay
+                .state
+                .wait_until(|s| s.tunnel_by_port(port).is_some_and(|t| t.state == "active"))
+                .await;
+            // As a stopping agent does: a last heartbeat, the goodbye right behind it, and the
+            // connection closed, before the relay has answered the heartbeat.
+            let hb = ControlMessage::Heartbeat {
+                tunnel_id: id,
+                stats: Default::default(),
+            };
+            send_control(&mut c, &hb).await.unwrap();
+            let bye = ControlMessage::Disconnect {
+                reason: "agent stopping".into(),
+            };
+            send_control(&mut c, &bye).await.unwrap();
+            drop(c);
+            // The tunnel is removed, not kept as a lease for a reconnect that never comes.
+            relay
+                .state
+                .wait_until(|s| {
+                    s.tunnel_by_port(port)
+                        .is_none_or(|t| t.state == "reconnecting")
+                })
+                .await;
+            assert_eq!(
+                relay.state.tunnel_by_port(port).map(|t| t.state),
+                None,
+                "agent {i}: the goodbye was lost"
+            );
+        }
         relay.stop().await;
     })
     .await;

@@ -174,6 +174,15 @@ impl Session {
                 }
             }
         }
+        // A goodbye the agent sent before its connection closed counts however the loop ended:
+        // a stopping agent sends a last heartbeat, its goodbye and its close together, and the
+        // close can end the loop while the heartbeat's answer is still being sent.
+        while !goodbye && let Ok(msg) = events.control.try_recv() {
+            if let ControlMessage::Disconnect { reason } = msg {
+                tracing::info!(%reason, "agent disconnected");
+                goodbye = true;
+            }
+        }
         // Stop every listener and user connection of this agent before touching its tunnels.
         self.token.cancel();
         self.pending.clear();
