@@ -52,7 +52,12 @@ pub(crate) async fn session(
         locals: HashMap::new(),
         since: HashMap::new(),
     };
-    let result = serving.serve(&mut ev, life, shutdown).await;
+    let result = match serving.serve(&mut ev, life, shutdown).await {
+        Err(AgentError::ConnectionLost(why)) => {
+            Err(last_word(&mut ev).unwrap_or(AgentError::ConnectionLost(why)))
+        }
+        r => r,
+    };
     token.cancel();
     tracker.close();
     streams.close();
@@ -159,6 +164,35 @@ async fn authenticate(config: &AgentConfig, conn: &mut Conn) -> Result<(), Agent
             other.kind()
         ))),
     }
+}
+
+/// The relay's last word, if it sent one before closing (an error, a goodbye) that the serving
+/// loop did not read: the relay sends its error and closes together, and the close can win the
+/// loop's race with the message already delivered. Read it so that a final refusal stops the
+/// agent and a `retry_after` is honoured, instead of a plain lost connection.
+fn last_word(ev: &mut tube_net::MuxEvents) -> Option<AgentError> {
+    while let Ok(msg) = ev.control.try_recv() {
+        match msg {
+            ControlMessage::Error {
+                code,
+                message,
+                details,
+            } if details.reason.as_deref() != Some("heartbeat_rate") => {
+                return Some(AgentError::Relay {
+                    code,
+                    message,
+                    retry_after: details.retry_after,
+                });
+            }
+            ControlMessage::Disconnect { reason } => return Some(said_goodbye(&reason)),
+            _ => {}
+        }
+    }
+    None
+}
+
+fn said_goodbye(reason: &str) -> AgentError {
+    AgentError::ConnectionLost(format!("relay said goodbye: {reason}"))
 }
 
 struct Serving<'a> {
@@ -304,7 +338,7 @@ impl Serving<'_> {
                         }
                         ControlMessage::HeartbeatResponse { .. } => {}
                         ControlMessage::Disconnect { reason } => {
-                            return Err(AgentError::ConnectionLost(format!("relay said goodbye: {reason}")));
+                            return Err(said_goodbye(&reason));
                         }
                         other => tracing::warn!(kind = other.kind(), "ignoring unexpected control message"),
                     }

@@ -988,6 +988,35 @@ async fn a_goodbye_right_behind_a_heartbeat_removes_the_tunnel() {
 }
 
 #[tokio::test]
+async fn an_agent_reports_the_relay_stopping_not_a_lost_connection() {
+    init_tracing();
+    deadline(LIMIT, async {
+        let keys = Keys::new();
+        let svc = echo_server().await;
+        // Relay and agent on this test's runtime: the agent reads the relay's SHUTTING_DOWN
+        // and its close in one go, and its serving loop then sees both at once. Which it
+        // takes is up to `select!`: ten relays in turn.
+        for i in 0..10 {
+            let mut cfg = keys.config(None);
+            cfg.threads = 0;
+            let relay = TestRelay::start_with(cfg).await;
+            let mut agent = TestAgent::start(keys.agent(relay.addr, &[svc.addr])).await;
+            relay.stop().await;
+            let reason = loop {
+                match agent.events.recv().await {
+                    Some(AgentEvent::Retrying { reason, .. }) => break reason,
+                    Some(_) => {}
+                    None => panic!("agent {i} ended"),
+                }
+            };
+            assert!(reason.contains("5001 SHUTTING_DOWN"), "agent {i}: {reason}");
+            agent.kill().await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn a_lease_expires_after_its_grace_period_and_the_port_is_free_again() {
     init_tracing();
     deadline(LIMIT, async {
