@@ -238,14 +238,16 @@ struct Inner {
     /// Frames handed to `data_tx` and not yet written: a stream task may write directly only
     /// when this is 0 (checked while holding `out`), so it never overtakes its own queued frames.
     unwritten: AtomicUsize,
-    /// The transport's write half and the batch being written: held by the writer task while
-    /// it writes, taken without waiting by a stream task writing directly.
-    out: tokio::sync::Mutex<Out>,
+    /// The transport's write half and the batch being written. The writer task takes it out
+    /// while it writes (and puts it back); a stream task writes directly under the lock, never
+    /// waiting for it. A plain lock: tokio's also locks its waiter list on every release, and
+    /// this one is taken and released for every message written directly.
+    out: Mutex<Option<Out>>,
     /// Wakes the writer task to finish what a direct write left (a partial write, a flush).
     writer_wake: Notify,
     urgent_tx: mpsc::UnboundedSender<(Frame, bool)>,
     peer_urgent: AtomicUsize,
-    streams: Mutex<HashMap<u32, Arc<StreamShared>>>,
+    streams: Mutex<HashMap<u32, Arc<StreamShared>, IdHash>>,
     next_id: AtomicU32,
     closed: CancellationToken,
     /// Set by [`Inner::close`] before `closed` is cancelled: what the hot paths check (a
@@ -518,11 +520,11 @@ impl Mux {
             role,
             data_tx,
             unwritten: AtomicUsize::new(0),
-            out: tokio::sync::Mutex::new(out),
+            out: Mutex::new(Some(out)),
             writer_wake: Notify::new(),
             urgent_tx,
             peer_urgent: AtomicUsize::new(0),
-            streams: Mutex::new(HashMap::new()),
+            streams: Mutex::new(HashMap::with_hasher(IdHash::new())),
             next_id: AtomicU32::new(1),
             closed: cancel,
             closing: AtomicBool::new(false),
@@ -643,7 +645,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 fn new_stream(
     inner: &Arc<Inner>,
     id: u32,
-    streams: &mut HashMap<u32, Arc<StreamShared>>,
+    streams: &mut HashMap<u32, Arc<StreamShared>, IdHash>,
 ) -> MuxStream {
     let (tx, rx) = mpsc::unbounded_channel();
     let shared = Arc::new(StreamShared {
@@ -747,87 +749,86 @@ impl Inner {
     /// otherwise. What the transport does not take at once stays in the batch for the writer
     /// task, which is woken to finish it.
     fn write_direct(&self, id: u32, data: &mut Bytes) -> bool {
-        let Some(mut out) = self.direct_out() else {
-            return false;
-        };
-        while !data.is_empty() {
-            let chunk = data.split_to(data.len().min(MAX_DATA_PAYLOAD as usize));
-            out.batch.push(Frame::Data {
-                stream: id,
-                data: chunk,
-            });
-        }
-        self.write_now(out);
-        true
+        self.write_here(true, |batch| {
+            while !data.is_empty() {
+                let chunk = data.split_to(data.len().min(MAX_DATA_PAYLOAD as usize));
+                batch.push(Frame::Data {
+                    stream: id,
+                    data: chunk,
+                });
+            }
+        })
     }
 
     /// [`Inner::write_direct`] for bytes the caller lends: copied straight into the batch (no
     /// buffer of their own), or `false` with nothing taken.
     fn write_direct_slice(&self, id: u32, data: &[u8]) -> bool {
-        let Some(mut out) = self.direct_out() else {
-            return false;
-        };
-        for chunk in data.chunks(MAX_DATA_PAYLOAD as usize) {
-            out.batch.push_data_slice(id, chunk);
-        }
-        self.write_now(out);
-        true
+        self.write_here(true, |batch| {
+            for chunk in data.chunks(MAX_DATA_PAYLOAD as usize) {
+                batch.push_data_slice(id, chunk);
+            }
+        })
     }
 
     /// Writes `frame` (OPEN, FIN, RESET) into the transport from the calling task under the
     /// same conditions as DATA (see [`Inner::write_direct`]): a new connection or a close costs
     /// no wake-up of the writer task. The frame is handed back when it must be queued.
     fn write_frame_direct(&self, frame: Frame) -> Result<(), Frame> {
-        let Some(mut out) = self.direct_out() else {
-            return Err(frame);
-        };
-        out.batch.push(frame);
-        self.write_now(out);
-        Ok(())
+        let mut slot = Some(frame);
+        self.write_here(true, |batch| {
+            if let Some(f) = slot.take() {
+                batch.push(f);
+            }
+        });
+        slot.map_or(Ok(()), Err)
     }
 
-    /// The transport, for a write from the calling task: only while the writer task is idle
-    /// and nothing handed to the data queue is still unwritten, so nothing overtakes a queued
-    /// frame.
-    fn direct_out(&self) -> Option<tokio::sync::MutexGuard<'_, Out>> {
+    /// Adds frames to the batch with `fill` and writes it from the calling task as far as the
+    /// transport takes it without waiting (the writer task is woken to finish the rest; a write
+    /// error closes the connection). Only while the writer task is idle and, `in_order`, nothing
+    /// handed to the data queue is still unwritten, so nothing overtakes a queued frame; false,
+    /// with `fill` not run, otherwise.
+    fn write_here(&self, in_order: bool, fill: impl FnOnce(&mut Batch)) -> bool {
         if self.is_closing() {
-            return None;
+            return false;
         }
-        let out = self.out.try_lock().ok()?;
+        let Ok(mut guard) = self.out.try_lock() else {
+            return false;
+        };
+        let Some(Out { wr, batch }) = guard.as_mut() else {
+            return false; // the writer task has it
+        };
         // A batch left by an earlier direct write that the transport did not take means the
         // transport is slow: queue, so the data queue's bound holds back every stream.
-        (self.unwritten.load(Ordering::Acquire) == 0 && out.batch.is_empty()).then_some(out)
-    }
-
-    /// Writes what `out` holds as far as the transport takes it without waiting; the writer
-    /// task is woken to finish the rest. A write error closes the connection.
-    fn write_now(&self, mut out: tokio::sync::MutexGuard<'_, Out>) {
-        let Out { wr, batch } = &mut *out;
+        if in_order && (self.unwritten.load(Ordering::Acquire) != 0 || !batch.is_empty()) {
+            return false;
+        }
+        fill(batch);
         let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
         match batch.poll_write_to(wr, &mut cx) {
             std::task::Poll::Ready(Ok(())) => {}
             std::task::Poll::Ready(Err(e)) => {
-                drop(out);
+                drop(guard);
                 self.close(MuxError::Io(e.to_string()));
             }
             std::task::Poll::Pending => self.writer_wake.notify_one(),
         }
+        true
     }
 
     /// Sends WINDOW frames (and a probing PING): written into the transport by the calling
     /// task when nobody else is writing (no wake-up of the writer task, which often sleeps on
     /// the other thread), handed to the writer task otherwise. They may overtake queued frames.
     fn send_credit(&self, frames: impl IntoIterator<Item = Frame>) {
-        if !self.is_closing()
-            && let Ok(mut out) = self.out.try_lock()
-        {
-            for f in frames {
-                out.batch.push(f);
-            }
-            self.write_now(out);
-            return;
-        }
-        for f in frames {
+        let mut frames = Some(frames);
+        self.write_here(false, |batch| {
+            frames
+                .take()
+                .into_iter()
+                .flatten()
+                .for_each(|f| batch.push(f));
+        });
+        for f in frames.into_iter().flatten() {
             let _ = self.urgent_tx.send((f, false));
         }
     }
@@ -847,6 +848,61 @@ impl Inner {
 
     fn stream(&self, id: u32) -> Option<Arc<StreamShared>> {
         lock(&self.streams).get(&id).cloned()
+    }
+}
+
+/// Hashes stream ids for the connection's stream table: one keyed multiply per lookup
+/// instead of SipHash's rounds (every DATA frame looks its stream up). The peer picks the ids
+/// it opens, so the keys are secret and random per connection: without them it cannot choose
+/// ids that collide.
+#[derive(Clone, Copy)]
+struct IdHash {
+    xor: u64,
+    mul: u64,
+}
+
+impl IdHash {
+    fn new() -> Self {
+        use std::hash::BuildHasher;
+        // Seeded by the standard library's per-process random keys, varied per table.
+        let rs = std::hash::RandomState::new();
+        Self {
+            xor: rs.hash_one(0u8),
+            mul: rs.hash_one(1u8) | 1,
+        }
+    }
+}
+
+impl std::hash::BuildHasher for IdHash {
+    type Hasher = IdHasher;
+    fn build_hasher(&self) -> IdHasher {
+        IdHasher {
+            keys: *self,
+            hash: 0,
+        }
+    }
+}
+
+/// [`IdHash`]'s hasher: the 128-bit product of the keyed id and the secret multiplier, its
+/// halves folded together (every bit of the id reaches the high and the low bits).
+struct IdHasher {
+    keys: IdHash,
+    hash: u64,
+}
+
+impl std::hash::Hasher for IdHasher {
+    fn write_u32(&mut self, id: u32) {
+        let m = u128::from(u64::from(id) ^ self.keys.xor ^ self.hash) * u128::from(self.keys.mul);
+        self.hash = (m as u64) ^ ((m >> 64) as u64);
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        // Only u32 keys are hashed here; anything else still hashes, byte by byte.
+        for &b in bytes {
+            self.write_u32(u32::from(b));
+        }
+    }
+    fn finish(&self) -> u64 {
+        self.hash
     }
 }
 
@@ -1351,7 +1407,7 @@ async fn write_loop(
     urgent_rx: mpsc::UnboundedReceiver<(Frame, bool)>,
 ) {
     write_until_closed(&inner, data_rx, urgent_rx).await;
-    inner.out.lock().await.wr = Box::pin(tokio::io::sink());
+    drop(lock(&inner.out).take());
 }
 
 async fn write_until_closed(
@@ -1380,8 +1436,12 @@ async fn write_until_closed(
             }
         }
         first = false;
-        let mut out = inner.out.lock().await;
-        let Out { wr, batch } = &mut *out;
+        // Only this task takes `out` away, so it is there (a stream task may hold the lock for
+        // the length of one non-blocking write).
+        let Some(mut out) = lock(&inner.out).take() else {
+            return;
+        };
+        let Out { wr, batch } = &mut out;
         // Data frames taken from the queue: no longer unwritten once this write is done.
         let mut taken = 0;
         if let Some((f, owed, data)) = got {
@@ -1415,8 +1475,8 @@ async fn write_until_closed(
             }
         };
         inner.unwritten.fetch_sub(taken, Ordering::AcqRel);
+        *lock(&inner.out) = Some(out);
         if let Err(e) = res {
-            drop(out);
             inner.close(MuxError::Io(e.to_string()));
             return;
         }
@@ -1432,8 +1492,10 @@ async fn write_until_closed(
             last.push(f);
         }
     }
+    let Some(mut out) = lock(&inner.out).take() else {
+        return;
+    };
     let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
-        let mut out = inner.out.lock().await;
         if !last.is_empty() {
             last.write_to(&mut out.wr).await?;
         }
@@ -1775,6 +1837,28 @@ mod tests {
     use futures_util::{SinkExt, StreamExt};
     use std::time::Duration;
     use tokio::io::AsyncReadExt;
+
+    #[test]
+    fn stream_ids_hash_apart_and_differently_per_table() {
+        use std::collections::HashSet;
+        use std::hash::BuildHasher;
+        let (a, b) = (IdHash::new(), IdHash::new());
+        // Ids a peer might pick: consecutive, and apart only in their high bits. The low 10
+        // bits of their hashes (a table's bucket of 1,024) spread as random ones would
+        // (about 647 distinct of 1,024 expected; identical low bits would give 1).
+        for ids in [
+            (0..1024u32).collect::<Vec<_>>(),
+            (0..1024u32).map(|i| i << 22).collect(),
+        ] {
+            let buckets: HashSet<u64> = ids.iter().map(|&i| a.hash_one(i) & 1023).collect();
+            assert!(buckets.len() > 550, "{} buckets", buckets.len());
+        }
+        // Another table, other keys: a collision found against one says nothing of the next.
+        let same = (0..1024u32)
+            .filter(|&i| a.hash_one(i) == b.hash_one(i))
+            .count();
+        assert_eq!(same, 0);
+    }
 
     /// A mux on one end of an in-memory pipe, raw frames on the other.
     fn pair(
