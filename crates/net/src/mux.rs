@@ -758,6 +758,7 @@ impl Inner {
                 });
             }
         })
+        .is_some()
     }
 
     /// [`Inner::write_direct`] for bytes the caller lends: copied straight into the batch (no
@@ -768,6 +769,7 @@ impl Inner {
                 batch.push_data_slice(id, chunk);
             }
         })
+        .is_some()
     }
 
     /// Writes `frame` (OPEN, FIN, RESET) into the transport from the calling task under the
@@ -786,24 +788,26 @@ impl Inner {
     /// Adds frames to the batch with `fill` and writes it from the calling task as far as the
     /// transport takes it without waiting (the writer task is woken to finish the rest; a write
     /// error closes the connection). Only while the writer task is idle and, `in_order`, nothing
-    /// handed to the data queue is still unwritten, so nothing overtakes a queued frame; false,
+    /// handed to the data queue is still unwritten, so nothing overtakes a queued frame; `None`,
     /// with `fill` not run, otherwise.
-    fn write_here(&self, in_order: bool, fill: impl FnOnce(&mut Batch)) -> bool {
+    fn write_here<T>(&self, in_order: bool, fill: impl FnOnce(&mut Batch) -> T) -> Option<T> {
         if self.is_closing() {
-            return false;
+            return None;
         }
         let Ok(mut guard) = self.out.try_lock() else {
-            return false;
+            return None;
         };
-        let Some(Out { wr, batch }) = guard.as_mut() else {
-            return false; // the writer task has it
-        };
+        // `None`: the writer task has it.
+        let Out { wr, batch } = guard.as_mut()?;
         // A batch left by an earlier direct write that the transport did not take means the
         // transport is slow: queue, so the data queue's bound holds back every stream.
         if in_order && (self.unwritten.load(Ordering::Acquire) != 0 || !batch.is_empty()) {
-            return false;
+            return None;
         }
-        fill(batch);
+        let filled = fill(batch);
+        if batch.is_empty() {
+            return Some(filled);
+        }
         let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
         match batch.poll_write_to(wr, &mut cx) {
             std::task::Poll::Ready(Ok(())) => {}
@@ -813,7 +817,7 @@ impl Inner {
             }
             std::task::Poll::Pending => self.writer_wake.notify_one(),
         }
-        true
+        Some(filled)
     }
 
     /// Sends WINDOW frames (and a probing PING): written into the transport by the calling
@@ -851,14 +855,13 @@ impl Inner {
     }
 }
 
-/// Hashes stream ids for the connection's stream table: one keyed multiply per lookup
+/// Hashes stream ids for the connection's stream table: two keyed multiplies per lookup
 /// instead of SipHash's rounds (every DATA frame looks its stream up). The peer picks the ids
-/// it opens, so the keys are secret and random per connection: without them it cannot choose
-/// ids that collide.
+/// it opens, so the keys are secret and random per table: without them it cannot choose ids
+/// that collide.
 #[derive(Clone, Copy)]
 struct IdHash {
-    xor: u64,
-    mul: u64,
+    keys: [u64; 4],
 }
 
 impl IdHash {
@@ -867,8 +870,7 @@ impl IdHash {
         // Seeded by the standard library's per-process random keys, varied per table.
         let rs = std::hash::RandomState::new();
         Self {
-            xor: rs.hash_one(0u8),
-            mul: rs.hash_one(1u8) | 1,
+            keys: [0u8, 1, 2, 3].map(|i| rs.hash_one(i) | u64::from(i % 2)),
         }
     }
 }
@@ -877,23 +879,29 @@ impl std::hash::BuildHasher for IdHash {
     type Hasher = IdHasher;
     fn build_hasher(&self) -> IdHasher {
         IdHasher {
-            keys: *self,
+            keys: self.keys,
             hash: 0,
         }
     }
 }
 
-/// [`IdHash`]'s hasher: the 128-bit product of the keyed id and the secret multiplier, its
-/// halves folded together (every bit of the id reaches the high and the low bits).
+/// [`IdHash`]'s hasher. Each round xors in a key and folds together the halves of the 128-bit
+/// product with an odd key (every input bit reaches every output bit); one round alone leaves
+/// some keys spreading ids that differ only in their high bits over a tenth of a table.
 struct IdHasher {
-    keys: IdHash,
+    keys: [u64; 4],
     hash: u64,
+}
+
+fn fold(x: u64, mul: u64) -> u64 {
+    let m = u128::from(x) * u128::from(mul);
+    (m as u64) ^ ((m >> 64) as u64)
 }
 
 impl std::hash::Hasher for IdHasher {
     fn write_u32(&mut self, id: u32) {
-        let m = u128::from(u64::from(id) ^ self.keys.xor ^ self.hash) * u128::from(self.keys.mul);
-        self.hash = (m as u64) ^ ((m >> 64) as u64);
+        let [a, b, c, d] = self.keys;
+        self.hash = fold(fold(u64::from(id) ^ self.hash ^ a, b) ^ c, d);
     }
     fn write(&mut self, bytes: &[u8]) {
         // Only u32 keys are hashed here; anything else still hashes, byte by byte.
@@ -1311,6 +1319,34 @@ struct Batch {
 
 impl Batch {
     /// Adds a DATA frame of `stream` carrying a copy of `data` (at most one frame's payload).
+    /// Reads one DATA frame's payload for `stream`, at most `max` bytes, from `rd` into the
+    /// batch where it is written from. `Ready(Ok(n))` with `n > 0` keeps the frame; the end of
+    /// the stream (`Ok(0)`), an error or `Pending` (the task's waker is registered with `rd`)
+    /// leave the batch as it was.
+    fn read_data<R: AsyncRead + Unpin>(
+        &mut self,
+        stream: u32,
+        max: usize,
+        rd: &mut R,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        use bytes::BufMut;
+        let start = self.head.len();
+        self.head.reserve(frame::HEADER_LEN + max);
+        self.head.put_bytes(0, frame::HEADER_LEN);
+        let mut room = (&mut self.head).limit(max);
+        let r = tokio_util::io::poll_read_buf(std::pin::Pin::new(rd), cx, &mut room);
+        match r {
+            std::task::Poll::Ready(Ok(n)) if n > 0 => {
+                self.head[start..start + frame::HEADER_LEN]
+                    .copy_from_slice(&frame::data_header(stream, n));
+                self.len += frame::HEADER_LEN + n;
+            }
+            _ => self.head.truncate(start),
+        }
+        r
+    }
+
     fn push_data_slice(&mut self, stream: u32, data: &[u8]) {
         self.head.reserve(frame::HEADER_LEN + data.len());
         frame::encode_data_header(stream, data.len(), &mut self.head);
@@ -1621,6 +1657,29 @@ impl StreamTx {
         Ok(())
     }
 
+    /// Reads at most `max` bytes of reserved credit's worth (and at most one DATA frame's) from
+    /// `rd` straight into the connection's next TLS write, and writes them: no buffer of the
+    /// stream's own, one copy fewer than reading first and sending with
+    /// [`StreamTx::send_reserved_slice`]. Only when the stream may write directly (as there);
+    /// `None`, with nothing read, when it may not. `Some(Ready(Ok(0)))` is the end of `rd`
+    /// (nothing sent); `Some(Pending)`, that `rd` had nothing (the task's waker is registered).
+    pub fn read_direct<R: AsyncRead + Unpin>(
+        &self,
+        rd: &mut R,
+        max: usize,
+        cx: &mut std::task::Context<'_>,
+    ) -> Option<std::task::Poll<std::io::Result<usize>>> {
+        let max = max.min(MAX_DATA_PAYLOAD as usize);
+        let id = self.shared.id;
+        let r = self
+            .mux
+            .write_here(true, |batch| batch.read_data(id, max, rd, cx))?;
+        if let std::task::Poll::Ready(Ok(n)) = r {
+            self.shared.reserved.fetch_sub(n, Ordering::Relaxed);
+        }
+        Some(r)
+    }
+
     /// [`StreamTx::send_reserved`] for bytes the caller lends (a short read from a socket):
     /// written from the slice when the transport is free, copied into frames and queued
     /// otherwise.
@@ -1839,20 +1898,60 @@ mod tests {
     use tokio::io::AsyncReadExt;
 
     #[test]
+    fn a_read_into_the_batch_is_one_data_frame_or_nothing() {
+        use std::task::{Context, Poll, Waker};
+        let mut cx = Context::from_waker(Waker::noop());
+        let frames = |fs: &[Frame]| {
+            let mut b = BytesMut::new();
+            fs.iter().for_each(|f| frame::encode(f, &mut b));
+            b
+        };
+        let data = |stream, d: &'static [u8]| Frame::Data {
+            stream,
+            data: Bytes::from_static(d),
+        };
+        let mut batch = Batch::default();
+        batch.push_data_slice(1, b"ab");
+        // At most `max` bytes, framed behind what the batch held.
+        let mut rd: &[u8] = b"hello world";
+        let r = batch.read_data(2, 5, &mut rd, &mut cx);
+        assert!(matches!(r, Poll::Ready(Ok(5))));
+        assert_eq!(rd, b" world");
+        let want = frames(&[data(1, b"ab"), data(2, b"hello")]);
+        assert_eq!(&batch.head[..], &want[..]);
+        assert_eq!(batch.len, want.len());
+        // The end of the reader, or nothing to read yet: the batch as it was.
+        let mut empty: &[u8] = b"";
+        assert!(matches!(
+            batch.read_data(3, 5, &mut empty, &mut cx),
+            Poll::Ready(Ok(0))
+        ));
+        let (_w, mut quiet) = tokio::io::duplex(64);
+        assert!(batch.read_data(3, 5, &mut quiet, &mut cx).is_pending());
+        assert_eq!(&batch.head[..], &want[..]);
+        assert_eq!(batch.len, want.len());
+    }
+
+    #[test]
     fn stream_ids_hash_apart_and_differently_per_table() {
         use std::collections::HashSet;
         use std::hash::BuildHasher;
-        let (a, b) = (IdHash::new(), IdHash::new());
         // Ids a peer might pick: consecutive, and apart only in their high bits. The low 10
-        // bits of their hashes (a table's bucket of 1,024) spread as random ones would
-        // (about 647 distinct of 1,024 expected; identical low bits would give 1).
-        for ids in [
-            (0..1024u32).collect::<Vec<_>>(),
-            (0..1024u32).map(|i| i << 22).collect(),
-        ] {
-            let buckets: HashSet<u64> = ids.iter().map(|&i| a.hash_one(i) & 1023).collect();
-            assert!(buckets.len() > 550, "{} buckets", buckets.len());
+        // bits of their hashes (a table's bucket of 1,024) spread as random ones would (about
+        // 647 distinct of 1,024 expected, 550 is 11 standard deviations below) under each of
+        // 200 tables' keys: a weak key (one round of xor and multiply has them, down to 93)
+        // would show.
+        for _ in 0..200 {
+            let a = IdHash::new();
+            for ids in [
+                (0..1024u32).collect::<Vec<_>>(),
+                (0..1024u32).map(|i| i << 22).collect(),
+            ] {
+                let buckets: HashSet<u64> = ids.iter().map(|&i| a.hash_one(i) & 1023).collect();
+                assert!(buckets.len() > 550, "{} buckets", buckets.len());
+            }
         }
+        let (a, b) = (IdHash::new(), IdHash::new());
         // Another table, other keys: a collision found against one says nothing of the next.
         let same = (0..1024u32)
             .filter(|&i| a.hash_one(i) == b.hash_one(i))

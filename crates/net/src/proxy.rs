@@ -151,9 +151,24 @@ async fn socket_to_stream(
             return Err(Failure::Socket);
         }
         // At most the credit reserved: the buffer may be larger.
-        let mut buf = ReadBuffer::take();
-        let room = credit.min(buf.space().len());
-        match read_now(rd, &mut buf.space()[..room]).await {
+        let room = credit.min(pool::BUF_LEN);
+        // Up to one frame's worth goes straight from the socket into the connection's next TLS
+        // write while the stream may write directly (no buffer, nothing to send after).
+        let direct = if room <= SHORT {
+            std::future::poll_fn(|cx| Poll::Ready(tx.read_direct(rd, room, cx))).await
+        } else {
+            None
+        };
+        let mut buf = None;
+        let read = match direct {
+            Some(Poll::Ready(r)) => r,
+            Some(Poll::Pending) => Err(io::ErrorKind::WouldBlock.into()),
+            None => {
+                let b = buf.insert(ReadBuffer::take());
+                read_now(rd, &mut b.space()[..room]).await
+            }
+        };
+        match read {
             Ok(0) => {
                 ended.store(true, Ordering::Relaxed);
                 tx.give_back(credit);
@@ -170,15 +185,17 @@ async fn socket_to_stream(
                 } else {
                     (n * 2).max(FIRST_READ)
                 };
-                // A short read is copied out (into the TLS batch when it is written at once)
-                // and the buffer goes straight back, so queued data never pins much more
-                // memory than it carries.
-                let sent = if n < pool::BUF_LEN / 4 {
-                    tx.send_reserved_slice(&buf.space()[..n]).await
-                } else {
-                    tx.send_reserved(buf.freeze(n)).await
-                };
-                sent.map_err(|_| Failure::Stream)?;
+                // Read into a buffer: a short read is copied out (into the TLS batch when it
+                // is written at once) and the buffer goes straight back, so queued data never
+                // pins much more memory than it carries.
+                if let Some(mut buf) = buf {
+                    let sent = if n < SHORT {
+                        tx.send_reserved_slice(&buf.space()[..n]).await
+                    } else {
+                        tx.send_reserved(buf.freeze(n)).await
+                    };
+                    sent.map_err(|_| Failure::Stream)?;
+                }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(_) => {
@@ -249,6 +266,10 @@ async fn stream_to_socket(
 /// this: small messages cost a small allocation, while a bulk flow grows its reads fourfold per
 /// full read up to the mux's reservation limit.
 const FIRST_READ: usize = 4 * 1024;
+
+/// Reads up to this long are read straight into the connection's TLS batch when they can be,
+/// and copied out of their buffer otherwise: one DATA frame's payload.
+const SHORT: usize = pool::BUF_LEN / 4;
 
 /// Bytes gathered from a stream's queue for one write to its socket.
 const GATHER: usize = 256 * 1024;

@@ -240,10 +240,17 @@ pub fn encode(frame: &Frame, dst: &mut BytesMut) {
 /// [`encode`] writes before the payload, for writers that send the payload from where it lies
 /// (vectored writes) instead of copying it.
 pub fn encode_data_header(stream: u32, len: usize, dst: &mut BytesMut) {
-    dst.reserve(HEADER_LEN);
-    dst.put_u8(FrameKind::Data as u8);
-    dst.put_u32(stream);
-    dst.put_u32(len as u32);
+    dst.extend_from_slice(&data_header(stream, len));
+}
+
+/// The 9-byte header of a DATA frame carrying `len` bytes on `stream`, for a writer that puts
+/// the payload in place first and the header in front of it after.
+pub fn data_header(stream: u32, len: usize) -> [u8; HEADER_LEN] {
+    let mut h = [0; HEADER_LEN];
+    h[0] = FrameKind::Data as u8;
+    h[1..5].copy_from_slice(&stream.to_be_bytes());
+    h[5..9].copy_from_slice(&(len as u32).to_be_bytes());
+    h
 }
 
 /// A frame header that passed every check a header alone allows: `len` bytes of payload
