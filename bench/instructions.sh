@@ -14,7 +14,9 @@
 # misses only what its own round trip does not fit; on the machine, the kernel and the other
 # processes evict more, so the code a round trip runs is worth keeping under 32 KiB).
 # Needs valgrind (Debian package `valgrind`). Prints one JSON line; with OUT set, the files
-# can be read with `callgrind_annotate --inclusive=yes OUT/cg.PID.1`.
+# can be read with `callgrind_annotate --inclusive=yes OUT/cg.PID.1`, and `python3
+# bench/hotcode.py OUT/cg.PID.1 COUNT` counts the code a round trip runs (its cache lines, by
+# function).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
