@@ -77,9 +77,7 @@ stop_round() {
 for ((round = 1; round <= ROUNDS; round++)); do
     start_round
     if ((round % 2)); then ORDER=("${SYSTEMS[@]}"); else ORDER=("${REVERSED[@]}"); fi
-    # A short run through every system first, not counted: on the third machine the first
-    # run of a round measured about 30 % slower than the later ones (whichever system it was),
-    # which the alternation cancels only on average while it swamps any single round.
+    # Warm-up through every system, not counted (see the header).
     for s in "${ORDER[@]}"; do
         "$BIN/tube-loadgen" --timeout 60 rtt --addr "${ADDR[$s]}" --count 500 --size 64 >/dev/null
     done

@@ -3,6 +3,7 @@
 //! reconnect tokens), then serve streams and heartbeats until the connection ends.
 
 use super::*;
+use tube_proto::control::ErrorDetails;
 
 type Conn = HandshakeConn<SecureStream<TcpStream>>;
 
@@ -115,11 +116,7 @@ async fn connect(config: &AgentConfig) -> Result<(Conn, u32), AgentError> {
             code,
             message,
             details,
-        }) => Err(AgentError::Relay {
-            code,
-            message,
-            retry_after: details.retry_after,
-        }),
+        }) => Err(relay_error(code, message, &details)),
         Ok(other) => Err(AgentError::Protocol(format!(
             "expected greeting, got {}",
             other.kind()
@@ -154,11 +151,7 @@ async fn authenticate(config: &AgentConfig, conn: &mut Conn) -> Result<(), Agent
             code,
             message,
             details,
-        })) => Err(AgentError::Relay {
-            code,
-            message,
-            retry_after: details.retry_after,
-        }),
+        })) => Err(relay_error(code, message, &details)),
         Ok(Ok(other)) => Err(AgentError::Protocol(format!(
             "unexpected {} message",
             other.kind()
@@ -177,18 +170,28 @@ fn last_word(ev: &mut tube_net::MuxEvents) -> Option<AgentError> {
                 code,
                 message,
                 details,
-            } if details.reason.as_deref() != Some("heartbeat_rate") => {
-                return Some(AgentError::Relay {
-                    code,
-                    message,
-                    retry_after: details.retry_after,
-                });
+            } if !is_heartbeat_warning(code, &details) => {
+                return Some(relay_error(code, message, &details));
             }
             ControlMessage::Disconnect { reason } => return Some(said_goodbye(&reason)),
             _ => {}
         }
     }
     None
+}
+
+/// An `error` message from the relay as the agent's error.
+fn relay_error(code: u16, message: String, details: &ErrorDetails) -> AgentError {
+    AgentError::Relay {
+        code,
+        message,
+        retry_after: details.retry_after,
+    }
+}
+
+/// A refused heartbeat (sent too often): a warning, the connection goes on.
+fn is_heartbeat_warning(code: u16, details: &ErrorDetails) -> bool {
+    code == ErrorCode::RateLimit as u16 && details.reason.as_deref() == Some("heartbeat_rate")
 }
 
 fn said_goodbye(reason: &str) -> AgentError {
@@ -307,8 +310,7 @@ impl Serving<'_> {
                             next += 1;
                         }
                         ControlMessage::Error { code, message, details } => {
-                            let reason = details.reason.as_deref().unwrap_or("");
-                            if code == ErrorCode::RateLimit as u16 && reason == "heartbeat_rate" {
+                            if is_heartbeat_warning(code, &details) {
                                 tracing::warn!(%message, "relay refused a heartbeat as too frequent");
                                 continue;
                             }
@@ -326,7 +328,7 @@ impl Serving<'_> {
                                 retry_register = Some(Instant::now() + wait);
                                 continue;
                             }
-                            let err = AgentError::Relay { code, message, retry_after: details.retry_after };
+                            let err = relay_error(code, message, &details);
                             if err.is_final() {
                                 // Stopping for good: say goodbye so the relay frees our ports.
                                 self.mux.close_with(&ControlMessage::Disconnect { reason: "refused".into() });

@@ -1002,13 +1002,7 @@ async fn an_agent_reports_the_relay_stopping_not_a_lost_connection() {
             let relay = TestRelay::start_with(cfg).await;
             let mut agent = TestAgent::start(keys.agent(relay.addr, &[svc.addr])).await;
             relay.stop().await;
-            let reason = loop {
-                match agent.events.recv().await {
-                    Some(AgentEvent::Retrying { reason, .. }) => break reason,
-                    Some(_) => {}
-                    None => panic!("agent {i} ended"),
-                }
-            };
+            let reason = agent.next_retry_reason().await;
             assert!(reason.contains("5001 SHUTTING_DOWN"), "agent {i}: {reason}");
             agent.kill().await;
         }

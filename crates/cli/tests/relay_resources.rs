@@ -520,8 +520,7 @@ async fn users_beyond_the_cap_are_refused(relay: TestRelay, mut agent: TestAgent
         users.push(u);
     }
     // A relay on threads of its own may reset the connection before `connect` has returned
-    // here; else
-    // a write may already fail if the reset has arrived; what matters is the read.
+    // here; else a write may already fail if the reset has arrived; what matters is the read.
     match TcpStream::connect(public).await {
         Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
         Ok(mut extra) => {

@@ -1318,7 +1318,6 @@ struct Batch {
 }
 
 impl Batch {
-    /// Adds a DATA frame of `stream` carrying a copy of `data` (at most one frame's payload).
     /// Reads one DATA frame's payload for `stream`, at most `max` bytes, from `rd` into the
     /// batch where it is written from. `Ready(Ok(n))` with `n > 0` keeps the frame; the end of
     /// the stream (`Ok(0)`), an error or `Pending` (the task's waker is registered with `rd`)
@@ -1347,6 +1346,7 @@ impl Batch {
         r
     }
 
+    /// Adds a DATA frame of `stream` carrying a copy of `data` (at most one frame's payload).
     fn push_data_slice(&mut self, stream: u32, data: &[u8]) {
         self.head.reserve(frame::HEADER_LEN + data.len());
         frame::encode_data_header(stream, data.len(), &mut self.head);

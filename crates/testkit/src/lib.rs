@@ -238,6 +238,17 @@ impl TestAgent {
         }
     }
 
+    /// Waits for the agent's next retry and returns why it is retrying.
+    pub async fn next_retry_reason(&mut self) -> String {
+        loop {
+            match self.events.recv().await {
+                Some(AgentEvent::Retrying { reason, .. }) => return reason,
+                Some(_) => {}
+                None => panic!("agent ended before retrying"),
+            }
+        }
+    }
+
     /// Stops the agent cleanly (it says goodbye) and waits for it.
     pub async fn stop(mut self) {
         self.shutdown.cancel();
