@@ -74,9 +74,13 @@ fn main() -> ExitCode {
         cli.command,
         Command::Expose(_) | Command::Msg(_) | Command::Token(_) | Command::Relay(_)
     );
+    // Their blocking work (the relay's lease writes and shard joins, `msg`'s stdin) is one call
+    // at a time, yet tokio's pool starts a new thread whenever a call comes before the last
+    // thread has gone idle: bound it as the relay's shards do.
     let built = if one_thread {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
+            .max_blocking_threads(tube_net::shards::BLOCKING_THREADS)
             .build()
     } else {
         tokio::runtime::Builder::new_multi_thread()

@@ -19,6 +19,13 @@ use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+/// Threads each shard's blocking pool may hold. Blocking work on a shard is short and rare
+/// (the relay's lease writes, which take one database connection's lock in turn): more
+/// threads would only wait on that lock. tokio's default (512 per runtime) starts a thread
+/// whenever a call comes before the last one's thread has gone idle, so a burst of agents
+/// would leave dozens idle for the pool's keep-alive (ten seconds).
+pub const BLOCKING_THREADS: usize = 2;
+
 /// A set of single-threaded runtimes, each on its own thread, that connections are handed to.
 /// [`Shards::stop`] ends them; dropping the set without it lets the threads end on their own.
 #[derive(Debug)]
@@ -38,6 +45,7 @@ impl Shards {
         for i in 0..count.max(1) {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
+                .max_blocking_threads(BLOCKING_THREADS)
                 .thread_name(format!("{name}-{i}-blocking"))
                 .build()?;
             let handle = runtime.handle().clone();
