@@ -74,14 +74,17 @@ fn main() -> ExitCode {
         cli.command,
         Command::Expose(_) | Command::Msg(_) | Command::Token(_) | Command::Relay(_)
     );
-    // Their blocking work (the relay's lease writes and shard joins, `msg`'s stdin) is one call
+    // The relay's own blocking work (removing expired leases, joining its shards) is one call
     // at a time, yet tokio's pool starts a new thread whenever a call comes before the last
-    // thread has gone idle: bound it as the relay's shards do.
+    // one's thread has gone idle: bound it as its shards do. The agent keeps tokio's default:
+    // it resolves a local service's host name (`localhost:3000`) on that pool for every user
+    // connection, and a slow resolver must not hold the others back.
     let built = if one_thread {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .max_blocking_threads(tube_net::shards::BLOCKING_THREADS)
-            .build()
+        let mut b = tokio::runtime::Builder::new_current_thread();
+        if matches!(cli.command, Command::Relay(_)) {
+            b.max_blocking_threads(tube_net::shards::BLOCKING_THREADS);
+        }
+        b.enable_all().build()
     } else {
         tokio::runtime::Builder::new_multi_thread()
             .enable_all()
