@@ -71,7 +71,6 @@ impl Child {
         self.status("VmRSS")
     }
 
-    /// Open file descriptors.
     /// The process's threads by name.
     fn thread_names(&self) -> Vec<String> {
         let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", self.pid)) else {
@@ -85,6 +84,7 @@ impl Child {
         names
     }
 
+    /// Open file descriptors.
     fn fds(&self) -> usize {
         std::fs::read_dir(format!("/proc/{}/fd", self.pid))
             .unwrap_or_else(|e| panic!("read /proc/{}/fd: {e}", self.pid))
