@@ -270,7 +270,11 @@ const FIRST_READ: usize = 4 * 1024;
 
 /// Reads up to this long are read straight into the connection's TLS batch when they can be,
 /// and copied out of their buffer otherwise: one DATA frame's payload.
-const SHORT: usize = pool::BUF_LEN / 4;
+const SHORT: usize = tube_proto::frame::MAX_DATA_PAYLOAD as usize;
+
+// A copied-out read leaves at most a quarter of its pool buffer unused while it waits: queued
+// data never pins much more memory than it carries.
+const _: () = assert!(SHORT * 4 <= pool::BUF_LEN);
 
 /// Bytes gathered from a stream's queue for one write to its socket.
 const GATHER: usize = 256 * 1024;
