@@ -18,12 +18,13 @@ use std::time::{Duration, SystemTime};
 
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
-use tokio::time::{Instant, timeout};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tube_net::codec::{ControlError, HandshakeConn, handshake_conn, recv_control, send_control};
 use tube_net::mux::DEFAULT_WINDOW;
 use tube_net::proxy::Traffic;
+use tube_net::timer::timeout;
 use tube_net::{Fingerprint, Incoming, Mux, MuxConfig, Role, SecureStream, tls};
 use tube_proto::backoff::{Backoff, BackoffConfig};
 use tube_proto::control::{ClientInfo, ControlMessage, TunnelInfo, TunnelStats, describe_code};
@@ -295,7 +296,7 @@ pub async fn run(
                 }
                 return Ok(());
             }
-            _ = tokio::time::sleep(delay) => {}
+            _ = tube_net::timer::sleep(delay) => {}
         }
     }
 }

@@ -270,7 +270,7 @@ impl Serving<'_> {
                     self.send(hb).await?;
                     barrier = true;
                 }
-                _ = tokio::time::sleep_until(drain.unwrap_or(register_deadline)), if drain.is_some() => {
+                _ = tube_net::timer::sleep_until(drain.unwrap_or(register_deadline)), if drain.is_some() => {
                     if !self.streams.is_empty() {
                         tracing::warn!(open_streams = self.streams.len(), "streams still open after the shutdown grace, closing them");
                     }
@@ -278,15 +278,15 @@ impl Serving<'_> {
                     return Ok(());
                 }
                 _ = self.token.cancelled() => return Err(lost(self.mux)),
-                _ = tokio::time::sleep_until(retry_register.unwrap_or(register_deadline)), if retry_register.is_some() => {
+                _ = tube_net::timer::sleep_until(retry_register.unwrap_or(register_deadline)), if retry_register.is_some() => {
                     retry_register = None;
                     awaiting = false;
                 }
-                _ = tokio::time::sleep_until(register_deadline), if awaiting && retry_register.is_none() => {
+                _ = tube_net::timer::sleep_until(register_deadline), if awaiting && retry_register.is_none() => {
                     self.mux.close();
                     return Err(AgentError::ConnectionLost("no answer to register".into()));
                 }
-                _ = tokio::time::sleep_until(wake) => {
+                _ = tube_net::timer::sleep_until(wake) => {
                     let now = Instant::now().into_std();
                     if liveness.is_dead(now) {
                         self.mux.close();
@@ -429,7 +429,7 @@ impl Serving<'_> {
                 },
             };
             // A relay that stops reading must not wedge the agent: give up at the deadline.
-            match tokio::time::timeout_at(
+            match tube_net::timer::timeout_at(
                 Instant::from_std(liveness.deadline()),
                 self.mux.send_control(&msg),
             )

@@ -79,7 +79,15 @@ fn main() -> ExitCode {
     // one's thread has gone idle: bound it as its shards do. The agent keeps tokio's default:
     // it resolves a local service's host name (`localhost:3000`) on that pool for every user
     // connection, and a slow resolver must not hold the others back.
-    let built = if one_thread {
+    // The agent's runtime has no time driver (its timers are on tube_net::timer's clock
+    // thread): the driver's work on every park was an eighth of a round trip's instructions.
+    let built = if matches!(cli.command, Command::Expose(_)) {
+        tube_net::timer::borrow_clock().and_then(|()| {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_io()
+                .build()
+        })
+    } else if one_thread {
         let mut b = tokio::runtime::Builder::new_current_thread();
         if matches!(cli.command, Command::Relay(_)) {
             b.max_blocking_threads(tube_net::shards::BLOCKING_THREADS);

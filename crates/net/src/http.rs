@@ -83,7 +83,7 @@ pub async fn read_body(
         return Err(BodyError::TooLarge);
     }
     let read = http_body_util::BodyExt::collect(http_body_util::Limited::new(body, max));
-    match tokio::time::timeout(limit, read).await {
+    match crate::timer::timeout(limit, read).await {
         Ok(Ok(collected)) => Ok(collected.to_bytes()),
         Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(BodyError::TooLarge),
         Ok(Err(_)) => Err(BodyError::Broken),
@@ -190,7 +190,7 @@ pub async fn serve(
     }
     drop(listener);
     tracker.close();
-    if tokio::time::timeout(limits.shutdown_grace, tracker.wait())
+    if crate::timer::timeout(limits.shutdown_grace, tracker.wait())
         .await
         .is_err()
     {
@@ -259,7 +259,7 @@ impl Connection {
         let mut stopping = pin!(stop.cancelled_owned());
         let mut forced = pin!(force.cancelled_owned());
         let mut stopped = false;
-        let mut timer = pin!(tokio::time::sleep(limits.header_timeout));
+        let mut timer = pin!(crate::timer::sleep(limits.header_timeout));
         let end = std::future::poll_fn(|cx| {
             if forced.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(End::Forced);

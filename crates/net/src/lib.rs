@@ -14,6 +14,7 @@
 //! - [`record`]: TLS 1.3 record protection (pure), and [`secure`]: the stream built on it
 //!   after a rustls handshake, for the relay's agent connections.
 //! - [`shards`]: connections served on a few single-threaded runtimes, one thread each.
+//! - [`timer`]: timers on a clock thread of their own, for runtimes without a time driver.
 //! - [`source`]: the mux reader's input as runs of plaintext that stay in place (a TLS record
 //!   opened where it lies), so DATA is written to sockets without a copy.
 
@@ -30,6 +31,7 @@ pub mod source;
 pub mod splice;
 #[cfg(test)]
 mod test_util;
+pub mod timer;
 pub mod tls;
 
 pub use mux::{Incoming, Mux, MuxConfig, MuxError, MuxEvents, MuxStream, Role, Transport};
@@ -109,7 +111,7 @@ pub async fn accept(
                 }
                 tokio::select! {
                     _ = stop.cancelled() => return None,
-                    _ = tokio::time::sleep(std::time::Duration::from_millis(50)) => {}
+                    _ = timer::sleep(std::time::Duration::from_millis(50)) => {}
                 }
             }
         }

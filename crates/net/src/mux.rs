@@ -1503,7 +1503,7 @@ async fn write_until_closed(
             tokio::select! {
                 r = &mut write => (r, false),
                 _ = inner.closed.cancelled() => {
-                    match tokio::time::timeout(std::time::Duration::from_secs(1), &mut write).await {
+                    match crate::timer::timeout(std::time::Duration::from_secs(1), &mut write).await {
                         Ok(r) => (r, true),
                         Err(_) => return,
                     }
@@ -1531,7 +1531,7 @@ async fn write_until_closed(
     let Some(mut out) = lock(&inner.out).take() else {
         return;
     };
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
+    let _ = crate::timer::timeout(std::time::Duration::from_secs(1), async {
         if !last.is_empty() {
             last.write_to(&mut out.wr).await?;
         }
@@ -2008,7 +2008,7 @@ mod tests {
         // The answer to a PING comes after every frame before it was handled.
         raw.send(Frame::Ping(77)).await.unwrap();
         loop {
-            match tokio::time::timeout(Duration::from_secs(10), raw.next()).await {
+            match crate::timer::timeout(Duration::from_secs(10), raw.next()).await {
                 Ok(Some(Ok(Frame::Pong(77)))) => break,
                 Ok(Some(Ok(_))) => {}
                 other => panic!("no PONG: {other:?}"),
@@ -2023,7 +2023,7 @@ mod tests {
         raw.send(Frame::Fin { stream: id }).await.unwrap();
         let mut got = Vec::new();
         loop {
-            match tokio::time::timeout(Duration::from_secs(10), stream.rx.recv()).await {
+            match crate::timer::timeout(Duration::from_secs(10), stream.rx.recv()).await {
                 Ok(Some(Inbound::Data(d))) => got.extend_from_slice(&d),
                 Ok(Some(Inbound::Fin)) => break,
                 other => panic!("expected data or FIN, got {other:?}"),
@@ -2062,7 +2062,7 @@ mod tests {
             // live: every repeat would queue one more item nobody reads.
             raw.send(Frame::Fin { stream: id }).await.unwrap();
             raw.send(after).await.unwrap();
-            let error = tokio::time::timeout(Duration::from_secs(10), next_error(&mut raw)).await;
+            let error = crate::timer::timeout(Duration::from_secs(10), next_error(&mut raw)).await;
             assert_eq!(error.ok(), Some(Some(ErrorCode::ProtocolError as u16)));
             mux.closed().await;
             drop(stream);
@@ -2092,7 +2092,7 @@ mod tests {
         })
         .await
         .unwrap();
-        let error = tokio::time::timeout(Duration::from_secs(10), next_error(&mut raw)).await;
+        let error = crate::timer::timeout(Duration::from_secs(10), next_error(&mut raw)).await;
         assert_eq!(error.ok(), Some(Some(ErrorCode::FlowControlError as u16)));
         mux.closed().await;
     }
@@ -2176,7 +2176,7 @@ mod tests {
             };
             s.rx.consumed(d.len());
             loop {
-                match tokio::time::timeout(Duration::from_secs(5), raw.next()).await {
+                match crate::timer::timeout(Duration::from_secs(5), raw.next()).await {
                     Ok(Some(Ok(Frame::Window { stream, increment }))) => {
                         assert_eq!(stream, id);
                         increments.push(increment);
@@ -2329,7 +2329,7 @@ mod tests {
         let mut raw = handshake_conn(b);
         let mut got = 0;
         loop {
-            match tokio::time::timeout(Duration::from_secs(10), raw.next()).await {
+            match crate::timer::timeout(Duration::from_secs(10), raw.next()).await {
                 Ok(Some(Ok(Frame::Open { .. }))) => {}
                 Ok(Some(Ok(Frame::Data { data, .. }))) => got += data.len(),
                 Ok(Some(Ok(Frame::Fin { .. }))) => break,
@@ -2379,7 +2379,7 @@ mod tests {
             CancellationToken::new(),
             &tracker,
         );
-        let mut inc = tokio::time::timeout(Duration::from_secs(10), ev.incoming.recv())
+        let mut inc = crate::timer::timeout(Duration::from_secs(10), ev.incoming.recv())
             .await
             .expect("the stream arrives within 10 s")
             .expect("the stream arrives");
@@ -2408,7 +2408,7 @@ mod tests {
         let mut raw = handshake_conn(b);
         let s = mux.open([4; 16], "u".into()).await.unwrap();
         async fn next(raw: &mut HandshakeConn<tokio::io::DuplexStream>) -> Frame {
-            match tokio::time::timeout(Duration::from_secs(10), raw.next()).await {
+            match crate::timer::timeout(Duration::from_secs(10), raw.next()).await {
                 Ok(Some(Ok(f))) => f,
                 other => panic!("expected a frame, got {other:?}"),
             }
@@ -2454,7 +2454,7 @@ mod tests {
         .await
         .unwrap();
         // Wait (bounded) for the direct part to be in the socket, then drain the socket.
-        let direct = tokio::time::timeout(Duration::from_secs(10), async {
+        let direct = crate::timer::timeout(Duration::from_secs(10), async {
             loop {
                 let n = count.load(Ordering::Relaxed) as usize;
                 if n > 0 {
@@ -2524,7 +2524,7 @@ mod tests {
             }));
         }
         // Wait (bounded) until the data queue is full: every sender is then held back.
-        tokio::time::timeout(Duration::from_secs(10), async {
+        crate::timer::timeout(Duration::from_secs(10), async {
             while mux.inner.data_tx.capacity() > 0 {
                 tokio::task::yield_now().await;
             }
@@ -2694,7 +2694,7 @@ mod tests {
         let mut raw = handshake_conn(b);
         let mut got = 0;
         while got < 3 * chunk {
-            match tokio::time::timeout(Duration::from_secs(10), raw.next()).await {
+            match crate::timer::timeout(Duration::from_secs(10), raw.next()).await {
                 Ok(Some(Ok(Frame::Data { data, .. }))) => got += data.len(),
                 Ok(Some(Ok(_))) => {}
                 other => panic!("expected frames, got {other:?}"),
@@ -2733,7 +2733,7 @@ mod tests {
         let mut raw = handshake_conn(b);
         let mut got = 0;
         while got < total {
-            match tokio::time::timeout(Duration::from_secs(10), raw.next()).await {
+            match crate::timer::timeout(Duration::from_secs(10), raw.next()).await {
                 Ok(Some(Ok(Frame::Data { data, .. }))) => got += data.len(),
                 Ok(Some(Ok(_))) => {}
                 other => panic!("expected frames, got {other:?}"),

@@ -385,7 +385,7 @@ mod tests {
     /// How the next read from `sock` ends (bounded by 10 s): `Ok(0)` for an orderly end.
     async fn socket_end(sock: &mut TcpStream) -> Result<usize, io::ErrorKind> {
         let mut buf = [0u8; 16];
-        tokio::time::timeout(std::time::Duration::from_secs(10), sock.read(&mut buf))
+        crate::timer::timeout(std::time::Duration::from_secs(10), sock.read(&mut buf))
             .await
             .expect("the socket ends within 10 s")
             .map_err(|e| e.kind())
@@ -475,7 +475,7 @@ mod tests {
         send_pattern(&stream, 0, 1000).await;
         // The test runs on one thread: once the proxy holds the bytes, it has yielded, which it
         // does only in its socket waits (the write to the full socket, the read).
-        tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        crate::timer::timeout(std::time::Duration::from_secs(10), async {
             while !holds() {
                 tokio::task::yield_now().await;
             }
@@ -485,7 +485,7 @@ mod tests {
         // The acceptor's token is cancelled: its mux closes and the proxy must end, though
         // neither of its sockets' waits will ever be woken.
         acceptor_token.cancel();
-        let end = tokio::time::timeout(std::time::Duration::from_secs(10), task)
+        let end = crate::timer::timeout(std::time::Duration::from_secs(10), task)
             .await
             .expect("the proxy ends within 10 s")
             .unwrap();

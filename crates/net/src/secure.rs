@@ -286,7 +286,7 @@ where
     };
     if n > 0 {
         let grace = std::time::Duration::from_millis(500);
-        let _ = tokio::time::timeout(grace, io.write_all(&buf[..n])).await;
+        let _ = crate::timer::timeout(grace, io.write_all(&buf[..n])).await;
     }
 }
 

@@ -1,6 +1,7 @@
 //! Connections served on a few single-threaded runtimes, one thread each, instead of on one
 //! work-stealing runtime: a connection and every task it spawns (the mux's reader and writer,
-//! the users' proxies of its tunnels, its timers) live on one thread and one reactor.
+//! the users' proxies of its tunnels) live on one thread and one reactor. The runtimes have no
+//! time driver: their timers are kept by the clock thread of [`crate::timer`].
 //!
 //! tokio's multi-threaded scheduler pays on every wake-up for being able to move a task to
 //! another thread (shared run queues, the poll-time average its queue interval is tuned by,
@@ -40,11 +41,13 @@ impl Shards {
     /// running when this returns.
     pub fn start(count: usize, name: &str) -> std::io::Result<Self> {
         let stop = CancellationToken::new();
+        // No time driver on the shards: their timers live on the clock thread (`timer`).
+        crate::timer::start_clock()?;
         let mut shards = Vec::new();
         let mut threads = Vec::new();
         for i in 0..count.max(1) {
             let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
+                .enable_io()
                 .max_blocking_threads(BLOCKING_THREADS)
                 .thread_name(format!("{name}-{i}-blocking"))
                 .build()?;
@@ -54,6 +57,9 @@ impl Shards {
             let thread = std::thread::Builder::new()
                 .name(format!("{name}-{i}"))
                 .spawn(move || {
+                    // The clock was started above, so this only marks the thread and cannot
+                    // fail.
+                    let _ = crate::timer::borrow_clock();
                     let _ = running.send(());
                     // A current-thread runtime runs its tasks only inside `block_on`: this
                     // thread drives them until the set stops, then drops whatever is left.
@@ -211,7 +217,7 @@ mod tests {
         // A connection that ends leaves its shard lighter: the next one goes there.
         let first = clients.remove(0);
         drop(first);
-        tokio::time::timeout(Duration::from_secs(10), async {
+        crate::timer::timeout(Duration::from_secs(10), async {
             while shards.loads().iter().sum::<usize>() != 3 {
                 tokio::task::yield_now().await;
             }
@@ -225,7 +231,7 @@ mod tests {
         tracker.close();
         shards.stop().await;
         // Stopping dropped the tasks still running.
-        tokio::time::timeout(Duration::from_secs(10), tracker.wait())
+        crate::timer::timeout(Duration::from_secs(10), tracker.wait())
             .await
             .unwrap();
     }
@@ -246,7 +252,7 @@ mod tests {
         shards.stop().await;
         assert!(tracker.is_empty(), "the task was dropped with its shard");
         let mut buf = [0u8; 1];
-        let n = tokio::time::timeout(Duration::from_secs(10), client.read(&mut buf))
+        let n = crate::timer::timeout(Duration::from_secs(10), client.read(&mut buf))
             .await
             .unwrap()
             .unwrap_or(0);

@@ -48,7 +48,7 @@ impl Server {
     async fn stop(mut self) {
         self.stop.cancel();
         let task = self.task.take().unwrap();
-        tokio::time::timeout(LIMIT, task)
+        tube_net::timer::timeout(LIMIT, task)
             .await
             .expect("serve returns after shutdown")
             .unwrap();
@@ -83,7 +83,7 @@ fn router(hold: Duration, signals: Arc<Hold>) -> Router {
                     signals.started.notify_one();
                     let release = signals.release.notified();
                     tokio::select! {
-                        _ = tokio::time::sleep(hold) => {}
+                        _ = tube_net::timer::sleep(hold) => {}
                         _ = release => {}
                     }
                     vec![b'h'; HELD_BODY]
@@ -107,7 +107,7 @@ fn request(path: &str) -> Vec<u8> {
 
 /// Reads one response (with `Content-Length`); returns its status and body.
 async fn response(s: &mut TcpStream) -> (u16, Vec<u8>) {
-    tokio::time::timeout(LIMIT, async {
+    tube_net::timer::timeout(LIMIT, async {
         let mut buf = Vec::new();
         let mut chunk = [0u8; 16 * 1024];
         let head_end = loop {
@@ -216,7 +216,7 @@ async fn connections_beyond_the_cap_are_closed_at_once_and_those_within_keep_wor
     // A closed connection frees its slot: a new one is served (once the server has seen the
     // close; until then new ones are closed, which is what the loop waits out).
     drop(within.pop());
-    tokio::time::timeout(LIMIT, async {
+    tube_net::timer::timeout(LIMIT, async {
         loop {
             let mut s = TcpStream::connect(server.addr).await.unwrap();
             if s.write_all(&request("/hello")).await.is_err() {
@@ -283,7 +283,7 @@ async fn shutdown_finishes_a_request_in_progress_and_closes_idle_connections() {
     assert_eq!(response(&mut idle).await, (200, b"hello".to_vec()));
     let mut busy = TcpStream::connect(server.addr).await.unwrap();
     busy.write_all(&request("/held")).await.unwrap();
-    tokio::time::timeout(LIMIT, hold.started.notified())
+    tube_net::timer::timeout(LIMIT, hold.started.notified())
         .await
         .expect("the held request reaches its handler");
     server.stop.cancel();
@@ -340,7 +340,7 @@ async fn a_client_that_stops_reading_a_response_is_closed_after_the_write_timeou
     s.write_all(&request("/big")).await.unwrap();
     // The client reads nothing for two minutes (of the paused clock, which moves on when
     // every task waits): the server's writes fill the socket buffers and stop.
-    tokio::time::sleep(Duration::from_secs(120)).await;
+    tube_net::timer::sleep(Duration::from_secs(120)).await;
     // Then it reads: what the buffers held, and the end of the stream, not the whole body.
     let got = read_until_closed(&mut s, LIMIT)
         .await

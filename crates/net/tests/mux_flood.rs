@@ -51,7 +51,7 @@ fn cut_off_bound(answer_len: usize, frame_len: usize) -> usize {
 }
 
 async fn within<F: Future>(fut: F) -> F::Output {
-    tokio::time::timeout(LIMIT, fut)
+    tube_net::timer::timeout(LIMIT, fut)
         .await
         .expect("test did not finish within its deadline")
 }

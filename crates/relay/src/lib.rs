@@ -245,7 +245,10 @@ impl Relay {
         drop(listener);
         tracker.close();
         let wait = shared.config.shutdown_grace + SESSION_CLOSE_TIMEOUT;
-        if tokio::time::timeout(wait, tracker.wait()).await.is_err() {
+        if tube_net::timer::timeout(wait, tracker.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!("sessions still running after the shutdown grace period");
         }
         if let Some(shards) = shards {
@@ -375,7 +378,7 @@ impl RefusalLog {
 async fn sweep_leases(shared: Arc<Shared>, shutdown: CancellationToken) {
     let every =
         (shared.config.lease_grace / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
-    let mut tick = tokio::time::interval(every);
+    let mut tick = tube_net::timer::interval(every);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,

@@ -115,8 +115,8 @@ async fn handshake(
                 shared.state.count_error(*code);
             }
             let grace = std::time::Duration::from_secs(1);
-            let _ = tokio::time::timeout(grace, send_control(&mut conn, &msg)).await;
-            let _ = tokio::time::timeout(grace, async {
+            let _ = tube_net::timer::timeout(grace, send_control(&mut conn, &msg)).await;
+            let _ = tube_net::timer::timeout(grace, async {
                 use tokio::io::AsyncWriteExt;
                 conn.get_mut().shutdown().await
             })
@@ -209,7 +209,7 @@ where
         Ok(c) => c,
         Err(f) => {
             // Answer every failure at the same moment, whichever check failed.
-            tokio::time::sleep_until(received + cfg.auth_failure_delay).await;
+            tube_net::timer::sleep_until(received + cfg.auth_failure_delay).await;
             return Err((
                 ControlMessage::error(f.0, f.message(), Some(f.reason())),
                 "auth",

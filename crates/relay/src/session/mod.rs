@@ -20,11 +20,12 @@ use std::time::SystemTime;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::time::{Instant, timeout_at};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tube_net::codec::{ControlError, HandshakeConn, handshake_conn, recv_control, send_control};
 use tube_net::mux::DEFAULT_WINDOW;
+use tube_net::timer::timeout_at;
 use tube_net::tokio_rustls::rustls::ServerConfig;
 use tube_net::{Mux, Role};
 use tube_proto::cidr::Cidr;
@@ -102,14 +103,14 @@ impl Session {
                     self.send_error_close(&mux, shutting_down());
                     break;
                 }
-                _ = tokio::time::sleep_until(drain_until.unwrap_or_else(Instant::now)), if drain_until.is_some() => {
+                _ = tube_net::timer::sleep_until(drain_until.unwrap_or_else(Instant::now)), if drain_until.is_some() => {
                     tracing::warn!(open_users = self.users.len(), "user connections still open after the shutdown grace, resetting them");
                     self.send_error_close(&mux, shutting_down());
                     break;
                 }
                 m = events.control.recv() => m,
                 _ = self.token.cancelled() => break,
-                _ = tokio::time::sleep_until(Instant::from_std(liveness.deadline())) => {
+                _ = tube_net::timer::sleep_until(Instant::from_std(liveness.deadline())) => {
                     if liveness.is_dead(Instant::now().into_std()) {
                         tracing::warn!("no heartbeat from agent, dropping it");
                         self.shared.state.counters.heartbeat_timeouts.fetch_add(1, Ordering::Relaxed);
@@ -160,7 +161,7 @@ impl Session {
                         r = &mut send => break r.is_ok(),
                         _ = self.token.cancelled() => break false,
                         _ = shutdown.cancelled() => break false,
-                        _ = tokio::time::sleep_until(Instant::from_std(liveness.deadline())) => {
+                        _ = tube_net::timer::sleep_until(Instant::from_std(liveness.deadline())) => {
                             if liveness.is_dead(Instant::now().into_std()) {
                                 tracing::warn!("agent stopped reading, dropping it");
                                 self.shared.state.counters.heartbeat_timeouts.fetch_add(1, Ordering::Relaxed);

@@ -172,7 +172,7 @@ impl Session {
                     .get(&id)
                     .is_none_or(|t| matches!(t.state, TunnelState::Reconnecting { .. }))
             });
-            if tokio::time::timeout(std::time::Duration::from_secs(5), wait)
+            if tube_net::timer::timeout(std::time::Duration::from_secs(5), wait)
                 .await
                 .is_err()
             {
