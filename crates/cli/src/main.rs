@@ -70,33 +70,34 @@ fn main() -> ExitCode {
     // cross-thread bookkeeping to every wake-up: they run on this thread alone. So does the
     // relay's own loop (accepting agents, the admin API): the agents' connections it accepts
     // are served on its `--threads`, one single-threaded runtime each (tube_net::shards).
-    let one_thread = matches!(
-        cli.command,
-        Command::Expose(_) | Command::Msg(_) | Command::Token(_) | Command::Relay(_)
-    );
-    // The relay's own blocking work (removing expired leases, joining its shards) is one call
-    // at a time, yet tokio's pool starts a new thread whenever a call comes before the last
-    // one's thread has gone idle: bound it as its shards do. The agent keeps tokio's default:
-    // it resolves a local service's host name (`localhost:3000`) on that pool for every user
-    // connection, and a slow resolver must not hold the others back.
-    // The agent's runtime has no time driver (its timers are on tube_net::timer's clock
-    // thread): the driver's work on every park was an eighth of a round trip's instructions.
-    let built = if matches!(cli.command, Command::Expose(_)) {
-        tube_net::timer::borrow_clock().and_then(|()| {
+    let built = match cli.command {
+        // The relay's own blocking work (removing expired leases, joining its shards) is one
+        // call at a time, yet tokio's pool starts a new thread whenever a call comes before the
+        // last one's thread has gone idle: bound it as its shards do.
+        Command::Relay(_) => tokio::runtime::Builder::new_current_thread()
+            .max_blocking_threads(tube_net::shards::BLOCKING_THREADS)
+            .enable_all()
+            .build(),
+        // The agent's runtime has no time driver: its timers are on tube_net::timer's clock
+        // thread (the driver's work on every park was an eighth of a round trip's
+        // instructions). It keeps tokio's default blocking pool: it resolves a local
+        // service's host name (`localhost:3000`) there for every user connection, and a slow
+        // resolver must not hold the others back.
+        Command::Expose(_) => tube_net::timer::borrow_clock().and_then(|()| {
             tokio::runtime::Builder::new_current_thread()
                 .enable_io()
                 .build()
-        })
-    } else if one_thread {
-        let mut b = tokio::runtime::Builder::new_current_thread();
-        if matches!(cli.command, Command::Relay(_)) {
-            b.max_blocking_threads(tube_net::shards::BLOCKING_THREADS);
-        }
-        b.enable_all().build()
-    } else {
-        tokio::runtime::Builder::new_multi_thread()
+        }),
+        Command::Msg(_) | Command::Token(_) => tokio::runtime::Builder::new_current_thread()
             .enable_all()
-            .build()
+            .build(),
+        Command::Hub(_)
+        | Command::Node(_)
+        | Command::Peer(_)
+        | Command::Chain(_)
+        | Command::Longpoll(_) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build(),
     };
     let runtime = match built {
         Ok(rt) => rt,

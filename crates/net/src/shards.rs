@@ -41,11 +41,10 @@ impl Shards {
     /// running when this returns.
     pub fn start(count: usize, name: &str) -> std::io::Result<Self> {
         let stop = CancellationToken::new();
-        // No time driver on the shards: their timers live on the clock thread (`timer`).
-        crate::timer::start_clock()?;
         let mut shards = Vec::new();
         let mut threads = Vec::new();
         for i in 0..count.max(1) {
+            // No time driver: the shard's timers live on the clock thread (`crate::timer`).
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_io()
                 .max_blocking_threads(BLOCKING_THREADS)
@@ -57,10 +56,14 @@ impl Shards {
             let thread = std::thread::Builder::new()
                 .name(format!("{name}-{i}"))
                 .spawn(move || {
-                    // The clock was started above, so this only marks the thread and cannot
-                    // fail.
-                    let _ = crate::timer::borrow_clock();
-                    let _ = running.send(());
+                    // Marked before any task runs here; a clock that cannot start fails
+                    // `start` rather than every timer later.
+                    let borrowed = crate::timer::borrow_clock();
+                    let failed = borrowed.is_err();
+                    let _ = running.send(borrowed);
+                    if failed {
+                        return;
+                    }
                     // A current-thread runtime runs its tasks only inside `block_on`: this
                     // thread drives them until the set stops, then drops whatever is left.
                     runtime.block_on(stopped.cancelled());
@@ -73,11 +76,14 @@ impl Shards {
                     return Err(e);
                 }
             };
-            // Running (and named) before `start` returns. An error means the thread is gone,
-            // which only a failed start could do; its tasks would then never run.
-            if started.recv().is_err() {
+            // Running (and named) before `start` returns. A closed channel means the thread is
+            // gone, which only a failed start could do; its tasks would then never run.
+            let ready = started.recv().unwrap_or_else(|_| {
+                Err(std::io::Error::other("a shard's thread ended at its start"))
+            });
+            if let Err(e) = ready {
                 stop.cancel();
-                return Err(std::io::Error::other("a shard's thread ended at its start"));
+                return Err(e);
             }
             threads.push(thread);
             shards.push(handle);

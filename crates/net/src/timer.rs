@@ -33,11 +33,6 @@ thread_local! {
 /// The clock thread's runtime, started on first use and kept for the process's life.
 static CLOCK: OnceLock<Handle> = OnceLock::new();
 
-/// Starts the clock thread if it is not yet running.
-pub fn start_clock() -> std::io::Result<()> {
-    clock().map(|_| ())
-}
-
 /// Marks the calling thread as one whose runtime has no time driver (built with
 /// `enable_io()` alone): the timers made on it through this module go to the clock thread,
 /// started here if need be. Call it on the thread that runs the runtime's `block_on`: a
@@ -196,7 +191,7 @@ mod tests {
         // With the clock thread running, a thread that does not borrow it keeps its timers on
         // its own runtime: this test's paused clock, moved an hour on, has them due at once
         // (on the clock thread they would still be an hour away).
-        start_clock().unwrap();
+        clock().unwrap();
         let slept = sleep(Duration::from_secs(3600));
         let timed = timeout(Duration::from_secs(3600), std::future::pending::<()>());
         tokio::pin!(slept, timed);
