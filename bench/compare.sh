@@ -171,8 +171,10 @@ for rh in rathole rathole_tls; do
 done
 
 if have_system bore; then
-    # bore's control port is fixed at 7835.
-    start bore_server "$TOOLS/bin/bore" server --bind-addr 127.0.0.1 --min-port 30000 --max-port 60000
+    # bore's control port is fixed at 7835. The public ports come from free_port, that is
+    # from the kernel's ephemeral range (up to 60999 by default): a narrower range made the
+    # server refuse one now and then, and that client exit at once.
+    start bore_server "$TOOLS/bin/bore" server --bind-addr 127.0.0.1 --min-port 1024 --max-port 65535
     sleep 0.5
     procs="$PID_bore_server"
     names=(sink echo iperf)
@@ -192,6 +194,14 @@ if have_system bore; then
     wait_echo "${ECHO_OF[bore]}" bore
     PROCS_OF[bore]=$procs
 fi
+
+# Every process started must still run: one that exited at start (a port refused, a bind
+# that failed) would otherwise fail a later run of the first round with a murkier error.
+for s in $SYSTEMS; do
+    for pid in ${PROCS_OF[$s]:-}; do
+        kill -0 "$pid" 2>/dev/null || { echo "error: $s: process $pid exited during setup" >&2; exit 1; }
+    done
+done
 
 {
     echo "date:    $(date -u +%Y-%m-%dT%H:%M:%SZ)"

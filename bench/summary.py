@@ -56,6 +56,9 @@ def main(path):
     if "tube" in systems and "direct" in systems:
         header.append("tube/direct")
     header += [f"tube/{r}" for r in rivals if "tube" in systems]
+    # A second tube build (compare.sh's BIN2) against the same rivals.
+    rivals2 = [r for r in rivals if r != "tube2"] if "tube2" in systems else []
+    header += [f"tube2/{r}" for r in rivals2]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for key, per_system in values.items():
@@ -65,6 +68,7 @@ def main(path):
         if "tube" in systems and "direct" in systems:
             row.append(ratio(per_system, med, "tube", "direct"))
         row += [ratio(per_system, med, "tube", r) for r in rivals if "tube" in systems]
+        row += [ratio(per_system, med, "tube2", r) for r in rivals2]
         print("| " + " | ".join(row) + " |")
     print()
     print("Ratios are tube's value over the other's, the median over rounds of each round's")
