@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # bench/pgo.sh: a profile-guided build of `tube`, the build to hand out as a binary
 # (docs/performance.md, "A profile-guided build trained on every part"): builds tube
-# instrumented, trains it, merges the profile and builds tube again with it. Prints the directory holding the optimised `tube` and a release `tube-loadgen`, for
-# `BIN2=... bash bench/compare.sh`, `BIN2=... bash bench/rttalt.sh` or `BIN=... bash
-# bench/instructions.sh`.
+# instrumented, trains it, merges the profile and builds tube again with it. Prints the
+# directory holding the optimised `tube` and a release `tube-loadgen`, for `BIN2=... bash
+# bench/compare.sh`, `BIN2=... bash bench/rttalt.sh` or `BIN=... bash bench/instructions.sh`.
 #
 # The training runs the relay and an agent under the relay workloads (round trips, new
 # connections, bulk with 1 and 8 streams), then every other part through `bench/parts.sh` at
