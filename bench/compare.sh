@@ -175,7 +175,7 @@ if have_system bore; then
     # from the kernel's ephemeral range (up to 60999 by default): a narrower range made the
     # server refuse one now and then, and that client exit at once.
     start bore_server "$TOOLS/bin/bore" server --bind-addr 127.0.0.1 --min-port 1024 --max-port 65535
-    sleep 0.5
+    wait_lines bore_server 1 # "server listening" (its log goes to stdout)
     procs="$PID_bore_server"
     names=(sink echo iperf)
     for i in "${!LOCALS[@]}"; do

@@ -1,6 +1,10 @@
 //! `tube expose`: the agent. Flags, config file and defaults merged into a
 //! [`tube_agent::AgentConfig`]; prints `tunnel <public> <local>` for every tunnel that goes
 //! live, again after each reconnect.
+//!
+//! The agent's runtime has no time driver (cli main.rs): timers made here must come from
+//! `tube_net::timer`, as in tube-agent (whose clippy.toml enforces it); `tokio::time`'s would
+//! panic.
 
 use std::path::PathBuf;
 use std::time::Duration;
