@@ -52,6 +52,7 @@ async fn endpoint_front(api: SocketAddr, allow: bool, forward: SocketAddr) -> Jo
                         tunnel_id,
                         is_allowed: allow,
                         reason: reason.into(),
+                        forward: None,
                     };
                     if f.send(&a).await.is_err() {
                         return;
@@ -1440,6 +1441,227 @@ async fn a_failed_build_is_torn_down_everywhere_and_leaves_nothing_listening() {
             );
             assert!(hub.state.chains().is_empty());
         }
+    })
+    .await;
+}
+
+/// The messages a front receives until `until` returns true for one (that one included).
+async fn recv_until(
+    f: &mut FrontClient,
+    mut until: impl FnMut(&FrontMessage) -> bool,
+) -> Vec<FrontMessage> {
+    let mut got = Vec::new();
+    loop {
+        let m = f.recv().await.expect("front message");
+        let last = until(&m);
+        got.push(m);
+        if last {
+            return got;
+        }
+    }
+}
+
+/// Connects to `addr` and reads: whether the connection ended with a reset (which may come
+/// before the connect has returned), rather than an end of stream or data.
+async fn reset_seen(addr: String) -> bool {
+    let mut user = match TcpStream::connect(&addr).await {
+        Ok(s) => s,
+        Err(e) => return e.kind() == std::io::ErrorKind::ConnectionReset,
+    };
+    let mut buf = [0u8; 8];
+    let read = tokio::time::timeout(LIMIT, user.read(&mut buf))
+        .await
+        .expect("the connection ends");
+    matches!(read, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset)
+}
+
+/// `forward_listen` on node 0 and `approve` with `forward` on the endpoint: the nodes carry
+/// the user's connection and dial the service themselves, so no front process is in the data
+/// path (node 0 never asks its front to `listen`). A refused chain resets its user; a front
+/// that leaves takes its listener with it; a non-loopback `local` is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_side_ends_carry_chains_without_the_fronts() {
+    deadline(LIMIT, async {
+        let hub = start_hub(1).await;
+        let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().expect("dir")).collect();
+        let names = ["a", "b", "c"];
+        let mut nodes = Vec::new();
+        for (i, name) in names.iter().enumerate() {
+            nodes.push(start_node(&hub, name, 2 + i as u8, dirs[i].path()).await);
+        }
+        let echo = echo_server().await;
+
+        // The endpoint's front approves with `forward` and never touches the chain.
+        let mut ep = FrontClient::connect(nodes[2].api).await.expect("front");
+        ep.send(&FrontMessage::Subscribe {}).await.expect("send");
+        recv_until(&mut ep, |m| matches!(m, FrontMessage::Tubes { .. })).await;
+        let forward = echo.addr.to_string();
+        let (est_tx, mut est_rx) = tokio::sync::mpsc::channel(8);
+        let ep_task = tokio::spawn(async move {
+            while let Ok(m) = ep.recv().await {
+                match m {
+                    FrontMessage::ConnectionRequest { tunnel_id, .. } => {
+                        let yes = FrontMessage::Approve {
+                            tunnel_id,
+                            is_allowed: true,
+                            reason: String::new(),
+                            forward: Some(forward.clone()),
+                        };
+                        ep.send(&yes).await.expect("approve");
+                    }
+                    FrontMessage::Established { tunnel_id, .. } => {
+                        let _ = est_tx.send(tunnel_id).await;
+                    }
+                    _ => {}
+                }
+            }
+        });
+
+        let mut f = FrontClient::connect(nodes[0].api).await.expect("front");
+        f.send(&FrontMessage::ForwardListen {
+            endpoint_name: "c".into(),
+            local: "10.1.2.3:0".into(),
+        })
+        .await
+        .expect("send");
+        match f.recv().await.expect("answer") {
+            FrontMessage::Error { code, .. } => assert_eq!(code, 6009, "not loopback"),
+            other => panic!("expected error 6009, got {other:?}"),
+        }
+        f.send(&FrontMessage::ForwardListen {
+            endpoint_name: "c".into(),
+            local: "127.0.0.1:0".into(),
+        })
+        .await
+        .expect("send");
+        let local: SocketAddr = match f.recv().await.expect("answer") {
+            FrontMessage::ForwardListening {
+                endpoint_name,
+                local,
+            } => {
+                assert_eq!(endpoint_name, "c");
+                local.parse().expect("an ip:port")
+            }
+            other => panic!("expected forward_listening, got {other:?}"),
+        };
+        assert_ne!(local.port(), 0, "the real port");
+
+        // Two users, two chains, each carrying its own bytes through a -> b -> c.
+        const SIZE: usize = 4 << 20;
+        for seed in 0..2u64 {
+            let user = TcpStream::connect(local).await.expect("local port");
+            echo_through(user, SIZE, seed).await;
+            let tunnel_id = est_rx.recv().await.expect("endpoint established");
+            let seen = recv_until(&mut f, |m| matches!(m, FrontMessage::Established { .. })).await;
+            assert!(
+                seen.iter()
+                    .all(|m| !matches!(m, FrontMessage::Listen { .. })),
+                "node 0 never asks its front to listen: {seen:?}"
+            );
+            match seen.last() {
+                Some(FrontMessage::Established {
+                    tunnel_id: t,
+                    local_id,
+                    port,
+                    ..
+                }) => {
+                    assert_eq!(*t, tunnel_id);
+                    assert!(local_id.starts_with("fwd-"), "{local_id}");
+                    assert_eq!(*port, local.port(), "node 0's port is the listener's");
+                }
+                other => panic!("expected established, got {other:?}"),
+            }
+            let chain = hub
+                .state
+                .chains()
+                .into_iter()
+                .find(|c| c.tunnel_id == tunnel_id)
+                .map(|c| c.nodes);
+            // The chain may already be closing after its end of stream; the bytes were counted.
+            let path = chain.unwrap_or_else(|| names.iter().map(|n| n.to_string()).collect());
+            assert_counted(&nodes, &names, &path, &tunnel_id, SIZE);
+        }
+
+        // Without a subscribed endpoint front the chain is refused: the user gets a reset.
+        ep_task.abort();
+        let _ = ep_task.await;
+        let user = tokio::spawn(reset_seen(local.to_string()));
+        let refusal = recv_until(&mut f, |m| {
+            matches!(
+                m,
+                FrontMessage::TubeResult {
+                    is_allowed: false,
+                    ..
+                }
+            )
+        })
+        .await;
+        assert!(!refusal.is_empty());
+        assert!(user.await.unwrap(), "a refused chain resets its user");
+
+        // The front leaves: its listener closes.
+        drop(f);
+        let mut open = nodes[0].stats.listeners();
+        deadline(LIMIT, open.wait_for(|n| *n == 0)).await.unwrap();
+        assert!(
+            TcpStream::connect(local).await.is_err(),
+            "nothing listens on {local} any more"
+        );
+    })
+    .await;
+}
+
+/// An endpoint approved with a `forward` nobody listens on fails the build: the requester's
+/// user connection is reset and the requester's front hears why (never the service address).
+#[tokio::test]
+async fn a_forward_to_a_dead_service_fails_the_build_and_resets_the_user() {
+    deadline(LIMIT, async {
+        let hub = start_hub(0).await;
+        let (da, dc) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let a = start_node(&hub, "a", 2, da.path()).await;
+        let c = start_node(&hub, "c", 3, dc.path()).await;
+        // A port that was just free: nothing listens there.
+        let dead = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let dead_addr = dead.local_addr().unwrap().to_string();
+        drop(dead);
+        let mut ep = FrontClient::connect(c.api).await.expect("front");
+        ep.send(&FrontMessage::Subscribe {}).await.expect("send");
+        recv_until(&mut ep, |m| matches!(m, FrontMessage::Tubes { .. })).await;
+        let forward = dead_addr.clone();
+        let _ep = tokio::spawn(async move {
+            while let Ok(m) = ep.recv().await {
+                if let FrontMessage::ConnectionRequest { tunnel_id, .. } = m {
+                    let yes = FrontMessage::Approve {
+                        tunnel_id,
+                        is_allowed: true,
+                        reason: String::new(),
+                        forward: Some(forward.clone()),
+                    };
+                    ep.send(&yes).await.expect("approve");
+                }
+            }
+        });
+        let mut f = FrontClient::connect(a.api).await.expect("front");
+        f.send(&FrontMessage::ForwardListen {
+            endpoint_name: "c".into(),
+            local: "127.0.0.1:0".into(),
+        })
+        .await
+        .expect("send");
+        let local = match f.recv().await.expect("answer") {
+            FrontMessage::ForwardListening { local, .. } => local,
+            other => panic!("expected forward_listening, got {other:?}"),
+        };
+        let user = tokio::spawn(reset_seen(local));
+        let seen = recv_until(&mut f, |m| matches!(m, FrontMessage::Closed { .. })).await;
+        match seen.last() {
+            Some(FrontMessage::Closed { reason, code, .. }) => {
+                assert_eq!(*code, Some(6006), "build failed: {reason}");
+                assert!(!reason.contains(&dead_addr), "{reason}");
+            }
+            other => panic!("expected closed, got {other:?}"),
+        }
+        assert!(user.await.unwrap(), "a failed build resets its user");
     })
     .await;
 }

@@ -3,10 +3,12 @@
 //!
 //! - `connect ENDPOINT`: one chain, piped to stdin and stdout (like `nc`; an ssh ProxyCommand).
 //! - `listen ENDPOINT --local ADDR`: a local port (loopback only); each connection gets its own
-//!   chain (`ssh -L`). A broken chain resets the user's connection (and, for `accept`, the
-//!   service's), never a clean end of stream.
+//!   chain (`ssh -L`). The node listens and carries the connections itself (`forward_listen`);
+//!   this process keeps the listener open and logs. A broken chain resets the user's
+//!   connection (and, for `accept`, the service's), never a clean end of stream.
 //! - `accept --forward ADDR [--allow NAME]...`: the endpoint side; approves requests (the allow
-//!   list, or a yes/no prompt on a terminal) and connects accepted chains to a local service.
+//!   list, or a yes/no prompt on a terminal) with `forward`, so the node connects accepted
+//!   chains to the service itself.
 //! - `list`, `close ID`.
 
 use std::collections::HashSet;
@@ -232,27 +234,9 @@ async fn connect_stdio(
     }
 }
 
-/// Forwards both ways between a user or service and a chain (splice(2) on Linux: the bytes
-/// never enter this process). A failure on either side (a reset chain, an error) or `stop`
-/// closes both with a reset, so a broken chain never looks like a clean end of stream to the
-/// other side.
-async fn pipe(a: TcpStream, b: TcpStream, stop: &CancellationToken) {
-    let (ab, ba, eof) = Default::default();
-    let counters = tube_net::splice::Counters {
-        a_to_b: &ab,
-        b_to_a: &ba,
-        eof: &eof,
-    };
-    let failed = tokio::select! {
-        r = tube_net::splice::copy_bidirectional(&a, &b, counters) => r.is_err(),
-        _ = stop.cancelled() => true,
-    };
-    if failed {
-        tube_net::abort_tcp(a);
-        tube_net::abort_tcp(b);
-    }
-}
-
+/// `listen`: the node itself listens on `local` (`forward_listen`) and carries every
+/// connection there as node 0's near end, so the bytes pass through no process but the nodes';
+/// this process holds the API connection that keeps the listener open and logs each chain.
 async fn listen(
     api: SocketAddr,
     endpoint: &str,
@@ -265,35 +249,63 @@ async fn listen(
              this node's user, with no authentication)"
         );
     }
-    let l = TcpListener::bind(local)
-        .await
-        .with_context(|| format!("error: cannot listen on {local}"))?;
-    say!("listening local {}", l.local_addr()?)?;
-    let tracker = tokio_util::task::TaskTracker::new();
+    let mut f = Front::connect(api).await?;
+    f.send(&FrontMessage::ForwardListen {
+        endpoint_name: endpoint.into(),
+        local: local.to_string(),
+    })
+    .await?;
     loop {
-        let (user, peer) = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            r = l.accept() => r?,
-        };
-        let endpoint = endpoint.to_string();
-        let stop = shutdown.clone();
-        tracker.spawn(async move {
-            match open_chain(api, &endpoint).await {
-                Ok((_front, chain, tunnel_id)) => {
-                    tracing::info!(%peer, %tunnel_id, "chain established");
-                    pipe(user, chain, &stop).await;
-                }
-                Err(e) => {
-                    tracing::warn!(%peer, error = %format!("{e:#}"), "no chain for this connection")
-                }
+        match f.recv().await? {
+            FrontMessage::ForwardListening { local, .. } => {
+                say!("listening local {local}")?;
+                break;
             }
-        });
+            FrontMessage::Error { code, message } => return Err(refusal(Some(code), &message)),
+            _ => {}
+        }
     }
-    tracker.close();
-    tracker.wait().await;
-    Ok(())
+    loop {
+        let msg = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            m = f.recv() => m?,
+        };
+        match msg {
+            FrontMessage::TubeResult {
+                is_allowed: false,
+                reason,
+                code,
+                ..
+            } => {
+                let why = refusal(code, &reason);
+                tracing::warn!(%endpoint, error = %why, "no chain for a connection");
+            }
+            FrontMessage::TubeResult {
+                tunnel_id,
+                hops,
+                reason,
+                ..
+            } if !reason.is_empty() => {
+                // The hub found fewer relaying nodes than it wanted: say so.
+                let intermediates = hops.map(|h| h.saturating_sub(1));
+                tracing::warn!(?tunnel_id, ?intermediates, %endpoint, "{reason}");
+            }
+            FrontMessage::Established { tunnel_id, .. } => {
+                tracing::info!(%tunnel_id, %endpoint, "chain established");
+            }
+            FrontMessage::Closed {
+                tunnel_id, reason, ..
+            } => tracing::info!(%tunnel_id, %reason, "chain closed"),
+            FrontMessage::Error { code, message } => {
+                tracing::warn!(error = %refusal(Some(code), &message), "node API error");
+            }
+            _ => {}
+        }
+    }
 }
 
+/// `accept`: approves chains (the allow list, or a question on the terminal) with `forward`,
+/// so the endpoint node connects each accepted chain to the service itself.
 async fn accept(
     api: SocketAddr,
     forward: &str,
@@ -315,11 +327,10 @@ async fn accept(
     let allow: HashSet<String> = allow.into_iter().collect();
     let interactive = ask || (allow.is_empty() && std::io::stdin().is_terminal());
     let mut approved: HashSet<String> = HashSet::new();
-    let tracker = tokio_util::task::TaskTracker::new();
     let mut stdin = tokio::io::BufReader::new(tokio::io::stdin()).lines();
     loop {
         let msg = tokio::select! {
-            _ = shutdown.cancelled() => break,
+            _ = shutdown.cancelled() => return Ok(()),
             m = f.recv() => m?,
         };
         match msg {
@@ -348,42 +359,22 @@ async fn accept(
                     tunnel_id,
                     is_allowed: yes,
                     reason,
+                    forward: yes.then(|| forward.to_string()),
                 })
                 .await?;
             }
-            FrontMessage::Established {
-                tunnel_id,
-                port,
-                endpoint_user: _,
-                ..
-            } if approved.remove(&tunnel_id) => {
-                let forward = forward.to_string();
-                let stop = shutdown.clone();
-                tracker.spawn(async move {
-                    let far = TcpStream::connect(("127.0.0.1", port)).await;
-                    let service = TcpStream::connect(&forward).await;
-                    match (far, service) {
-                        (Ok(far), Ok(service)) => {
-                            let _ = (far.set_nodelay(true), service.set_nodelay(true));
-                            if let Err(e) = say!("chain {tunnel_id} {forward}") {
-                                tracing::warn!(%tunnel_id, error = %e.0, "cannot print the chain line");
-                            }
-                            pipe(far, service, &stop).await;
-                        }
-                        (Err(e), _) => tracing::warn!(%tunnel_id, error = %e, "cannot reach the chain's far end"),
-                        (_, Err(e)) => tracing::warn!(%tunnel_id, %forward, error = %e, "cannot reach the local service"),
-                    }
-                });
+            FrontMessage::Established { tunnel_id, .. } if approved.remove(&tunnel_id) => {
+                say!("chain {tunnel_id} {forward}")?;
             }
             FrontMessage::Closed {
                 tunnel_id, reason, ..
-            } => tracing::info!(%tunnel_id, %reason, "chain closed"),
+            } => {
+                approved.remove(&tunnel_id);
+                tracing::info!(%tunnel_id, %reason, "chain closed");
+            }
             _ => {}
         }
     }
-    tracker.close();
-    tracker.wait().await;
-    Ok(())
 }
 
 async fn list(api: SocketAddr) -> anyhow::Result<()> {

@@ -573,6 +573,7 @@ async fn chain_ends(
                         tunnel_id,
                         is_allowed: true,
                         reason: String::new(),
+                        forward: None,
                     };
                     endpoint.send(&yes).await.expect("approve");
                 }

@@ -662,7 +662,7 @@ async fn no_secret_reaches_the_hub_or_node_logs_at_trace_level() {
                 },
                 m = endpoint.recv() => match m.expect("endpoint front") {
                     FrontMessage::ConnectionRequest { tunnel_id, .. } => {
-                        let yes = FrontMessage::Approve { tunnel_id, is_allowed: true, reason: String::new() };
+                        let yes = FrontMessage::Approve { tunnel_id, is_allowed: true, reason: String::new(), forward: None };
                         endpoint.send(&yes).await.unwrap();
                     }
                     FrontMessage::Established { port, .. } => {

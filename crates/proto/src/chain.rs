@@ -43,6 +43,10 @@ pub const SECRET_HEX_LEN: usize = 64;
 /// Longest `local_id` in bytes (at least one byte, no control characters).
 pub const MAX_LOCAL_ID_LEN: usize = 128;
 
+/// Longest `host:port` in the front API (`forward`, `local`): a 253-byte host name, brackets
+/// around an IPv6 address, a colon and five digits.
+pub const MAX_ADDRESS_LEN: usize = 261;
+
 /// Longest `reason` in bytes.
 pub const MAX_REASON_LEN: usize = 256;
 
@@ -630,6 +634,10 @@ pub enum FrontMessage {
         /// Why not (empty when accepted).
         #[serde(default)]
         reason: String,
+        /// When accepted, a service (`host:port`) the endpoint node connects the chain to
+        /// itself, instead of opening a loopback port for the front (optional).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        forward: Option<String>,
     },
     /// Front to node: the answer to `listen`: the front listens on this loopback port and
     /// node 0 connects to it.
@@ -713,6 +721,25 @@ pub enum FrontMessage {
         #[serde(default)]
         message: String,
     },
+    /// Front to node: listen on `local` (a loopback `ip:port`; port 0 for any free one) and
+    /// give every connection accepted there a chain of its own to `endpoint_name`, with the
+    /// connection itself as node 0's near end (no `listen`). Answered by `forward_listening`;
+    /// each connection's chain is then reported like a `request_tube` of this front
+    /// (`tube_result` with a `local_id` the node chose, `established`, `closed`). The listener
+    /// closes with the API connection.
+    ForwardListen {
+        /// Name of the node at the far end.
+        endpoint_name: String,
+        /// Where to listen: a loopback `ip:port`.
+        local: String,
+    },
+    /// Node to front: the answer to `forward_listen`: the node listens on `local`.
+    ForwardListening {
+        /// The endpoint the listener's chains go to.
+        endpoint_name: String,
+        /// The address the node listens on (the real port).
+        local: String,
+    },
 }
 
 /// One chain in a `tubes` answer.
@@ -760,7 +787,7 @@ pub enum ChainState {
 
 impl FrontMessage {
     /// Every `type` tag, in declaration order.
-    pub const TYPES: [&'static str; 13] = [
+    pub const TYPES: [&'static str; 15] = [
         "request_tube",
         "request_close_tube",
         "approve",
@@ -774,6 +801,8 @@ impl FrontMessage {
         "closed",
         "tubes",
         "error",
+        "forward_listen",
+        "forward_listening",
     ];
 
     /// Checks every field against the limits of `docs/protocols/chain.md`.
@@ -799,9 +828,14 @@ impl FrontMessage {
                 tunnel_id,
                 is_allowed: _,
                 reason,
+                forward,
             } => {
                 check_tunnel_id("tunnel_id", tunnel_id)?;
-                check_max("reason", reason, MAX_REASON_LEN)
+                check_max("reason", reason, MAX_REASON_LEN)?;
+                match forward {
+                    Some(f) => check_address("forward", f),
+                    None => Ok(()),
+                }
             }
             Self::Listening { tunnel_id, port } => {
                 check_tunnel_id("tunnel_id", tunnel_id)?;
@@ -859,6 +893,17 @@ impl FrontMessage {
                 items.iter().try_for_each(TubeInfo::validate)
             }
             Self::Error { code: _, message } => check_max("message", message, MAX_MESSAGE_LEN),
+            Self::ForwardListen {
+                endpoint_name,
+                local,
+            }
+            | Self::ForwardListening {
+                endpoint_name,
+                local,
+            } => {
+                check_name("endpoint_name", endpoint_name)?;
+                check_address("local", local)
+            }
         }
     }
 
@@ -886,6 +931,8 @@ impl FrontMessage {
             Self::Closed { .. } => "closed",
             Self::Tubes { .. } => "tubes",
             Self::Error { .. } => "error",
+            Self::ForwardListen { .. } => "forward_listen",
+            Self::ForwardListening { .. } => "forward_listening",
         }
     }
 
@@ -899,6 +946,7 @@ impl FrontMessage {
                 | Self::Listening { .. }
                 | Self::List {}
                 | Self::Subscribe {}
+                | Self::ForwardListen { .. }
         )
     }
 }
@@ -1401,6 +1449,16 @@ fn check_name(field: &'static str, name: &str) -> Result<(), FieldError> {
     }
 }
 
+/// A `host:port` (or `ip:port`): printable ASCII without spaces, at most [`MAX_ADDRESS_LEN`].
+fn check_address(field: &'static str, addr: &str) -> Result<(), FieldError> {
+    check_len(field, addr.len(), 1, MAX_ADDRESS_LEN)?;
+    if addr.bytes().all(|b| b.is_ascii_graphic()) {
+        Ok(())
+    } else {
+        Err(FieldError::new(field, FieldProblem::Charset))
+    }
+}
+
 fn check_local_id(field: &'static str, id: &str) -> Result<(), FieldError> {
     check_len(field, id.len(), 1, MAX_LOCAL_ID_LEN)?;
     if id.chars().any(char::is_control) {
@@ -1596,6 +1654,7 @@ mod tests {
                 tunnel_id: TID.into(),
                 is_allowed: true,
                 reason: String::new(),
+                forward: Some("127.0.0.1:22".into()),
             },
             FrontMessage::Listening {
                 tunnel_id: TID.into(),
@@ -1647,6 +1706,14 @@ mod tests {
                 tunnel_id: Some(TID.into()),
                 code: None,
                 hops: Some(2),
+            },
+            FrontMessage::ForwardListen {
+                endpoint_name: "node3".into(),
+                local: "127.0.0.1:2222".into(),
+            },
+            FrontMessage::ForwardListening {
+                endpoint_name: "node3".into(),
+                local: "127.0.0.1:2222".into(),
             },
         ]
     }
@@ -1858,12 +1925,28 @@ mod tests {
                 ),
             ),
         ];
-        let cases = cases.into_iter().chain([(
-            front_samples().remove(10),
-            format!(
-                "{{\"type\":\"closed\",\"tunnel_id\":\"{TID}\",\"reason\":\"closed by node0\"}}\n"
+        let cases = cases.into_iter().chain([
+            (
+                front_samples().remove(10),
+                format!(
+                    "{{\"type\":\"closed\",\"tunnel_id\":\"{TID}\",\"reason\":\"closed by node0\"}}\n"
+                ),
             ),
-        )]);
+            (
+                front_samples().remove(2),
+                format!(
+                    "{{\"type\":\"approve\",\"tunnel_id\":\"{TID}\",\"is_allowed\":true,\"reason\":\"\",\"forward\":\"127.0.0.1:22\"}}\n"
+                ),
+            ),
+            (
+                FrontMessage::ForwardListen {
+                    endpoint_name: "node3".into(),
+                    local: "127.0.0.1:2222".into(),
+                },
+                "{\"type\":\"forward_listen\",\"endpoint_name\":\"node3\",\"local\":\"127.0.0.1:2222\"}\n"
+                    .into(),
+            ),
+        ]);
         for (msg, line) in cases {
             assert_eq!(std::str::from_utf8(&encode_line(&msg)).unwrap(), line);
             assert_eq!(decode_line(line.as_bytes()), Ok(msg));
@@ -2519,6 +2602,10 @@ mod tests {
         "[^\\p{Cc}]{1,32}"
     }
 
+    fn arb_address() -> impl Strategy<Value = String> {
+        "[!-~]{1,261}"
+    }
+
     fn arb_text() -> impl Strategy<Value = String> {
         "(?s).{0,40}"
     }
@@ -2720,13 +2807,20 @@ mod tests {
                 local_id,
                 tunnel_id
             }),
-            (arb_tid(), any::<bool>(), arb_text()).prop_map(|(tunnel_id, is_allowed, reason)| {
-                FrontMessage::Approve {
-                    tunnel_id,
-                    is_allowed,
-                    reason,
-                }
-            }),
+            (
+                arb_tid(),
+                any::<bool>(),
+                arb_text(),
+                proptest::option::of(arb_address())
+            )
+                .prop_map(|(tunnel_id, is_allowed, reason, forward)| {
+                    FrontMessage::Approve {
+                        tunnel_id,
+                        is_allowed,
+                        reason,
+                        forward,
+                    }
+                }),
             (arb_tid(), 1u16..)
                 .prop_map(|(tunnel_id, port)| FrontMessage::Listening { tunnel_id, port }),
             Just(FrontMessage::List {}),
@@ -2775,6 +2869,19 @@ mod tests {
                 .prop_map(|items| FrontMessage::Tubes { items }),
             (any::<u16>(), arb_text())
                 .prop_map(|(code, message)| FrontMessage::Error { code, message }),
+            (arb_name(), arb_address(), any::<bool>()).prop_map(|(endpoint_name, local, ask)| {
+                if ask {
+                    FrontMessage::ForwardListen {
+                        endpoint_name,
+                        local,
+                    }
+                } else {
+                    FrontMessage::ForwardListening {
+                        endpoint_name,
+                        local,
+                    }
+                }
+            }),
         ]
     }
 

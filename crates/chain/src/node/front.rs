@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::time::timeout;
 use tracing::Instrument;
@@ -16,13 +16,16 @@ use tube_proto::chain::{
 };
 
 use super::Node;
-use super::state::{Chain, FrontSlot, TUBE_ANSWER_TIMEOUT, TubeRequest, timer};
+use super::state::{Chain, FrontSlot, Near, TUBE_ANSWER_TIMEOUT, TubeRequest, timer};
 
 /// Lines queued for one front before it counts as too slow.
 const FRONT_QUEUE: usize = 256;
 
 /// Front API connections at once; more are closed at once.
 const MAX_FRONTS: usize = 64;
+
+/// `forward_listen` listeners per front connection.
+const MAX_FORWARD_LISTENERS: usize = 16;
 
 /// Longest time one line may take to write to a front.
 const FRONT_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -46,6 +49,8 @@ impl Node {
                 FrontSlot {
                     tx,
                     subscribed: false,
+                    gone: self.token.child_token(),
+                    listeners: 0,
                 },
             );
             id
@@ -118,7 +123,10 @@ impl Node {
             FrontMessage::RequestTube {
                 endpoint_name,
                 local_id,
-            } => self.front_request_tube(id, endpoint_name, local_id).await,
+            } => {
+                self.front_request_tube(id, endpoint_name, local_id, None)
+                    .await
+            }
             FrontMessage::RequestCloseTube {
                 local_id,
                 tunnel_id,
@@ -157,7 +165,15 @@ impl Node {
                 tunnel_id,
                 is_allowed,
                 reason,
-            } => self.front_approve(id, tunnel_id, is_allowed, reason).await,
+                forward,
+            } => {
+                self.front_approve(id, tunnel_id, is_allowed, reason, forward)
+                    .await
+            }
+            FrontMessage::ForwardListen {
+                endpoint_name,
+                local,
+            } => self.front_forward_listen(id, endpoint_name, local).await,
             FrontMessage::Listening { tunnel_id, port } => {
                 let waiting = self.state().listen_waits.remove(&tunnel_id);
                 match waiting {
@@ -181,16 +197,19 @@ impl Node {
                 }
                 st.push(id, st.tubes());
             }
-            // `is_from_front` let only the six messages above through.
+            // `is_from_front` let only the seven messages above through.
             _ => {}
         }
     }
 
+    /// A chain request of front `id`: its own `request_tube`, or (with `near`) one of its
+    /// `forward_listen` listeners' connections. A refusal resets `near`.
     async fn front_request_tube(
         self: &Arc<Self>,
         id: u64,
         endpoint_name: String,
         local_id: String,
+        near: Option<Near>,
     ) {
         let refusal = {
             let st = self.state();
@@ -228,6 +247,7 @@ impl Node {
                 front: id,
                 local_id: local_id.clone(),
                 endpoint: endpoint_name.clone(),
+                near,
                 _timer: timer,
             },
         );
@@ -258,12 +278,76 @@ impl Node {
         });
     }
 
+    /// `forward_listen`: binds `local` and gives every connection accepted there a chain of its
+    /// own to `endpoint_name` (the connection is node 0's near end), until the front's
+    /// connection closes.
+    async fn front_forward_listen(self: &Arc<Self>, id: u64, endpoint_name: String, local: String) {
+        let addr = match local.parse::<SocketAddr>() {
+            Ok(a) if a.ip().is_loopback() => a,
+            _ => {
+                let msg = format!("local {local} is not a loopback ip:port");
+                return self.front_error(id, ChainErrorCode::ProtocolError, msg);
+            }
+        };
+        let gone = {
+            let mut st = self.state();
+            match st.fronts.get_mut(&id) {
+                Some(slot) if slot.listeners < MAX_FORWARD_LISTENERS => {
+                    slot.listeners += 1;
+                    Some(slot.gone.clone())
+                }
+                Some(_) => None,
+                None => return,
+            }
+        };
+        let Some(gone) = gone else {
+            let msg = format!("at most {MAX_FORWARD_LISTENERS} forward_listen per connection");
+            return self.front_error(id, ChainErrorCode::Limit, msg);
+        };
+        let bound = match TcpListener::bind(addr).await.and_then(|l| {
+            let a = l.local_addr()?;
+            Ok((l, a))
+        }) {
+            Ok(x) => x,
+            Err(e) => {
+                if let Some(slot) = self.state().fronts.get_mut(&id) {
+                    slot.listeners -= 1;
+                }
+                let msg = format!("cannot listen on {addr}: {e}");
+                return self.front_error(id, ChainErrorCode::Unavailable, msg);
+            }
+        };
+        let (listener, bound) = bound;
+        self.state().push(
+            id,
+            FrontMessage::ForwardListening {
+                endpoint_name: endpoint_name.clone(),
+                local: bound.to_string(),
+            },
+        );
+        tracing::info!(%bound, endpoint = %endpoint_name, "forwarding a local port");
+        let node = self.clone();
+        self.spawn(async move {
+            let _open = node.stats.listener_opened();
+            while let Some((tcp, peer)) = tube_net::accept(&listener, &gone, "forward").await {
+                tube_net::tune_tcp(&tcp);
+                let local_id = format!("fwd-{:016x}", super::random_u64());
+                tracing::debug!(%peer, %local_id, "forwarded connection, requesting a chain");
+                let near = Near::new(tcp, bound.port());
+                node.front_request_tube(id, endpoint_name.clone(), local_id, Some(near))
+                    .await;
+            }
+            tracing::info!(%bound, "forwarding listener closed");
+        });
+    }
+
     async fn front_approve(
         self: &Arc<Self>,
         id: u64,
         tunnel_id: String,
         is_allowed: bool,
         mut reason: String,
+        forward: Option<String>,
     ) {
         let answer = {
             let mut st = self.state();
@@ -279,6 +363,7 @@ impl Node {
                         let mut chain = Chain::new(ChainRole::Endpoint, self.token.child_token());
                         chain.peer = Some(a.request_user);
                         chain.owner = Some(id);
+                        chain.forward = forward;
                         st.chains.insert(tunnel_id.clone(), chain);
                     }
                     Some((a.hub_id, allowed))
@@ -307,7 +392,9 @@ impl Node {
     async fn front_gone(&self, id: u64) {
         let owned: Vec<String> = {
             let mut st = self.state();
-            st.fronts.remove(&id);
+            if let Some(slot) = st.fronts.remove(&id) {
+                slot.gone.cancel();
+            }
             st.tube_requests.retain(|_, r| r.front != id);
             st.chains
                 .iter()

@@ -1,7 +1,9 @@
 //! `make_tube` (`docs/protocols/chain.md` sections 5.3 and 6): the near side (node 0 dials its
-//! front, every other node dials `from` and presents the hop preamble), the far side (a hop
-//! listener that takes only `to` with `secret_in`, or the endpoint's loopback listener), then
-//! the splice that counts the bytes both ways.
+//! front, or takes the user connection its `forward_listen` listener accepted; every other
+//! node dials `from` and presents the hop preamble), the far side (a hop listener that takes
+//! only `to` with `secret_in`; at the endpoint, its loopback listener for the front, or the
+//! service the front's `approve` named, dialled by the node), then the splice that counts the
+//! bytes both ways.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -51,6 +53,12 @@ enum Far {
         listener: TcpListener,
         established: oneshot::Receiver<()>,
         _open: ListenerGuard,
+    },
+    /// The endpoint's service (the front's `approve` named it), connected already; carried
+    /// once `establish_connection` arrived.
+    Service {
+        tcp: TcpStream,
+        established: oneshot::Receiver<()>,
     },
 }
 
@@ -148,6 +156,21 @@ impl Node {
         self.send_hub(msg).await;
     }
 
+    /// Node 0's near end, when a `forward_listen` listener accepted it.
+    fn take_near(&self, tunnel_id: &str) -> Option<TcpStream> {
+        let near = self.state().chains.get_mut(tunnel_id)?.near.take()?;
+        let tcp = near.take()?;
+        // Until the splice ends cleanly, closing it (a build that fails or is cancelled
+        // half-way) resets the user, as dropping the `Near` would have.
+        reset_on_close(&tcp, true);
+        Some(tcp)
+    }
+
+    /// The service an endpoint's front approved the chain with.
+    fn forward_of(&self, tunnel_id: &str) -> Option<String> {
+        self.state().chains.get(tunnel_id)?.forward.clone()
+    }
+
     fn set_port(&self, tunnel_id: &str, port: u16) {
         if let Some(c) = self.state().chains.get_mut(tunnel_id) {
             c.port = Some(port);
@@ -169,6 +192,7 @@ async fn setup(
     let half = node.config.hop_timeout / 2;
     let tunnel = parse_tunnel_id(&req.tunnel_id).ok_or("bad tunnel id")?;
     let near = match (&req.from, &req.secret_out) {
+        (None, _) if let Some(tcp) = node.take_near(&req.tunnel_id) => tcp,
         (None, _) => {
             let (tx, rx) = oneshot::channel();
             {
@@ -215,7 +239,25 @@ async fn setup(
         }
         (Some(_), None) => return Err("make_tube without secret_out".into()),
     };
-    let (far, port) = match (&req.to, &req.secret_in) {
+    match far_side(node, req, tunnel, established).await {
+        Ok((far, port)) => Ok((near, far, port)),
+        Err(e) => {
+            // The near end never carried a byte: a reset, not an end of stream.
+            tube_net::abort_tcp(near);
+            Err(e)
+        }
+    }
+}
+
+/// The far side of this node's part, and the port to report.
+async fn far_side(
+    node: &Node,
+    req: &MakeTube,
+    tunnel: [u8; 16],
+    established: Option<oneshot::Receiver<()>>,
+) -> Result<(Far, Option<u16>), String> {
+    let half = node.config.hop_timeout / 2;
+    let far = match (&req.to, &req.secret_in) {
         (Some(to), Some(secret)) => {
             let to: IpAddr = to.parse().map_err(|_| "bad to address")?;
             let secret = secret.to_bytes().ok_or("bad secret_in")?;
@@ -236,6 +278,28 @@ async fn setup(
             (far, Some(port))
         }
         (Some(_), None) => return Err("make_tube without secret_in".into()),
+        (None, _) if let Some(forward) = node.forward_of(&req.tunnel_id) => {
+            let established = established.ok_or("not the endpoint")?;
+            let tcp = match timeout(half, TcpStream::connect(forward.as_str())).await {
+                Ok(Ok(tcp)) => tcp,
+                failed => {
+                    let error = match failed {
+                        Ok(Err(e)) => e.to_string(),
+                        _ => "timed out".into(),
+                    };
+                    // The details stay here: the reason travels to the requesting node.
+                    tracing::warn!(%forward, %error, "cannot connect to the service");
+                    return Err("the endpoint cannot reach its service".into());
+                }
+            };
+            tube_net::tune_tcp(&tcp);
+            let port = tcp
+                .local_addr()
+                .map_err(|e| format!("service: {e}"))?
+                .port();
+            node.set_port(&req.tunnel_id, port);
+            (Far::Service { tcp, established }, None)
+        }
         (None, _) => {
             let established = established.ok_or("not the endpoint")?;
             let listener = TcpListener::bind(SocketAddr::new(node.api_ip, 0))
@@ -256,7 +320,7 @@ async fn setup(
             )
         }
     };
-    Ok((near, far, port))
+    Ok(far)
 }
 
 /// Waits for the far connection, then splices the two.
@@ -300,11 +364,25 @@ async fn carry(
                     tracing::warn!(%peer, "non-loopback connection to the endpoint's port refused");
                 }
             }
+            Far::Service { tcp, established } => {
+                timeout(hop_timeout * 2, established)
+                    .await
+                    .map_err(|_| "no establish_connection in time")?
+                    .map_err(|_| "chain forgotten")?;
+                Ok((tcp, Vec::new()))
+            }
         }
     };
-    let (far, leftover) = tokio::select! {
-        r = far => r?,
-        _ = closing.closed() => return Err("chain closed".into()),
+    let far = tokio::select! {
+        r = far => r,
+        _ = closing.closed() => Err("chain closed".into()),
+    };
+    let (far, leftover) = match far {
+        Ok(x) => x,
+        Err(e) => {
+            tube_net::abort_tcp(near);
+            return Err(e);
+        }
     };
     if let Some(c) = node.state().chains.get_mut(tunnel_id)
         && c.role == ChainRole::Intermediate

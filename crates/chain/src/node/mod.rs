@@ -7,8 +7,9 @@
 //! `establish_connection`) and the fronts' lines (`docs/protocols/chain.md` sections 5 to 8).
 //!
 //! Layout: this file holds the configuration, the errors, the session loop and the shared
-//! state; `front` serves one front API connection; `hop` carries out `make_tube`
-//! (dials, hop listeners with their IP and secret checks, splicing).
+//! state; `front` serves one front API connection (with its `forward_listen` listeners);
+//! `hop` carries out `make_tube` (dials, hop listeners with their IP and secret checks, the
+//! endpoint's dial of an approved `forward`, splicing).
 //!
 //! A lost hub session closes every chain and is followed by a new one after a backoff; the
 //! front API keeps serving meanwhile. Shutdown sends `logout`.
@@ -242,7 +243,8 @@ impl NodeStats {
         self.0.sessions.subscribe()
     }
 
-    /// Watches how many hop and endpoint listeners are open (none once every chain is gone).
+    /// Watches how many hop, endpoint and `forward_listen` listeners are open (none once every
+    /// chain and every front that asked for a listener is gone).
     pub fn listeners(&self) -> tokio::sync::watch::Receiver<usize> {
         self.0.listeners.subscribe()
     }

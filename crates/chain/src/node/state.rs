@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tube_proto::chain::{
@@ -34,12 +35,49 @@ pub(super) struct State {
 pub(super) struct FrontSlot {
     pub(super) tx: mpsc::Sender<FrontMessage>,
     pub(super) subscribed: bool,
+    /// Cancelled when the connection closes: its `forward_listen` listeners close.
+    pub(super) gone: CancellationToken,
+    /// Its `forward_listen` listeners.
+    pub(super) listeners: usize,
+}
+
+/// A user connection accepted by a `forward_listen` listener: node 0's near end, and the
+/// listener's port (the chain's `port`). Dropped before [`Near::take`] (the request refused,
+/// the chain closed before it was built), it resets the connection: the user never mistakes a
+/// chain that never was for a service that closed.
+pub(super) struct Near {
+    tcp: Option<TcpStream>,
+    pub(super) port: u16,
+}
+
+impl Near {
+    pub(super) fn new(tcp: TcpStream, port: u16) -> Self {
+        Self {
+            tcp: Some(tcp),
+            port,
+        }
+    }
+
+    /// The connection, to carry it.
+    pub(super) fn take(mut self) -> Option<TcpStream> {
+        self.tcp.take()
+    }
+}
+
+impl Drop for Near {
+    fn drop(&mut self) {
+        if let Some(tcp) = self.tcp.take() {
+            tube_net::abort_tcp(tcp);
+        }
+    }
 }
 
 pub(super) struct TubeRequest {
     pub(super) front: u64,
     pub(super) local_id: String,
     pub(super) endpoint: String,
+    /// The near end, for a request made by a `forward_listen` listener.
+    pub(super) near: Option<Near>,
     /// Ends the request's timeout task once the request is gone (answered or dropped).
     pub(super) _timer: DropGuard,
 }
@@ -72,6 +110,10 @@ pub(super) struct Chain {
     pub(super) building: bool,
     /// The endpoint's signal that `establish_connection` arrived.
     pub(super) established: Option<oneshot::Sender<()>>,
+    /// Node 0 of a `forward_listen` chain: the user's connection, until `make_tube` takes it.
+    pub(super) near: Option<Near>,
+    /// An endpoint approved with `forward`: the service the node connects the chain to.
+    pub(super) forward: Option<String>,
 }
 
 /// How a chain's task is told to close: a token, and whether the close is a failure.
@@ -121,6 +163,8 @@ impl Chain {
             },
             building: false,
             established: None,
+            near: None,
+            forward: None,
         }
     }
 }
@@ -189,6 +233,10 @@ impl Node {
             chain.local_id = Some(req.local_id.clone());
             chain.peer = Some(req.endpoint.clone());
             chain.owner = Some(req.front);
+            if let Some(near) = req.near {
+                chain.port = Some(near.port);
+                chain.near = Some(near);
+            }
             st.chains.insert(t.clone(), chain);
             tracing::info!(tunnel_id = %t, local_id = %req.local_id, "chain accepted by the hub");
         }
