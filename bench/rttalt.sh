@@ -15,6 +15,11 @@
 # through every system, not counted (on the third machine the first run of a round measured
 # about 30 % slower).
 #
+# TEST=connrate alternates new connections the same way instead (CONNS of them per run, default
+# 2000, 50 at a time, one 64-byte echo each, as bench/compare.sh): each run's connections per
+# second and p99 connect-to-first-byte take the places of p50 and p99 below (keys `rate` and
+# `p99`; for the rate, above 1 is better).
+#
 # Env knobs: ROUNDS (default 15), COUNT (round trips per run, default 5000), BIN (directory
 # with release tube and tube-loadgen; default target/release after building), BIN2 (a second
 # build's directory, run as "tube2"), TOOLS (rathole in $TOOLS/bin, as bench/compare.sh
@@ -31,6 +36,12 @@ cd "$ROOT"
 TOOLS=${TOOLS:-$ROOT/bench/.tools}
 ROUNDS=${ROUNDS:-15}
 COUNT=${COUNT:-5000}
+TEST=${TEST:-rtt}
+CONNS=${CONNS:-2000}
+case $TEST in
+rtt | connrate) ;;
+*) echo "error: TEST must be rtt or connrate, got '$TEST'" >&2; exit 2 ;;
+esac
 WAIT_SECS=20
 [[ -x $TOOLS/bin/rathole ]] || { echo "error: no rathole in $TOOLS/bin (bench/compare.sh installs it)" >&2; exit 1; }
 
@@ -73,38 +84,55 @@ stop_round() {
     wait "${ROUND_PIDS[@]}" 2>/dev/null || true
 }
 
+# run_one SYSTEM [warm]: one run of TEST through SYSTEM (a short one with `warm`).
+run_one() {
+    local addr=${ADDR[$1]} n
+    if [[ $TEST == rtt ]]; then
+        n=$COUNT
+        [[ -z ${2:-} ]] || n=500
+        "$BIN/tube-loadgen" --timeout 60 rtt --addr "$addr" --count "$n" --size 64
+    else
+        n=$CONNS
+        [[ -z ${2:-} ]] || n=300
+        "$BIN/tube-loadgen" --timeout 60 connrate --addr "$addr" --connections "$n" \
+            --concurrency 50 --size 64
+    fi
+}
+
 : >"$TMP/runs"
 for ((round = 1; round <= ROUNDS; round++)); do
     start_round
     if ((round % 2)); then ORDER=("${SYSTEMS[@]}"); else ORDER=("${REVERSED[@]}"); fi
     # Warm-up through every system, not counted (see the header).
     for s in "${ORDER[@]}"; do
-        "$BIN/tube-loadgen" --timeout 60 rtt --addr "${ADDR[$s]}" --count 500 --size 64 >/dev/null
+        run_one "$s" warm >/dev/null
     done
     for s in "${ORDER[@]}"; do
-        "$BIN/tube-loadgen" --timeout 60 rtt --addr "${ADDR[$s]}" --count "$COUNT" --size 64 |
-            python3 -c 'import json,sys; j=json.load(sys.stdin); print(sys.argv[1], j["p50_us"], j["p99_us"])' "$s" >>"$TMP/runs"
+        run_one "$s" |
+            python3 -c 'import json,sys; j=json.load(sys.stdin); print(sys.argv[1], j.get("conns_per_sec", j.get("p50_us")), j["p99_us"])' "$s" >>"$TMP/runs"
     done
     stop_round
 done
 
 [[ -z ${RUNS:-} ]] || cp "$TMP/runs" "$RUNS"
-python3 - "$TMP/runs" <<'PY'
+python3 - "$TMP/runs" "$TEST" <<'PY'
 import collections, json, math, statistics, sys
+first = "p50" if sys.argv[2] == "rtt" else "rate"
 runs = collections.defaultdict(list)
 for line in open(sys.argv[1]):
     name, p50, p99 = line.split()
     runs[name].append((float(p50), float(p99)))
 out = {"rounds": len(runs["rathole"])}
 for name, v in runs.items():
-    out[f"{name}_p50_us"] = round(statistics.median(x[0] for x in v), 2)
+    unit = "_us" if first == "p50" else "_per_s"
+    out[f"{name}_{first}{unit}"] = round(statistics.median(x[0] for x in v), 2)
     out[f"{name}_p99_us"] = round(statistics.median(x[1] for x in v), 2)
 
 
 def ratios(key, a, b):
     """Per-round ratios of a over b: their median, and the geometric mean with its 95 %
     confidence interval (normal approximation on the logarithms)."""
-    for i, what in enumerate(["p50", "p99"]):
+    for i, what in enumerate([first, "p99"]):
         pairs = [x[i] / y[i] for x, y in zip(a, b)]
         out[f"{key}_{what}"] = round(statistics.median(pairs), 3)
         if len(pairs) < 2:

@@ -293,6 +293,9 @@ async fn far_side(
                 }
             };
             tube_net::tune_tcp(&tcp);
+            // A chain that fails before it carries the connection resets the service, as it
+            // resets the user: never a clean end of stream.
+            reset_on_close(&tcp, true);
             let port = tcp
                 .local_addr()
                 .map_err(|e| format!("service: {e}"))?
