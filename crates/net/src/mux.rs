@@ -10,7 +10,9 @@
 //! A stream task with DATA (or OPEN, FIN, RESET) to send writes it into the transport itself
 //! when the writer task is idle and no frame handed to the data queue is still unwritten (one
 //! task hop less per chunk, per new stream and per close); otherwise it queues the frames for
-//! the writer task. Either way a stream's frames go out in the order they were sent.
+//! the writer task. Either way a stream's frames go out in the order they were sent. A new
+//! stream can take with its OPEN what its socket already holds ([`Mux::open_reading`]): a user
+//! who speaks first costs one TLS record and one write for both.
 //!
 //! A stream whose consumer registered its socket ([`StreamRx::deliver_to`]) gets DATA written
 //! by the reader itself, without waking the consumer, whenever nothing of that stream is queued
@@ -559,33 +561,83 @@ impl Mux {
 
     /// Opens a stream to the peer for a user of `tunnel` coming from `peer`.
     pub async fn open(&self, tunnel: [u8; 16], peer: String) -> Result<MuxStream, MuxError> {
-        let inner = &self.inner;
-        if inner.is_closing() {
-            return Err(self.close_reason());
-        }
-        let (stream, id) = {
-            let mut streams = lock(&inner.streams);
-            if streams.len() >= inner.cfg.max_streams {
-                return Err(MuxError::TooManyStreams);
-            }
-            let mut id = inner.next_id.fetch_add(1, Ordering::Relaxed);
-            while id == 0 || streams.contains_key(&id) {
-                id = inner.next_id.fetch_add(1, Ordering::Relaxed);
-            }
-            let stream = new_stream(inner, id, &mut streams);
-            (stream, id)
-        };
+        let stream = self.new_outgoing()?;
         let open = Frame::Open {
-            stream: id,
+            stream: stream.id(),
             tunnel,
             peer,
         };
-        if let Err(open) = inner.write_frame_direct(open)
-            && inner.queue(open).await.is_err()
+        if let Err(open) = self.inner.write_frame_direct(open)
+            && self.inner.queue(open).await.is_err()
         {
             return Err(self.close_reason());
         }
         Ok(stream)
+    }
+
+    /// [`Mux::open`], sending with the OPEN what `rd` holds at this moment (at most `max`
+    /// bytes, within the stream's first credit and one DATA frame) in the same write: a user
+    /// who speaks first costs one TLS record and one system call for both, where the OPEN and
+    /// the first read would take one each. Returns the stream and what the read gave: the
+    /// bytes sent (0 when `rd` held nothing yet, had ended, or the transport was busy), or
+    /// the read's error (the stream is open; the caller resets it).
+    pub async fn open_reading<R: AsyncRead + Unpin>(
+        &self,
+        tunnel: [u8; 16],
+        peer: String,
+        rd: &mut R,
+        max: usize,
+    ) -> Result<(MuxStream, std::io::Result<usize>), MuxError> {
+        let stream = self.new_outgoing()?;
+        let id = stream.id();
+        let credit = stream.tx.try_reserve(max.min(MAX_DATA_PAYLOAD as usize));
+        let mut open = Some(Frame::Open {
+            stream: id,
+            tunnel,
+            peer,
+        });
+        let read = self.inner.write_here(true, |batch| {
+            if let Some(f) = open.take() {
+                batch.push(f);
+            }
+            if credit == 0 {
+                return std::task::Poll::Ready(Ok(0));
+            }
+            // Only a look: a read that would wait leaves the caller to wait for the socket.
+            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+            batch.read_data(id, credit, rd, &mut cx)
+        });
+        let read = match read {
+            Some(std::task::Poll::Ready(r)) => r,
+            _ => Ok(0),
+        };
+        let sent = read.as_ref().map_or(0, |n| *n);
+        stream.tx.shared.reserved.fetch_sub(sent, Ordering::Relaxed);
+        stream.tx.give_back(credit - sent);
+        // The transport was busy: the OPEN goes in order through the data queue, alone.
+        if let Some(open) = open
+            && self.inner.queue(open).await.is_err()
+        {
+            return Err(self.close_reason());
+        }
+        Ok((stream, read))
+    }
+
+    /// A new stream with a fresh id, not yet announced to the peer.
+    fn new_outgoing(&self) -> Result<MuxStream, MuxError> {
+        let inner = &self.inner;
+        if inner.is_closing() {
+            return Err(self.close_reason());
+        }
+        let mut streams = lock(&inner.streams);
+        if streams.len() >= inner.cfg.max_streams {
+            return Err(MuxError::TooManyStreams);
+        }
+        let mut id = inner.next_id.fetch_add(1, Ordering::Relaxed);
+        while id == 0 || streams.contains_key(&id) {
+            id = inner.next_id.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(new_stream(inner, id, &mut streams))
     }
 
     /// Queues a control message (after data already queued).
@@ -2036,6 +2088,56 @@ mod tests {
             got.len(),
             got == want
         );
+    }
+
+    #[tokio::test]
+    async fn open_reading_sends_what_the_socket_holds_right_after_the_open() {
+        use tokio::io::AsyncWriteExt;
+        let cfg = MuxConfig::default();
+        let window = cfg.peer_window as usize;
+        let (mux, _ev, mut raw, _t) = pair(Role::Opener, cfg);
+        // A user who spoke first: 100 bytes wait in its socket.
+        let (mut user, mut user_end) = tokio::io::duplex(1 << 16);
+        user_end.write_all(&[7; 100]).await.unwrap();
+        let (stream, first) = mux
+            .open_reading([1; 16], "u".into(), &mut user, 4096)
+            .await
+            .unwrap();
+        assert_eq!(first.unwrap(), 100);
+        let id = match raw.next().await {
+            Some(Ok(Frame::Open { stream, .. })) => stream,
+            other => panic!("expected OPEN, got {other:?}"),
+        };
+        assert_eq!(id, stream.id());
+        match raw.next().await {
+            Some(Ok(Frame::Data { stream, data })) => {
+                assert_eq!(stream, id);
+                assert_eq!(&data[..], &[7; 100]);
+            }
+            other => panic!("expected DATA, got {other:?}"),
+        }
+        // The bytes sent took their credit; nothing else is held back.
+        assert_eq!(stream.tx.shared.credit.available_permits(), window - 100);
+        assert_eq!(stream.tx.shared.reserved.load(Ordering::Relaxed), 0);
+
+        // A user who has not spoken: the OPEN goes alone, the credit stays whole.
+        let (mut quiet, _quiet_end) = tokio::io::duplex(1 << 16);
+        let (s2, first) = mux
+            .open_reading([1; 16], "u".into(), &mut quiet, 4096)
+            .await
+            .unwrap();
+        assert_eq!(first.unwrap(), 0);
+        match raw.next().await {
+            Some(Ok(Frame::Open { stream, .. })) => assert_eq!(stream, s2.id()),
+            other => panic!("expected OPEN, got {other:?}"),
+        }
+        assert_eq!(s2.tx.shared.credit.available_permits(), window);
+        // Nothing followed: the next frame is the peer's answer to a PING.
+        raw.send(Frame::Ping(5)).await.unwrap();
+        match raw.next().await {
+            Some(Ok(Frame::Pong(5))) => {}
+            other => panic!("expected PONG, got {other:?}"),
+        }
     }
 
     #[tokio::test]

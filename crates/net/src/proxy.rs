@@ -22,7 +22,7 @@ use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tube_proto::control::ErrorCode;
 
-use crate::mux::{Inbound, MuxStream, StreamRx, StreamTx};
+use crate::mux::{Inbound, Mux, MuxError, MuxStream, StreamRx, StreamTx};
 use crate::pool::{self, ReadBuffer};
 
 /// How a proxied connection ended.
@@ -60,6 +60,35 @@ impl Traffic {
 enum Failure {
     Socket,
     Stream,
+}
+
+/// Opens a stream for `tunnel` on `mux` and runs [`proxy`] between it and `tcp`; what `tcp`
+/// already holds goes out with the OPEN ([`Mux::open_reading`]). `Err` when no stream could be
+/// opened (the caller resets `tcp`).
+pub async fn open_and_proxy(
+    mux: &Mux,
+    tunnel: [u8; 16],
+    peer: String,
+    mut tcp: TcpStream,
+    traffic: &Traffic,
+) -> Result<ProxyEnd, (MuxError, TcpStream)> {
+    let (stream, first) = match mux.open_reading(tunnel, peer, &mut tcp, FIRST_READ).await {
+        Ok(x) => x,
+        Err(e) => return Err((e, tcp)),
+    };
+    match first {
+        Ok(n) => {
+            traffic
+                .socket_to_stream
+                .fetch_add(n as u64, Ordering::Relaxed);
+            Ok(proxy(tcp, stream, traffic).await)
+        }
+        Err(_) => {
+            stream.reset(ErrorCode::StreamAborted);
+            crate::abort_tcp(tcp);
+            Ok(ProxyEnd::SocketError)
+        }
+    }
 }
 
 /// Proxies until both directions end or either side fails, counting bytes into `traffic` as

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 use tube_net::Mux;
-use tube_net::proxy::{ProxyEnd, proxy};
+use tube_net::proxy::{ProxyEnd, open_and_proxy};
 use tube_proto::cidr::{Cidr, allowed};
 use uuid::Uuid;
 
@@ -64,14 +64,18 @@ pub(crate) async fn accept_loop(
         let span = tracing::debug_span!("user", %peer);
         users.spawn(
             async move {
-                match mux.open(*id.as_bytes(), peer.to_string()).await {
-                    Ok(stream) => {
-                        let end = proxy(tcp, stream, &counters.traffic).await;
-                        if end != ProxyEnd::Clean {
-                            tracing::debug!(?end, "user connection aborted");
-                        }
-                    }
-                    Err(e) => {
+                match open_and_proxy(
+                    &mux,
+                    *id.as_bytes(),
+                    peer.to_string(),
+                    tcp,
+                    &counters.traffic,
+                )
+                .await
+                {
+                    Ok(ProxyEnd::Clean) => {}
+                    Ok(end) => tracing::debug!(?end, "user connection aborted"),
+                    Err((e, tcp)) => {
                         tracing::debug!(error = %e, "cannot open stream, resetting user");
                         tube_net::abort_tcp(tcp);
                     }
