@@ -241,16 +241,25 @@ impl Node {
             .next_id
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (done, timer) = timer();
-        self.state().tube_requests.insert(
-            hub_id,
-            TubeRequest {
-                front: id,
-                local_id: local_id.clone(),
-                endpoint: endpoint_name.clone(),
-                near,
-                _timer: timer,
-            },
-        );
+        {
+            let mut st = self.state();
+            // A listener's connection can arrive as its front leaves: checked under the same
+            // lock `front_gone` takes, so the request is never left without its front (the
+            // dropped `near` resets the user).
+            if !st.fronts.contains_key(&id) {
+                return;
+            }
+            st.tube_requests.insert(
+                hub_id,
+                TubeRequest {
+                    front: id,
+                    local_id: local_id.clone(),
+                    endpoint: endpoint_name.clone(),
+                    near,
+                    _timer: timer,
+                },
+            );
+        }
         self.send_hub(HubMessage::RequestTube {
             id: hub_id,
             endpoint_name,
@@ -304,10 +313,12 @@ impl Node {
             let msg = format!("at most {MAX_FORWARD_LISTENERS} forward_listen per connection");
             return self.front_error(id, ChainErrorCode::Limit, msg);
         };
-        let bound = match TcpListener::bind(addr).await.and_then(|l| {
-            let a = l.local_addr()?;
-            Ok((l, a))
-        }) {
+        let bound = async {
+            let listener = TcpListener::bind(addr).await?;
+            let bound = listener.local_addr()?;
+            std::io::Result::Ok((listener, bound))
+        };
+        let (listener, bound) = match bound.await {
             Ok(x) => x,
             Err(e) => {
                 if let Some(slot) = self.state().fronts.get_mut(&id) {
@@ -317,7 +328,6 @@ impl Node {
                 return self.front_error(id, ChainErrorCode::Unavailable, msg);
             }
         };
-        let (listener, bound) = bound;
         self.state().push(
             id,
             FrontMessage::ForwardListening {
