@@ -339,6 +339,9 @@ impl Node {
         let node = self.clone();
         self.spawn(async move {
             let _open = node.stats.listener_opened();
+            // Declared after the guard, so dropped before it: the count falls once the port
+            // is closed.
+            let listener = listener;
             while let Some((tcp, peer)) = tube_net::accept(&listener, &gone, "forward").await {
                 tube_net::tune_tcp(&tcp);
                 let local_id = format!("fwd-{:016x}", super::random_u64());
