@@ -1461,6 +1461,39 @@ async fn recv_until(
     }
 }
 
+/// An endpoint front that approves every request with `forward` (the node dials the service
+/// itself) and reports the tunnel id of every chain established to it. Returns once its
+/// subscription is active.
+async fn forwarding_front(
+    api: SocketAddr,
+    forward: String,
+) -> (JoinHandle<()>, tokio::sync::mpsc::Receiver<String>) {
+    let mut ep = FrontClient::connect(api).await.expect("front");
+    ep.send(&FrontMessage::Subscribe {}).await.expect("send");
+    recv_until(&mut ep, |m| matches!(m, FrontMessage::Tubes { .. })).await;
+    let (est_tx, est_rx) = tokio::sync::mpsc::channel(8);
+    let task = tokio::spawn(async move {
+        while let Ok(m) = ep.recv().await {
+            match m {
+                FrontMessage::ConnectionRequest { tunnel_id, .. } => {
+                    let yes = FrontMessage::Approve {
+                        tunnel_id,
+                        is_allowed: true,
+                        reason: String::new(),
+                        forward: Some(forward.clone()),
+                    };
+                    ep.send(&yes).await.expect("approve");
+                }
+                FrontMessage::Established { tunnel_id, .. } => {
+                    let _ = est_tx.try_send(tunnel_id);
+                }
+                _ => {}
+            }
+        }
+    });
+    (task, est_rx)
+}
+
 /// Connects to `addr` and reads: whether the connection ended with a reset (which may come
 /// before the connect has returned), rather than an end of stream or data.
 async fn reset_seen(addr: String) -> bool {
@@ -1492,30 +1525,7 @@ async fn node_side_ends_carry_chains_without_the_fronts() {
         let echo = echo_server().await;
 
         // The endpoint's front approves with `forward` and never touches the chain.
-        let mut ep = FrontClient::connect(nodes[2].api).await.expect("front");
-        ep.send(&FrontMessage::Subscribe {}).await.expect("send");
-        recv_until(&mut ep, |m| matches!(m, FrontMessage::Tubes { .. })).await;
-        let forward = echo.addr.to_string();
-        let (est_tx, mut est_rx) = tokio::sync::mpsc::channel(8);
-        let ep_task = tokio::spawn(async move {
-            while let Ok(m) = ep.recv().await {
-                match m {
-                    FrontMessage::ConnectionRequest { tunnel_id, .. } => {
-                        let yes = FrontMessage::Approve {
-                            tunnel_id,
-                            is_allowed: true,
-                            reason: String::new(),
-                            forward: Some(forward.clone()),
-                        };
-                        ep.send(&yes).await.expect("approve");
-                    }
-                    FrontMessage::Established { tunnel_id, .. } => {
-                        let _ = est_tx.send(tunnel_id).await;
-                    }
-                    _ => {}
-                }
-            }
-        });
+        let (ep_task, mut est_rx) = forwarding_front(nodes[2].api, echo.addr.to_string()).await;
 
         let mut f = FrontClient::connect(nodes[0].api).await.expect("front");
         f.send(&FrontMessage::ForwardListen {
@@ -1624,23 +1634,7 @@ async fn a_forward_to_a_dead_service_fails_the_build_and_resets_the_user() {
         let dead = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let dead_addr = dead.local_addr().unwrap().to_string();
         drop(dead);
-        let mut ep = FrontClient::connect(c.api).await.expect("front");
-        ep.send(&FrontMessage::Subscribe {}).await.expect("send");
-        recv_until(&mut ep, |m| matches!(m, FrontMessage::Tubes { .. })).await;
-        let forward = dead_addr.clone();
-        let _ep = tokio::spawn(async move {
-            while let Ok(m) = ep.recv().await {
-                if let FrontMessage::ConnectionRequest { tunnel_id, .. } = m {
-                    let yes = FrontMessage::Approve {
-                        tunnel_id,
-                        is_allowed: true,
-                        reason: String::new(),
-                        forward: Some(forward.clone()),
-                    };
-                    ep.send(&yes).await.expect("approve");
-                }
-            }
-        });
+        let _ep = forwarding_front(c.api, dead_addr.clone()).await;
         let mut f = FrontClient::connect(a.api).await.expect("front");
         f.send(&FrontMessage::ForwardListen {
             endpoint_name: "c".into(),
