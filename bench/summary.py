@@ -74,6 +74,89 @@ def main(path):
     print("Ratios are tube's value over the other's, the median over rounds of each round's")
     print("ratio: above 1 is better for higher-is-better figures (throughput, connections),")
     print("below 1 is better for the others.")
+    targets(values, systems)
+
+
+# Issue 7's relay targets: (figure, the rivals it is measured against, the bar, higher is
+# better). "rathole bore" means the better of the two.
+TARGETS = [
+    ("throughput 1 stream(s), loadgen", "rathole bore", 1.0, True),
+    ("throughput 1 stream(s), iperf3", "rathole bore", 1.0, True),
+    ("throughput 8 stream(s), loadgen", "rathole bore", 1.0, True),
+    ("throughput 8 stream(s), iperf3", "rathole bore", 1.0, True),
+    ("new connections", "rathole bore", 1.3, True),
+    ("connect to first byte p99", "rathole bore", 1.0, False),
+    ("rtt 64 B p50", "rathole", 1.0, False),
+    ("rtt 64 B p99", "rathole", 1.0, False),
+    ("memory per idle connection (1000)", "rathole", 0.5, False),
+    ("CPU per GiB, 1 stream(s), loadgen", "rathole", 1.0, False),
+    ("CPU per GiB, 1 stream(s), iperf3", "rathole", 1.0, False),
+    ("CPU per GiB, 8 stream(s), loadgen", "rathole", 1.0, False),
+    ("CPU per GiB, 8 stream(s), iperf3", "rathole", 1.0, False),
+]
+
+
+def targets(values, systems):
+    """Each tube build against issue 7's targets: the median over rounds of its ratio to each
+    round's better rival ("round"), and to the rival better by its median over the rounds
+    ("run"); a figure measured once (memory) has one ratio. A target is met when both are."""
+    builds = [b for b in ("tube", "tube2") if b in systems]
+    by_figure = {figure: per for (figure, _, _), per in values.items()}
+    rows = []
+    for figure, rivals, bar, higher in TARGETS:
+        per = by_figure.get(figure)
+        rivals = [r for r in rivals.split() if per and per.get(r)]
+        if not per or not rivals:
+            continue
+        row = [figure, (">= " if higher else "<= ") + f"{bar:g}"]
+        for b in builds:
+            if not per.get(b):
+                row += ["-", "-", "-"]
+                continue
+            rnd, run = against(per, b, rivals, higher)
+            ok = all(x is not None and (x >= bar if higher else x <= bar) for x in (rnd, run))
+            row += [fmt(rnd), fmt(run), "met" if ok else "**no**"]
+        rows.append(row)
+    if not rows:
+        return
+    print()
+    print("Against issue 7's targets (better of rathole and bore where both are named):")
+    print()
+    header = ["target", "bar"]
+    for b in builds:
+        header += [f"{b} per round", f"{b} per run", b]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
+def against(per, a, rivals, higher):
+    """(per-round better rival, better rival over the run) ratios of `a`, as medians."""
+    pick = max if higher else min
+    rounds = {r: {} for r, _ in per[a] if r is not None}
+    for s in [a] + rivals:
+        for r, v in per[s]:
+            if r in rounds:
+                rounds[r][s] = v
+    paired = [
+        vals[a] / pick(vals[r] for r in rivals)
+        for vals in rounds.values()
+        if all(s in vals for s in [a] + rivals) and pick(vals[r] for r in rivals)
+    ]
+    meds = {s: statistics.median(v for _, v in per[s]) for s in [a] + rivals}
+    best = pick(rivals, key=lambda r: meds[r])
+    by_run = [
+        vals[a] / vals[best] for vals in rounds.values() if a in vals and vals.get(best)
+    ]
+    if not paired:  # measured once: the ratio of the values
+        one = meds[a] / meds[best] if meds[best] else None
+        return one, one
+    return statistics.median(paired), statistics.median(by_run)
+
+
+def fmt(x):
+    return "-" if x is None else f"{x:.3f}"
 
 
 def ratio(per_system, med, a, b):
