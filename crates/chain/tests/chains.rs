@@ -1510,7 +1510,7 @@ async fn reset_seen(addr: String) -> bool {
 
 /// `forward_listen` on node 0 and `approve` with `forward` on the endpoint: the nodes carry
 /// the user's connection and dial the service themselves, so no front process is in the data
-/// path (node 0 never asks its front to `listen`). A refused chain resets its user; a front
+/// path (node 0 never asks its front to `listen`). A chain the hub refuses resets its user; a front
 /// that leaves takes its listener with it; a non-loopback `local` is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_side_ends_carry_chains_without_the_fronts() {
@@ -1592,31 +1592,49 @@ async fn node_side_ends_carry_chains_without_the_fronts() {
             assert_counted(&nodes, &names, &path, &tunnel_id, SIZE);
         }
 
-        // Without a subscribed endpoint front the chain is refused: the user gets a reset.
-        ep_task.abort();
-        let _ = ep_task.await;
-        let user = tokio::spawn(reset_seen(local.to_string()));
-        let refusal = recv_until(&mut f, |m| {
-            matches!(
-                m,
-                FrontMessage::TubeResult {
-                    is_allowed: false,
-                    ..
-                }
-            )
+        // A chain the hub refuses (no such endpoint) resets its user, and the front hears why.
+        f.send(&FrontMessage::ForwardListen {
+            endpoint_name: "nobody".into(),
+            local: "127.0.0.1:0".into(),
         })
-        .await;
-        assert!(!refusal.is_empty());
+        .await
+        .expect("send");
+        let nowhere = match recv_until(&mut f, |m| {
+            matches!(m, FrontMessage::ForwardListening { .. })
+        })
+        .await
+        .pop()
+        {
+            Some(FrontMessage::ForwardListening { local, .. }) => local,
+            other => panic!("expected forward_listening, got {other:?}"),
+        };
+        let user = tokio::spawn(reset_seen(nowhere.clone()));
+        let seen = recv_until(&mut f, |m| matches!(m, FrontMessage::TubeResult { .. })).await;
+        match seen.last() {
+            Some(FrontMessage::TubeResult {
+                local_id,
+                is_allowed: false,
+                code,
+                ..
+            }) => {
+                assert!(local_id.starts_with("fwd-"), "{local_id}");
+                assert_eq!(*code, Some(6003), "unknown endpoint");
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
         assert!(user.await.unwrap(), "a refused chain resets its user");
 
-        // The front leaves: its listener closes.
+        // The front leaves: both its listeners close.
         drop(f);
         let mut open = nodes[0].stats.listeners();
         deadline(LIMIT, open.wait_for(|n| *n == 0)).await.unwrap();
-        assert!(
-            TcpStream::connect(local).await.is_err(),
-            "nothing listens on {local} any more"
-        );
+        for addr in [local.to_string(), nowhere] {
+            assert!(
+                TcpStream::connect(&addr).await.is_err(),
+                "nothing listens on {addr} any more"
+            );
+        }
+        ep_task.abort();
     })
     .await;
 }

@@ -350,10 +350,7 @@ async fn carry(
                 established,
                 _open,
             } => {
-                timeout(hop_timeout * 2, established)
-                    .await
-                    .map_err(|_| "no establish_connection in time")?
-                    .map_err(|_| "chain forgotten")?;
+                wait_established(established, hop_timeout * 2).await?;
                 let deadline = Instant::now() + hop_timeout;
                 loop {
                     let (tcp, peer) = tokio::time::timeout_at(deadline, listener.accept())
@@ -368,10 +365,7 @@ async fn carry(
                 }
             }
             Far::Service { tcp, established } => {
-                timeout(hop_timeout * 2, established)
-                    .await
-                    .map_err(|_| "no establish_connection in time")?
-                    .map_err(|_| "chain forgotten")?;
+                wait_established(established, hop_timeout * 2).await?;
                 Ok((tcp, Vec::new()))
             }
         }
@@ -396,6 +390,18 @@ async fn carry(
     splice(near, far, leftover, bytes, closing)
         .await
         .map_err(|e| format!("splice: {e}"))
+}
+
+/// Waits, at most `within`, for the endpoint's `establish_connection`.
+async fn wait_established(
+    established: oneshot::Receiver<()>,
+    within: Duration,
+) -> Result<(), String> {
+    match timeout(within, established).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err("chain forgotten".into()),
+        Err(_) => Err("no establish_connection in time".into()),
+    }
 }
 
 /// Accepts until a connection from `to` presents the preamble for `tunnel` with `secret`.
