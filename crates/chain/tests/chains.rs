@@ -1677,3 +1677,106 @@ async fn a_forward_to_a_dead_service_fails_the_build_and_resets_the_user() {
     })
     .await;
 }
+
+/// The endpoint dials its front's service while it builds its part (`approve` with `forward`),
+/// before the hub's `establish_connection`. A chain that fails in that window (here the hub,
+/// played by the test, closes it with 6006 right after the endpoint's `make_tube_result`) must
+/// reset the service's connection and the hop, never end them with a FIN the service could
+/// take for a user who finished.
+#[tokio::test]
+async fn a_chain_failing_after_the_endpoint_dialled_its_service_resets_the_service() {
+    deadline(LIMIT, async {
+        init_tracing();
+        let identity = Identity::generate(&["localhost"]).expect("identity");
+        let acceptor = TlsAcceptor::from(identity.server_config().expect("tls"));
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = NodeConfig::new(
+            listener.local_addr().unwrap().to_string(),
+            identity.fingerprint(),
+            "c".into(),
+            dir.path().to_path_buf(),
+        );
+        config.bind = ip(3);
+        let node = spawn_node(config).await;
+        let (tcp, _) = listener.accept().await.expect("accept");
+        let mut hub = handshake_conn(acceptor.accept(tcp).await.expect("tls"));
+        assert!(matches!(
+            next_from_node(&mut hub).await,
+            Some(HubMessage::Register { .. })
+        ));
+        let registered = HubMessage::RegisterResult {
+            is_success: true,
+            message: "registered".into(),
+            password: Some(ChainSecret::new(format!("{:064x}", 7))),
+            code: None,
+        };
+        hub.send(Frame::Control(registered.to_bytes()))
+            .await
+            .unwrap();
+        assert!(matches!(
+            next_from_node(&mut hub).await,
+            Some(HubMessage::PasswordStored {})
+        ));
+        node.online().await;
+
+        let service = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let service_addr = service.local_addr().unwrap().to_string();
+        let (_front, _established) = forwarding_front(node.api, service_addr).await;
+        // The previous hop, played by the test from 127.0.0.2.
+        let hop = TcpListener::bind((ip(2), 0)).await.unwrap();
+        let tunnel = "8fb889f4-a766-48f0-8e58-1c5ebdb9d088".to_string();
+        let secret = ChainSecret::new(format!("{:064x}", 42));
+        let ask = HubMessage::RequestConnection {
+            id: 1,
+            request_user: "a".into(),
+            tunnel_id: tunnel.clone(),
+        };
+        hub.send(Frame::Control(ask.to_bytes())).await.unwrap();
+        match next_from_node(&mut hub).await {
+            Some(HubMessage::RequestConnectionResult { is_allowed, .. }) => assert!(is_allowed),
+            other => panic!("expected request_connection_result, got {other:?}"),
+        }
+        let make = HubMessage::MakeTube {
+            id: 2,
+            tunnel_id: tunnel.clone(),
+            from: Some(hop.local_addr().unwrap().to_string()),
+            to: None,
+            secret_in: None,
+            secret_out: Some(secret.clone()),
+        };
+        hub.send(Frame::Control(make.to_bytes())).await.unwrap();
+        let ((mut hop_conn, _), (mut service_conn, _)) =
+            tokio::try_join!(hop.accept(), service.accept()).expect("the endpoint dials both");
+        let mut hello = [0u8; 52];
+        hop_conn.read_exact(&mut hello).await.expect("preamble");
+        let id = parse_tunnel_id(&tunnel).unwrap();
+        assert_eq!(hello, encode_hop_hello(id, secret.to_bytes().unwrap()));
+        match next_from_node(&mut hub).await {
+            Some(HubMessage::MakeTubeResult {
+                is_allowed, port, ..
+            }) => assert!(is_allowed && port.is_none()),
+            other => panic!("expected make_tube_result, got {other:?}"),
+        }
+        // The chain fails before `establish_connection`.
+        let close = HubMessage::CloseTube {
+            tunnel_id: tunnel.clone(),
+            reason: "node b left during the build".into(),
+            code: Some(6006),
+        };
+        hub.send(Frame::Control(close.to_bytes())).await.unwrap();
+        let mut buf = [0u8; 8];
+        for (who, conn) in [("service", &mut service_conn), ("hop", &mut hop_conn)] {
+            let read = conn.read(&mut buf).await;
+            assert!(
+                matches!(&read, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+                "the {who} connection ended with {read:?}, not a reset"
+            );
+        }
+        assert!(
+            !node.task.is_finished(),
+            "a failed chain is not the node's end"
+        );
+    })
+    .await;
+}
