@@ -2,8 +2,8 @@
 //!
 //! Reading from the socket waits for send credit first, so a stream whose peer stops reading
 //! stops reading its socket (TCP backpressure) instead of buffering. Idle streams hold no
-//! buffer: a short read goes straight into the connection's TLS batch when the stream may write
-//! directly ([`StreamTx::read_direct`]); otherwise a buffer is taken from [`crate::pool`] only
+//! buffer: a read of up to one frame goes straight into the connection's TLS batch when the
+//! stream may write directly ([`StreamTx::read_direct`]); otherwise a buffer is taken from [`crate::pool`] only
 //! when the socket is readable, and handed to the writer as the frame payload. A FIN in either
 //! direction becomes a half-close on the other side; a reset or socket error aborts both sides
 //! (the TCP peer sees RST, the mux peer a RESET frame). The mux's reader may write DATA to the
@@ -182,20 +182,22 @@ async fn socket_to_stream(
         }
         // At most the credit reserved: the buffer may be larger.
         let room = credit.min(pool::BUF_LEN);
-        // Up to one frame's worth goes straight from the socket into the connection's next TLS
-        // write while the stream may write directly (no buffer, nothing to send after).
-        let direct = if room <= SHORT {
-            std::future::poll_fn(|cx| Poll::Ready(tx.read_direct(rd, room, cx))).await
-        } else {
-            None
-        };
+        // While the stream may write directly, up to one frame's worth goes straight from the
+        // socket into the connection's next TLS write: no buffer, no copy, nothing to send
+        // after. A bulk flow too: a read of a frame at a time into the batch costs less than
+        // a read four times as large copied into it (the relay's thread is what limits eight
+        // streams; docs/performance.md). Otherwise the read goes into a pool buffer, as large
+        // as the credit allows.
+        let direct_room = room.min(SHORT);
+        let direct =
+            std::future::poll_fn(|cx| Poll::Ready(tx.read_direct(rd, direct_room, cx))).await;
         let mut buf = None;
-        let read = match direct {
-            Some(Poll::Ready(r)) => r,
-            Some(Poll::Pending) => Err(io::ErrorKind::WouldBlock.into()),
+        let (asked, read) = match direct {
+            Some(Poll::Ready(r)) => (direct_room, r),
+            Some(Poll::Pending) => (direct_room, Err(io::ErrorKind::WouldBlock.into())),
             None => {
                 let b = buf.insert(ReadBuffer::take());
-                read_now(rd, &mut b.space()[..room]).await
+                (room, read_now(rd, &mut b.space()[..room]).await)
             }
         };
         match read {
@@ -210,7 +212,7 @@ async fn socket_to_stream(
                 count.fetch_add(n as u64, Ordering::Relaxed);
                 // A read that filled its room may have left more behind: the next asks for
                 // four times as much (the mux caps it); a short one sizes the next to fit.
-                want = if n == room {
+                want = if n == asked {
                     room.saturating_mul(4).min(crate::mux::MAX_RESERVE)
                 } else {
                     (n * 2).max(FIRST_READ)
@@ -297,8 +299,9 @@ async fn stream_to_socket(
 /// full read up to the mux's reservation limit.
 const FIRST_READ: usize = 4 * 1024;
 
-/// Reads up to this long are read straight into the connection's TLS batch when they can be,
-/// and copied out of their buffer otherwise: one DATA frame's payload.
+/// One DATA frame's payload: the most a read puts straight into the connection's TLS batch,
+/// and the longest buffered read that is copied out of its buffer (a longer one is sent in
+/// it).
 const SHORT: usize = tube_proto::frame::MAX_DATA_PAYLOAD as usize;
 
 // A copied-out read leaves at most a quarter of its pool buffer unused while it waits: queued
