@@ -1,8 +1,9 @@
 //! Read buffers shared by every stream of the process.
 //!
-//! A bulk flow reads its socket into a buffer of [`BUF_LEN`] bytes, and the buffer travels on
-//! as the payload of its DATA frames ([`Bytes`] without a copy) until the mux has sealed the
-//! last byte of it. Allocated per read, such buffers go back to glibc, which returns the pages
+//! A read that cannot go straight into the connection's TLS batch (another writer holds it, or
+//! frames are queued ahead: `crate::proxy`) reads its socket into a buffer of [`BUF_LEN`]
+//! bytes, and a long one travels on as the payload of its DATA frames ([`Bytes`] without a
+//! copy) until the mux has sealed the last byte of it. Allocated per read, such buffers go back to glibc, which returns the pages
 //! to the kernel between reads (its heap trim), and the next read faults them in again page
 //! by page: 7 % of the relay's and agent's CPU time with 8 streams. Here a buffer comes back
 //! to a free list when the last [`Bytes`] made of it is dropped, and the next read takes it,
