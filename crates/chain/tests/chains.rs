@@ -1114,6 +1114,44 @@ async fn a_hub_whose_account_store_fails_answers_6014_and_nodes_retry_until_it_r
 /// The hub side of a connection from a node, for a hub the test scripts.
 type HubSide = tube_net::codec::HandshakeConn<tube_net::tokio_rustls::server::TlsStream<TcpStream>>;
 
+/// A hub the test plays itself: its listener and TLS acceptor.
+struct PlayedHub {
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    _dir: tempfile::TempDir,
+}
+
+impl PlayedHub {
+    /// The hub, and the config of a node named `name` on 127.0.0.`octet` that dials it.
+    async fn start(name: &str, octet: u8) -> (Self, NodeConfig) {
+        let identity = Identity::generate(&["localhost"]).expect("identity");
+        let acceptor = TlsAcceptor::from(identity.server_config().expect("tls"));
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = NodeConfig::new(
+            listener.local_addr().unwrap().to_string(),
+            identity.fingerprint(),
+            name.into(),
+            dir.path().to_path_buf(),
+        );
+        config.bind = ip(octet);
+        let hub = Self {
+            listener,
+            acceptor,
+            _dir: dir,
+        };
+        (hub, config)
+    }
+
+    /// The node's next connection, past TLS.
+    async fn accept(&self) -> HubSide {
+        let (tcp, _) = deadline(LIMIT, self.listener.accept())
+            .await
+            .expect("accept");
+        handshake_conn(self.acceptor.accept(tcp).await.expect("tls"))
+    }
+}
+
 async fn next_from_node(conn: &mut HubSide) -> Option<HubMessage> {
     match deadline(LIMIT, conn.next()).await {
         Some(Ok(Frame::Control(b))) => Some(HubMessage::from_bytes(&b).expect("node message")),
@@ -1138,24 +1176,13 @@ async fn break_protocol(conn: &mut HubSide) -> Vec<HubMessage> {
 async fn a_node_answers_every_protocol_error_of_its_hub_with_6009_before_closing() {
     deadline(LIMIT, async {
         init_tracing();
-        let identity = Identity::generate(&["localhost"]).expect("identity");
-        let acceptor = TlsAcceptor::from(identity.server_config().expect("tls"));
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let dir = tempfile::tempdir().unwrap();
-        let mut config = NodeConfig::new(
-            listener.local_addr().unwrap().to_string(),
-            identity.fingerprint(),
-            "n".into(),
-            dir.path().to_path_buf(),
-        );
-        config.bind = ip(2);
+        let (hub, config) = PlayedHub::start("n", 2).await;
         let node = spawn_node(quick_retry(config)).await;
         // Every session: log the node in, then send what only a node may send. The node's
         // `error` and its close race each other, so several sessions are needed to see that
         // the error always goes first.
         for session in 0..8u32 {
-            let (tcp, _) = deadline(LIMIT, listener.accept()).await.expect("accept");
-            let mut conn = handshake_conn(acceptor.accept(tcp).await.expect("tls"));
+            let mut conn = hub.accept().await;
             let password = tube_proto::chain::ChainSecret::new(format!("{session:064x}"));
             let answer = match next_from_node(&mut conn).await {
                 Some(HubMessage::Register { .. }) => HubMessage::RegisterResult {
@@ -1184,8 +1211,7 @@ async fn a_node_answers_every_protocol_error_of_its_hub_with_6009_before_closing
             );
         }
         // The same when the answer to the login itself is one only a node may send.
-        let (tcp, _) = deadline(LIMIT, listener.accept()).await.expect("accept");
-        let mut conn = handshake_conn(acceptor.accept(tcp).await.expect("tls"));
+        let mut conn = hub.accept().await;
         assert!(matches!(
             next_from_node(&mut conn).await,
             Some(HubMessage::Auth { .. })
@@ -1687,20 +1713,9 @@ async fn a_forward_to_a_dead_service_fails_the_build_and_resets_the_user() {
 async fn a_chain_failing_after_the_endpoint_dialled_its_service_resets_the_service() {
     deadline(LIMIT, async {
         init_tracing();
-        let identity = Identity::generate(&["localhost"]).expect("identity");
-        let acceptor = TlsAcceptor::from(identity.server_config().expect("tls"));
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let dir = tempfile::tempdir().unwrap();
-        let mut config = NodeConfig::new(
-            listener.local_addr().unwrap().to_string(),
-            identity.fingerprint(),
-            "c".into(),
-            dir.path().to_path_buf(),
-        );
-        config.bind = ip(3);
+        let (played, config) = PlayedHub::start("c", 3).await;
         let node = spawn_node(config).await;
-        let (tcp, _) = listener.accept().await.expect("accept");
-        let mut hub = handshake_conn(acceptor.accept(tcp).await.expect("tls"));
+        let mut hub = played.accept().await;
         assert!(matches!(
             next_from_node(&mut hub).await,
             Some(HubMessage::Register { .. })
