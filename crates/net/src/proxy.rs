@@ -5,11 +5,11 @@
 //! buffer: a read of up to one frame goes straight into the connection's TLS batch when the
 //! stream may write directly ([`StreamTx::read_direct`]); otherwise a buffer is taken from
 //! [`crate::pool`] only when the socket is readable, and handed to the writer as the frame
-//! payload. A FIN in either
-//! direction becomes a half-close on the other side; a reset or socket error aborts both sides
-//! (the TCP peer sees RST, the mux peer a RESET frame). The mux's reader may write DATA to the
-//! socket itself while this side is idle ([`StreamRx::deliver_to`]). The stream's abort signal
-//! (a reset from the peer, or the connection closing) ends the proxy whatever it waits on.
+//! payload. A FIN in either direction becomes a half-close on the other side; a reset or socket
+//! error aborts both sides (the TCP peer sees RST, the mux peer a RESET frame). The mux's reader
+//! may write DATA to the socket itself while this side is idle ([`StreamRx::deliver_to`]). The
+//! stream's abort signal (a reset from the peer, or the connection closing) ends the proxy
+//! whatever it waits on.
 
 use std::collections::VecDeque;
 use std::io;
