@@ -1536,8 +1536,8 @@ async fn reset_seen(addr: String) -> bool {
 
 /// `forward_listen` on node 0 and `approve` with `forward` on the endpoint: the nodes carry
 /// the user's connection and dial the service themselves, so no front process is in the data
-/// path (node 0 never asks its front to `listen`). A chain the hub refuses resets its user; a front
-/// that leaves takes its listener with it; a non-loopback `local` is refused.
+/// path (node 0 never asks its front to `listen`). A chain the hub refuses resets its user; a
+/// front that leaves takes its listener with it; a non-loopback `local` is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_side_ends_carry_chains_without_the_fronts() {
     deadline(LIMIT, async {

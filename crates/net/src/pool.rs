@@ -3,14 +3,15 @@
 //! A read that cannot go straight into the connection's TLS batch (another writer holds it, or
 //! frames are queued ahead: `crate::proxy`) reads its socket into a buffer of [`BUF_LEN`]
 //! bytes, and a long one travels on as the payload of its DATA frames ([`Bytes`] without a
-//! copy) until the mux has sealed the last byte of it. Allocated per read, such buffers go back to glibc, which returns the pages
-//! to the kernel between reads (its heap trim), and the next read faults them in again page
-//! by page: 7 % of the relay's and agent's CPU time with 8 streams. Here a buffer comes back
-//! to a free list when the last [`Bytes`] made of it is dropped, and the next read takes it,
-//! pages already in place. Idle streams hold none; the list keeps at most [`KEEP`] free
-//! buffers, so the process holds at most `KEEP x BUF_LEN` (4 MiB) it is not using: with
-//! 8 bulk streams 8 kept buffers left 21,000 page faults per 2 GiB carried, 16 left 4,000 and 32
-//! left 250 (71,000 with no pool).
+//! copy) until the mux has sealed the last byte of it. Allocated per read, such buffers go
+//! back to glibc, which returns the pages to the kernel between reads (its heap trim), and the
+//! next read faults them in again page by page: 7 % of the relay's and agent's CPU time with
+//! 8 streams (measured when every bulk read took a buffer). Here a buffer comes back to a free
+//! list when the last [`Bytes`] made of it is dropped, and the next read takes it, pages
+//! already in place. Idle streams hold none; the list keeps at most [`KEEP`] free buffers, so
+//! the process holds at most `KEEP x BUF_LEN` (4 MiB) it is not using: with 8 bulk streams 8
+//! kept buffers left 21,000 page faults per 2 GiB carried, 16 left 4,000 and 32 left 250
+//! (71,000 with no pool).
 
 use std::sync::Mutex;
 
