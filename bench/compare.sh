@@ -7,9 +7,10 @@
 # state; the summary takes medians over the rounds.
 #
 # Figures: bulk throughput with 1 and 8 streams (tube-loadgen, and iperf3 when installed),
-# 64-byte round trip p50/p99 over one connection, new connections per second at concurrency 50
-# with p50/p99 connect-to-first-byte, CPU seconds of server + client per GiB carried, and the
-# resident memory of server + client idle and holding 1,000 and 10,000 idle user connections.
+# 64-byte round trip p50/p99 over one connection (and again with everything on one CPU), new
+# connections per second at concurrency 50 with p50/p99 connect-to-first-byte, CPU seconds of
+# server + client per GiB carried, and the resident memory of server + client idle and holding
+# 1,000 and 10,000 idle user connections.
 #
 # rathole and bore are installed with `cargo install --root $TOOLS` (their code never enters
 # this repository); a system whose install fails is left out with a note.
@@ -250,6 +251,28 @@ record() {
     echo "{\"system\":\"$system\",\"round\":$round,\"cpu_s\":$cpu,${line#\{}" | tee -a "$OUT" >&2
 }
 
+# The round trip once more with the echo server, the system's processes and the load tool
+# on one CPU (every thread), then back on all: no wake-up then crosses CPUs, which on a
+# virtual machine costs most of a loopback round trip and moves it by more than the systems
+# differ (docs/performance.md), so this figure is the systems' own work per round trip. Needs
+# taskset (util-linux) and more than one CPU.
+ALL_CPUS=$(taskset -p -c $$ 2>/dev/null | sed 's/.*: //' || true)
+ONE_CPU=''
+[[ -n $ALL_CPUS && $(nproc) -gt 1 ]] && ONE_CPU=${ALL_CPUS%%[,-]*}
+# pin CPUS PIDS...: every thread of these processes on CPUS.
+pin() {
+    local cpus=$1 pid
+    shift
+    for pid in "$@"; do
+        taskset -a -p -c "$cpus" "$pid" >/dev/null
+    done
+}
+# rtt_one_cpu ADDR: the round trip with the load tool on $ONE_CPU, as test "rtt_one_cpu".
+rtt_one_cpu() {
+    taskset -c "$ONE_CPU" "$LOADGEN" rtt --addr "$1" --count "$COUNT" --size "$RTT_SIZE" |
+        sed 's/"test":"rtt"/"test":"rtt_one_cpu"/'
+}
+
 # iperf_json ADDR STREAMS: one iperf3 run of BYTES, as a one-line JSON result.
 iperf_json() {
     "$IPERF" -c "${1%:*}" -p "${1##*:}" -n "$BYTES" -P "$2" -J |
@@ -274,6 +297,15 @@ for ((round = 1; round <= ROUNDS; round++)); do
     for s in $ORDER; do
         record "$s" "$round" "$LOADGEN" rtt --addr "${ECHO_OF[$s]}" --count "$COUNT" --size "$RTT_SIZE"
     done
+    if [[ -n $ONE_CPU ]]; then
+        for s in $ORDER; do
+            # shellcheck disable=SC2086
+            pin "$ONE_CPU" "$PID_echo" ${PROCS_OF[$s]}
+            record "$s" "$round" rtt_one_cpu "${ECHO_OF[$s]}"
+            # shellcheck disable=SC2086
+            pin "$ALL_CPUS" "$PID_echo" ${PROCS_OF[$s]}
+        done
+    fi
     if "$LOADGEN" connrate --help >/dev/null 2>&1; then
         for s in $ORDER; do
             record "$s" "$round" "$LOADGEN" connrate --addr "${ECHO_OF[$s]}" --connections "$CONNS" \

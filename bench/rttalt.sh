@@ -20,6 +20,11 @@
 # second and p99 connect-to-first-byte take the places of p50 and p99 below (keys `rate` and
 # `p99`; for the rate, above 1 is better).
 #
+# To compare the systems' own work, without the wake-ups that cross CPUs (on a virtual machine
+# most of a round trip through four processes, and most of its noise): `taskset -c 0 bash
+# bench/rttalt.sh` (every process inherits the one CPU; docs/performance.md, "The round trip on
+# one CPU", where the 95 % interval shrank from 15-25 % wide to about 1 %).
+#
 # Env knobs: ROUNDS (default 15), COUNT (round trips per run, default 5000), BIN (directory
 # with release tube and tube-loadgen; default target/release after building), BIN2 (a second
 # build's directory, run as "tube2"), TOOLS (rathole in $TOOLS/bin, as bench/compare.sh

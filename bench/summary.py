@@ -29,9 +29,11 @@ def main(path):
             if s != "direct" and r.get("bytes"):
                 key = (f"CPU per GiB, {r['streams']} stream(s), {tool}", "s/GiB", "lower")
                 values[key][s].append((r.get("round"), r["cpu_s"] / (r["bytes"] / GIB)))
-        elif t == "rtt":
+        elif t in ("rtt", "rtt_one_cpu"):
+            # rtt_one_cpu: everything on one CPU (compare.sh), the systems' own work.
+            where = ", one CPU" if t == "rtt_one_cpu" else ""
             for k in ("p50_us", "p99_us"):
-                key = (f"rtt {r['size']} B {k[:3]}", "us", "lower")
+                key = (f"rtt {r['size']} B {k[:3]}{where}", "us", "lower")
                 values[key][s].append((r.get("round"), r[k]))
         elif t == "connrate":
             values[("new connections", "conn/s", "higher")][s].append(
