@@ -267,10 +267,11 @@ pin() {
         taskset -a -p -c "$cpus" "$pid" >/dev/null
     done
 }
-# rtt_one_cpu ADDR: the round trip with the load tool on $ONE_CPU, as test "rtt_one_cpu".
+# rtt_one_cpu ADDR: the round trip with the load tool on $ONE_CPU, as test "rtt_one_cpu" (set
+# in the parsed line: a line left as "rtt" would count toward the round trip across CPUs).
 rtt_one_cpu() {
     taskset -c "$ONE_CPU" "$LOADGEN" rtt --addr "$1" --count "$COUNT" --size "$RTT_SIZE" |
-        sed 's/"test":"rtt"/"test":"rtt_one_cpu"/'
+        python3 -c 'import json,sys; r=json.load(sys.stdin); r["test"]="rtt_one_cpu"; print(json.dumps(r, separators=(",",":")))'
 }
 
 # iperf_json ADDR STREAMS: one iperf3 run of BYTES, as a one-line JSON result.
